@@ -1,0 +1,35 @@
+"""metaopt: composable multi-task and meta-learning optimizers for PyTorch.
+
+Every optimizer wraps a ``torch.optim.Optimizer`` and is driven by one loop::
+
+    wanted = opt.next_tasks()
+    report = opt.step({t: loss_fn(model, t, next(batches[t])) for t in wanted})
+
+Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
+"""
+
+from . import functional, interpolation, schedules
+from .base import MultiTaskOptimizer
+from .interpolation import Interpolator, interpolate_, register_kernel
+from .report import StepReport
+from .reptile import Reptile
+from .schedules import TaskSchedule
+from .sequential_reptile import SequentialReptile
+from .slow_fast import SlowFastOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Interpolator",
+    "MultiTaskOptimizer",
+    "Reptile",
+    "SequentialReptile",
+    "SlowFastOptimizer",
+    "StepReport",
+    "TaskSchedule",
+    "functional",
+    "interpolate_",
+    "interpolation",
+    "register_kernel",
+    "schedules",
+]

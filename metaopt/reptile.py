@@ -1,0 +1,98 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, arXiv 1803.02999), serial and batched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import MultiTaskOptimizer
+from .interpolation import Method
+from .schedules import ScheduleName
+from .slow_fast import SlowFastOptimizer
+
+__all__ = ["Reptile"]
+
+
+class Reptile(SlowFastOptimizer):
+    """Reptile: each trajectory trains on *one* task for K inner steps, starting from φ.
+
+    Serial (``tasks_per_outer_step=1``, default): draw a task, take K inner steps on it, then
+    ``φ ← φ + η(θ_K − φ)``, ``θ ← φ``. Batched (``tasks_per_outer_step=n``): n trajectories,
+    each on its own drawn task and each starting from φ, then ``φ ← φ + η(mean_i θ_K^(i) − φ)``
+    (the running mean lives in one extra parameter-sized buffer).
+
+    Only intra-task gradient inner products are rewarded by Reptile's implicit objective; that
+    is the contrast with :class:`~metaopt.SequentialReptile`, which mixes tasks inside a
+    trajectory.
+
+    Args:
+        optimizer: the inner optimizer (a torch optimizer; wrapping a metaopt optimizer, whose
+            steps need several tasks, contradicts one task per trajectory and is refused).
+        tasks: task names.
+        tasks_per_outer_step: trajectories averaged per outer step (meta-batch size), >= 1.
+        Other options as in :class:`~metaopt.slow_fast.SlowFastOptimizer`.
+        ``outer_lr`` defaults to 0.1, ``inner_steps`` to 1000 (the Sequential Reptile paper's
+        values, kept equal so the two are compared at the same settings).
+
+    Example:
+        >>> import torch, metaopt
+        >>> model = torch.nn.Linear(3, 1)
+        >>> data = {t: torch.randn(16, 3) for t in ["a", "b"]}
+        >>> opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"],
+        ...                       inner_steps=5, outer_lr=0.5, tasks_per_outer_step=2, seed=0)
+        >>> for _ in range(10):
+        ...     report = opt.step({t: model(data[t]).pow(2).mean() for t in opt.next_tasks()})
+        >>> opt.outer_step_count
+        1
+
+    References:
+        Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
+                 inner_steps: int = 1000, outer_lr: float | None = None,
+                 tasks_per_outer_step: int = 1,
+                 outer_lr_final: float | None = None, anneal_steps: int | None = None,
+                 outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+                 reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
+                 task_sizes: Sequence[float] | Mapping[str, float] | None = None,
+                 temperature: float = 1.0, flatten: bool = True,
+                 interpolation: Method = "auto", seed: int = 0,
+                 allow_unused: bool = False) -> None:
+        if isinstance(optimizer, MultiTaskOptimizer):
+            raise TypeError(
+                "Reptile: wrap a torch optimizer; a metaopt optimizer wants several tasks per "
+                "step, which contradicts Reptile's one task per trajectory (use SequentialReptile)"
+            )
+        if isinstance(tasks_per_outer_step, bool) or not isinstance(tasks_per_outer_step, int) \
+                or tasks_per_outer_step < 1:
+            raise ValueError(
+                f"Reptile: tasks_per_outer_step must be an int >= 1, got {tasks_per_outer_step!r}"
+            )
+        self.tasks_per_outer_step = tasks_per_outer_step
+        super().__init__(
+            optimizer, tasks=tasks, inner_steps=inner_steps, outer_lr=outer_lr,
+            outer_lr_final=outer_lr_final, anneal_steps=anneal_steps,
+            outer_optimizer=outer_optimizer, reset_inner_state=reset_inner_state,
+            schedule=schedule, task_sizes=task_sizes, temperature=temperature,
+            flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
+        )
+        self._task: str | None = None   # the current trajectory's task
+
+    def _trajectories_per_outer_step(self) -> int:
+        return self.tasks_per_outer_step
+
+    def _draw_tasks(self) -> list[str]:
+        if self._inner_count == 0 or self._task is None:
+            self._task = self.tasks[self.schedule.draw(self.generator)]
+        return [self._task]
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "task": self._task}
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        super()._load_extra_state(state)
+        self._task = state.get("task")

@@ -1,0 +1,98 @@
+"""Task schedules: which task feeds the next step.
+
+Every schedule draws from a :class:`torch.Generator` owned by the optimizer (never the global
+RNG), so a seeded run is reproducible and a saved ``state_dict`` continues the same sequence.
+
+* ``"uniform"``: every task with probability 1/T (default: the paper samples "from all the
+  tasks" without naming a distribution; uniform is the neutral choice and gives each pair of
+  tasks the same share of the trajectory).
+* ``"proportional"``: probability ∝ n_t, the number of training examples of task t.
+* ``"temperature"``: probability ∝ n_t^(1/τ) (τ = 1 is proportional, τ → ∞ uniform); the
+  multilingual-BERT practice for unbalanced languages.
+* ``"round_robin"``: every task once per round, in a fresh random order each round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["ScheduleName", "TaskSchedule"]
+
+ScheduleName = Literal["uniform", "proportional", "temperature", "round_robin"]
+_NAMES = ("uniform", "proportional", "temperature", "round_robin")
+
+
+class TaskSchedule:
+    """A seeded stream of task indices.
+
+    Args:
+        num_tasks: T.
+        kind: one of ``"uniform"``, ``"proportional"``, ``"temperature"``, ``"round_robin"``.
+        sizes: examples per task, needed by ``"proportional"`` and ``"temperature"``.
+        temperature: τ > 0 for ``"temperature"``.
+
+    Example:
+        >>> import torch
+        >>> s = TaskSchedule(3, "round_robin")
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sorted(s.draw(g) for _ in range(3))
+        [0, 1, 2]
+    """
+
+    def __init__(self, num_tasks: int, kind: ScheduleName = "uniform", *,
+                 sizes: Sequence[float] | None = None, temperature: float = 1.0) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"TaskSchedule: need at least one task, got {num_tasks}")
+        if kind not in _NAMES:
+            raise ValueError(f"TaskSchedule: schedule must be one of {_NAMES}, got {kind!r}")
+        self.num_tasks = num_tasks
+        self.kind: ScheduleName = kind
+        self.temperature = float(temperature)
+        self._order: list[int] = []
+        if kind in ("proportional", "temperature"):
+            if sizes is None:
+                raise ValueError(f"TaskSchedule: schedule {kind!r} needs task_sizes")
+            if len(sizes) != num_tasks:
+                raise ValueError(
+                    f"TaskSchedule: {len(sizes)} task sizes given for {num_tasks} tasks"
+                )
+            if any(not (float(n) > 0) for n in sizes):
+                raise ValueError(f"TaskSchedule: task sizes must be positive, got {list(sizes)}")
+            if kind == "temperature" and not self.temperature > 0:
+                raise ValueError(f"TaskSchedule: temperature must be > 0, got {temperature}")
+            tau = self.temperature if kind == "temperature" else 1.0
+            w = torch.tensor([float(n) for n in sizes], dtype=torch.float64) ** (1.0 / tau)
+        else:
+            w = torch.ones(num_tasks, dtype=torch.float64)
+        self._probs: Tensor = w / w.sum()
+
+    @property
+    def probabilities(self) -> Tensor:
+        """Probability of each task on one draw (round-robin: its long-run frequency)."""
+        return self._probs.clone()
+
+    def draw(self, generator: torch.Generator) -> int:
+        """Index of the next task."""
+        if self.kind == "round_robin":
+            if not self._order:
+                self._order = torch.randperm(self.num_tasks, generator=generator).tolist()
+            return self._order.pop(0)
+        if self.kind == "uniform":
+            return int(torch.randint(self.num_tasks, (1,), generator=generator).item())
+        return int(torch.multinomial(self._probs, 1, generator=generator).item())
+
+    def state_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "order": list(self._order)}
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(
+                f"load_state_dict: saved schedule is {state.get('kind')!r}, this one is {self.kind!r}"
+            )
+        order = state.get("order", [])
+        assert isinstance(order, list)
+        self._order = [int(i) for i in order]

@@ -1,0 +1,46 @@
+"""Shared fixtures: small models and task data with fixed seeds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True)
+settings.register_profile("dev", max_examples=50, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+TASKS = ["ar", "bn", "fi"]
+
+
+def make_model(seed: int = 0, width: int = 8) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+
+
+def make_data(tasks=TASKS, n: int = 16, seed: int = 1) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, t in enumerate(tasks):
+        x = torch.randn(n, 4, generator=g)
+        w = torch.randn(4, 1, generator=g) + i
+        out[t] = (x, x @ w + 0.1 * torch.randn(n, 1, generator=g))
+    return out
+
+
+def task_loss(model: torch.nn.Module, data, task: str) -> torch.Tensor:
+    x, y = data[task]
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.fixture
+def data():
+    return make_data()

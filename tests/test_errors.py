@@ -1,0 +1,183 @@
+"""Bad input gets a clear error naming what is wrong, and changes nothing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metaopt
+from conftest import TASKS, make_data, make_model, task_loss
+
+
+def snapshot(model, opt):
+    pending = opt.next_tasks()   # draw first: the pending draw is part of the state
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(opt.state_dict()),
+        pending,
+    )
+
+
+def assert_unchanged(before, model, opt):
+    params, grads, state, pending = before
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    now = opt.state_dict()
+    assert now["metaopt"]["step"] == state["metaopt"]["step"]
+    assert now["metaopt"].get("inner_count") == state["metaopt"].get("inner_count")
+    assert torch.equal(now["metaopt"]["generator"], state["metaopt"]["generator"])
+    for k, v in state["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(torch.as_tensor(now["optimizer"]["state"][k][name]), torch.as_tensor(t))
+    assert opt.next_tasks() == pending
+
+
+def trained_opt(cls=metaopt.SequentialReptile, **kw):
+    data = make_data()
+    model = make_model(0)
+    opt = cls(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=3, seed=0, **kw)
+    for _ in range(2):   # some optimizer state exists
+        opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
+    return model, opt, data
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("cls", [metaopt.SequentialReptile, metaopt.Reptile])
+def test_non_finite_loss_names_task_and_changes_nothing(bad, cls):
+    model, opt, data = trained_opt(cls)
+    before = snapshot(model, opt)
+    (task,) = opt.next_tasks()
+    loss = task_loss(model, data, task) * bad
+    with pytest.raises(ValueError, match=rf"non-finite loss.*{task}"):
+        opt.step({task: loss})
+    assert_unchanged(before, model, opt)
+    # and the optimizer still works afterwards
+    opt.step({task: task_loss(model, data, task)})
+
+
+def test_missing_and_unknown_task_keys():
+    model, opt, data = trained_opt()
+    before = snapshot(model, opt)
+    (task,) = opt.next_tasks()
+    other = next(t for t in TASKS if t != task)
+    with pytest.raises(ValueError, match=rf"missing \['{task}'\]"):
+        opt.step({other: task_loss(model, data, other)})
+    with pytest.raises(ValueError, match=r"unexpected \['xx'\]"):
+        opt.step({task: task_loss(model, data, task), "xx": task_loss(model, data, task)})
+    with pytest.raises(TypeError, match="mapping"):
+        opt.step([task_loss(model, data, task)])
+    assert_unchanged(before, model, opt)
+
+
+def test_non_scalar_and_detached_losses():
+    model, opt, data = trained_opt()
+    before = snapshot(model, opt)
+    (task,) = opt.next_tasks()
+    x, y = data[task]
+    with pytest.raises(ValueError, match=rf"{task}.*scalar"):
+        opt.step({task: (model(x) - y).pow(2)})
+    with pytest.raises(ValueError, match=rf"{task}.*does not require grad"):
+        opt.step({task: task_loss(model, data, task).detach()})
+    with pytest.raises(TypeError, match="not a Tensor"):
+        opt.step({task: 1.0})
+    assert_unchanged(before, model, opt)
+
+
+def test_parameter_not_reached_by_loss():
+    torch.manual_seed(0)
+    body, head_a, head_b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+    params = [*body.parameters(), *head_a.parameters(), *head_b.parameters()]
+    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.1), tasks=["a", "b"],
+                                    inner_steps=2, seed=0)
+    heads = {"a": head_a, "b": head_b}
+    x = torch.randn(8, 4)
+    before = [p.detach().clone() for p in params]
+    (task,) = opt.next_tasks()
+    with pytest.raises(ValueError, match=r"get no gradient.*allow_unused=True"):
+        opt.step({task: heads[task](body(x)).pow(2).mean()})
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)
+    assert opt.step_count == 0
+    # task heads are fine with allow_unused=True: the other head keeps grad None and is untouched
+    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.1), tasks=["a", "b"],
+                                    inner_steps=5, seed=0, allow_unused=True)
+    (task,) = opt.next_tasks()
+    other = "b" if task == "a" else "a"
+    other_before = [p.detach().clone() for p in heads[other].parameters()]
+    opt.step({task: heads[task](body(x)).pow(2).mean()})
+    for p, q in zip(heads[other].parameters(), other_before):
+        assert torch.equal(p, q) and p.grad is None
+
+
+def test_loss_reaching_no_parameter():
+    model = make_model(0)
+    stranger = torch.nn.Linear(4, 1)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"],
+                                    inner_steps=2, seed=0)
+    with pytest.raises(ValueError, match="reach none"):
+        opt.step({"a": stranger(torch.randn(3, 4)).sum()})
+    assert opt.step_count == 0
+
+
+def test_parameters_that_do_not_require_grad():
+    model = make_model(0)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*does not require grad"):
+        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    ({"tasks": []}, ValueError, "empty"),
+    ({"tasks": None}, ValueError, "tasks must be given"),
+    ({"tasks": "ar"}, TypeError, "list of names"),
+    ({"tasks": ["a", "a"]}, ValueError, "duplicate"),
+    ({"tasks": ["a", 3]}, TypeError, "strings"),
+    ({"inner_steps": 0}, ValueError, "inner_steps must be >= 1"),
+    ({"inner_steps": 2.5}, TypeError, "inner_steps must be an int"),
+    ({"outer_lr": 1.5}, ValueError, r"outer_lr must be in \[0, 1\]"),
+    ({"outer_lr": -0.1}, ValueError, r"outer_lr must be in \[0, 1\]"),
+    ({"outer_lr": float("nan")}, ValueError, r"outer_lr must be in \[0, 1\]"),
+    ({"outer_lr_final": 0.0}, ValueError, "go together"),
+    ({"outer_lr_final": 0.0, "anneal_steps": 0}, ValueError, "anneal_steps"),
+    ({"outer_lr": 0.1, "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.1)}, ValueError, "either"),
+    ({"schedule": "zipf"}, ValueError, "schedule must be one of"),
+    ({"schedule": "proportional"}, ValueError, "task_sizes"),
+    ({"schedule": "proportional", "task_sizes": {"ar": 1}}, ValueError, "every task"),
+    ({"interpolation": "magic"}, ValueError, "method must be one of"),
+    ({"seed": "x"}, TypeError, "seed"),
+])
+def test_constructor_validation(kw, exc, match):
+    model = make_model(0)
+    kw = {"tasks": TASKS, **kw}
+    with pytest.raises(exc, match=match):
+        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), **kw)
+
+
+def test_wrapping_something_else_and_reptile_composition():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        metaopt.SequentialReptile(object(), tasks=["a"])
+    model = make_model(0)
+    inner = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"], flatten=False)
+    with pytest.raises(TypeError, match="Reptile: wrap a torch optimizer"):
+        metaopt.Reptile(inner, tasks=["a"])
+    with pytest.raises(ValueError, match="tasks_per_outer_step"):
+        metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"], tasks_per_outer_step=0)
+
+
+def test_load_state_dict_validation():
+    model, opt, _ = trained_opt()
+    other = metaopt.Reptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=3)
+    with pytest.raises(ValueError, match="saved by SequentialReptile"):
+        other.load_state_dict(opt.state_dict())
+    diff = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=["x"], inner_steps=3)
+    with pytest.raises(ValueError, match="saved tasks"):
+        diff.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="not a metaopt state dict"):
+        diff.load_state_dict({"state": {}})
+    with pytest.raises(TypeError, match="closure"):
+        opt.step({}, closure=lambda: 0.0)

@@ -1,0 +1,319 @@
+"""Sequential Reptile and Reptile: the equalities and invariants DESIGN.md §6 lists."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metaopt
+from conftest import TASKS, make_data, make_model, params_of, task_loss
+
+
+def run(opt, model, data, steps):
+    reports = []
+    for _ in range(steps):
+        wanted = opt.next_tasks()
+        reports.append(opt.step({t: task_loss(model, data, t) for t in wanted}))
+    return reports
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd_momentum"])
+@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 6), steps=st.integers(1, 14))
+def test_eta_one_equals_plain_training_bit_for_bit(inner, seed, inner_steps, steps):
+    data = make_data()
+
+    def make_opt(model):
+        if inner == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+
+    model = make_model(seed)
+    opt = metaopt.SequentialReptile(make_opt(model), tasks=TASKS, inner_steps=inner_steps,
+                                    outer_lr=1.0, seed=seed)
+    sequence = [r.tasks[0] for r in run(opt, model, data, steps)]
+
+    plain = make_model(seed)
+    popt = make_opt(plain)
+    for t in sequence:
+        popt.zero_grad()
+        task_loss(plain, data, t).backward()
+        popt.step()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+
+
+@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 5))
+def test_eta_zero_leaves_slow_weights_unchanged(seed, inner_steps):
+    data = make_data()
+    model = make_model(seed)
+    start = params_of(model)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                                    inner_steps=inner_steps, outer_lr=0.0, seed=seed)
+    reports = run(opt, model, data, 3 * inner_steps)
+    assert [r.outer_update for r in reports].count(True) == 3
+    for p, s, phi in zip(model.parameters(), start, opt.slow_weights):
+        assert torch.equal(p, s)
+        assert torch.equal(phi, s)
+
+
+@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 5),
+       eta=st.floats(0.05, 0.95))
+def test_outer_step_interpolates_toward_fast_weights(seed, inner_steps, eta):
+    """φ_new = φ + η(θ_K − φ) against a float64 reference; θ re-synced to φ."""
+    data = make_data()
+    model = make_model(seed)
+    phi0 = [p.detach().double().clone() for p in model.parameters()]
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                                    inner_steps=inner_steps, outer_lr=eta, seed=seed)
+    run(opt, model, data, inner_steps - 1)
+    wanted = opt.next_tasks()
+    losses = {t: task_loss(model, data, t) for t in wanted}
+    # the last inner step, reproduced by hand on a copy, gives θ_K
+    shadow = make_model(seed)
+    shadow.load_state_dict(model.state_dict())
+    sopt = torch.optim.SGD(shadow.parameters(), lr=0.05)
+    task_loss(shadow, data, wanted[0]).backward()
+    sopt.step()
+    theta = [p.detach().double() for p in shadow.parameters()]
+    report = opt.step(losses)
+    assert report.outer_update
+    for p, phi, a, b in zip(model.parameters(), opt.slow_weights, phi0, theta):
+        ref = a + eta * (b - a)
+        torch.testing.assert_close(phi.double(), ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(p, phi)
+
+
+def test_eta_one_makes_slow_equal_fast():
+    data = make_data()
+    model = make_model(3)
+    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
+                                    inner_steps=4, outer_lr=1.0, seed=3)
+    reports = run(opt, model, data, 4)
+    assert reports[-1].outer_update
+    for p, phi in zip(model.parameters(), opt.slow_weights):
+        assert torch.equal(p, phi)
+
+
+@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 4), eta=st.floats(0.0, 1.0))
+def test_one_task_sequential_reptile_equals_serial_reptile(seed, inner_steps, eta):
+    data = make_data()
+    results = []
+    for cls in (metaopt.SequentialReptile, metaopt.Reptile):
+        model = make_model(seed)
+        opt = cls(torch.optim.Adam(model.parameters(), lr=0.01), tasks=["fi"],
+                  inner_steps=inner_steps, outer_lr=eta, seed=seed)
+        run(opt, model, data, 3 * inner_steps + 1)
+        results.append(params_of(model) + [s.clone() for s in opt.slow_weights])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_sequential_reptile_mixes_tasks_within_a_trajectory_reptile_does_not():
+    data = make_data()
+    model = make_model(0)
+    seq = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS,
+                                    inner_steps=6, seed=0)
+    tasks = [r.tasks[0] for r in run(seq, model, data, 6)]
+    assert len(set(tasks)) > 1
+    model = make_model(0)
+    rep = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS,
+                          inner_steps=6, seed=0)
+    reports = run(rep, model, data, 18)
+    for k in range(3):
+        assert len({r.tasks[0] for r in reports[6 * k: 6 * k + 6]}) == 1
+
+
+def test_batched_reptile_moves_toward_mean_of_fast_weights():
+    data = make_data()
+    eta, k = 0.3, 3
+    model = make_model(1)
+    phi0 = params_of(model)
+    opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                          inner_steps=k, outer_lr=eta, tasks_per_outer_step=2, seed=4)
+    reports = run(opt, model, data, 2 * k)
+    assert [r.outer_update for r in reports] == [False] * (2 * k - 1) + [True]
+    # reference: two trajectories from φ0 in float64
+    ends = []
+    for j in range(2):
+        task = reports[j * k].tasks[0]
+        ref = make_model(1).double()
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.05)
+        for _ in range(k):
+            ropt.zero_grad()
+            x, y = data[task]
+            torch.nn.functional.mse_loss(ref(x.double()), y.double()).backward()
+            ropt.step()
+        ends.append([p.detach() for p in ref.parameters()])
+    for p, a, e1, e2 in zip(model.parameters(), phi0, ends[0], ends[1]):
+        expected = a.double() + eta * ((e1 + e2) / 2 - a.double())
+        torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (metaopt.SequentialReptile, {}),
+    (metaopt.Reptile, {"tasks_per_outer_step": 2}),
+    (metaopt.SequentialReptile, {"schedule": "round_robin"}),
+    (metaopt.SequentialReptile,
+     {"outer_lr": None, "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, nesterov=True)}),
+])
+def test_state_dict_mid_trajectory_continues_identically(cls, kw):
+    data = make_data()
+    kw = {"outer_lr": 0.3, **kw}
+    model = make_model(2)
+    opt = cls(torch.optim.AdamW(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=5, seed=7, **kw)
+    run(opt, model, data, 13)          # 2 outer steps, then 3 of 5 inner steps
+    opt.next_tasks()                   # a pending draw is part of the state too
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())   # as torch.save would: torch.optim's state_dict shares live tensors
+    ref_reports = run(opt, model, data, 9)
+    expected = params_of(model)
+
+    fresh = make_model(99)
+    fresh.load_state_dict(saved_model)
+    fopt = cls(torch.optim.AdamW(fresh.parameters(), lr=0.01), tasks=TASKS, inner_steps=5, seed=123, **kw)
+    fopt.load_state_dict(saved_opt)
+    reports = run(fopt, fresh, data, 9)
+    assert [r.tasks for r in reports] == [r.tasks for r in ref_reports]
+    assert [r.outer_update for r in reports] == [r.outer_update for r in ref_reports]
+    for a, b in zip(fresh.parameters(), expected):
+        assert torch.equal(a, b)
+
+
+def test_lr_scheduler_changes_inner_lr():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=3, outer_lr=0.5, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        run(opt, model, data, 1)
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)
+
+
+def test_lr_scheduler_lr_is_the_one_used():
+    """The scheduled lr is the one the inner step uses: a zero lr freezes θ."""
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=100, seed=0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
+    run(opt, model, data, 1)
+    sched.step()
+    before = params_of(model)
+    run(opt, model, data, 3)
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_outer_lr_annealing_is_linear():
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=1, outer_lr=0.5, outer_lr_final=0.1,
+                                    anneal_steps=4, seed=0)
+    data = make_data()
+    seen = []
+    for _ in range(6):
+        seen.append(opt.current_outer_lr())
+        run(opt, model, data, 1)
+    assert seen == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1, 0.1])
+
+
+def test_reset_inner_state_clears_adam_moments_at_outer_step():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
+                                    inner_steps=2, reset_inner_state=True, seed=0)
+    run(opt, model, data, 1)
+    assert len(opt.state) > 0
+    run(opt, model, data, 1)
+    assert len(opt.state) == 0
+
+
+def test_outer_optimizer_gets_pseudo_gradient():
+    """With SGD(lr=η) as outer optimizer the outer step equals plain interpolation by η."""
+    data = make_data()
+    out = []
+    for kw in ({"outer_lr": 0.25}, {"outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.25)}):
+        model = make_model(5)
+        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                                        inner_steps=3, seed=1, **kw)
+        run(opt, model, data, 9)
+        out.append(params_of(model))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_flat_views_see_every_update():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=0.05), tasks=TASKS,
+                                    inner_steps=2, outer_lr=0.5, seed=0)
+    assert opt.engine.path() == ["flat"]
+    (group,) = opt.engine._groups
+    flat = group.packed.buffer
+    before = flat.clone()
+    for p in model.parameters():
+        assert p.data_ptr() >= flat.data_ptr()
+    run(opt, model, data, 1)
+    assert not torch.equal(flat, before)
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    run(opt, model, data, 1)  # outer step writes through the buffer
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(flat, opt.engine.slow_buffers[0])
+
+
+@pytest.mark.parametrize("flatten,method", [(True, "auto"), (False, "auto"), (False, "reference"), (True, "foreach")])
+def test_every_path_trains_the_same(flatten, method):
+    data = make_data()
+    model = make_model(4)
+    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
+                                    inner_steps=3, outer_lr=0.3, flatten=flatten,
+                                    interpolation=method, seed=2)
+    run(opt, model, data, 10)
+    ref_model = make_model(4)
+    ref = metaopt.SequentialReptile(torch.optim.Adam(ref_model.parameters(), lr=0.01), tasks=TASKS,
+                                    inner_steps=3, outer_lr=0.3, flatten=False,
+                                    interpolation="reference", seed=2)
+    run(ref, ref_model, data, 10)
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_relocated_parameters_fall_back_from_flat_path():
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=1, seed=0)
+    assert opt.engine.path() == ["flat"]
+    with torch.no_grad():
+        model[0].weight.data = model[0].weight.data.clone()  # breaks the view
+    assert opt.engine.path() == ["foreach"]
+    run(opt, model, make_data(), 2)  # still trains, through the foreach path
+
+
+def test_report_contents():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=2, seed=0)
+    r1, r2 = run(opt, model, data, 2)
+    assert len(r1.tasks) == 1 and r1.tasks[0] in TASKS
+    assert set(r1.losses) == set(r1.tasks)
+    assert r1.losses[r1.tasks[0]].requires_grad is False
+    assert (r1.outer_update, r2.outer_update) == (False, True)
+    assert (r1.step, r2.step) == (1, 2)
+
+
+def test_next_tasks_is_stable_until_step():
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS * 1,
+                                    inner_steps=2, seed=0)
+    first = opt.next_tasks()
+    assert all(opt.next_tasks() == first for _ in range(5))
