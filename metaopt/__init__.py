@@ -8,8 +8,14 @@ Every optimizer wraps a ``torch.optim.Optimizer`` and is driven by one loop::
 Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 """
 
-from . import functional, interpolation, schedules
+from . import aggregation, functional, interpolation, jacobian, schedules
 from .base import MultiTaskOptimizer
+from .diagnostics import GradientDiagnostics, gradient_diagnostics
+from .gradnorm import GradNorm
+from .gradvac import GradVac
+from .mtl import MTL
+from .pcgrad import PCGrad
+from .surgery import GradientSurgery
 from .interpolation import Interpolator, interpolate_, register_kernel
 from .report import StepReport
 from .reptile import Reptile
@@ -20,7 +26,16 @@ from .slow_fast import SlowFastOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradNorm",
+    "GradVac",
+    "GradientDiagnostics",
+    "GradientSurgery",
     "Interpolator",
+    "MTL",
+    "PCGrad",
+    "aggregation",
+    "gradient_diagnostics",
+    "jacobian",
     "MultiTaskOptimizer",
     "Reptile",
     "SequentialReptile",

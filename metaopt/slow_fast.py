@@ -25,13 +25,11 @@ __all__ = ["SlowFastOptimizer"]
 
 
 def _check_fraction(value: float, what: str, where: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{where}: {what} must be a number, got {value!r}") from None
-    if not 0.0 <= v <= 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: {what} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:   # also rejects NaN
         raise ValueError(f"{where}: {what} must be in [0, 1], got {value}")
-    return v
+    return float(value)
 
 
 class SlowFastOptimizer(MultiTaskOptimizer):

@@ -1,0 +1,205 @@
+"""GradVac: Gradient Vaccine (Wang, Tsvetkov, Firat & Cao, ICLR 2021).
+
+GradVac generalises PCGrad from "no negative cosine" to "no cosine below an adaptive target".
+For every ordered task pair (i, j) (and every parameter group) it keeps an EMA target
+``t_ij`` (``\\hat\\phi_{ij}`` in the paper), starting at 0. Task ``i`` visits the other tasks in
+a random order; for each visited ``j``:
+
+1. ``cos = cos(g_i', g_j)`` with ``g_i'`` the current modified gradient of task ``i`` and ``g_j``
+   the *original* gradient of task ``j``;
+2. if ``cos < t_ij``, add ``coef * g_j`` with
+   ``coef = |g_i'| (t sqrt(1-cos²) - cos sqrt(1-t²)) / (|g_j| sqrt(1-t²))``, which turns the
+   cosine into exactly ``t_ij``;
+3. then ``t_ij <- (1-beta) t_ij + beta * cos`` (the cosine measured *before* the correction).
+
+The update is the sum (``reduction="sum"``, default) or the mean of the modified gradients.
+With ``beta = 0`` the targets stay 0 and GradVac is PCGrad under the same order.
+
+Like :mod:`~metaopt.aggregation.pcgrad`, everything is computed from the Gramian ``G = J Jᵀ``:
+``g_i' = Σ_k C[i, k] g_k``, ``g_i'·g_j = (C G)[i, j]`` and ``|g_i'|²`` is updated in closed
+form after each correction; the T visiting chains run in parallel, T-1 vectorised rounds.
+
+Conventions beyond the paper (documented choices):
+
+* A pair where ``g_i'`` or ``g_j`` is the zero vector has no cosine: no correction, and its
+  target is left unchanged (a task absent from this step does not drag targets to 0).
+* ``sqrt(1 - t²)`` is floored at 1e-8 so a target of exactly ±1 gives a large but finite
+  correction.
+* ``|g_i'|²`` is tracked in closed form; when a correction cancels it to below 1e-10 of the
+  terms it was summed from (``|g_i'|² + 2|c g_i'·g_j| + c²|g_j|²``), ``g_i'`` is exactly zero
+  up to rounding and is treated as the zero vector from then on. Without this, rounding noise
+  of relative size 1e-16 in ``|g_i'|²`` would become a spurious 1e-8 in ``|g_i'|``.
+
+References:
+    Zirui Wang, Yulia Tsvetkov, Orhan Firat, Yuan Cao. *Gradient Vaccine: Investigating and
+    Improving Multi-task Optimization in Massively Multilingual Models*. ICLR 2021.
+    https://arxiv.org/abs/2010.05874
+
+>>> import torch
+>>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+>>> targets = torch.full((2, 2), 0.5)
+>>> update, w, new_targets = gradvac(J, targets=targets, beta=0.1,
+...                                  generator=torch.Generator().manual_seed(0))
+>>> w  # each orthogonal gradient is pulled towards the other, to cosine 0.5
+tensor([1.5774, 1.5774])
+>>> new_targets  # 0.9 * 0.5 + 0.1 * 0.0 off the diagonal
+tensor([[0.5000, 0.4500],
+        [0.4500, 0.5000]])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import (
+    check_beta,
+    check_gramian_shape,
+    check_matrix,
+    check_order_shape,
+    check_reduction,
+    check_targets_shape,
+    check_values,
+)
+from .basic import aggregate
+from .gramian import gramian
+from .pcgrad import _combine, _fresh_generator, _plan, random_order
+
+__all__ = ["gradvac", "gradvac_weights"]
+
+_MIN_SIN = 1e-8
+# A corrected squared norm below this fraction of the terms it was summed from is cancellation.
+_CANCEL = 1e-10
+
+
+def gradvac_weights(
+    G: Tensor,
+    order: Tensor,
+    targets: Tensor,
+    beta: float,
+    reduction: str = "sum",
+    *,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """GradVac weights ``w`` (update = ``wᵀJ``) and the updated EMA targets, from ``G = J Jᵀ``.
+
+    Pure: ``targets`` is not modified; feed the returned targets to the next call. Runs in
+    float64 on ``G``'s device with no host synchronisation in the loop. ``G`` and ``targets``
+    are detached: the outputs are constants for autograd.
+
+    :param G: (..., T, T) Gramian; each leading index is a parameter group with its own targets
+        (the paper's per-layer variants).
+    :param order: (T, T-1) integer tensor shared by all groups, or one per group; row ``i``
+        lists the other tasks in the order task ``i`` visits them (see ``random_order``).
+    :param targets: (..., T, T) EMA cosine targets ``t_ij`` in [-1, 1] (start with zeros); the
+        diagonal is unused.
+    :param beta: EMA rate in [0, 1]; the paper uses small values such as 1e-2.
+    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
+    :param validate: check finiteness of ``G``, the ``order`` rows and the target range (one
+        host sync). Turn off only for inputs known to be valid.
+    :returns: ``(w, new_targets)``: (..., T) weights in ``G``'s dtype, (..., T, T) targets in
+        ``targets``' dtype.
+
+    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
+    >>> w, t = gradvac_weights(G, torch.tensor([[1], [0]]), torch.zeros(2, 2), beta=0.5)
+    >>> w  # beta=0, or targets at 0 as here, gives the PCGrad weights
+    tensor([2.0000, 1.5000])
+    >>> t
+    tensor([[ 0.0000, -0.3536],
+            [-0.3536,  0.0000]])
+    """
+    where = "gradvac_weights"
+    T = check_gramian_shape(G, where)
+    check_order_shape(order, G, where)
+    check_targets_shape(targets, G, where)
+    beta = check_beta(beta, where)
+    check_reduction(reduction, where)
+    if validate:
+        check_values(where, G, order=order, targets=targets)
+    plan = _plan(G, order)
+    Gf = plan.Gf
+    R, N = T - 1, Gf.shape[0]
+    cdt, dev = Gf.dtype, Gf.device
+    coefs = torch.zeros((R, N), dtype=cdt, device=dev)
+    new_targets = targets.detach().clone()
+    if R == 0:
+        return _combine(plan, coefs, reduction, G.dtype), new_targets
+
+    # Square roots are taken on T-sized slices only: ATen hands larger ones to a threaded
+    # vector-math kernel whose hand-off costs milliseconds when the other cores are busy.
+    t_all = targets.detach().to(cdt).reshape(-1).take(plan.flat)  # (R, N), read before any update
+    n_orig = Gf.reshape(-1, T, T).diagonal(dim1=1, dim2=2).reshape(N).clamp(min=0.0).sqrt()
+    nj_all = n_orig.take(plan.rows)  # |g_j| of the task visited in each round
+    cos_all = torch.empty((R, N), dtype=cdt, device=dev)
+    valid_all = torch.empty((R, N), dtype=torch.bool, device=dev)
+
+    M = Gf.clone()  # M[n, :] = g_i'·g_k for every original k
+    n2 = Gf.reshape(-1, T, T).diagonal(dim1=1, dim2=2).reshape(N).clone()  # |g_i'|²
+    zero = torch.zeros((), dtype=cdt, device=dev)
+    one = torch.ones((), dtype=cdt, device=dev)
+    for r in range(R):
+        dot = M.take(plan.flat[r])
+        ni = n2.clamp(min=0.0).sqrt_()
+        den = ni * nj_all[r]
+        valid = torch.gt(den, 0.0, out=valid_all[r])
+        cos = torch.where(valid, dot / den, zero, out=cos_all[r]).clamp_(-1.0, 1.0)
+        t = t_all[r]
+        sin = torch.addcmul(one, cos, cos, value=-1.0).sqrt_()
+        sin_t = torch.addcmul(one, t, t, value=-1.0).clamp_(min=0.0).sqrt_().clamp_(min=_MIN_SIN)
+        # coef = |g_i'| (t sin - cos sin_t) / (|g_j| sin_t) where cos < t and the pair is valid
+        coef = torch.addcmul(t * sin, cos, sin_t, value=-1.0).mul_(ni).div_(sin_t.mul_(nj_all[r]))
+        coef = torch.where(valid & (cos < t), coef, zero, out=coefs[r])
+        if r + 1 < R:
+            M.addcmul_(coef.unsqueeze(1), plan.visited_rows(r))
+            # |g_i' + c g_j|² = |g_i'|² + 2 c g_i'·g_j + c² |g_j|². When the sum cancels to
+            # rounding noise, the corrected gradient is zero: say so exactly (see module notes).
+            cg = coef * dot
+            c2g = coef * coef * plan.gjj[r]
+            scale = (cg.abs() * 2).add_(n2).add_(c2g)
+            n2.add_(cg, alpha=2.0).add_(c2g)
+            n2 = torch.where(n2 > _CANCEL * scale, n2, zero)
+
+    if beta > 0.0:
+        ema = torch.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
+        new_targets.put_(plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype))
+    return _combine(plan, coefs, reduction, G.dtype), new_targets
+
+
+def gradvac(
+    jacobian: Tensor,
+    *,
+    targets: Tensor,
+    beta: float,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """GradVac aggregation of per-task gradients (Wang et al. 2021).
+
+    Computes the Gramian, draws each task's visiting order from ``generator`` (never the
+    global RNG; ``None`` seeds a private generator from OS entropy), runs
+    :func:`gradvac_weights` and combines ``update = wᵀJ``.
+
+    :param jacobian: (T, P) per-task gradients, or (..., T, P) groups with their own targets
+        (sharing one order).
+    :param targets: (..., T, T) EMA targets (zeros at the first step).
+    :param beta: EMA rate in [0, 1].
+    :param generator: source of the random visiting order.
+    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
+    :param out: optional (..., P) buffer for the update.
+    :returns: ``(update, weights, new_targets)``.
+
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> update, w, t = gradvac(J, targets=torch.zeros(2, 2), beta=0.0)
+    >>> update  # PCGrad's, whatever the order for two tasks
+    tensor([0.5000, 1.5000])
+    """
+    check_matrix(jacobian, "jacobian", "gradvac")
+    check_reduction(reduction, "gradvac")
+    gen = _fresh_generator(generator)
+    order = random_order(jacobian.shape[-2], gen, device=jacobian.device)
+    G = gramian(jacobian)
+    check_targets_shape(targets, G, "gradvac")
+    check_values("gradvac", G, targets=targets)
+    w, new_targets = gradvac_weights(G, order, targets, beta, reduction, validate=False)
+    return aggregate(jacobian, w, out=out), w, new_targets

@@ -1,0 +1,105 @@
+"""The Gramian G = J Jᵀ of per-task gradients, and statistics read off it.
+
+PCGrad and GradVac need the per-task gradients only through their inner products, so the
+O(T²P) work of an aggregation step is this one Gramian; every weight loop afterwards is
+O(T³) on a T×T matrix.
+
+>>> import torch
+>>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+>>> gramian(J)
+tensor([[ 1., -1.],
+        [-1.,  2.]])
+>>> conflict_fraction(gramian(J))
+tensor(1.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._validate import check_gramian_shape, check_matrix
+
+__all__ = ["conflict_fraction", "cosine_from_gramian", "gramian"]
+
+# Columns per chunk when a half-precision Jacobian is upcast piecewise (bounds the extra memory).
+_HALF_CHUNK_ELEMENTS = 1 << 22
+
+
+def gramian(jacobian: Tensor) -> Tensor:
+    """Gramian ``G = J Jᵀ`` of a (T, P) matrix of per-task gradients, or of a batch (..., T, P).
+
+    ``G[i, j]`` is the inner product of the gradients of tasks ``i`` and ``j``. The result is
+    made exactly symmetric. One matrix product in ``J``'s dtype; float16/bfloat16 inputs are
+    upcast to float32 chunk by chunk (the result is then float32) so the Gramian neither
+    overflows nor loses the cosines to 8-bit mantissas.
+
+    :param jacobian: (..., T, P) floating tensor, row ``t`` = flattened gradient of task ``t``.
+    :returns: (..., T, T) tensor.
+
+    >>> gramian(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+    tensor([[25.,  4.],
+            [ 4.,  1.]])
+    """
+    check_matrix(jacobian, "jacobian", "gramian")
+    J = jacobian
+    if J.dtype in (torch.float16, torch.bfloat16):
+        T, P = J.shape[-2], J.shape[-1]
+        G = J.new_zeros(J.shape[:-1] + (T,), dtype=torch.float32)
+        step = max(1, _HALF_CHUNK_ELEMENTS // max(1, T))
+        for s in range(0, P, step):
+            c = J[..., s : s + step].float()
+            G.add_(c @ c.mT)
+    else:
+        G = J @ J.mT
+    # BLAS may round G[i, j] and G[j, i] differently; lerp halfway without overflowing.
+    return torch.lerp(G, G.mT, 0.5)
+
+
+def cosine_from_gramian(G: Tensor, eps: float = 0.0) -> Tensor:
+    """Matrix of cosine similarities between the task gradients, from their Gramian.
+
+    ``C[i, j] = G[i, j] / (|g_i| |g_j|)`` clipped to [-1, 1]. A task whose gradient norm is
+    ``<= eps`` (zero rows, with the default ``eps=0``) has cosine 0 with every task, itself
+    included; every other task has ``C[i, i] = 1``. Divisions are done one norm at a time so
+    neither tiny (1e-10) nor huge (1e15) gradients underflow or overflow the product of norms.
+
+    :param G: (..., T, T) Gramian.
+    :param eps: norms at or below this value count as zero (absolute, in gradient units).
+    :returns: (..., T, T) tensor of ``G``'s dtype.
+
+    >>> cosine_from_gramian(torch.tensor([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    tensor([[ 1., -1.,  0.],
+            [-1.,  1.,  0.],
+            [ 0.,  0.,  0.]])
+    """
+    check_gramian_shape(G, "cosine_from_gramian")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"cosine_from_gramian: eps must be a float >= 0, got {eps!r}")
+    norms = G.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+    nonzero = norms > eps
+    safe = torch.where(nonzero, norms, torch.ones_like(norms))
+    cos = (G / safe.unsqueeze(-1) / safe.unsqueeze(-2)).clamp(-1.0, 1.0)
+    mask = nonzero.unsqueeze(-1) & nonzero.unsqueeze(-2)
+    cos = torch.where(mask, cos, torch.zeros_like(cos))
+    eye = torch.eye(G.shape[-1], dtype=torch.bool, device=G.device)
+    return torch.where(eye & mask, torch.ones_like(cos), cos)
+
+
+def conflict_fraction(G: Tensor) -> Tensor:
+    """Fraction of unordered task pairs ``i < j`` whose gradients conflict (``G[i, j] < 0``).
+
+    Computed on ``G``'s device without a host synchronisation. With fewer than two tasks the
+    fraction is 0.
+
+    :param G: (..., T, T) Gramian.
+    :returns: tensor of shape ``G.shape[:-2]`` (0-dim for one Gramian), ``G``'s dtype.
+
+    >>> conflict_fraction(torch.tensor([[1.0, -1.0, 2.0], [-1.0, 1.0, 0.0], [2.0, 0.0, 1.0]]))
+    tensor(0.3333)
+    """
+    T = check_gramian_shape(G, "conflict_fraction")
+    upper = torch.ones(T, T, dtype=torch.bool, device=G.device).triu(diagonal=1)
+    count = ((G < 0) & upper).sum(dim=(-2, -1)).to(G.dtype)
+    pairs = T * (T - 1) // 2
+    return count / pairs if pairs else count * 0

@@ -1,0 +1,223 @@
+"""PCGrad: projecting conflicting gradients (Yu et al., NeurIPS 2020).
+
+For every task ``i``, PCGrad visits the other tasks ``j`` in a random order; whenever the current
+(already modified) gradient ``g_i'`` conflicts with the *original* gradient ``g_j``
+(``g_i'·g_j < 0``) it removes the component of ``g_i'`` along ``g_j``:
+``g_i' <- g_i' - (g_i'·g_j / |g_j|²) g_j``. The update is the **sum** of the modified gradients
+(the paper's Algorithm 1 and the official code); ``reduction="mean"`` divides by T.
+
+Every ``g_i'`` stays a combination of the original gradients, ``g_i' = Σ_k C[i, k] g_k``, so the
+whole procedure only needs the Gramian ``G = J Jᵀ``: ``g_i'·g_j = (C G)[i, j]``. The update is
+``wᵀJ`` with ``w = Σ_i C[i, :]``. Tasks are independent of each other, so the T projection
+chains run in parallel: round ``r`` projects every ``g_i'`` against its own ``order[i, r]``,
+giving T-1 rounds of a few vectorised T-sized operations on ``G``'s device, without host
+synchronisation.
+
+References:
+    Tianhe Yu, Saurabh Kumar, Abhishek Gupta, Sergey Levine, Karol Hausman, Chelsea Finn.
+    *Gradient Surgery for Multi-Task Learning*. NeurIPS 2020. https://arxiv.org/abs/2001.06782
+
+>>> import torch
+>>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+>>> update, w = pcgrad(J, generator=torch.Generator().manual_seed(0))
+>>> w
+tensor([2.0000, 1.5000])
+>>> update
+tensor([0.5000, 1.5000])
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._validate import (
+    check_gramian_shape,
+    check_matrix,
+    check_order_shape,
+    check_reduction,
+    check_values,
+    compute_dtype,
+    prod,
+)
+from .basic import aggregate
+from .gramian import gramian
+
+__all__ = ["pcgrad", "pcgrad_weights", "random_order"]
+
+
+def random_order(
+    num_tasks: int, generator: torch.Generator, device: torch.device | str | None = None
+) -> Tensor:
+    """Draw the order in which each task visits the others, from ``generator`` only.
+
+    Row ``i`` is a uniformly random permutation of ``{0..T-1} \\ {i}``, drawn independently per
+    row (argsort of uniform keys, with task ``i``'s own key pushed last). The global RNG is
+    never touched.
+
+    :param num_tasks: T >= 1.
+    :param generator: the ``torch.Generator`` to draw from (its device is used for the draw).
+    :param device: where to put the result (default: the generator's device).
+    :returns: (T, T-1) int64 tensor.
+
+    >>> random_order(3, torch.Generator().manual_seed(0))
+    tensor([[2, 1],
+            [2, 0],
+            [0, 1]])
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"random_order: num_tasks must be an int >= 1, got {num_tasks!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"random_order: generator must be a torch.Generator, got {generator!r}")
+    T = num_tasks
+    keys = torch.rand((T, T), generator=generator, device=generator.device, dtype=torch.float64)
+    keys.fill_diagonal_(2.0)  # uniform keys are < 1: each task's own index sorts last
+    order = keys.argsort(dim=1)[:, : T - 1]
+    return order.to(device) if device is not None else order
+
+
+def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        g = torch.Generator()
+        g.seed()  # OS entropy: non-reproducible, but the global RNG stays untouched
+        return g
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
+    return generator
+
+
+@dataclass
+class _Plan:
+    """Index tables shared by the PCGrad and GradVac loops.
+
+    The B = prod(G.shape[:-2]) Gramians are stacked as the rows of ``Gf`` (B*T, T); row
+    ``b*T + i`` holds ``G[b, i, :]``. For round ``r`` and flattened task row ``n = b*T + i``:
+    ``flat[r, n] = n*T + order[b, i, r]`` indexes entry (i, j) of a (B*T, T) matrix, and
+    ``rows[r, n] = b*T + order[b, i, r]`` indexes row j of ``Gf``.
+    """
+
+    T: int
+    lead: tuple[int, ...]
+    Gf: Tensor  # (B*T, T), compute dtype
+    flat: Tensor  # (T-1, B*T) int64
+    rows: Tensor  # (T-1, B*T) int64
+    gjj: Tensor  # (T-1, B*T): |g_j|² of the task visited in each round
+
+    def visited_rows(self, r: int) -> Tensor:
+        """(B*T, T): row ``G[b, order[b, i, r], :]`` for every flattened task row ``b*T + i``.
+
+        Gathered round by round: one table for all rounds would be a single op, but one large
+        enough for ATen to split across threads, which costs milliseconds on a busy machine.
+        """
+        return self.Gf.index_select(0, self.rows[r])
+
+
+@functools.lru_cache(maxsize=64)
+def _bases(B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For flattened task rows n = b*T + i: (b*T, n*T), the offsets of rows and entries."""
+    n = torch.arange(B * T, device=device)
+    return n - n % T, n * T
+
+
+def _plan(G: Tensor, order: Tensor) -> _Plan:
+    T = G.shape[-1]
+    lead = tuple(G.shape[:-2])
+    B = prod(lead)
+    dev = G.device
+    Gf = G.detach().to(compute_dtype(G)).reshape(B * T, T)
+    ob = order.to(device=dev, dtype=torch.int64).expand(lead + (T, T - 1)).reshape(B * T, T - 1).T
+    row_base, flat_base = _bases(B, T, dev)
+    rows = (ob + row_base).contiguous()  # b*T + j
+    flat = (ob + flat_base).contiguous()  # (b*T + i)*T + j
+    gjj = Gf.view(B, T, T).diagonal(dim1=1, dim2=2).reshape(B * T).take(rows)
+    return _Plan(T=T, lead=lead, Gf=Gf, flat=flat, rows=rows, gjj=gjj)
+
+
+def _combine(plan: _Plan, coefs: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """w[b, k] = Σ_i C[b, i, k]: ones (C's identity part) plus every added coefficient."""
+    T, B = plan.T, plan.Gf.shape[0] // plan.T
+    w = torch.ones(B * T, dtype=plan.Gf.dtype, device=plan.Gf.device)
+    if T > 1:
+        w.index_add_(0, plan.rows.reshape(-1), coefs.reshape(-1))
+    if reduction == "mean":
+        w.div_(T)
+    return w.reshape(plan.lead + (T,)).to(dtype)
+
+
+def pcgrad_weights(
+    G: Tensor, order: Tensor, reduction: str = "sum", *, validate: bool = True
+) -> Tensor:
+    """PCGrad weights ``w`` such that the PCGrad update is ``wᵀJ``, computed from ``G = J Jᵀ``.
+
+    Runs in float64 (the loop is O(T³) on T×T numbers), so gradients from 1e-10 to 1e15 and
+    zero rows stay finite; a zero gradient ``g_j`` is never projected on. The weights are
+    computed from a detached ``G``: they are constants for autograd.
+
+    :param G: (..., T, T) Gramian; leading dims are independent groups.
+    :param order: (T, T-1) integer tensor (or one per leading index of ``G``); row ``i`` lists
+        the other tasks in the order task ``i`` visits them (see :func:`random_order`).
+    :param reduction: ``"sum"`` (paper, default) or ``"mean"`` (divide by T).
+    :param validate: check that ``G`` is finite and each row of ``order`` is a permutation of
+        the other tasks (one host sync). Turn off only for inputs known to be valid.
+    :returns: (..., T) weights in ``G``'s dtype and device.
+
+    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
+    >>> pcgrad_weights(G, torch.tensor([[1], [0]]))
+    tensor([2.0000, 1.5000])
+    """
+    where = "pcgrad_weights"
+    T = check_gramian_shape(G, where)
+    check_order_shape(order, G, where)
+    check_reduction(reduction, where)
+    if validate:
+        check_values(where, G, order=order)
+    plan = _plan(G, order)
+    Gf = plan.Gf
+    R = T - 1
+    coefs = torch.zeros((R, Gf.shape[0]), dtype=Gf.dtype, device=Gf.device)
+    if R:
+        # c = -min(g_i'·g_j, 0) / |g_j|², with 1/|g_j|² := 0 for a zero g_j (its dot is 0 too).
+        neg_inv = torch.where(plan.gjj > 0, -1.0 / plan.gjj, torch.zeros_like(plan.gjj))
+        M = Gf.clone() if R > 1 else Gf  # M[n, :] = g_i'·g_k for every original k
+        for r in range(R):
+            dot = M.take(plan.flat[r]).clamp_(max=0.0)
+            c = torch.mul(dot, neg_inv[r], out=coefs[r])
+            if r + 1 < R:
+                M.addcmul_(c.unsqueeze(1), plan.visited_rows(r))
+    return _combine(plan, coefs, reduction, G.dtype)
+
+
+def pcgrad(
+    jacobian: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PCGrad aggregation of a (T, P) matrix of per-task gradients (Yu et al. 2020).
+
+    Computes the Gramian, draws each task's visiting order from ``generator`` (never from the
+    global RNG; ``None`` seeds a private generator from OS entropy, so pass a seeded one for
+    reproducibility), computes :func:`pcgrad_weights` and combines ``update = wᵀJ``.
+
+    :param jacobian: (T, P) per-task gradients, or (..., T, P) groups sharing one order.
+    :param generator: source of the random visiting order.
+    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
+    :param out: optional (..., P) buffer for the update (see :func:`aggregate`).
+    :returns: ``(update, weights)`` of shapes (..., P) and (..., T).
+
+    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    >>> pcgrad(J, generator=torch.Generator().manual_seed(0), reduction="mean")[0]
+    tensor([0.2500, 0.7500])
+    """
+    check_matrix(jacobian, "jacobian", "pcgrad")
+    check_reduction(reduction, "pcgrad")
+    gen = _fresh_generator(generator)
+    order = random_order(jacobian.shape[-2], gen, device=jacobian.device)
+    G = gramian(jacobian)
+    check_values("pcgrad", G)  # the order is valid by construction
+    w = pcgrad_weights(G, order, reduction, validate=False)
+    return aggregate(jacobian, w, out=out), w

@@ -1,0 +1,164 @@
+"""GradNorm (Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018, arXiv 1711.02257)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import MultiTaskOptimizer
+from .functional import unique_tensors
+from .report import StepReport
+
+__all__ = ["GradNorm"]
+
+
+class GradNorm(MultiTaskOptimizer):
+    """GradNorm: learnable task-loss weights that balance gradient norms at a shared layer.
+
+    Each step the model is updated on ``Σ_i w_i L_i`` (through the wrapped optimizer, which may
+    itself be a metaopt optimizer: ``GradNorm(PCGrad(Adam(...)))`` applies PCGrad to the
+    weighted losses). Then the weights move to reduce
+    ``L_grad = Σ_i |w_i ‖∇_W L_i‖ − Ḡ · r_i^α|`` where W is the user-named shared layer,
+    ``Ḡ`` the mean of the weighted norms, ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` the
+    relative inverse training rate, and the target ``Ḡ r_i^α`` is held constant (detached).
+    The weights are then floored at a small positive value and renormalised to sum to T.
+    ``L_i(0)`` is taken at the first step and kept in the ``state_dict``.
+
+    ``‖∇_W (w_i L_i)‖ = w_i ‖∇_W L_i‖`` for a scalar w_i, so the gradient of ``L_grad`` with
+    respect to the weights needs only the T norms ``‖∇_W L_i‖``: they are computed with
+    ``torch.autograd.grad`` on W alone, and the GradNorm loss never touches the model's
+    ``.grad``.
+
+    Args:
+        optimizer: the optimizer for the model (a torch or metaopt optimizer).
+        tasks: task names; ``next_tasks()`` returns what the wrapped optimizer wants (all tasks).
+        layer: the shared parameters W (usually the last shared layer) whose gradient norms are
+            balanced. Every task's loss must reach them.
+        alpha: restoring-force strength α >= 0. Default 1.5, the paper's NYUv2 value (it uses
+            0.12 on its synthetic regression).
+        weight_optimizer: ``params -> Optimizer`` for the task weights. Default Adam with lr
+            0.025 (a value public ports use; the paper tunes it per problem).
+        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+
+    Example:
+        >>> import torch, metaopt
+        >>> torch.manual_seed(0) and None
+        >>> enc, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+        >>> params = [*enc.parameters(), *head.parameters()]
+        >>> opt = metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(params, lr=1e-2), tasks=["a", "b"]),
+        ...                        layer=enc.parameters(), alpha=1.5)
+        >>> x = torch.randn(16, 4)
+        >>> for _ in range(3):
+        ...     out = head(enc(x))
+        ...     report = opt.step({"a": out[:, 0].pow(2).mean(), "b": 10 * out[:, 1].pow(2).mean()})
+        >>> round(float(opt.weights.detach().sum()), 4)
+        2.0
+
+    References:
+        Chen, Badrinarayanan, Lee & Rabinovich. GradNorm: Gradient Normalization for Adaptive
+        Loss Balancing in Deep Multitask Networks. ICML 2018. arXiv:1711.02257.
+    """
+
+    MIN_WEIGHT = 1e-4
+
+    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
+                 layer: Iterable[Tensor], alpha: float = 1.5,
+                 weight_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+                 seed: int = 0, allow_unused: bool = False) -> None:
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        name = "GradNorm"
+        self.layer = unique_tensors(layer)
+        if not self.layer:
+            raise ValueError(f"{name}: layer is empty; name the shared parameters W to balance")
+        ids = {id(p) for p in self._trainable_params()}
+        if any(id(p) not in ids for p in self.layer):
+            raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
+        try:
+            alpha_f = float(alpha)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: alpha must be a number, got {alpha!r}") from None
+        if not (alpha_f >= 0.0 and alpha_f < float("inf")):
+            raise ValueError(f"{name}: alpha must be a finite number >= 0, got {alpha}")
+        self.alpha = alpha_f
+        T = len(self.tasks)
+        device = self.layer[0].device
+        self.weights = torch.ones(T, device=device, requires_grad=True)
+        make = weight_optimizer or (lambda p: torch.optim.Adam(p, lr=0.025))
+        self.weight_optimizer = make([self.weights])
+        if not isinstance(self.weight_optimizer, Optimizer):
+            raise TypeError(f"{name}: weight_optimizer must return a torch.optim.Optimizer")
+        self.initial_losses: Tensor | None = None
+
+    def _draw_tasks(self) -> list[str]:
+        if self.inner is not None:
+            return self.inner.next_tasks()
+        return list(self.tasks)
+
+    def _norms(self, losses: dict[str, Tensor]) -> Tensor:
+        """‖∇_W L_i‖ per task (graphs retained for the model update that follows)."""
+        norms = []
+        for t, loss in losses.items():
+            grads = torch.autograd.grad(loss, self.layer, retain_graph=True, allow_unused=True)
+            if any(g is None for g in grads):
+                raise ValueError(
+                    f"GradNorm.step: the loss of task {t!r} does not reach the GradNorm layer; "
+                    "choose a layer that every task uses"
+                )
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        out = torch.stack(norms).detach()
+        if not bool(out.isfinite().all()):
+            bad = [t for t, ok in zip(losses, out.isfinite().tolist()) if not ok]
+            raise ValueError(f"GradNorm.step: non-finite gradient for task(s) {bad}; nothing was updated")
+        return out
+
+    def _step(self, losses: dict[str, Tensor]) -> StepReport:
+        names = list(losses)
+        if names != list(self.tasks):
+            raise ValueError(f"GradNorm.step: expected all tasks {list(self.tasks)}, got {names}")
+        norms = self._norms(losses)
+        current = torch.stack([v.detach() for v in losses.values()]).to(norms)
+        used = self.weights.detach().clone()
+        # model update on the weighted losses (weights are constants for the model)
+        weighted = {t: used[i].to(v) * v for i, (t, v) in enumerate(losses.items())}
+        inner_report = self._inner_update(weighted)
+        # weight update: gradient of L_grad w.r.t. the weights only
+        first = self.initial_losses is None
+        initial = current if first else self.initial_losses
+        ratio = current / initial
+        r = ratio / ratio.mean()
+        weighted_norms = self.weights * norms
+        target = (weighted_norms.mean() * r.pow(self.alpha)).detach()
+        grad_loss = (weighted_norms - target).abs().sum()
+        (g,) = torch.autograd.grad(grad_loss, [self.weights])
+        self.weights.grad = g
+        self.weight_optimizer.step()
+        self.weights.grad = None
+        with torch.no_grad():
+            self.weights.clamp_(min=self.MIN_WEIGHT)
+            self.weights.mul_(len(names) / self.weights.sum())
+        if first:
+            self.initial_losses = current.clone()
+        self._step_count += 1
+        return self._report(losses, weights=used, inner=inner_report,
+                            extra={"grad_norms": norms, "gradnorm_loss": grad_loss.detach()})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.detach().clone(),
+            "initial_losses": None if self.initial_losses is None else self.initial_losses.clone(),
+            "weight_optimizer": self.weight_optimizer.state_dict(),
+        }
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        w = state["weights"]
+        if w.shape != self.weights.shape:
+            raise ValueError(f"GradNorm.load_state_dict: saved weights have shape {tuple(w.shape)}")
+        with torch.no_grad():
+            self.weights.copy_(w)
+        init = state.get("initial_losses")
+        self.initial_losses = None if init is None else init.clone().to(self.weights.device)
+        self.weight_optimizer.load_state_dict(state["weight_optimizer"])

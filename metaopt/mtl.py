@@ -1,0 +1,60 @@
+"""Plain multi-task learning: the sum (or mean) of all task losses, one backward pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .aggregation._validate import check_reduction
+from .base import MultiTaskOptimizer
+from .report import StepReport
+
+__all__ = ["MTL"]
+
+
+class MTL(MultiTaskOptimizer):
+    """The baseline every multi-task benchmark needs: minimise ``Σ_t L_t`` (or the mean).
+
+    Each step asks for all tasks and takes one backward pass through their combined loss.
+    (Plain training with one *sampled* task per step is ``SequentialReptile(..., outer_lr=1)``.)
+
+    Args:
+        optimizer: the torch optimizer (or a metaopt optimizer, e.g. wrapped by GradNorm).
+        tasks: task names.
+        reduction: ``"sum"`` (default) or ``"mean"``.
+        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+
+    Example:
+        >>> import torch, metaopt
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"])
+        >>> x = torch.ones(4, 2)
+        >>> report = opt.step({t: model(x).pow(2).mean() for t in opt.next_tasks()})
+        >>> report.tasks
+        ('a', 'b')
+    """
+
+    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
+                 reduction: Literal["sum", "mean"] = "sum", seed: int = 0,
+                 allow_unused: bool = False) -> None:
+        check_reduction(reduction, "MTL")
+        if isinstance(optimizer, MultiTaskOptimizer):
+            raise TypeError("MTL: wrap a torch optimizer")
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        self.reduction = reduction
+
+    def _draw_tasks(self) -> list[str]:
+        return list(self.tasks)
+
+    def _step(self, losses: dict[str, Tensor]) -> StepReport:
+        if self.reduction == "mean":
+            n = len(losses)
+            scaled = {t: v / n for t, v in losses.items()}
+        else:
+            scaled = losses
+        self._inner_update(scaled)
+        self._step_count += 1
+        return self._report(losses)

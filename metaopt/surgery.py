@@ -1,0 +1,194 @@
+"""Shared machinery of the gradient-surgery optimizers (PCGrad, GradVac): per-task gradients of
+the shared parameters, their Gramian, weights from the Gramian, and the update ``wᵀJ`` written
+straight into ``.grad``.
+
+Task-specific parameters (heads) never take part in the aggregation: each gets the sum of the
+gradients of the losses that reach it, so one task's head gradient cannot leak into another
+task's projection (the bug of the most-copied PCGrad port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .aggregation import conflict_fraction, cosine_from_gramian
+from .base import MultiTaskOptimizer
+from .interpolation import master_dtype
+from .jacobian import task_jacobian
+from .report import StepReport
+
+__all__ = ["GradientSurgery"]
+
+
+def _runs(mask: Sequence[bool], slices: Sequence[slice]) -> list[slice]:
+    """Maximal column ranges of consecutive parameters with ``mask`` True."""
+    out: list[slice] = []
+    for m, sl in zip(mask, slices):
+        if not m:
+            continue
+        if out and out[-1].stop == sl.start:
+            out[-1] = slice(out[-1].start, sl.stop)
+        else:
+            out.append(sl)
+    return out
+
+
+class GradientSurgery(MultiTaskOptimizer):
+    """Base class: every step asks for all tasks, takes their gradients on the shared
+    parameters and combines them with weights computed from the Gramian ``G = J Jᵀ``.
+
+    Args:
+        optimizer: the torch optimizer that applies the combined gradient.
+        tasks: task names.
+        shared: the parameters whose per-task gradients are aggregated. Default ``None``: at
+            each step, the parameters that *every* task's loss reaches; parameters reached by
+            only some losses (task heads) get the plain sum of those losses' gradients.
+        retain_graph: keep each task's graph after its backward pass. Needed when the losses
+            share part of one graph (one forward pass over a mixed batch); by default each
+            task's graph is freed as soon as its gradient row is taken.
+        batched: compute the T gradient rows with one vmapped backward pass
+            (``is_grads_batched``) instead of T passes (falls back to the loop with a warning).
+        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
+                 shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
+                 batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
+        name = type(self).__name__
+        if isinstance(optimizer, MultiTaskOptimizer):
+            raise TypeError(
+                f"{name}: wrap a torch optimizer; to combine with Sequential Reptile or GradNorm, "
+                f"wrap the {name} in them instead"
+            )
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        params = self._trainable_params()
+        if shared is None:
+            self._explicit_shared: set[int] | None = None
+            ordered = params
+        else:
+            shared_list = list(shared)
+            if not shared_list:
+                raise ValueError(f"{name}: shared is empty; leave it None to detect shared parameters")
+            ids = {id(p) for p in params}
+            stray = [p for p in shared_list if id(p) not in ids]
+            if stray:
+                raise ValueError(
+                    f"{name}: {len(stray)} shared tensor(s) are not parameters of the wrapped "
+                    f"optimizer (first has shape {tuple(stray[0].shape)})"
+                )
+            self._explicit_shared = {id(p) for p in shared_list}
+            # shared first, so the shared columns of J are one contiguous range
+            ordered = [p for p in params if id(p) in self._explicit_shared] + \
+                      [p for p in params if id(p) not in self._explicit_shared]
+        devices = {(p.device, master_dtype(p.dtype)) for p in ordered}
+        if len(devices) != 1:
+            raise ValueError(
+                f"{name}: parameters must share one device and dtype family, got {sorted(map(str, devices))}"
+            )
+        self._params = ordered
+        self._slices: list[slice] = []
+        start = 0
+        for p in ordered:
+            self._slices.append(slice(start, start + p.numel()))
+            start += p.numel()
+        self.num_params = start
+        self.retain_graph = bool(retain_graph)
+        self.batched = bool(batched)
+        self._jacobian: Tensor | None = None   # persistent (T, P) buffer
+        self._grad: Tensor | None = None       # persistent (P,) buffer; .grad are views into it
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
+        """Column ranges of each aggregation group (default: all shared columns, one group)."""
+        return [shared_runs]
+
+    def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
+        """(n_groups, T) weights from the (n_groups, T, T) Gramians. Must not change state."""
+        raise NotImplementedError
+
+    def _commit(self) -> None:
+        """Apply state changes prepared by :meth:`_weights`, once the step is accepted."""
+
+    # ------------------------------------------------------------------ mechanics
+    def _draw_tasks(self) -> list[str]:
+        return list(self.tasks)
+
+    def _buffers(self, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        dtype = master_dtype(like.dtype)
+        if self._jacobian is None or self._jacobian.shape != (T, self.num_params):
+            self._jacobian = torch.empty((T, self.num_params), dtype=dtype, device=like.device)
+            self._grad = torch.empty(self.num_params, dtype=dtype, device=like.device)
+        assert self._grad is not None
+        return self._jacobian, self._grad
+
+    def _step(self, losses: dict[str, Tensor]) -> StepReport:
+        name = type(self).__name__
+        names = list(losses)
+        params = self._params
+        J, grad = self._buffers(len(names), params[0])
+        tj = task_jacobian(list(losses.values()), params, out=J,
+                           retain_graph=self.retain_graph, batched=self.batched)
+        reached = tj.reached                              # (T, n_params) bool, CPU
+        by_any = reached.any(0).tolist()
+        by_all = reached.all(0).tolist()
+        if not any(by_any):
+            raise ValueError(f"{name}.step: the losses reach none of the optimizer's parameters")
+        unused = [p for p, r in zip(params, by_any) if not r]
+        if unused and not self.allow_unused:
+            raise ValueError(
+                f"{name}.step: {len(unused)} parameter(s) get no gradient from any loss, e.g. "
+                f"{self._param_name(unused[0])}; remove them or pass allow_unused=True"
+            )
+        if self._explicit_shared is None:
+            shared_mask = by_all
+        else:
+            shared_mask = [id(p) in self._explicit_shared for p in params]
+        shared_runs = _runs(shared_mask, self._slices)
+        if not shared_runs:
+            raise ValueError(
+                f"{name}.step: no parameter is reached by every task's loss, so there is nothing "
+                "to aggregate; pass shared= explicitly"
+            )
+        head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
+        groups = self._groups(shared_runs)
+        G = torch.stack([sum((J[:, sl] @ J[:, sl].T for sl in g), torch.zeros(
+            (len(names), len(names)), dtype=J.dtype, device=J.device)) for g in groups])
+        # finiteness of every task's gradient, shared (from the Gramian) and heads: one sync
+        ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
+        for sl in head_runs:
+            ok = ok & J[:, sl].isfinite().all(1)
+        if not bool(ok.all()):
+            bad = [t for t, good in zip(names, ok.tolist()) if not good]
+            raise ValueError(f"{name}.step: non-finite gradient for task(s) {bad}; nothing was updated")
+        weights = self._weights(G, losses).to(J.dtype)   # (n_groups, T)
+        # the step is accepted from here on
+        self._commit()
+        for g, w in zip(groups, weights):
+            for sl in g:
+                torch.mv(J[:, sl].T, w, out=grad[sl])
+        for sl in head_runs:
+            torch.sum(J[:, sl], dim=0, out=grad[sl])
+        for p, sl, used in zip(params, self._slices, by_any):
+            if not used:
+                p.grad = None
+            elif grad.dtype == p.dtype:
+                p.grad = grad[sl].view_as(p)
+            else:
+                p.grad = grad[sl].view_as(p).to(p.dtype)
+        self.base_optimizer.step()
+        self._step_count += 1
+        G_all = G.sum(0)
+        return self._report(
+            losses,
+            weights=weights[0] if len(groups) == 1 else weights,
+            cosine=cosine_from_gramian(G_all),
+            conflicts=conflict_fraction(G_all),
+        )
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}

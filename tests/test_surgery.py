@@ -1,0 +1,446 @@
+"""PCGrad, GradVac, GradNorm and MTL behind the one interface."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import metaopt
+from metaopt.aggregation import gradvac_weights, gramian, pcgrad_weights, random_order
+
+TASKS = ["a", "b", "c"]
+
+
+class MultiHead(torch.nn.Module):
+    def __init__(self, tasks=TASKS, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.enc = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(6, 1) for t in tasks})
+
+    def forward(self, t, x):
+        return self.heads[t](self.enc(x))
+
+
+def batches(tasks=TASKS, seed=1, n=12):
+    g = torch.Generator().manual_seed(seed)
+    return {t: (torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g) * (i + 1))
+            for i, t in enumerate(tasks)}
+
+
+def losses_of(model, data, tasks):
+    return {t: torch.nn.functional.mse_loss(model(t, data[t][0]), data[t][1]) for t in tasks}
+
+
+def trained_params(make, steps, seed=0, data=None):
+    """Parameters of a fresh MultiHead(seed) after ``steps`` steps of ``make(model)``."""
+    data = data or batches()
+    model = MultiHead(seed=seed)
+    opt = make(model)
+    for _ in range(steps):
+        opt.step(losses_of(model, data, opt.next_tasks()))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def flat_grads(loss, params):
+    gs = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
+    data = batches()
+    model = MultiHead()
+    ref = copy.deepcopy(model)
+    shared = list(model.enc.parameters())
+    opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=1.0), tasks=TASKS,
+                         shared=model.enc.parameters(), reduction=reduction, seed=3)
+    report = opt.step(losses_of(model, data, opt.next_tasks()))
+
+    rshared = list(ref.enc.parameters())
+    J = torch.stack([flat_grads(l, rshared) for l in losses_of(ref, data, TASKS).values()])
+    order = random_order(3, torch.Generator().manual_seed(3))
+    w = pcgrad_weights(gramian(J), order, reduction)
+    update = w @ J
+    torch.testing.assert_close(report.weights, w)
+    got = torch.cat([(p0.detach() - p.detach()).reshape(-1) for p, p0 in zip(shared, rshared)])
+    torch.testing.assert_close(got, update, rtol=1e-5, atol=1e-6)
+    # each head moved by its own task's gradient only
+    for t in TASKS:
+        loss = losses_of(ref, data, [t])[t]
+        hp = list(ref.heads[t].parameters())
+        g = torch.autograd.grad(loss, hp)
+        for p, p0, gi in zip(model.heads[t].parameters(), hp, g):
+            torch.testing.assert_close(p0.detach() - p.detach(), gi, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_detection_excludes_heads_from_projection():
+    """Default shared=None must give the same result as naming the encoder explicitly."""
+    out = [
+        trained_params(lambda m: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, seed=1,
+                                                **({"shared": m.enc.parameters()} if explicit else {})),
+                       3, seed=4)
+        for explicit in (False, True)
+    ]
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b)
+
+
+def test_head_leak_is_impossible():
+    """Task b's head must not move when only task a's gradient conflicts with it."""
+    data = batches()
+    model = MultiHead(seed=2)
+    opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.5), tasks=TASKS, seed=0)
+    losses = losses_of(model, data, TASKS)
+    # task c's head: its update equals its own loss's gradient, whatever the projections did
+    own = torch.autograd.grad(losses["c"], list(model.heads["c"].parameters()), retain_graph=True)
+    before = [p.detach().clone() for p in model.heads["c"].parameters()]
+    opt.step(losses)
+    for p, b, g in zip(model.heads["c"].parameters(), before, own):
+        torch.testing.assert_close(b - p.detach(), 0.5 * g)
+
+
+@given(seed=st.integers(0, 1000))
+def test_gradvac_beta_zero_equals_pcgrad(seed):
+    data = batches(seed=seed)
+    results = [
+        trained_params(lambda m: cls(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, seed=seed, **kw),
+                       3, seed=seed, data=data)
+        for cls, kw in ((metaopt.PCGrad, {}), (metaopt.GradVac, {"beta": 0.0}))
+    ]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gradvac_class_tracks_targets_like_the_pure_function():
+    data = batches()
+    model = MultiHead()
+    ref = copy.deepcopy(model)
+    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.0), tasks=TASKS, beta=0.3,
+                          shared=model.enc.parameters(), seed=5)
+    g = torch.Generator().manual_seed(5)
+    targets = torch.zeros(3, 3, dtype=torch.float64)
+    for _ in range(3):
+        opt.step(losses_of(model, data, TASKS))
+        J = torch.stack([flat_grads(l, list(ref.enc.parameters())) for l in losses_of(ref, data, TASKS).values()])
+        _, targets = gradvac_weights(gramian(J), random_order(3, g), targets, 0.3)
+    torch.testing.assert_close(opt.targets[0], targets.double())
+    assert (opt.targets[0] != 0).any()
+
+
+def test_gradvac_per_parameter_groups_keep_separate_targets():
+    data = batches()
+    model = MultiHead()
+    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, beta=0.5,
+                          shared=model.enc.parameters(), groups="parameter", seed=0)
+    report = opt.step(losses_of(model, data, TASKS))
+    assert opt.targets.shape == (2, 3, 3)
+    assert report.weights.shape == (2, 3)
+    assert not torch.equal(opt.targets[0], opt.targets[1])
+    # explicit groups [[weight], [bias]] are the same grouping
+    twin = MultiHead()
+    w, b = list(twin.enc.parameters())
+    explicit = metaopt.GradVac(torch.optim.SGD(twin.parameters(), lr=0.05), tasks=TASKS, beta=0.5,
+                               shared=[w, b], groups=[[w], [b]], seed=0)
+    explicit.step(losses_of(twin, data, TASKS))
+    torch.testing.assert_close(explicit.targets, opt.targets)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("cls,kw", [(metaopt.GradVac, {"beta": 0.2}), (metaopt.PCGrad, {})])
+def test_state_dict_round_trip_continues_identically(cls, kw):
+    data = batches()
+    model = MultiHead()
+    opt = cls(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, seed=1, **kw)
+    for _ in range(2):
+        opt.step(losses_of(model, data, TASKS))
+    saved_model = copy.deepcopy(model.state_dict())
+    saved = copy.deepcopy(opt.state_dict())
+    for _ in range(3):
+        opt.step(losses_of(model, data, TASKS))
+    fresh = MultiHead(seed=9)
+    fresh.load_state_dict(saved_model)
+    fopt = cls(torch.optim.Adam(fresh.parameters(), lr=0.01), tasks=TASKS, seed=77, **kw)
+    fopt.load_state_dict(saved)
+    for _ in range(3):
+        fopt.step(losses_of(fresh, data, TASKS))
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+    if cls is metaopt.GradVac:
+        assert torch.equal(opt.targets, fopt.targets)
+
+
+def test_gradvac_state_for_other_tasks_is_refused():
+    model = MultiHead(tasks=["a", "b", "d"])
+    saved = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b", "d"]).state_dict()
+    saved["metaopt"]["tasks"] = TASKS      # even if the task list is forged, the targets know
+    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    with pytest.raises(ValueError, match=r"unseen by that state: \['c'\]"):
+        opt.load_state_dict(saved)
+
+
+def test_batched_jacobian_path_equals_loop():
+    out = [
+        trained_params(lambda m: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS,
+                                                 beta=0.1, batched=batched, seed=0), 2, seed=3)
+        for batched in (False, True)
+    ]
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_report_cosine_matches_diagnostics():
+    data = batches()
+    model = MultiHead()
+    opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                         shared=model.enc.parameters())
+    d = metaopt.gradient_diagnostics(losses_of(model, data, TASKS), model.enc.parameters())
+    report = opt.step(losses_of(model, data, TASKS))
+    torch.testing.assert_close(report.cosine, d.cosine)
+    torch.testing.assert_close(report.conflicts, d.conflicts)
+    assert report.tasks == tuple(TASKS) and set(report.losses) == set(TASKS)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_mtl_is_sum_or_mean_of_losses(reduction):
+    data = batches()
+    model, ref = MultiHead(), MultiHead()
+    opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, reduction=reduction)
+    opt.step(losses_of(model, data, opt.next_tasks()))
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    total = sum(losses_of(ref, data, TASKS).values())
+    (total / (3 if reduction == "mean" else 1)).backward()
+    ropt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- GradNorm
+@given(alpha=st.floats(0.0, 3.0), seed=st.integers(0, 100))
+def test_gradnorm_weights_stay_positive_and_sum_to_T(alpha, seed):
+    data = batches(seed=seed)
+    model = MultiHead(seed=seed)
+    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS),
+                           layer=model.enc[0].parameters(), alpha=alpha,
+                           weight_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    seen = []
+    for _ in range(15):
+        report = opt.step(losses_of(model, data, opt.next_tasks()))
+        seen.append(report.weights)
+        w = opt.weights.detach()
+        assert (w > 0).all()
+        torch.testing.assert_close(w.sum(), torch.tensor(3.0))
+    assert not torch.allclose(seen[0], seen[-1])   # the weights do move
+
+
+def test_gradnorm_model_update_uses_weighted_losses_and_never_its_own_loss():
+    data = batches()
+    model, ref = MultiHead(), MultiHead()
+    opt = metaopt.GradNorm(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                           layer=model.enc[0].parameters())
+    with torch.no_grad():
+        opt.weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    opt.step(losses_of(model, data, TASKS))
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    ls = losses_of(ref, data, TASKS)
+    (0.5 * ls["a"] + 1.0 * ls["b"] + 1.5 * ls["c"]).backward()
+    ropt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q)
+        torch.testing.assert_close(p.grad, q.grad)   # the GradNorm loss added nothing to .grad
+
+
+def test_gradnorm_balances_gradient_norms():
+    """Task c's loss is scaled up 100×: GradNorm must give it a much smaller weight."""
+    data = batches()
+    model = MultiHead()
+    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=1e-3), tasks=TASKS),
+                           layer=model.enc[0].parameters(), alpha=0.0,
+                           weight_optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    scale = {"a": 1.0, "b": 1.0, "c": 100.0}
+    for _ in range(100):
+        ls = losses_of(model, data, TASKS)
+        opt.step({t: scale[t] * v for t, v in ls.items()})
+    w = opt.weights.detach()
+    assert w[2] < 0.2 * w[0] and w[2] < 0.2 * w[1]
+
+
+def test_gradnorm_state_dict_keeps_weights_and_initial_losses():
+    data = batches()
+    model = MultiHead()
+    mk = lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+                                    layer=m.enc[0].parameters())
+    opt = mk(model)
+    for _ in range(3):
+        opt.step(losses_of(model, data, TASKS))
+    saved_model, saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for _ in range(2):
+        opt.step(losses_of(model, data, TASKS))
+    fresh = MultiHead(seed=5)
+    fresh.load_state_dict(saved_model)
+    fopt = mk(fresh)
+    fopt.load_state_dict(saved)
+    torch.testing.assert_close(fopt.initial_losses, saved["metaopt"]["initial_losses"])
+    for _ in range(2):
+        fopt.step(losses_of(fresh, data, TASKS))
+    torch.testing.assert_close(fopt.weights, opt.weights)
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- composition
+def test_sequential_reptile_over_gradvac_asks_for_all_tasks_and_eta_one_is_gradvac():
+    data = batches()
+    results = []
+    for wrap in (True, False):
+        model = MultiHead(seed=6)
+        inner = metaopt.GradVac(torch.optim.AdamW(model.parameters(), lr=0.01), tasks=TASKS, beta=0.1, seed=2)
+        opt = metaopt.SequentialReptile(inner, inner_steps=3, outer_lr=1.0, seed=0) if wrap else inner
+        reports = []
+        for _ in range(6):
+            assert opt.next_tasks() == TASKS
+            reports.append(opt.step(losses_of(model, data, opt.next_tasks())))
+        if wrap:
+            assert [r.outer_update for r in reports] == [False, False, True] * 2
+            assert reports[0].inner is not None and reports[0].inner.cosine is not None
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_sequential_reptile_over_gradvac_interpolates():
+    data = batches()
+    model = MultiHead(seed=6)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = metaopt.SequentialReptile(
+        metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, seed=2),
+        inner_steps=2, outer_lr=0.0, seed=0)
+    for _ in range(2):
+        opt.step(losses_of(model, data, opt.next_tasks()))
+    for p, s in zip(model.parameters(), start):
+        assert torch.equal(p, s)
+
+
+def test_gradnorm_weighted_pcgrad_equals_pcgrad_on_weighted_losses():
+    data = batches()
+    model, ref = MultiHead(), MultiHead()
+    opt = metaopt.GradNorm(metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, seed=4),
+                           layer=model.enc[0].parameters())
+    with torch.no_grad():
+        opt.weights.copy_(torch.tensor([2.0, 0.5, 0.5]))
+    report = opt.step(losses_of(model, data, opt.next_tasks()))
+    assert report.inner is not None and report.inner.weights is not None
+    ropt = metaopt.PCGrad(torch.optim.SGD(ref.parameters(), lr=0.1), tasks=TASKS, seed=4)
+    ls = losses_of(ref, data, TASKS)
+    ropt.step({"a": 2.0 * ls["a"], "b": 0.5 * ls["b"], "c": 0.5 * ls["c"]})
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- bad input
+def snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict()))
+
+
+def assert_unchanged(snap, model, opt):
+    params, state = snap
+    for p, q in zip(model.parameters(), params):
+        assert torch.equal(p, q)
+    now = opt.state_dict()
+    assert now["metaopt"]["step"] == state["metaopt"]["step"]
+    assert torch.equal(now["metaopt"]["generator"], state["metaopt"]["generator"])
+    for key in ("targets", "weights", "initial_losses"):
+        if key in state["metaopt"] and state["metaopt"][key] is not None:
+            assert torch.equal(now["metaopt"][key], state["metaopt"][key])
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+    lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
+    lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+                               layer=m.enc[0].parameters()),
+    lambda m: metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+])
+def test_bad_losses_change_nothing(make):
+    data = batches()
+    model = MultiHead()
+    opt = make(model)
+    opt.step(losses_of(model, data, TASKS))
+    snap = snapshot(model, opt)
+    ls = losses_of(model, data, TASKS)
+    with pytest.raises(ValueError, match=r"missing \['c'\]"):
+        opt.step({"a": ls["a"], "b": ls["b"]})
+    with pytest.raises(ValueError, match=r"non-finite loss.*'b'"):
+        opt.step({**ls, "b": ls["b"] * float("nan")})
+    assert_unchanged(snap, model, opt)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+    lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
+    lambda m: metaopt.GradNorm(metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+                               layer=m.enc[0].parameters()),
+])
+def test_non_finite_task_gradient_names_the_task_and_changes_nothing(make):
+    data = batches()
+    model = MultiHead()
+    opt = make(model)
+    opt.step(losses_of(model, data, TASKS))
+    snap = snapshot(model, opt)
+    ls = losses_of(model, data, TASKS)
+    # sqrt at 0 has an infinite derivative: a finite loss with a non-finite gradient
+    bad = ls["b"] + torch.sqrt(model.enc[0].weight[0, 0] * 0.0).sum()
+    with pytest.raises(ValueError, match=r"non-finite gradient.*'b'"):
+        opt.step({"a": ls["a"], "b": bad, "c": ls["c"]})
+    assert_unchanged(snap, model, opt)
+
+
+def test_constructor_errors():
+    model = MultiHead()
+    sgd = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="shared is empty"):
+        metaopt.PCGrad(sgd(), tasks=TASKS, shared=[])
+    with pytest.raises(ValueError, match="not parameters of the wrapped"):
+        metaopt.PCGrad(sgd(), tasks=TASKS, shared=[torch.nn.Parameter(torch.ones(2))])
+    with pytest.raises(ValueError, match="reduction"):
+        metaopt.PCGrad(sgd(), tasks=TASKS, reduction="max")
+    for beta in (-0.1, 1.1, float("nan")):
+        with pytest.raises(ValueError, match=r"beta must be"):
+            metaopt.GradVac(sgd(), tasks=TASKS, beta=beta)
+    with pytest.raises(ValueError, match="groups='parameter' needs shared"):
+        metaopt.GradVac(sgd(), tasks=TASKS, groups="parameter")
+    w, b = model.enc[0].parameters()
+    with pytest.raises(ValueError, match="exactly one group"):
+        metaopt.GradVac(sgd(), tasks=TASKS, shared=[w, b], groups=[[w]])
+    with pytest.raises(ValueError, match="layer is empty"):
+        metaopt.GradNorm(sgd(), tasks=TASKS, layer=[])
+    for alpha in (-1.0, float("inf")):
+        with pytest.raises(ValueError, match="alpha"):
+            metaopt.GradNorm(sgd(), tasks=TASKS, layer=[w], alpha=alpha)
+    with pytest.raises(TypeError, match="wrap a torch optimizer"):
+        metaopt.PCGrad(metaopt.MTL(sgd(), tasks=TASKS), tasks=TASKS)
+
+
+def test_gradnorm_layer_not_reached_by_a_task():
+    data = batches()
+    model = MultiHead()
+    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS),
+                           layer=model.heads["a"].parameters())
+    snap = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"task 'b' does not reach the GradNorm layer"):
+        opt.step(losses_of(model, data, TASKS))
+    assert_unchanged(snap, model, opt)
+
+
+def test_no_parameter_shared_by_every_task():
+    model = MultiHead()
+    x = torch.randn(4, 4)
+    opt = metaopt.PCGrad(torch.optim.SGD(model.heads.parameters(), lr=0.1), tasks=["a", "b"],
+                         allow_unused=True)
+    with pytest.raises(ValueError, match="reached by every task"):
+        opt.step({t: model.heads[t](x[:, :1].expand(4, 6)).sum() for t in ["a", "b"]})
