@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregation import conflict_fraction, cosine_from_gramian
+from .aggregation import conflict_fraction, cosine_from_gramian, gramian
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import task_jacobian
@@ -156,8 +156,8 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
         groups = self._groups(shared_runs)
-        G = torch.stack([sum((J[:, sl] @ J[:, sl].T for sl in g), torch.zeros(
-            (len(names), len(names)), dtype=J.dtype, device=J.device)) for g in groups])
+        # one Gramian per group, summed over the group's column ranges
+        G = torch.stack([sum((gramian(J[:, sl]) for sl in g[1:]), gramian(J[:, g[0]])) for g in groups])
         # finiteness of every task's gradient, shared (from the Gramian) and heads: one sync
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
         for sl in head_runs:

@@ -317,3 +317,18 @@ def test_next_tasks_is_stable_until_step():
                                     inner_steps=2, seed=0)
     first = opt.next_tasks()
     assert all(opt.next_tasks() == first for _ in range(5))
+
+
+def test_bfloat16_model_keeps_float32_slow_weights():
+    data = {t: (x.bfloat16(), y.bfloat16()) for t, (x, y) in make_data().items()}
+    model = make_model(0).bfloat16()
+    start = [p.detach().float().clone() for p in model.parameters()]
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                                    inner_steps=2, outer_lr=0.5, seed=0)
+    assert all(s.dtype == torch.float32 for s in opt.slow_weights)
+    run(opt, model, data, 4)
+    assert opt.outer_step_count == 2
+    for p, phi, s in zip(model.parameters(), opt.slow_weights, start):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, phi.to(torch.bfloat16))   # θ is φ rounded once
+        assert not torch.equal(phi, s)                   # and training moved φ
