@@ -1,0 +1,23 @@
+"""The examples run (short versions), so they cannot silently rot."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_quickstart_and_swap_methods_run(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import quickstart
+    import swap_methods
+
+    quickstart.main(steps=120)
+    swap_methods.main(examples=40 * 32)
+    out = capsys.readouterr().out
+    assert "outer  6" in out
+    for name in ("mtl", "pcgrad", "gradvac", "gradnorm", "reptile", "sequential_reptile"):
+        assert f"\n{name} " in "\n" + out
+    sys.modules.pop("quickstart", None)
+    sys.modules.pop("swap_methods", None)
