@@ -8,7 +8,8 @@ step; that lives in the subclasses.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -119,6 +120,32 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def slow_weights(self) -> list[Tensor]:
         """φ, shaped like the parameters (views into the slow buffers; float32 for half types)."""
         return self.engine.slow
+
+    @contextmanager
+    def use_slow_weights(self) -> Iterator[None]:
+        """Inside the block the parameters hold the slow weights φ (as of the last outer step);
+        on exit they get their fast values θ back. Evaluate a Reptile-family model here.
+
+        Example:
+            >>> import torch, metaopt
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                                 tasks=["a"], inner_steps=5, outer_lr=0.5)
+            >>> _ = opt.step({"a": model(torch.ones(1, 2)).sum()})   # θ moved, φ not yet
+            >>> with opt.use_slow_weights():
+            ...     at_phi = model.weight.detach().clone()
+            >>> torch.equal(at_phi, opt.slow_weights[0]), torch.equal(model.weight, at_phi)
+            (True, False)
+        """
+        fast = self.engine.fast
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in fast]
+            self.engine.sync_fast()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(fast, saved)
 
     def current_outer_lr(self) -> float:
         """η for the next outer step (after annealing)."""

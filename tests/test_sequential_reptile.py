@@ -332,3 +332,21 @@ def test_bfloat16_model_keeps_float32_slow_weights():
         assert p.dtype == torch.bfloat16
         assert torch.equal(p, phi.to(torch.bfloat16))   # θ is φ rounded once
         assert not torch.equal(phi, s)                   # and training moved φ
+
+
+def test_use_slow_weights_swaps_in_phi_and_restores_theta():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                          inner_steps=4, outer_lr=0.5, seed=0)
+    run(opt, model, data, 6)                  # mid-trajectory: θ ≠ φ
+    theta = params_of(model)
+    with opt.use_slow_weights():
+        for p, phi in zip(model.parameters(), opt.slow_weights):
+            assert torch.equal(p, phi)
+    for p, t in zip(model.parameters(), theta):
+        assert torch.equal(p, t)
+    assert not all(torch.equal(t, phi) for t, phi in zip(theta, opt.slow_weights))
+    # the restored θ trains on exactly as before
+    run(opt, model, data, 2)
+    assert opt.outer_step_count == 2
