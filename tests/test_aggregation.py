@@ -31,26 +31,15 @@ from metaopt.aggregation import (
     sum_weights,
 )
 
-try:
-    from ._asserts import (
-        assert_combines_weights,
-        assert_expected_structure,
-        assert_finite_at_extremes,
-        assert_no_conflict_is_plain,
-        assert_non_conflicting,
-        assert_scale_equivariant,
-        assert_zero_rows_get_plain_weight,
-    )
-except ImportError:  # tests/ is not a package: pytest puts it on sys.path
-    from _asserts import (  # type: ignore[no-redef]
-        assert_combines_weights,
-        assert_expected_structure,
-        assert_finite_at_extremes,
-        assert_no_conflict_is_plain,
-        assert_non_conflicting,
-        assert_scale_equivariant,
-        assert_zero_rows_get_plain_weight,
-    )
+from _asserts import (  # tests/ is not a package: pytest puts it on sys.path
+    assert_combines_weights,
+    assert_expected_structure,
+    assert_finite_at_extremes,
+    assert_no_conflict_is_plain,
+    assert_non_conflicting,
+    assert_scale_equivariant,
+    assert_zero_rows_get_plain_weight,
+)
 
 F64 = torch.float64
 

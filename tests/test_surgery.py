@@ -359,6 +359,15 @@ def assert_unchanged(snap, model, opt):
             assert torch.equal(now["metaopt"][key], state["metaopt"][key])
 
 
+def stepped_once(make):
+    """A fresh model and optimizer after one step, a snapshot of both, and fresh losses."""
+    data = batches()
+    model = MultiHead()
+    opt = make(model)
+    opt.step(losses_of(model, data, TASKS))
+    return model, opt, snapshot(model, opt), losses_of(model, data, TASKS)
+
+
 @pytest.mark.parametrize("make", [
     lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
     lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
@@ -367,12 +376,7 @@ def assert_unchanged(snap, model, opt):
     lambda m: metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
 ])
 def test_bad_losses_change_nothing(make):
-    data = batches()
-    model = MultiHead()
-    opt = make(model)
-    opt.step(losses_of(model, data, TASKS))
-    snap = snapshot(model, opt)
-    ls = losses_of(model, data, TASKS)
+    model, opt, snap, ls = stepped_once(make)
     with pytest.raises(ValueError, match=r"missing \['c'\]"):
         opt.step({"a": ls["a"], "b": ls["b"]})
     with pytest.raises(ValueError, match=r"non-finite loss.*'b'"):
@@ -387,12 +391,7 @@ def test_bad_losses_change_nothing(make):
                                layer=m.enc[0].parameters()),
 ])
 def test_non_finite_task_gradient_names_the_task_and_changes_nothing(make):
-    data = batches()
-    model = MultiHead()
-    opt = make(model)
-    opt.step(losses_of(model, data, TASKS))
-    snap = snapshot(model, opt)
-    ls = losses_of(model, data, TASKS)
+    model, opt, snap, ls = stepped_once(make)
     # sqrt at 0 has an infinite derivative: a finite loss with a non-finite gradient
     bad = ls["b"] + torch.sqrt(model.enc[0].weight[0, 0] * 0.0).sum()
     with pytest.raises(ValueError, match=r"non-finite gradient.*'b'"):
