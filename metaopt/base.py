@@ -112,13 +112,13 @@ class MultiTaskOptimizer(Optimizer):
         self._trainable_params()  # validate now: clear error at construction
 
     # ------------------------------------------------------------------ torch.optim plumbing
-    @property  # type: ignore[override]
-    def param_groups(self) -> list[dict[str, Any]]:
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
         """The wrapped optimizer's param groups (LR schedulers act on these)."""
         return self.base_optimizer.param_groups
 
-    @property  # type: ignore[override]
-    def state(self) -> Any:
+    @property
+    def state(self) -> Any:  # type: ignore[override]
         """The wrapped optimizer's per-parameter state."""
         return self.base_optimizer.state
 
@@ -233,7 +233,7 @@ class MultiTaskOptimizer(Optimizer):
 
     def _gradients(self, total: Tensor, tasks: Sequence[str], params: Sequence[Tensor]) -> list[Tensor | None]:
         """Gradients of ``total`` w.r.t. ``params``, checked for unused parameters (no side effect)."""
-        grads = list(torch.autograd.grad(total, list(params), allow_unused=True))
+        grads: list[Tensor | None] = list(torch.autograd.grad(total, list(params), allow_unused=True))
         unused = [p for p, g in zip(params, grads) if g is None]
         if len(unused) == len(params):
             raise ValueError(

@@ -92,8 +92,8 @@ def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
     first = params[0]
     storage = first.untyped_storage()
     dtype, device = first.dtype, first.device
-    offsets = []
-    expected = first.storage_offset()
+    offsets: list[int] = []
+    expected = int(first.storage_offset())
     if expected != 0:
         return None
     for p in params:
@@ -106,10 +106,10 @@ def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
         ):
             return None
         offsets.append(expected)
-        expected += p.numel()
+        expected += int(p.numel())
     if expected * first.element_size() != storage.nbytes():
         return None
-    buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (expected,))
+    buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (expected,), (1,))
     return FlatBuffer(buffer=buffer, params=tuple(params), offsets=tuple(offsets))
 
 

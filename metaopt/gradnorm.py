@@ -127,7 +127,7 @@ class GradNorm(MultiTaskOptimizer):
         inner_report = self._inner_update(weighted)
         # weight update: gradient of L_grad w.r.t. the weights only
         first = self.initial_losses is None
-        initial = current if first else self.initial_losses
+        initial = current if self.initial_losses is None else self.initial_losses
         ratio = current / initial
         r = ratio / ratio.mean()
         weighted_norms = self.weights * norms

@@ -99,6 +99,11 @@ class _Group:
     acc: Tensor | None = None        # flat accumulator (batched Reptile), allocated on demand
     acc_views: list[Tensor] | None = None
 
+    def accumulator(self) -> tuple[Tensor, list[Tensor]]:
+        if self.acc is None or self.acc_views is None:
+            raise RuntimeError("Interpolator: nothing was accumulated")
+        return self.acc, self.acc_views
+
     def fast_flat(self) -> Tensor | None:
         if self.packed is not None and self.packed.intact():
             return self.packed.buffer
@@ -197,14 +202,16 @@ class Interpolator:
         return DEFAULT_CPU_BLOCK if device.type == "cpu" else None
 
     # ----------------------------------------------------------------- operations
-    def _apply(self, dst_of: Callable[[_Group], tuple[Tensor, list[Tensor]]],
-               src_of: Callable[[_Group], tuple[Tensor | None, list[Tensor]]],
-               weight: float, sync: bool) -> None:
+    def _apply(self, weight: float, sync: bool, *, into_acc: bool = False,
+               from_acc: bool = False) -> None:
+        """dst ← dst + weight·(src − dst) per group, then θ ← φ if ``sync``; dst is φ (or the
+        accumulator), src is θ (or the accumulator)."""
         for g in self._groups:
-            dst_flat, dst_views = dst_of(g)
+            dst_flat, dst_views = g.accumulator() if into_acc else (g.slow, g.slow_views)
+            src_flat, src_list = g.accumulator() if from_acc else (None, g.fast)
             path, fast_flat = self._choose(g)
-            src_flat, src_list = src_of(g)
             if path in ("flat", "kernel"):
+                assert fast_flat is not None
                 src = fast_flat if src_flat is None else src_flat
                 fast_out = fast_flat if sync else None
                 if path == "kernel":
@@ -227,7 +234,7 @@ class Interpolator:
     def interpolate(self, weight: float, *, sync: bool = True) -> None:
         """φ ← φ + weight·(θ − φ); then, if ``sync``, θ ← φ."""
         _check_weight(weight)
-        self._apply(lambda g: (g.slow, g.slow_views), lambda g: (None, g.fast), weight, sync)
+        self._apply(weight, sync)
 
     @torch.no_grad()
     def accumulate(self, count: int) -> None:
@@ -241,15 +248,13 @@ class Interpolator:
                 g.acc_views = _split(g.acc, g.fast)
             elif count == 1:
                 g.acc.zero_()   # lerp with weight 1 from a finite start gives θ exactly
-        self._apply(lambda g: (g.acc, g.acc_views), lambda g: (None, g.fast), 1.0 / count, True)
+        self._apply(1.0 / count, True, into_acc=True)
 
     @torch.no_grad()
     def interpolate_accumulated(self, weight: float) -> None:
         """φ ← φ + weight·(mean θ − φ) from :meth:`accumulate`, then θ ← φ."""
         _check_weight(weight)
-        if any(g.acc is None for g in self._groups):
-            raise RuntimeError("interpolate_accumulated: nothing was accumulated")
-        self._apply(lambda g: (g.slow, g.slow_views), lambda g: (g.acc, g.acc_views), weight, True)
+        self._apply(weight, True, from_acc=True)
 
     @torch.no_grad()
     def sync_fast(self) -> None:
@@ -278,14 +283,11 @@ class Interpolator:
         out = []
         for g in self._groups:
             if accumulated:
-                if g.acc is None:
-                    raise RuntimeError("pseudo_gradient: nothing was accumulated")
-                flat = g.acc
+                theta = g.accumulator()[0]
             else:
-                flat = g.fast_flat()
-                if flat is None:
-                    flat = torch.cat([t.reshape(-1) for t in g.fast])
-            out.append(g.slow - flat.to(g.slow.dtype))
+                packed = g.fast_flat()
+                theta = torch.cat([t.reshape(-1) for t in g.fast]) if packed is None else packed
+            out.append(g.slow - theta.to(g.slow.dtype))
         return out
 
     # ----------------------------------------------------------------- state
