@@ -12,6 +12,7 @@ per path, the median time, the effective bandwidth (4 passes) and the ratio to t
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def main() -> None:
         if packed:
             pack_parameters(fast)
         engine = Interpolator(fast, method=method, block_size=block)  # type: ignore[arg-type]
-        t = median_time(lambda: engine.interpolate(0.1), repeat=args.repeat, device=device)
+        t = median_time(partial(engine.interpolate, 0.1), repeat=args.repeat, device=device)
         rows.append((name, t))
         del engine, fast
     print(f"{'path':45s} {'ms':>8s} {'GB/s':>8s} {'x floor':>8s}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
-import torch
 from torch import Tensor
 from torch.optim import Optimizer
 

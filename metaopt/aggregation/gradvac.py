@@ -55,15 +55,13 @@ from torch import Tensor
 from ._validate import (
     check_beta,
     check_gramian_shape,
-    check_matrix,
     check_order_shape,
     check_reduction,
     check_targets_shape,
     check_values,
 )
 from .basic import aggregate
-from .gramian import gramian
-from .pcgrad import _combine, _fresh_generator, _plan, random_order
+from .pcgrad import _combine, _order_and_gramian, _plan
 
 __all__ = ["gradvac", "gradvac_weights"]
 
@@ -194,11 +192,7 @@ def gradvac(
     >>> update  # PCGrad's, whatever the order for two tasks
     tensor([0.5000, 1.5000])
     """
-    check_matrix(jacobian, "jacobian", "gradvac")
-    check_reduction(reduction, "gradvac")
-    gen = _fresh_generator(generator)
-    order = random_order(jacobian.shape[-2], gen, device=jacobian.device)
-    G = gramian(jacobian)
+    order, G = _order_and_gramian(jacobian, reduction, generator, "gradvac")
     check_targets_shape(targets, G, "gradvac")
     check_values("gradvac", G, targets=targets)
     w, new_targets = gradvac_weights(G, order, targets, beta, reduction, validate=False)

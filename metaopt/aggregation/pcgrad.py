@@ -89,6 +89,16 @@ def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
+def _order_and_gramian(jacobian: Tensor, reduction: str, generator: torch.Generator | None,
+                       where: str) -> tuple[Tensor, Tensor]:
+    """Shared prologue of the convenience aggregators: validate, draw the visiting order from
+    ``generator`` (never the global RNG), and compute the Gramian."""
+    check_matrix(jacobian, "jacobian", where)
+    check_reduction(reduction, where)
+    order = random_order(jacobian.shape[-2], _fresh_generator(generator), device=jacobian.device)
+    return order, gramian(jacobian)
+
+
 @dataclass
 class _Plan:
     """Index tables shared by the PCGrad and GradVac loops.
@@ -213,11 +223,7 @@ def pcgrad(
     >>> pcgrad(J, generator=torch.Generator().manual_seed(0), reduction="mean")[0]
     tensor([0.2500, 0.7500])
     """
-    check_matrix(jacobian, "jacobian", "pcgrad")
-    check_reduction(reduction, "pcgrad")
-    gen = _fresh_generator(generator)
-    order = random_order(jacobian.shape[-2], gen, device=jacobian.device)
-    G = gramian(jacobian)
+    order, G = _order_and_gramian(jacobian, reduction, generator, "pcgrad")
     check_values("pcgrad", G)  # the order is valid by construction
     w = pcgrad_weights(G, order, reduction, validate=False)
     return aggregate(jacobian, w, out=out), w
