@@ -127,6 +127,20 @@ class MultiTaskOptimizer(Optimizer):
             f"{type(self).__name__}: add parameter groups to the torch optimizer before wrapping it"
         )
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything,
+        # with the generator as its state (a torch.Generator does not pickle)
+        state = self.__dict__.copy()
+        state["generator"] = self.generator.get_state()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        generator = torch.Generator()
+        generator.set_state(state.pop("generator"))
+        self.__dict__.update(state)
+        self.generator = generator
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 

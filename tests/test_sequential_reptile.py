@@ -350,3 +350,32 @@ def test_use_slow_weights_swaps_in_phi_and_restores_theta():
     # the restored θ trains on exactly as before
     run(opt, model, data, 2)
     assert opt.outer_step_count == 2
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: metaopt.SequentialReptile(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS,
+                                        inner_steps=3, outer_lr=0.3, seed=1),
+    lambda m: metaopt.SequentialReptile(metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01),
+                                                        tasks=TASKS, beta=0.2, seed=2),
+                                        inner_steps=2, outer_lr=0.5),
+    lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+                               layer=m[0].parameters()),
+])
+def test_deepcopy_and_pickle_keep_the_whole_optimizer(make):
+    """copy.deepcopy((model, opt)) and torch.save/load continue exactly like the original."""
+    import io
+
+    data = make_data()
+    model = make_model(0)
+    opt = make(model)
+    run(opt, model, data, 4)
+    copied_model, copied_opt = copy.deepcopy((model, opt))
+    buf = io.BytesIO()
+    torch.save((model, opt), buf)
+    buf.seek(0)
+    loaded_model, loaded_opt = torch.load(buf, weights_only=False)
+    run(opt, model, data, 5)
+    for m, o in ((copied_model, copied_opt), (loaded_model, loaded_opt)):
+        run(o, m, data, 5)
+        for a, b in zip(m.parameters(), model.parameters()):
+            assert torch.equal(a, b)
