@@ -167,13 +167,24 @@ class MultiTaskOptimizer(Optimizer):
         """Take one step on ``losses`` (``{task: scalar loss}`` for exactly :meth:`next_tasks`).
 
         Returns a :class:`~metaopt.StepReport`. Raises (and changes nothing) on bad input.
+        Step hooks registered on this optimizer (``register_step_pre_hook`` /
+        ``register_step_post_hook``) run before and after it, as in ``torch.optim``.
         """
         if closure is not None:
             raise TypeError(f"{type(self).__name__}.step takes losses, not a closure")
+        args: tuple[Any, ...] = (losses,)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in list(self._optimizer_step_pre_hooks.values()):
+            result = pre_hook(self, args, kwargs)
+            if result is not None:
+                args, kwargs = result
+        (losses,) = args
         wanted = self.next_tasks()
         checked = self._check_losses(losses, wanted)
         report = self._step(checked)
         self._pending = None
+        for post_hook in list(self._optimizer_step_post_hooks.values()):
+            post_hook(self, args, kwargs)
         return report
 
     def _draw_tasks(self) -> Sequence[str]:

@@ -379,3 +379,27 @@ def test_deepcopy_and_pickle_keep_the_whole_optimizer(make):
         run(o, m, data, 5)
         for a, b in zip(m.parameters(), model.parameters()):
             assert torch.equal(a, b)
+
+
+def test_step_hooks_run_around_each_step():
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=2, seed=0)
+    calls = []
+
+    def scale_losses(o, args, kwargs):          # a pre-hook may rewrite the losses
+        calls.append(("pre", o.step_count))
+        return ({t: 0.0 * v for t, v in args[0].items()},), kwargs
+
+    pre = opt.register_step_pre_hook(scale_losses)
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.step_count)))
+    before = params_of(model)
+    run(opt, model, data, 1)
+    assert calls == [("pre", 0), ("post", 1)]
+    for p, b in zip(model.parameters(), before):   # zeroed losses: SGD did not move
+        assert torch.equal(p, b)
+    pre.remove()
+    post.remove()
+    run(opt, model, data, 1)
+    assert len(calls) == 2
