@@ -126,8 +126,9 @@ class GradNorm(MultiTaskOptimizer):
         weighted = {t: used[i].to(v) * v for i, (t, v) in enumerate(losses.items())}
         inner_report = self._inner_update(weighted)
         # weight update: gradient of L_grad w.r.t. the weights only
-        first = self.initial_losses is None
-        initial = current if self.initial_losses is None else self.initial_losses
+        if self.initial_losses is None:          # L_i(0): taken at the first step
+            self.initial_losses = current.clone()
+        initial = self.initial_losses
         ratio = current / initial
         r = ratio / ratio.mean()
         weighted_norms = self.weights * norms
@@ -140,8 +141,6 @@ class GradNorm(MultiTaskOptimizer):
         with torch.no_grad():
             self.weights.clamp_(min=self.MIN_WEIGHT)
             self.weights.mul_(len(names) / self.weights.sum())
-        if first:
-            self.initial_losses = current.clone()
         self._step_count += 1
         return self._report(losses, weights=used, inner=inner_report,
                             extra={"grad_norms": norms, "gradnorm_loss": grad_loss.detach()})

@@ -70,19 +70,18 @@ class GradVac(GradientSurgery):
         self.beta = beta_f
         self.reduction = reduction
         self._group_cols: list[list[slice]] | None = None
+        slice_of = {id(p): sl for p, sl in zip(self._params, self._slices)}
+        shared_ids = set() if shared_list is None else {id(p) for p in shared_list}
         if isinstance(groups, str):
             if groups not in ("all", "parameter"):
                 raise ValueError(f"GradVac: groups must be 'all', 'parameter' or a list, got {groups!r}")
             if groups == "parameter":
                 if shared_list is None:
                     raise ValueError("GradVac: groups='parameter' needs shared= to be given")
-                shared_ids = {id(p) for p in shared_list}
-                self._group_cols = [[sl] for p, sl in zip(self._params, self._slices)
-                                    if id(p) in shared_ids]
+                self._group_cols = [[slice_of[id(p)]] for p in self._params if id(p) in shared_ids]
         else:
             if shared_list is None:
                 raise ValueError("GradVac: explicit groups need shared= to be given")
-            shared_ids = {id(p) for p in shared_list}
             cols, seen = [], set()
             for gi, group in enumerate(groups):
                 group = list(group)
@@ -94,7 +93,7 @@ class GradVac(GradientSurgery):
                     if id(p) in seen:
                         raise ValueError(f"GradVac: a parameter appears in two groups (groups[{gi}])")
                     seen.add(id(p))
-                cols.append([self._slices[self._index(p)] for p in group])
+                cols.append([slice_of[id(p)] for p in group])
             if seen != shared_ids:
                 raise ValueError("GradVac: every shared parameter must be in exactly one group")
             self._group_cols = cols
@@ -103,17 +102,15 @@ class GradVac(GradientSurgery):
         self.targets = torch.zeros((n_groups, T, T), dtype=torch.float64)
         self._next_targets: Tensor | None = None
 
-    def _index(self, p: Tensor) -> int:
-        return next(i for i, q in enumerate(self._params) if q is p)
-
     def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
         return [shared_runs] if self._group_cols is None else self._group_cols
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
         order = random_order(G.shape[-1], self.generator, device=G.device)
-        targets = self.targets.to(G.device)
+        # the targets live where the Gramian does: no device-to-host copy per step
+        targets = self.targets.to(G.device, torch.float64)
         w, new_targets = gradvac_weights(G, order, targets, self.beta, self.reduction)
-        self._next_targets = new_targets.to(self.targets.device, torch.float64)
+        self._next_targets = new_targets.to(torch.float64)
         return w
 
     def _commit(self) -> None:

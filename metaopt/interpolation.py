@@ -218,17 +218,11 @@ class Interpolator:
                     _KERNELS[g.slow.device.type](dst_flat, src, weight, fast_out, g.slow)
                 else:
                     _blocked(dst_flat, src, weight, fast_out, g.slow, self._block(g.slow.device))
-            elif path == "foreach":
-                cast = [s.to(dst_flat.dtype) if s.dtype != dst_flat.dtype else s for s in src_list]
-                torch._foreach_lerp_(dst_views, cast, weight)
-                if sync:
+            else:  # "foreach" or "reference": the functional form, tensor by tensor
+                interpolate_(dst_views, src_list, weight, sync=sync and not into_acc,
+                             method="reference" if path == "reference" else "foreach")
+                if sync and into_acc:   # θ restarts from φ, not from the accumulator
                     torch._foreach_copy_(g.fast, g.slow_views)
-            else:  # reference
-                for d, s in zip(dst_views, src_list):
-                    d.lerp_(s.to(d.dtype), weight)
-                if sync:
-                    for f, s in zip(g.fast, g.slow_views):
-                        f.copy_(s)
 
     @torch.no_grad()
     def interpolate(self, weight: float, *, sync: bool = True) -> None:

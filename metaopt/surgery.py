@@ -10,7 +10,6 @@ task's projection (the bug of the most-copied PCGrad port).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -189,6 +188,3 @@ class GradientSurgery(MultiTaskOptimizer):
             cosine=cosine_from_gramian(G_all),
             conflicts=conflict_fraction(G_all),
         )
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
