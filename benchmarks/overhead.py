@@ -1,7 +1,8 @@
 """Per-inner-step overhead of Sequential Reptile over the bare wrapped optimizer.
 
 Both run the same model, the same batches and the same task sequence; measurements alternate
-between the two in blocks so that drift on a shared machine hits both alike. The outer step
+between the two in blocks (and which goes first alternates too) so that drift on a shared
+machine hits both alike. The wrapper's own per-step work is also timed directly. The outer step
 (every K inner steps) is included, amortised, in Sequential Reptile's time.
 
     python benchmarks/overhead.py            # K = 100, a 2-layer transformer encoder
@@ -13,6 +14,7 @@ import argparse
 import statistics
 import sys
 import time
+import timeit
 from pathlib import Path
 
 import torch
@@ -82,9 +84,13 @@ def main() -> None:
 
     bare_block(); sr_block()   # warm-up
     bare_t, sr_t = [], []
-    for _ in range(args.blocks):
-        bare_t.append(bare_block())
-        sr_t.append(sr_block())
+    for i in range(args.blocks):   # alternate which runs first: the second of a pair ran slower here
+        if i % 2:
+            sr_t.append(sr_block())
+            bare_t.append(bare_block())
+        else:
+            bare_t.append(bare_block())
+            sr_t.append(sr_block())
     b, s = statistics.median(bare_t), statistics.median(sr_t)
     paired = statistics.median([y / x - 1 for x, y in zip(bare_t, sr_t)])
     print(f"model: {n_params / 1e6:.2f}M params, batch {args.batch}x16 tokens; K = {k}")
@@ -92,6 +98,29 @@ def main() -> None:
     print(f"bare AdamW            {b * 1e3:8.2f} ms / inner step")
     print(f"SequentialReptile     {s * 1e3:8.2f} ms / inner step (outer step amortised)")
     print(f"overhead              {100 * (s / b - 1):+7.2f} %  (median of paired blocks: {100 * paired:+.2f} %)")
+
+    # The end-to-end difference sits within run-to-run noise on a shared machine, so also time
+    # the wrapper's own work per inner step directly (the gradient computation is the same
+    # autograd pass in both loops).
+    loss = loss_of(sr_model, batches[0])
+    wanted = sr_opt.next_tasks()
+    n = 2000
+    parts = {
+        "loss validation (one host sync)": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted),
+        "parameter list check": sr_opt._trainable_params,
+        "schedule draw": lambda: sr_opt.schedule.draw(sr_opt.generator),
+        "step report": lambda: sr_opt._report({wanted[0]: loss}),
+    }
+    total = 0.0
+    print("wrapper work per inner step:")
+    for name, fn in parts.items():
+        t = timeit.timeit(fn, number=n) / n
+        total += t
+        print(f"  {name:34s} {t * 1e6:8.1f} us")
+    t_outer = timeit.timeit(lambda: sr_opt.engine.interpolate(0.1), number=50) / 50
+    total += t_outer / k
+    print(f"  {'outer step / K':34s} {t_outer / k * 1e6:8.1f} us  ({t_outer * 1e3:.2f} ms every {k} steps)")
+    print(f"  {'total':34s} {total * 1e6:8.1f} us = {100 * total / b:.2f} % of a bare step")
 
 
 if __name__ == "__main__":
