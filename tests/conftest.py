@@ -12,6 +12,23 @@ settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=50, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# The long profile (stateful fuzzing at >= 10,000 steps, 50+ SIGKILLs): off in CI, on with
+# METAOPT_LONG=1. Tests marked ``long`` run only then; tests that scale their budget read LONG.
+LONG = os.environ.get("METAOPT_LONG", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "long: the long profile; runs only with METAOPT_LONG=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if LONG:
+        return
+    skip = pytest.mark.skip(reason="long profile: set METAOPT_LONG=1")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 TASKS = ["ar", "bn", "fi"]
