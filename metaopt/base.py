@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._options import Option, flag
+from .jacobian import reaches_any
 from .report import StepReport
 
 __all__ = ["MultiTaskOptimizer"]
@@ -51,12 +53,34 @@ def _check_tasks(tasks: Iterable[str] | None, where: str) -> tuple[str, ...]:
     return out
 
 
+def _copied(value: Any) -> Any:
+    """``value`` with every tensor in it cloned (containers rebuilt, other leaves shared)."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def _finite_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """0-dim bool: every tensor's 2-norm is finite (so is every element). One fused pass; the
+    flag is read with the caller's single host sync."""
+    norms = torch._foreach_norm(list(tensors))
+    device = norms[0].device
+    return torch.stack([n.isfinite().to(device) for n in norms]).all() if len({n.dtype for n in norms}) > 1 \
+        or len({n.device for n in norms}) > 1 else torch.stack(list(norms)).isfinite().all()
+
+
 class MultiTaskOptimizer(Optimizer):
     """Base class: wraps a :class:`torch.optim.Optimizer` (or another metaopt optimizer).
 
     It is a :class:`torch.optim.Optimizer` itself so that ``torch.optim.lr_scheduler`` accepts it;
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's. Subclasses implement
-    :meth:`next_tasks` and :meth:`_step`.
+    :meth:`next_tasks` and :meth:`_step`. As in ``torch.optim``, ``step`` runs the global and
+    per-optimizer step hooks inside a profiler range, and ``state_dict`` / ``load_state_dict``
+    run their registered hooks.
 
     Args:
         optimizer: the inner optimizer. Every parameter in it must require grad.
@@ -68,7 +92,12 @@ class MultiTaskOptimizer(Optimizer):
             no gradient raises, because a disconnected parameter is usually a bug. Set ``True``
             where parameters are legitimately unused by some steps (task-specific heads): those
             keep ``grad = None`` and the inner optimizer skips them, as in plain PyTorch.
+
+    Parameter groups added later go through :meth:`add_param_group`; a group added to the
+    wrapped torch optimizer directly is picked up at the next step the same way.
     """
+
+    allow_unused = Option(flag)
 
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  seed: int = 0, allow_unused: bool = False) -> None:
@@ -96,7 +125,7 @@ class MultiTaskOptimizer(Optimizer):
         self.tasks: tuple[str, ...] = _check_tasks(tasks, name)
         self.optimizer = optimizer
         self.base_optimizer: Optimizer = base
-        self.allow_unused = bool(allow_unused)
+        self.allow_unused = allow_unused
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._step_count = 0
@@ -109,7 +138,8 @@ class MultiTaskOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._trainable_params()  # validate now: clear error at construction
+        self._patch_step_function()   # torch.optim's step wrapper: hooks and profiler label
+        self._param_list: list[Tensor] = self._collect_params()   # validate now: clear error
 
     # ------------------------------------------------------------------ torch.optim plumbing
     @property
@@ -123,14 +153,42 @@ class MultiTaskOptimizer(Optimizer):
         return self.base_optimizer.state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__}: add parameter groups to the torch optimizer before wrapping it"
-        )
+        """Add a param group to the wrapped optimizer; its parameters then take part in every
+        mechanism (slow weights, surgery layout) from the next step on, as if they had been
+        there from the start with their current values.
+
+        Example:
+            >>> import torch, metaopt
+            >>> body, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+            >>> opt = metaopt.SequentialReptile(torch.optim.SGD(body.parameters(), lr=0.1),
+            ...                                 tasks=["a"], inner_steps=2)
+            >>> opt.add_param_group({"params": head.parameters(), "lr": 0.01})
+            >>> len(opt.slow_weights)
+            4
+        """
+        if not isinstance(param_group, Mapping):
+            raise TypeError(f"{type(self).__name__}.add_param_group: expected a dict, got "
+                            f"{type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        for i, p in enumerate(group["params"]):
+            if isinstance(p, Tensor) and not p.requires_grad:
+                raise ValueError(
+                    f"{type(self).__name__}.add_param_group: params[{i}] (shape {tuple(p.shape)}) "
+                    "does not require grad"
+                )
+        self.optimizer.add_param_group(group)
+        self._sync_params()
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups; keep everything,
-        # with the generator as its state (a torch.Generator does not pickle)
+        # with the generator as its state (a torch.Generator does not pickle). A step patched onto
+        # the instance (an LR scheduler's call counter, which holds a reference to *this*
+        # optimizer) is dropped, as torch.optim drops it: a copy steps itself, not the original.
         state = self.__dict__.copy()
+        state.pop("step", None)
+        state.pop("_opt_called", None)
         state["generator"] = self.generator.get_state()
         return state
 
@@ -140,6 +198,7 @@ class MultiTaskOptimizer(Optimizer):
         generator.set_state(state.pop("generator"))
         self.__dict__.update(state)
         self.generator = generator
+        self._patch_step_function()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -166,25 +225,19 @@ class MultiTaskOptimizer(Optimizer):
     def step(self, losses: Mapping[str, Tensor], closure: None = None) -> StepReport:  # type: ignore[override]
         """Take one step on ``losses`` (``{task: scalar loss}`` for exactly :meth:`next_tasks`).
 
-        Returns a :class:`~metaopt.StepReport`. Raises (and changes nothing) on bad input.
-        Step hooks registered on this optimizer (``register_step_pre_hook`` /
-        ``register_step_post_hook``) run before and after it, as in ``torch.optim``.
+        Returns a :class:`~metaopt.StepReport`. Raises (and changes nothing) on bad input: every
+        check, the losses' and the gradients' finiteness included, is made before anything moves.
+        Step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and the
+        optimizer's own ``register_step_pre_hook`` / ``register_step_post_hook``) run around it
+        with ``args = (optimizer, losses)``, as in ``torch.optim``.
         """
         if closure is not None:
             raise TypeError(f"{type(self).__name__}.step takes losses, not a closure")
-        args: tuple[Any, ...] = (losses,)
-        kwargs: dict[str, Any] = {}
-        for pre_hook in list(self._optimizer_step_pre_hooks.values()):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                args, kwargs = result
-        (losses,) = args
         wanted = self.next_tasks()
         checked = self._check_losses(losses, wanted)
+        self._prepare()
         report = self._step(checked)
         self._pending = None
-        for post_hook in list(self._optimizer_step_post_hooks.values()):
-            post_hook(self, args, kwargs)
         return report
 
     def _draw_tasks(self) -> Sequence[str]:
@@ -193,8 +246,16 @@ class MultiTaskOptimizer(Optimizer):
     def _step(self, losses: dict[str, Tensor]) -> StepReport:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ shared helpers
-    def _trainable_params(self) -> list[Tensor]:
+    def _prepare(self) -> None:
+        """Checks and re-syncs made at the start of every step, before anything moves.
+        Subclasses extend it (calling ``super()._prepare()``)."""
+        if self.inner is not None:
+            self.inner._prepare()
+        self._sync_params()
+
+    # ------------------------------------------------------------------ parameters
+    def _collect_params(self) -> list[Tensor]:
+        """The wrapped optimizer's parameters, each once, checked."""
         params: list[Tensor] = []
         seen: set[int] = set()
         for gi, group in enumerate(self.base_optimizer.param_groups):
@@ -212,6 +273,27 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError(f"{type(self).__name__}: the wrapped optimizer has no parameters")
         return params
 
+    def _sync_params(self) -> None:
+        """Pick up parameters added to the wrapped optimizer since the last look."""
+        known = self._param_list
+        now = [p for g in self.base_optimizer.param_groups for p in g["params"]]
+        if len(now) == len(known) and all(a is b for a, b in zip(now, known)):
+            return
+        current = self._collect_params()
+        if len(current) < len(known) or any(a is not b for a, b in zip(known, current)):
+            raise ValueError(
+                f"{type(self).__name__}: parameters were removed from (or reordered in) the "
+                "wrapped optimizer after wrapping; only adding param groups is supported "
+                "(opt.add_param_group)"
+            )
+        if len(current) == len(known):
+            return   # the same parameters, listed twice
+        self._param_list = current
+        self._params_added(current[len(known):])
+
+    def _params_added(self, new: list[Tensor]) -> None:
+        """Hook: ``new`` parameters joined the wrapped optimizer (after those already known)."""
+
     def _param_name(self, p: Tensor) -> str:
         for gi, group in enumerate(self.base_optimizer.param_groups):
             for pi, q in enumerate(group["params"]):
@@ -219,7 +301,10 @@ class MultiTaskOptimizer(Optimizer):
                     return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
         return f"a parameter of shape {tuple(p.shape)}"
 
+    # ------------------------------------------------------------------ validation
     def _check_losses(self, losses: Mapping[str, Tensor], wanted: Sequence[str]) -> dict[str, Tensor]:
+        """Structure of the losses (keys, type, shape, dtype, graph). Their values are checked
+        with the gradients, in one host sync (:meth:`_require_finite`)."""
         name = type(self).__name__
         if not isinstance(losses, Mapping):
             raise TypeError(
@@ -249,29 +334,70 @@ class MultiTaskOptimizer(Optimizer):
                     "to any parameter (computed under no_grad, or detached?)"
                 )
             out[t] = v.reshape(())
-        finite = torch.stack([v.detach().to(torch.float32) for v in out.values()]).isfinite()
-        if not bool(finite.all()):
-            bad = [t for t, ok in zip(out, finite.tolist()) if not ok]
-            values = {t: float(out[t].detach()) for t in bad}
-            raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
         return out
 
-    def _gradients(self, total: Tensor, tasks: Sequence[str], params: Sequence[Tensor]) -> list[Tensor | None]:
-        """Gradients of ``total`` w.r.t. ``params``, checked for unused parameters (no side effect)."""
+    def _require_finite(self, losses: Mapping[str, Tensor], grads_ok: Tensor | None = None, *,
+                        grads: Sequence[Tensor] | None = None) -> None:
+        """Every loss finite and, where given, every gradient: one host sync for all of it.
+
+        ``grads_ok`` is a bool tensor: one entry per task (in ``losses`` order) when each task's
+        gradient was checked on its own, or a 0-dim flag. ``grads`` (the gradient of the losses'
+        sum) is checked through its norms, exactly re-checked only if a norm overflows.
+        """
+        name = type(self).__name__
+        if grads is not None:
+            grads_ok = _finite_norms(grads)
+        loss_ok = torch.stack([v.detach().isfinite() for v in losses.values()])
+        ok = loss_ok.all() if grads_ok is None else loss_ok.all() & grads_ok.to(loss_ok.device).all()
+        if bool(ok):
+            return
+        if bool(loss_ok.all()) and grads is not None and all(bool(g.isfinite().all()) for g in grads):
+            return   # finite, only too large for the norm's sum of squares
+        if not bool(loss_ok.all()):
+            values = {t: float(v.detach()) for t, v, good in zip(losses, losses.values(), loss_ok.tolist())
+                      if not good}
+            raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
+        assert grads_ok is not None
+        if grads_ok.dim() == 0:
+            bad = list(losses)
+        else:
+            bad = [t for t, good in zip(losses, grads_ok.tolist()) if not good]
+        raise ValueError(
+            f"{name}.step: non-finite gradient (NaN or inf) from the finite loss(es) of {bad}; "
+            "nothing was updated"
+        )
+
+    def _gradients(self, losses: Mapping[str, Tensor], params: Sequence[Tensor]) -> list[Tensor | None]:
+        """Gradients of the summed ``losses`` w.r.t. ``params``, checked (no side effect): every
+        task's loss reaches some parameter, no parameter is unused unless allowed, and losses
+        and gradients are finite."""
+        name = type(self).__name__
+        tasks = list(losses)
+        values = list(losses.values())
+        if len(values) > 1:   # the sum's gradient cannot tell which task reaches nothing
+            stray = [t for t, v in zip(tasks, values) if not reaches_any(v, params)]
+            if stray:
+                raise ValueError(
+                    f"{name}.step: the loss of task(s) {stray} reaches none of the optimizer's "
+                    "parameters (a module left out of the optimizer?)"
+                )
+        total = values[0]
+        for v in values[1:]:
+            total = total + v
         grads: list[Tensor | None] = list(torch.autograd.grad(total, list(params), allow_unused=True))
         unused = [p for p, g in zip(params, grads) if g is None]
         if len(unused) == len(params):
             raise ValueError(
-                f"{type(self).__name__}.step: the losses of {list(tasks)} reach none of the "
-                "optimizer's parameters"
+                f"{name}.step: the losses of {tasks} reach none of the optimizer's parameters"
             )
         if unused and not self.allow_unused:
             raise ValueError(
-                f"{type(self).__name__}.step: {len(unused)} parameter(s) get no gradient from the "
-                f"losses of {list(tasks)}, e.g. {self._param_name(unused[0])}. Remove them from the "
+                f"{name}.step: {len(unused)} parameter(s) get no gradient from the "
+                f"losses of {tasks}, e.g. {self._param_name(unused[0])}. Remove them from the "
                 "optimizer, or pass allow_unused=True if they are legitimately unused by some "
                 "steps (task-specific heads)"
             )
+        self._require_finite(losses, grads=[g for g in grads if g is not None])
         return grads
 
     def _inner_update(self, losses: dict[str, Tensor]) -> StepReport | None:
@@ -286,12 +412,8 @@ class MultiTaskOptimizer(Optimizer):
             report = self.inner._step(losses)
             self.inner._pending = None
             return report
-        params = self._trainable_params()
-        values = list(losses.values())
-        total = values[0]
-        for v in values[1:]:
-            total = total + v
-        grads = self._gradients(total, list(losses), params)
+        params = self._param_list
+        grads = self._gradients(losses, params)
         for p, g in zip(params, grads):
             p.grad = g
         self.base_optimizer.step()
@@ -309,12 +431,16 @@ class MultiTaskOptimizer(Optimizer):
     def _extra_state(self) -> dict[str, Any]:
         return {}
 
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`_load_extra_state` would fail (nothing moves)."""
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to continue identically: the wrapped optimizer's state dict, step
-        counters, the generator state, the pending task draw and each method's own state."""
+    def _after_load(self) -> None:
+        """Hook: the whole state dict was loaded."""
+
+    def _own_state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
             "metaopt": {
@@ -327,22 +453,77 @@ class MultiTaskOptimizer(Optimizer):
             },
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        """Everything needed to continue identically: the wrapped optimizer's state dict, step
+        counters, the generator state, the pending task draw and each method's own state.
+        Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
+        in ``torch.optim``."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = self._own_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
+
+    def _check_state(self, state_dict: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
         name = type(self).__name__
         try:
             own = state_dict["metaopt"]
             inner = state_dict["optimizer"]
         except (KeyError, TypeError):
             raise ValueError(f"{name}.load_state_dict: not a metaopt state dict") from None
+        if not isinstance(own, Mapping):
+            raise ValueError(f"{name}.load_state_dict: not a metaopt state dict")
         if own.get("class") != name:
             raise ValueError(f"{name}.load_state_dict: state was saved by {own.get('class')}")
         if list(own.get("tasks", [])) != list(self.tasks):
             raise ValueError(
                 f"{name}.load_state_dict: saved tasks {own.get('tasks')} differ from {list(self.tasks)}"
             )
+        step = own.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{name}.load_state_dict: saved step count {step!r} is not an int >= 0")
+        try:
+            torch.Generator().set_state(own["generator"])
+        except (KeyError, TypeError, RuntimeError, ValueError):
+            raise ValueError(f"{name}.load_state_dict: the saved generator state is unreadable") from None
+        pending = own.get("pending")
+        if pending is not None and (not isinstance(pending, (list, tuple))
+                                    or any(t not in self.tasks for t in pending)):
+            raise ValueError(f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks")
+        self._check_extra_state(own)
+        if self.inner is not None:
+            self.inner._check_state(inner)
+        return own, inner
+
+    def _load_checked(self, own: Mapping[str, Any], inner: Any) -> None:
         self._load_extra_state(own)
-        self.optimizer.load_state_dict(inner)
+        if self.inner is not None:
+            self.inner._load_checked(*self.inner._check_state(inner))
+        else:   # a copy: torch.optim would otherwise alias the source's state tensors
+            self.optimizer.load_state_dict(_copied(inner))
         self._step_count = int(own["step"])
         self.generator.set_state(own["generator"])
         pending = own.get("pending")
         self._pending = None if pending is None else tuple(pending)
+        self._after_load()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        """Load a :meth:`state_dict`. Everything is validated first; a load that still fails
+        part-way (in the wrapped torch optimizer) is rolled back, so a failed load changes
+        nothing. Registered load-state-dict hooks run as in ``torch.optim``."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        own, inner = self._check_state(state_dict)
+        backup = self._own_state_dict()
+        try:
+            self._load_checked(own, inner)
+        except BaseException:
+            self._load_checked(*self._check_state(backup))
+            raise
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)

@@ -52,28 +52,33 @@ def unique_tensors(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 @dataclass(frozen=True)
 class FlatBuffer:
-    """One contiguous 1-D buffer and the parameters that are views into it, in order.
+    """One contiguous 1-D buffer and the tensors that are views into it.
 
-    ``params[i]`` occupies ``buffer[offsets[i] : offsets[i] + params[i].numel()]``.
+    ``params[i]`` is ``buffer.as_strided(shapes[i], strides[i], offsets[i])``. The views may
+    overlap (distinct parameters that share storage keep sharing it) and may be strided (a
+    transposed or channels-last parameter keeps its layout); together they cover every element
+    of the buffer, so a whole-buffer operation touches each parameter element exactly once.
     """
 
     buffer: Tensor
     params: tuple[Tensor, ...]
     offsets: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    strides: tuple[tuple[int, ...], ...]
 
     def views(self, other: Tensor) -> list[Tensor]:
-        """Split a buffer laid out like this one into tensors shaped like ``params``."""
-        return [
-            other[o : o + p.numel()].view_as(p) for p, o in zip(self.params, self.offsets)
-        ]
+        """Views of ``other`` (a buffer laid out like this one) shaped like ``params``."""
+        return [other.as_strided(sh, st, o) for sh, st, o in zip(self.shapes, self.strides, self.offsets)]
 
     def intact(self) -> bool:
-        """Whether every parameter still is the view this buffer made (not re-allocated since)."""
-        base = self.buffer.data_ptr()
-        size = self.buffer.element_size()
+        """Whether every parameter still is the view this buffer made (not re-allocated,
+        reshaped or cast since)."""
+        ptr = self.buffer.untyped_storage().data_ptr()
         return all(
-            p.data_ptr() == base + o * size and p.is_contiguous() and p.device == self.buffer.device
-            for p, o in zip(self.params, self.offsets)
+            p.dtype == self.buffer.dtype and p.device == self.buffer.device
+            and p.untyped_storage().data_ptr() == ptr and p.storage_offset() == o
+            and p.shape == sh and p.stride() == st
+            for p, o, sh, st in zip(self.params, self.offsets, self.shapes, self.strides)
         )
 
 
@@ -81,36 +86,54 @@ def _group_key(t: Tensor) -> tuple[torch.device, torch.dtype]:
     return (t.device, t.dtype)
 
 
-def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
-    """Return the :class:`FlatBuffer` that ``params`` tile exactly, in order, or ``None``.
+def _extent(t: Tensor) -> int:
+    """Number of storage elements from ``t``'s first element to its last, inclusive."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
 
-    The parameters tile a buffer when they are contiguous, share one storage, and sit one after
-    another from its start to its end.
+
+def _covers(spans: list[tuple[int, int]], total: int) -> bool:
+    """Whether the half-open ``spans`` together cover ``[0, total)`` with no gap."""
+    reach = 0
+    for lo, hi in sorted(spans):
+        if lo > reach:
+            return False
+        reach = max(reach, hi)
+    return reach == total
+
+
+def _flat_of(params: Sequence[Tensor], buffer: Tensor) -> FlatBuffer:
+    return FlatBuffer(
+        buffer=buffer, params=tuple(params),
+        offsets=tuple(int(p.storage_offset()) for p in params),
+        shapes=tuple(p.shape for p in params),
+        strides=tuple(tuple(p.stride()) for p in params),
+    )
+
+
+def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
+    """Return the :class:`FlatBuffer` that ``params`` cover exactly, or ``None``.
+
+    The parameters cover a buffer when they share one storage, one dtype and one device, and
+    their element ranges together span that whole storage with no gap (they may overlap).
     """
     if not params:
         return None
     first = params[0]
     storage = first.untyped_storage()
     dtype, device = first.dtype, first.device
-    offsets: list[int] = []
-    expected = int(first.storage_offset())
-    if expected != 0:
+    if any(p.dtype != dtype or p.device != device
+           or p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
         return None
-    for p in params:
-        if (
-            p.dtype != dtype
-            or p.device != device
-            or not p.is_contiguous()
-            or p.untyped_storage().data_ptr() != storage.data_ptr()
-            or p.storage_offset() != expected
-        ):
-            return None
-        offsets.append(expected)
-        expected += int(p.numel())
-    if expected * first.element_size() != storage.nbytes():
+    if storage.nbytes() % first.element_size():
         return None
-    buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (expected,), (1,))
-    return FlatBuffer(buffer=buffer, params=tuple(params), offsets=tuple(offsets))
+    total = storage.nbytes() // first.element_size()
+    spans = [(int(p.storage_offset()), int(p.storage_offset()) + _extent(p)) for p in params]
+    if not _covers(spans, total):
+        return None
+    buffer = torch.empty(0, dtype=dtype, device=device).set_(storage, 0, (total,), (1,))
+    return _flat_of(params, buffer)
 
 
 @torch.no_grad()
@@ -118,8 +141,12 @@ def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
     """Move parameters into one contiguous buffer per (device, dtype); each becomes a view.
 
     The parameter objects stay the same (optimizers and modules keep working); only their
-    ``.data`` now lives in a shared buffer. Already-packed groups are returned as they are.
-    Call it *after* moving the model to its device: ``module.to()`` re-allocates parameters.
+    ``.data`` now lives in a shared buffer. Parameters that shared storage before share it
+    after, at the same relative positions and strides, so tied or overlapping parameters stay
+    tied; a parameter keeps its strides (memory format). Already-packed groups are returned as
+    they are. Sharing with tensors that are *not* in ``params`` (a buffer viewing a parameter)
+    is not preserved. Call it *after* moving the model to its device: ``module.to()``
+    re-allocates parameters.
 
     Example:
         >>> import torch
@@ -139,18 +166,26 @@ def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
         if packed is not None:
             out.append(packed)
             continue
-        total = sum(p.numel() for p in members)
-        buffer = torch.empty(total, dtype=dtype, device=device)
-        offsets = []
-        offset = 0
+        # one region per source storage, holding the span its members use
+        regions: dict[int, list[Tensor]] = {}
         for p in members:
-            n = p.numel()
-            view = buffer[offset : offset + n].view_as(p)
-            view.copy_(p)
-            p.data = view
-            offsets.append(offset)
-            offset += n
-        out.append(FlatBuffer(buffer=buffer, params=tuple(members), offsets=tuple(offsets)))
+            regions.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+        layout = []
+        total = 0
+        for ps in regions.values():
+            lo = min(int(p.storage_offset()) for p in ps)
+            hi = max(int(p.storage_offset()) + _extent(p) for p in ps)
+            layout.append((ps, lo, hi, total))
+            total += hi - lo
+        buffer = torch.empty(total, dtype=dtype, device=device)
+        for ps, lo, hi, base in layout:
+            source = torch.empty(0, dtype=dtype, device=device).set_(
+                ps[0].untyped_storage(), lo, (hi - lo,), (1,))
+            buffer[base : base + hi - lo].copy_(source)
+        for ps, lo, hi, base in layout:
+            for p in ps:
+                p.data = buffer.as_strided(p.shape, p.stride(), base + int(p.storage_offset()) - lo)
+        out.append(_flat_of(members, buffer))
     return out
 
 

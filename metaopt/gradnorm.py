@@ -9,11 +9,28 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._options import Option, non_negative
 from .base import MultiTaskOptimizer
 from .functional import unique_tensors
 from .report import StepReport
 
 __all__ = ["GradNorm"]
+
+
+def _inverse_training_rates(current: Tensor, initial: Tensor) -> Tensor:
+    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) over the tasks whose L(0) is known.
+
+    A task with no positive loss yet (L(0) = 0) gets r_i = 1, the mean rate; a loss that has
+    fallen to or below zero gives r_i = 0. With no usable rate at all every r_i is 1.
+    """
+    known = initial > 0
+    ratio = torch.where(known, (current / initial.where(known, torch.ones_like(initial))).clamp(min=0.0),
+                        torch.zeros_like(current))
+    count = known.sum()
+    mean = ratio.sum() / count.clamp(min=1)
+    usable = mean > 0
+    r = torch.where(known, ratio / mean.where(usable, torch.ones_like(mean)), torch.ones_like(ratio))
+    return torch.where(usable, r, torch.ones_like(r))
 
 
 class GradNorm(MultiTaskOptimizer):
@@ -26,7 +43,10 @@ class GradNorm(MultiTaskOptimizer):
     ``Ḡ`` the mean of the weighted norms, ``r_i = (L_i / L_i(0)) / mean_j(L_j / L_j(0))`` the
     relative inverse training rate, and the target ``Ḡ r_i^α`` is held constant (detached).
     The weights are then floored at a small positive value and renormalised to sum to T.
-    ``L_i(0)`` is taken at the first step and kept in the ``state_dict``.
+    ``L_i(0)`` is task i's first *positive* loss (a task whose first batch has no labelled
+    example has loss 0, which cannot serve as a reference); until it has one, its inverse
+    training rate is taken as the mean (r_i = 1). ``L(0)`` is kept in the ``state_dict``, 0
+    for a task still without one.
 
     ``‖∇_W (w_i L_i)‖ = w_i ‖∇_W L_i‖`` for a scalar w_i, so the gradient of ``L_grad`` with
     respect to the weights needs only the T norms ``‖∇_W L_i‖``: they are computed with
@@ -64,6 +84,7 @@ class GradNorm(MultiTaskOptimizer):
     """
 
     MIN_WEIGHT = 1e-4
+    alpha = Option(non_negative)
 
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  layer: Iterable[Tensor], alpha: float = 1.5,
@@ -74,16 +95,10 @@ class GradNorm(MultiTaskOptimizer):
         self.layer = unique_tensors(layer)
         if not self.layer:
             raise ValueError(f"{name}: layer is empty; name the shared parameters W to balance")
-        ids = {id(p) for p in self._trainable_params()}
+        ids = {id(p) for p in self._param_list}
         if any(id(p) not in ids for p in self.layer):
             raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
-        try:
-            alpha_f = float(alpha)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name}: alpha must be a number, got {alpha!r}") from None
-        if not (alpha_f >= 0.0 and alpha_f < float("inf")):
-            raise ValueError(f"{name}: alpha must be a finite number >= 0, got {alpha}")
-        self.alpha = alpha_f
+        self.alpha = alpha
         T = len(self.tasks)
         device = self.layer[0].device
         self.weights = torch.ones(T, device=device, requires_grad=True)
@@ -91,7 +106,8 @@ class GradNorm(MultiTaskOptimizer):
         self.weight_optimizer = make([self.weights])
         if not isinstance(self.weight_optimizer, Optimizer):
             raise TypeError(f"{name}: weight_optimizer must return a torch.optim.Optimizer")
-        self.initial_losses: Tensor | None = None
+        # L_i(0): the first *positive* loss of each task; 0 until that task has had one
+        self.initial_losses = torch.zeros(T, device=device)
 
     def _draw_tasks(self) -> list[str]:
         if self.inner is not None:
@@ -110,9 +126,7 @@ class GradNorm(MultiTaskOptimizer):
                 )
             norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         out = torch.stack(norms).detach()
-        if not bool(out.isfinite().all()):
-            bad = [t for t, ok in zip(losses, out.isfinite().tolist()) if not ok]
-            raise ValueError(f"GradNorm.step: non-finite gradient for task(s) {bad}; nothing was updated")
+        self._require_finite(losses, out.isfinite())
         return out
 
     def _step(self, losses: dict[str, Tensor]) -> StepReport:
@@ -126,11 +140,9 @@ class GradNorm(MultiTaskOptimizer):
         weighted = {t: used[i].to(v) * v for i, (t, v) in enumerate(losses.items())}
         inner_report = self._inner_update(weighted)
         # weight update: gradient of L_grad w.r.t. the weights only
-        if self.initial_losses is None:          # L_i(0): taken at the first step
-            self.initial_losses = current.clone()
-        initial = self.initial_losses
-        ratio = current / initial
-        r = ratio / ratio.mean()
+        initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
+        self.initial_losses = initial
+        r = _inverse_training_rates(current, initial)
         weighted_norms = self.weights * norms
         target = (weighted_norms.mean() * r.pow(self.alpha)).detach()
         grad_loss = (weighted_norms - target).abs().sum()
@@ -148,16 +160,29 @@ class GradNorm(MultiTaskOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         return {
             "weights": self.weights.detach().clone(),
-            "initial_losses": None if self.initial_losses is None else self.initial_losses.clone(),
+            "initial_losses": self.initial_losses.clone(),
             "weight_optimizer": self.weight_optimizer.state_dict(),
         }
 
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        T = len(self.tasks)
+        for key in ("weights", "initial_losses"):
+            v = state.get(key)
+            if not isinstance(v, Tensor) or tuple(v.shape) != (T,) or not v.is_floating_point():
+                raise ValueError(
+                    f"GradNorm.load_state_dict: saved {key} must be a float tensor of shape ({T},), "
+                    f"got {getattr(v, 'shape', v)!r}"
+                )
+        w, init = state["weights"], state["initial_losses"]
+        if not bool((w > 0).all() & w.isfinite().all() & (init >= 0).all() & init.isfinite().all()):
+            raise ValueError("GradNorm.load_state_dict: saved weights must be finite and positive, "
+                             "saved initial losses finite and >= 0")
+        if not isinstance(state.get("weight_optimizer"), Mapping):
+            raise ValueError("GradNorm.load_state_dict: no weight optimizer state saved")
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         w = state["weights"]
-        if w.shape != self.weights.shape:
-            raise ValueError(f"GradNorm.load_state_dict: saved weights have shape {tuple(w.shape)}")
         with torch.no_grad():
             self.weights.copy_(w)
-        init = state.get("initial_losses")
-        self.initial_losses = None if init is None else init.clone().to(self.weights.device)
+        self.initial_losses = state["initial_losses"].clone().to(self.weights.device)
         self.weight_optimizer.load_state_dict(state["weight_optimizer"])

@@ -10,7 +10,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregation import gradvac_weights, random_order
-from .aggregation._validate import check_beta, check_reduction
+from ._options import Option
+from ._options import beta as beta_option
+from ._options import reduction as reduction_option
 from .surgery import GradientSurgery
 
 __all__ = ["GradVac"]
@@ -56,18 +58,19 @@ class GradVac(GradientSurgery):
         Optimization in Massively Multilingual Models. ICLR 2021. arXiv:2010.05874.
     """
 
+    beta = Option(beta_option)
+    reduction = Option(reduction_option)
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  beta: float = 0.01,
                  groups: Literal["all", "parameter"] | Sequence[Sequence[Tensor]] = "all",
                  reduction: Literal["sum", "mean"] = "sum",
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
                  batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
-        beta_f = check_beta(beta, "GradVac")
-        check_reduction(reduction, "GradVac")
         shared_list = None if shared is None else list(shared)
         super().__init__(optimizer, tasks=tasks, shared=shared_list, retain_graph=retain_graph,
                          batched=batched, seed=seed, allow_unused=allow_unused)
-        self.beta = beta_f
+        self.beta = beta
         self.reduction = reduction
         self._group_cols: list[list[slice]] | None = None
         slice_of = {id(p): sl for p, sl in zip(self._params, self._slices)}

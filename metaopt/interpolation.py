@@ -23,14 +23,14 @@ is computed in float32 and only θ is rounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .functional import FlatBuffer, is_packed, unique_tensors
+from .functional import FlatBuffer, is_packed, pack_parameters, unique_tensors
 
 __all__ = [
     "Interpolator",
@@ -90,14 +90,24 @@ def _blocked(dst: Tensor, src: Tensor, weight: float, fast: Tensor | None, copy_
 
 @dataclass
 class _Group:
-    """Fast tensors of one (device, dtype) and their slow counterpart in one flat buffer."""
+    """Fast tensors of one (device, dtype) and their slow counterpart in one flat buffer.
 
+    The slow buffer is laid out like the packed fast buffer when the fast tensors are packed
+    (views at the same offsets and strides, sharing included), else as their concatenation.
+    """
+
+    keys: list[str]
     fast: list[Tensor]
+    dtype: torch.dtype               # of the fast tensors when laid out
     packed: FlatBuffer | None
     slow: Tensor                     # flat, master dtype
     slow_views: list[Tensor]
     acc: Tensor | None = None        # flat accumulator (batched Reptile), allocated on demand
     acc_views: list[Tensor] | None = None
+
+    def views(self, flat: Tensor) -> list[Tensor]:
+        """Tensors shaped like ``fast`` into a flat buffer laid out like ``slow``."""
+        return self.packed.views(flat) if self.packed is not None else _split(flat, self.fast)
 
     def accumulator(self) -> tuple[Tensor, list[Tensor]]:
         if self.acc is None or self.acc_views is None:
@@ -109,15 +119,35 @@ class _Group:
             return self.packed.buffer
         return None
 
+    def signature(self) -> tuple[object, ...]:
+        """Everything that decides where each element of φ lives in the slow buffer."""
+        if self.packed is not None:
+            places = list(zip(self.packed.offsets, self.packed.shapes, self.packed.strides))
+        else:
+            places, offset = [], 0
+            for t in self.fast:
+                places.append((offset, t.shape, _contiguous_strides(t.shape)))
+                offset += t.numel()
+        return (tuple(self.keys), tuple(places), self.slow.numel(), self.slow.dtype, self.slow.device)
+
 
 class Interpolator:
-    """Slow weights φ for a list of fast tensors θ, and the fused outer-step operations on them.
+    """Slow weights φ for a set of fast tensors θ, and the fused outer-step operations on them.
+
+    Every operation that moves φ (or the accumulator) ends with the re-sync ``θ ← φ``, on every
+    path: the path only decides how the buffers are traversed, never which buffer is written.
 
     Args:
-        fast: the fast weights (usually the model's parameters). Repeats are dropped.
+        fast: the fast weights (the model's parameters, and optionally its floating-point
+            buffers), as a sequence (keys ``"0"``, ``"1"``, ...) or a mapping ``{key: tensor}``.
+            Repeats are dropped. Keys identify each tensor's φ across :meth:`refresh` and in
+            :meth:`state_dict`.
         method: ``"auto"`` (default), ``"flat"``, ``"foreach"`` or ``"reference"`` (module doc).
         block_size: elements per block on the flat path; default 262,144 on CPU, unblocked on
             other devices (where a device kernel or two full passes are faster).
+        pack: keep the fast tensors packed (:func:`metaopt.functional.pack_parameters`): pack them
+            now, and again in :meth:`refresh` when they were re-allocated since (a deepcopy, a
+            ``.data`` assignment, a cast), so the flat path stays available.
 
     Example:
         >>> import torch
@@ -130,41 +160,123 @@ class Interpolator:
         tensor([0.2500, 0.2500, 0.2500])
     """
 
-    def __init__(self, fast: Sequence[Tensor], *, method: Method = "auto",
-                 block_size: int | None = None) -> None:
+    def __init__(self, fast: Sequence[Tensor] | Mapping[str, Tensor], *, method: Method = "auto",
+                 block_size: int | None = None, pack: bool = False) -> None:
         if method not in _METHODS:
             raise ValueError(f"Interpolator: method must be one of {_METHODS}, got {method!r}")
-        fast = unique_tensors(fast)
-        if not fast:
-            raise ValueError("Interpolator: no tensors given")
         self.method: Method = method
         self.block_size = block_size
-        by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-        for t in fast:
+        self.pack = bool(pack)
+        self._groups: list[_Group] = self._layout(_keyed(fast), previous=None)
+
+    # ----------------------------------------------------------------- layout
+    def _layout(self, fast: dict[str, Tensor], previous: list[_Group] | None,
+                keep_buffers: bool = False) -> list[_Group]:
+        """Groups for ``fast``, φ taken from ``previous`` by key (cast and moved as needed) or,
+        for keys new to it, from θ. Only packing (which keeps every value) happens before the
+        last check; ``previous`` is not modified."""
+        if not fast:
+            raise ValueError("Interpolator: no tensors given")
+        old_phi: dict[str, Tensor] = {}
+        old_acc: dict[str, Tensor] = {}
+        for g in previous or []:
+            for k, v in zip(g.keys, g.slow_views):
+                if k in fast and fast[k].shape != v.shape:
+                    raise ValueError(
+                        f"Interpolator: tensor {k!r} changed shape from {tuple(v.shape)} to "
+                        f"{tuple(fast[k].shape)} since the slow weights were taken; re-create the "
+                        "optimizer (or call reset_slow_weights()) after reshaping the model"
+                    )
+                old_phi[k] = v
+            if g.acc_views is not None:
+                old_acc.update(zip(g.keys, g.acc_views))
+        by_key: dict[tuple[torch.device, torch.dtype], dict[str, Tensor]] = {}
+        for k, t in fast.items():
             if not t.is_floating_point():
-                raise ValueError(f"Interpolator: tensors must be floating point, got {t.dtype}")
-            by_key.setdefault((t.device, t.dtype), []).append(t)
-        self._groups: list[_Group] = []
-        with torch.no_grad():
-            for (device, dtype), members in by_key.items():
-                total = sum(t.numel() for t in members)
-                slow = torch.empty(total, dtype=master_dtype(dtype), device=device)
-                views = _split(slow, members)
-                for v, t in zip(views, members):
-                    v.copy_(t)
-                self._groups.append(_Group(members, is_packed(members), slow, views))
-        if method == "flat":
-            bad = [g for g in self._groups if g.packed is None]
-            if bad:
+                raise ValueError(f"Interpolator: tensors must be floating point, got {t.dtype} for {k!r}")
+            by_key.setdefault((t.device, t.dtype), {})[k] = t
+        if self.method == "flat" and not self.pack:
+            if any(is_packed(list(m.values())) is None for m in by_key.values()):
                 raise ValueError(
                     "Interpolator: method='flat' needs the fast tensors packed into one buffer "
-                    "per (device, dtype) (metaopt.functional.pack_parameters)"
+                    "per (device, dtype) (metaopt.functional.pack_parameters, or pack=True)"
                 )
+        if self.pack:
+            pack_parameters(list(fast.values()))   # values unchanged; only storage moves
+        groups: list[_Group] = []
+        with torch.no_grad():
+            for (device, dtype), members in by_key.items():
+                keys, tensors = list(members), list(members.values())
+                packed = is_packed(tensors)
+                size = packed.buffer.numel() if packed is not None else sum(t.numel() for t in tensors)
+                slow = torch.empty(size, dtype=master_dtype(dtype), device=device)
+                g = _Group(keys, tensors, dtype, packed, slow, [])
+                g.slow_views = g.views(slow)
+                kept = next((o for o in previous or [] if o.signature() == g.signature()), None)
+                if kept is not None:   # same layout: keep the buffers (an outer optimizer holds them)
+                    g.slow, g.slow_views, g.acc, g.acc_views = kept.slow, kept.slow_views, kept.acc, kept.acc_views
+                elif keep_buffers:
+                    raise ValueError(
+                        "Interpolator: the fast tensors were cast, moved, reshaped or replaced "
+                        "since the slow weights were taken, and an outer optimizer holds the slow "
+                        "buffers; build the optimizer after the model is final (moved, cast, loaded)"
+                    )
+                else:
+                    for k, v, t in zip(keys, g.slow_views, tensors):
+                        v.copy_(old_phi.get(k, t))
+                    if any(k in old_acc for k in keys):
+                        g.acc = torch.zeros_like(slow)
+                        g.acc_views = g.views(g.acc)
+                        for k, v, t in zip(keys, g.acc_views, tensors):
+                            v.copy_(old_acc.get(k, t))
+                groups.append(g)
+        return groups
+
+    def stale(self, fast: Sequence[Tensor] | Mapping[str, Tensor] | None = None) -> bool:
+        """Whether :meth:`refresh` would change the layout: the fast tensors differ (by key or
+        object), or were re-allocated, cast, moved or reshaped since the slow weights were laid out."""
+        current = self._current() if fast is None else _keyed(fast)
+        known = {k: t for g in self._groups for k, t in zip(g.keys, g.fast)}
+        if list(current) != list(known) or any(current[k] is not known[k] for k in current):
+            return True
+        for g in self._groups:
+            if g.packed is not None and not g.packed.intact():
+                return True
+            if any(t.dtype != g.dtype or t.device != g.slow.device for t in g.fast):
+                return True
+            if g.packed is None and (self.pack or any(
+                    t.shape != v.shape for t, v in zip(g.fast, g.slow_views))):
+                return True
+        return False
+
+    def refresh(self, fast: Sequence[Tensor] | Mapping[str, Tensor] | None = None, *,
+                keep_buffers: bool = False) -> bool:
+        """Lay the slow weights out again if the fast tensors changed; returns whether it did.
+
+        ``fast`` replaces the tensors (by key: a kept key keeps its φ, a new key takes φ from
+        θ, a dropped key is forgotten); by default the current ones are re-examined. A tensor
+        that was re-allocated (re-packed when ``pack``), cast or moved keeps its φ, converted;
+        one whose shape changed raises ``ValueError``. With ``keep_buffers`` (an outer optimizer
+        holds :attr:`slow_buffers`), a change that needs new slow buffers raises instead. Nothing
+        moves before every check has passed.
+        """
+        if not self.stale(fast):
+            return False
+        current = self._current() if fast is None else _keyed(fast)
+        self._groups = self._layout(current, previous=self._groups, keep_buffers=keep_buffers)
+        return True
+
+    def _current(self) -> dict[str, Tensor]:
+        return {k: t for g in self._groups for k, t in zip(g.keys, g.fast)}
 
     # ----------------------------------------------------------------- introspection
     @property
     def fast(self) -> list[Tensor]:
         return [t for g in self._groups for t in g.fast]
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for g in self._groups for k in g.keys]
 
     @property
     def slow(self) -> list[Tensor]:
@@ -184,8 +296,8 @@ class Interpolator:
         if self.method == "flat":
             if flat is None:
                 raise RuntimeError(
-                    "Interpolator: the packed parameters were re-allocated (module.to()? "
-                    "load into .data?); re-create the optimizer after moving the model"
+                    "Interpolator: the packed tensors were re-allocated (module.to()? a deepcopy? "
+                    "load into .data?); call refresh() first"
                 )
             return "flat", flat
         if self.method == "auto":
@@ -202,53 +314,53 @@ class Interpolator:
         return DEFAULT_CPU_BLOCK if device.type == "cpu" else None
 
     # ----------------------------------------------------------------- operations
-    def _apply(self, weight: float, sync: bool, *, into_acc: bool = False,
-               from_acc: bool = False) -> None:
-        """dst ← dst + weight·(src − dst) per group, then θ ← φ if ``sync``; dst is φ (or the
-        accumulator), src is θ (or the accumulator)."""
+    def _lerp_then_restart(self, into: str, source: str, weight: float) -> None:
+        """``into ← into + weight·(source − into)`` per group, then ``θ ← φ``.
+
+        ``into`` names the slow weights (``"slow"``) or the accumulator (``"acc"``); ``source``
+        the fast weights (``"fast"``) or the accumulator. The re-sync always writes θ from φ.
+        """
         for g in self._groups:
-            dst_flat, dst_views = g.accumulator() if into_acc else (g.slow, g.slow_views)
-            src_flat, src_list = g.accumulator() if from_acc else (None, g.fast)
+            dst_flat, dst_views = g.accumulator() if into == "acc" else (g.slow, g.slow_views)
             path, fast_flat = self._choose(g)
             if path in ("flat", "kernel"):
                 assert fast_flat is not None
-                src = fast_flat if src_flat is None else src_flat
-                fast_out = fast_flat if sync else None
+                src = g.accumulator()[0] if source == "acc" else fast_flat
                 if path == "kernel":
-                    _KERNELS[g.slow.device.type](dst_flat, src, weight, fast_out, g.slow)
+                    _KERNELS[g.slow.device.type](dst_flat, src, weight, fast_flat, g.slow)
                 else:
-                    _blocked(dst_flat, src, weight, fast_out, g.slow, self._block(g.slow.device))
+                    _blocked(dst_flat, src, weight, fast_flat, g.slow, self._block(g.slow.device))
             else:  # "foreach" or "reference": the functional form, tensor by tensor
-                interpolate_(dst_views, src_list, weight, sync=sync and not into_acc,
-                             method="reference" if path == "reference" else "foreach")
-                if sync and into_acc:   # θ restarts from φ, not from the accumulator
-                    torch._foreach_copy_(g.fast, g.slow_views)
+                src_views = g.accumulator()[1] if source == "acc" else g.fast
+                fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
+                interpolate_(dst_views, src_views, weight, sync=False, method=fn)
+                _copy(g.fast, g.slow_views, fn)
 
     @torch.no_grad()
-    def interpolate(self, weight: float, *, sync: bool = True) -> None:
-        """φ ← φ + weight·(θ − φ); then, if ``sync``, θ ← φ."""
+    def interpolate(self, weight: float) -> None:
+        """φ ← φ + weight·(θ − φ); then θ ← φ."""
         _check_weight(weight)
-        self._apply(weight, sync)
+        self._lerp_then_restart("slow", "fast", weight)
 
     @torch.no_grad()
     def accumulate(self, count: int) -> None:
         """Fold θ into the running mean of fast weights (``count`` trajectories so far, this one
         included), then reset θ ← φ. Used by batched Reptile."""
-        if count < 1:
-            raise ValueError(f"accumulate: count must be >= 1, got {count}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"accumulate: count must be an int >= 1, got {count!r}")
         for g in self._groups:
             if g.acc is None:
                 g.acc = torch.zeros_like(g.slow)
-                g.acc_views = _split(g.acc, g.fast)
+                g.acc_views = g.views(g.acc)
             elif count == 1:
                 g.acc.zero_()   # lerp with weight 1 from a finite start gives θ exactly
-        self._apply(1.0 / count, True, into_acc=True)
+        self._lerp_then_restart("acc", "fast", 1.0 / count)
 
     @torch.no_grad()
     def interpolate_accumulated(self, weight: float) -> None:
         """φ ← φ + weight·(mean θ − φ) from :meth:`accumulate`, then θ ← φ."""
         _check_weight(weight)
-        self._apply(weight, True, from_acc=True)
+        self._lerp_then_restart("slow", "acc", weight)
 
     @torch.no_grad()
     def sync_fast(self) -> None:
@@ -258,63 +370,124 @@ class Interpolator:
             if flat is not None:
                 flat.copy_(g.slow)
             else:
-                torch._foreach_copy_(g.fast, g.slow_views)
+                _copy(g.fast, g.slow_views, "foreach")
 
     @torch.no_grad()
     def reset_slow(self) -> None:
-        """φ ← θ."""
+        """φ ← θ (and the accumulator is dropped)."""
         for g in self._groups:
             flat = g.fast_flat()
             if flat is not None:
                 g.slow.copy_(flat)
             else:
-                torch._foreach_copy_(g.slow_views, g.fast)
+                _copy(g.slow_views, g.fast, "foreach")
+            g.acc, g.acc_views = None, None
 
     @torch.no_grad()
     def pseudo_gradient(self, *, accumulated: bool = False) -> list[Tensor]:
-        """φ − θ per slow buffer (fresh tensors), the Reptile 'meta-gradient'; with
-        ``accumulated``, φ − mean θ from :meth:`accumulate`."""
+        """φ − θ per slow buffer (fresh tensors laid out like it), the Reptile 'meta-gradient';
+        with ``accumulated``, φ − mean θ from :meth:`accumulate`."""
         out = []
         for g in self._groups:
             if accumulated:
                 theta = g.accumulator()[0]
             else:
-                packed = g.fast_flat()
-                theta = torch.cat([t.reshape(-1) for t in g.fast]) if packed is None else packed
+                flat = g.fast_flat()
+                if flat is None:
+                    theta = torch.empty_like(g.slow)
+                    _copy(g.views(theta), g.fast, "foreach")
+                else:
+                    theta = flat
             out.append(g.slow - theta.to(g.slow.dtype))
         return out
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, object]:
+        """φ (and the accumulator, if any) per key, shaped like each fast tensor: independent
+        of the layout, so a state saved with one path or packing loads into any other."""
+        acc = {k: v.clone() for g in self._groups if g.acc_views is not None
+               for k, v in zip(g.keys, g.acc_views)}
         return {
-            "slow": [g.slow.clone() for g in self._groups],
-            "acc": [None if g.acc is None else g.acc.clone() for g in self._groups],
+            "slow": {k: v.clone() for g in self._groups for k, v in zip(g.keys, g.slow_views)},
+            "acc": acc or None,
         }
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        slow = state["slow"]
-        acc = state.get("acc", [None] * len(self._groups))
-        assert isinstance(slow, list) and isinstance(acc, list)
-        if len(slow) != len(self._groups):
-            raise ValueError(
-                f"load_state_dict: {len(slow)} slow buffers saved, this optimizer has "
-                f"{len(self._groups)} (device, dtype) groups"
-            )
-        for g, s, a in zip(self._groups, slow, acc):
-            if s.shape != g.slow.shape:
+    def check_state_dict(self, state: Mapping[str, object]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would fail on ``state`` (nothing moves)."""
+        slow, acc = state.get("slow"), state.get("acc")
+        if not isinstance(slow, Mapping):
+            raise ValueError("load_state_dict: no per-tensor slow weights in the saved state "
+                             "(saved by an older metaopt?)")
+        mine = {k: v for g in self._groups for k, v in zip(g.keys, g.slow_views)}
+        for name, saved in (("slow weights", slow), ("accumulator", acc)):
+            if saved is None:
+                continue
+            if not isinstance(saved, Mapping) or set(saved) != set(mine):
+                missing = sorted(set(mine) - set(saved)) if isinstance(saved, Mapping) else list(mine)
+                extra = sorted(set(saved) - set(mine)) if isinstance(saved, Mapping) else []
                 raise ValueError(
-                    f"load_state_dict: saved slow buffer has {s.numel()} elements, "
-                    f"expected {g.slow.numel()}"
+                    f"load_state_dict: saved {name} are for other tensors (missing {missing[:5]}, "
+                    f"unexpected {extra[:5]}): same parameters and buffers= setting needed"
                 )
-            g.slow.copy_(s)
-            if a is None:
+            for k, v in mine.items():
+                t = saved[k]
+                if not isinstance(t, Tensor) or t.shape != v.shape or not t.is_floating_point():
+                    raise ValueError(
+                        f"load_state_dict: saved {name} for {k!r} have shape "
+                        f"{tuple(getattr(t, 'shape', ()))}, expected {tuple(v.shape)}"
+                    )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.check_state_dict(state)
+        slow = state["slow"]
+        acc = state.get("acc")
+        assert isinstance(slow, Mapping)
+        for g in self._groups:
+            for k, v in zip(g.keys, g.slow_views):
+                v.copy_(slow[k])
+            if acc is None:
                 g.acc, g.acc_views = None, None
             else:
+                assert isinstance(acc, Mapping)
                 if g.acc is None:
-                    g.acc = torch.empty_like(g.slow)
-                    g.acc_views = _split(g.acc, g.fast)
-                g.acc.copy_(a)
+                    g.acc = torch.zeros_like(g.slow)
+                    g.acc_views = g.views(g.acc)
+                assert g.acc_views is not None
+                for k, v in zip(g.keys, g.acc_views):
+                    v.copy_(acc[k])
+
+
+def _keyed(fast: Sequence[Tensor] | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    if isinstance(fast, Mapping):
+        items = list(fast.items())
+    else:
+        items = [(str(i), t) for i, t in enumerate(unique_tensors(fast))]
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, t in items:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Interpolator: {k!r} is a {type(t).__name__}, not a tensor")
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[str(k)] = t
+    return out
+
+
+def _copy(dst: Sequence[Tensor], src: Sequence[Tensor], method: str) -> None:
+    if method == "reference":
+        for d, s in zip(dst, src):
+            d.copy_(s)
+    else:
+        torch._foreach_copy_(list(dst), list(src))
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(out))
 
 
 def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:

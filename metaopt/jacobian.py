@@ -49,6 +49,7 @@ __all__ = [
     "TaskJacobian",
     "parameter_slices",
     "reached_parameters",
+    "reaches_any",
     "task_gradients",
     "task_jacobian",
 ]
@@ -181,6 +182,36 @@ def reached_parameters(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Te
                     stack.append(nxt)
         out[t] = torch.tensor([(e.node, e.output_nr) in seen_edges for e in edges])
     return out
+
+
+def reaches_any(loss: Tensor, params: Sequence[Tensor]) -> bool:
+    """Whether ``loss`` depends on at least one of the leaf tensors ``params``.
+
+    Walks the autograd graph from ``loss`` and stops at the first gradient accumulator of one
+    of ``params``; each node's inputs are looked at before any is descended into, so a loss
+    whose own head is among ``params`` is answered within a few nodes.
+
+    >>> a = torch.ones(2, requires_grad=True); b = torch.ones(2, requires_grad=True)
+    >>> reaches_any((a * 2).sum(), [b]), reaches_any((a * b).sum(), [b])
+    (False, True)
+    """
+    if loss.grad_fn is None:
+        return loss.requires_grad and any(loss is p for p in params)
+    wanted = {id(p) for p in params}
+    stack = [loss.grad_fn]
+    seen = {loss.grad_fn}
+    while stack:
+        node = stack.pop()
+        children = [nxt for nxt, _ in node.next_functions if nxt is not None]
+        for nxt in children:
+            variable = getattr(nxt, "variable", None)
+            if variable is not None and id(variable) in wanted:
+                return True
+        for nxt in children:
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
 
 
 _FREED_MARKERS = ("second time", "already been freed")

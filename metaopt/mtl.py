@@ -8,7 +8,8 @@ from typing import Literal
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregation._validate import check_reduction
+from ._options import Option
+from ._options import reduction as reduction_option
 from .base import MultiTaskOptimizer
 from .report import StepReport
 
@@ -37,10 +38,11 @@ class MTL(MultiTaskOptimizer):
         ('a', 'b')
     """
 
+    reduction = Option(reduction_option)
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  reduction: Literal["sum", "mean"] = "sum", seed: int = 0,
                  allow_unused: bool = False) -> None:
-        check_reduction(reduction, "MTL")
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("MTL: wrap a torch optimizer")
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)

@@ -9,7 +9,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregation import pcgrad_weights, random_order
-from .aggregation._validate import check_reduction
+from ._options import Option
+from ._options import reduction as reduction_option
 from .surgery import GradientSurgery
 
 __all__ = ["PCGrad"]
@@ -52,11 +53,12 @@ class PCGrad(GradientSurgery):
         NeurIPS 2020. arXiv:2001.06782.
     """
 
+    reduction = Option(reduction_option)
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  reduction: Literal["sum", "mean"] = "sum",
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
                  batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
-        check_reduction(reduction, "PCGrad")
         super().__init__(optimizer, tasks=tasks, shared=shared, retain_graph=retain_graph,
                          batched=batched, seed=seed, allow_unused=allow_unused)
         self.reduction = reduction

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._options import Option, positive_int
 from .base import MultiTaskOptimizer
 from .interpolation import Method
 from .schedules import ScheduleName
@@ -52,6 +53,8 @@ class Reptile(SlowFastOptimizer):
         Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999.
     """
 
+    tasks_per_outer_step = Option(positive_int)
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  inner_steps: int = 1000, outer_lr: float | None = None,
                  tasks_per_outer_step: int = 1,
@@ -59,18 +62,13 @@ class Reptile(SlowFastOptimizer):
                  outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
                  reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
                  task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, flatten: bool = True,
-                 interpolation: Method = "auto", seed: int = 0,
+                 temperature: float = 1.0, buffers: nn.Module | None = None,
+                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
                  allow_unused: bool = False) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError(
                 "Reptile: wrap a torch optimizer; a metaopt optimizer wants several tasks per "
                 "step, which contradicts Reptile's one task per trajectory (use SequentialReptile)"
-            )
-        if isinstance(tasks_per_outer_step, bool) or not isinstance(tasks_per_outer_step, int) \
-                or tasks_per_outer_step < 1:
-            raise ValueError(
-                f"Reptile: tasks_per_outer_step must be an int >= 1, got {tasks_per_outer_step!r}"
             )
         self.tasks_per_outer_step = tasks_per_outer_step
         super().__init__(
@@ -78,7 +76,7 @@ class Reptile(SlowFastOptimizer):
             outer_lr_final=outer_lr_final, anneal_steps=anneal_steps,
             outer_optimizer=outer_optimizer, reset_inner_state=reset_inner_state,
             schedule=schedule, task_sizes=task_sizes, temperature=temperature,
-            flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
+            buffers=buffers, flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
         )
         self._task: str | None = None   # the current trajectory's task
 

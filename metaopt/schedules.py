@@ -88,11 +88,19 @@ class TaskSchedule:
     def state_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "order": list(self._order)}
 
-    def load_state_dict(self, state: Mapping[str, object]) -> None:
-        if state.get("kind") != self.kind:
-            raise ValueError(
-                f"load_state_dict: saved schedule is {state.get('kind')!r}, this one is {self.kind!r}"
-            )
+    def check_state_dict(self, state: Mapping[str, object]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would fail on ``state``."""
+        if not isinstance(state, Mapping) or state.get("kind") != self.kind:
+            saved = state.get("kind") if isinstance(state, Mapping) else None
+            raise ValueError(f"load_state_dict: saved schedule is {saved!r}, this one is {self.kind!r}")
         order = state.get("order", [])
-        assert isinstance(order, list)
+        if not isinstance(order, (list, tuple)) or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_tasks for i in order):
+            raise ValueError(f"load_state_dict: saved round-robin order {order!r} is not a list of "
+                             f"task indices below {self.num_tasks}")
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        self.check_state_dict(state)
+        order = state.get("order", [])
+        assert isinstance(order, (list, tuple))
         self._order = [int(i) for i in order]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .interpolation import Method
@@ -44,8 +44,9 @@ class SequentialReptile(SlowFastOptimizer):
         optimizer: the inner optimizer (AdamW in the paper), or a metaopt optimizer.
         tasks: task names. See :class:`~metaopt.slow_fast.SlowFastOptimizer` for the other
             options (``inner_steps``, ``outer_lr``, annealing, ``outer_optimizer``,
-            ``reset_inner_state``, ``schedule``, ``task_sizes``, ``temperature``, ``flatten``,
-            ``interpolation``, ``seed``, ``allow_unused``).
+            ``reset_inner_state``, ``schedule``, ``task_sizes``, ``temperature``, ``buffers``,
+            ``flatten``, ``interpolation``, ``seed``, ``allow_unused``) and the construction
+            order it documents.
 
     Example:
         >>> import torch, metaopt
@@ -71,15 +72,15 @@ class SequentialReptile(SlowFastOptimizer):
                  outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
                  reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
                  task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, flatten: bool = True,
-                 interpolation: Method = "auto", seed: int = 0,
+                 temperature: float = 1.0, buffers: nn.Module | None = None,
+                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
                  allow_unused: bool = False) -> None:
         super().__init__(
             optimizer, tasks=tasks, inner_steps=inner_steps, outer_lr=outer_lr,
             outer_lr_final=outer_lr_final, anneal_steps=anneal_steps,
             outer_optimizer=outer_optimizer, reset_inner_state=reset_inner_state,
             schedule=schedule, task_sizes=task_sizes, temperature=temperature,
-            flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
+            buffers=buffers, flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
         )
 
     def _draw_tasks(self) -> list[str]:

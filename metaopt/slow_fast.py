@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._options import Option, flag, optional_fraction, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer
-from .functional import pack_parameters
 from .interpolation import Interpolator, Method
 from .report import StepReport
 from .schedules import ScheduleName, TaskSchedule
@@ -25,38 +25,53 @@ from .schedules import ScheduleName, TaskSchedule
 __all__ = ["SlowFastOptimizer"]
 
 
-def _check_fraction(value: float, what: str, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where}: {what} must be a number in [0, 1], got {value!r}")
-    if not 0.0 <= float(value) <= 1.0:   # also rejects NaN
-        raise ValueError(f"{where}: {what} must be in [0, 1], got {value}")
-    return float(value)
-
-
 class SlowFastOptimizer(MultiTaskOptimizer):
     """Base of :class:`~metaopt.Reptile` and :class:`~metaopt.SequentialReptile` (see those).
 
-    Options common to both:
+    Options common to both (each is validated again when assigned later, e.g.
+    ``opt.outer_lr = 0.05`` between steps):
 
     Args:
         inner_steps: K, inner steps per trajectory (>= 1).
-        outer_lr: η in [0, 1]; η = 1 is plain training, η = 0 never moves φ.
+        outer_lr: η in [0, 1]; η = 1 is plain training, η = 0 never moves φ. Default 0.1.
         outer_lr_final, anneal_steps: anneal η linearly from ``outer_lr`` to ``outer_lr_final``
             over ``anneal_steps`` outer steps, then hold it (Nichol et al. 2018 anneal to 0).
             Default: constant η.
         outer_optimizer: a callable ``params -> torch.optim.Optimizer`` built over the slow
             weights and fed the pseudo-gradient φ − θ at every outer step (e.g.
             ``lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)``). Its lr replaces
-            η, so ``outer_lr`` must then be left unset. Default: plain interpolation.
+            η, so ``outer_lr`` and the annealing options must then be left unset (schedule its lr
+            with a ``torch.optim.lr_scheduler`` on the outer optimizer instead). Default: plain
+            interpolation.
         reset_inner_state: clear the wrapped optimizer's state (Adam moments) at every outer
             step. Default ``False`` (carry it): the official Reptile code and Fish carry it, and
             only then does η = 1 equal plain training.
         schedule, task_sizes, temperature: the task schedule (:mod:`metaopt.schedules`).
-        flatten: pack the parameters into one contiguous buffer per (device, dtype), as views, so
-            the outer step is one fused pass (:mod:`metaopt.interpolation`). Create the optimizer
-            after moving the model to its device.
+        buffers: a module whose floating-point buffers (BatchNorm running statistics) are slow
+            weights too: interpolated at every outer step and swapped in by
+            :meth:`use_slow_weights`, as Fish interpolates the whole ``state_dict``. Integer
+            buffers (``num_batches_tracked``) are counters and keep their fast value. Default
+            ``None``: buffers follow the fast weights, as in plain training.
+        flatten: keep the parameters (and buffers) packed into one contiguous buffer per (device,
+            dtype), as views, so the outer step is one fused pass (:mod:`metaopt.interpolation`).
+            Packing is redone if something re-allocates them (``model.to()``, a deepcopy).
         interpolation: ``"auto"``, ``"flat"``, ``"foreach"`` or ``"reference"``.
+
+    Construction order: build the model, move or cast it, load pretrained weights into it,
+    *then* build the optimizer, which takes φ from the parameters. A later change made outside
+    the optimizer (``model.load_state_dict``, an in-place write) is detected at the next step
+    through the parameters' version counters and raises; call :meth:`reset_slow_weights` to
+    take the new values as φ, or :meth:`accept_parameter_changes` to keep φ. Writes through
+    ``param.data`` bypass version counters and cannot be detected. To resume, load the model's
+    state dict before the optimizer's. A cast or move of the model (``model.double()``) is
+    followed: φ is converted, keeping its values.
     """
+
+    inner_steps = Option(positive_int)
+    outer_lr = Option(optional_fraction)
+    outer_lr_final = Option(optional_fraction)
+    anneal_steps = Option(optional_positive_int)
+    reset_inner_state = Option(flag)
 
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  inner_steps: int = 1000, outer_lr: float | None = None,
@@ -64,30 +79,24 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                  outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
                  reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
                  task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, flatten: bool = True,
-                 interpolation: Method = "auto", seed: int = 0,
+                 temperature: float = 1.0, buffers: nn.Module | None = None,
+                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
                  allow_unused: bool = False) -> None:
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         name = type(self).__name__
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, int):
-            raise TypeError(f"{name}: inner_steps must be an int, got {inner_steps!r}")
-        if inner_steps < 1:
-            raise ValueError(f"{name}: inner_steps must be >= 1, got {inner_steps}")
+        self.inner_steps = inner_steps
         if outer_optimizer is not None and outer_lr is not None:
             raise ValueError(
                 f"{name}: pass either outer_lr or outer_optimizer (whose lr is the outer step size)"
             )
-        self.inner_steps = inner_steps
-        self.outer_lr = _check_fraction(0.1 if outer_lr is None else outer_lr, "outer_lr", name)
-        if (outer_lr_final is None) != (anneal_steps is None):
-            raise ValueError(f"{name}: outer_lr_final and anneal_steps go together")
-        self.outer_lr_final = (
-            None if outer_lr_final is None else _check_fraction(outer_lr_final, "outer_lr_final", name)
-        )
-        if anneal_steps is not None and (isinstance(anneal_steps, bool) or not isinstance(anneal_steps, int) or anneal_steps < 1):
-            raise ValueError(f"{name}: anneal_steps must be an int >= 1, got {anneal_steps!r}")
+        self.outer_lr = 0.1 if outer_lr is None and outer_optimizer is None else outer_lr
+        self.outer_lr_final = outer_lr_final
         self.anneal_steps = anneal_steps
-        self.reset_inner_state = bool(reset_inner_state)
+        self.reset_inner_state = reset_inner_state
+        if buffers is not None and not isinstance(buffers, nn.Module):
+            raise TypeError(f"{name}: buffers must be the nn.Module whose buffers to interpolate, "
+                            f"got {type(buffers).__name__}")
+        self.buffers = buffers
         if isinstance(task_sizes, Mapping):
             unknown = sorted(set(task_sizes) - set(self.tasks))
             if unknown or len(task_sizes) != len(self.tasks):
@@ -98,18 +107,17 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             task_sizes = [task_sizes[t] for t in self.tasks]
         self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes,
                                      temperature=temperature)
-        params = self._trainable_params()
-        if flatten:
-            pack_parameters(params)
-        self.engine = Interpolator(params, method=interpolation)
-        self.outer_optimizer = None
+        self.engine = Interpolator(self._fast_tensors(), method=interpolation, pack=bool(flatten))
+        self.outer_optimizer: Optimizer | None = None
         if outer_optimizer is not None:
             self.outer_optimizer = outer_optimizer(self.engine.slow_buffers)
             if not isinstance(self.outer_optimizer, Optimizer):
                 raise TypeError(f"{name}: outer_optimizer must return a torch.optim.Optimizer")
+        self._check_outer_options()
         self._inner_count = 0   # inner steps into the current trajectory
         self._trajectory = 0    # trajectories into the current outer step (batched Reptile)
         self._outer_count = 0
+        self._record_versions()
 
     # ------------------------------------------------------------------ public read-outs
     @property
@@ -118,13 +126,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     @property
     def slow_weights(self) -> list[Tensor]:
-        """φ, shaped like the parameters (views into the slow buffers; float32 for half types)."""
+        """φ, shaped like the parameters (then the interpolated buffers, if any): views into the
+        slow buffers, float32 for half types."""
         return self.engine.slow
 
     @contextmanager
     def use_slow_weights(self) -> Iterator[None]:
-        """Inside the block the parameters hold the slow weights φ (as of the last outer step);
-        on exit they get their fast values θ back. Evaluate a Reptile-family model here.
+        """Inside the block the parameters (and interpolated buffers) hold the slow weights φ
+        (as of the last outer step); on exit they get their fast values θ back. Evaluate a
+        Reptile-family model here.
 
         Example:
             >>> import torch, metaopt
@@ -137,6 +147,8 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             >>> torch.equal(at_phi, opt.slow_weights[0]), torch.equal(model.weight, at_phi)
             (True, False)
         """
+        self._refresh_engine()
+        clean = not self._changed_params()
         fast = self.engine.fast
         with torch.no_grad():
             saved = [p.detach().clone() for p in fast]
@@ -146,13 +158,117 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         finally:
             with torch.no_grad():
                 torch._foreach_copy_(fast, saved)
+            if clean:
+                self._record_versions()
+
+    def reset_slow_weights(self) -> None:
+        """Take the parameters (and interpolated buffers) as they are now as the slow weights φ,
+        and start a new trajectory. Call it after loading new weights into the model (e.g.
+        pretrained ones) once the optimizer exists.
+
+        Example:
+            >>> import torch, metaopt
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                                 tasks=["a"], inner_steps=5)
+            >>> _ = model.load_state_dict({"weight": torch.ones(1, 2), "bias": torch.zeros(1)})
+            >>> opt.reset_slow_weights()
+            >>> opt.slow_weights[0]
+            tensor([[1., 1.]])
+        """
+        self._refresh_engine()
+        self.engine.reset_slow()
+        self._inner_count = 0
+        self._trajectory = 0
+        self._record_versions()
+
+    def accept_parameter_changes(self) -> None:
+        """Keep φ and continue the trajectory from the parameters as they are now, after they
+        were changed outside the optimizer on purpose (e.g. a weight constraint applied in place,
+        or a model state dict loaded *after* the optimizer's while resuming)."""
+        self._record_versions()
 
     def current_outer_lr(self) -> float:
         """η for the next outer step (after annealing)."""
+        if self.outer_lr is None:
+            raise RuntimeError(f"{type(self).__name__}: the outer optimizer's lr is the outer step size")
         if self.anneal_steps is None or self.outer_lr_final is None:
             return self.outer_lr
         frac = min(self._outer_count / self.anneal_steps, 1.0)
         return (1.0 - frac) * self.outer_lr + frac * self.outer_lr_final
+
+    # ------------------------------------------------------------------ checks before a step
+    def _check_outer_options(self) -> None:
+        name = type(self).__name__
+        if (self.outer_lr_final is None) != (self.anneal_steps is None):
+            raise ValueError(f"{name}: outer_lr_final and anneal_steps go together")
+        if self.outer_optimizer is not None:
+            if self.outer_lr is not None or self.anneal_steps is not None:
+                raise ValueError(
+                    f"{name}: with an outer_optimizer its lr is the outer step size: leave "
+                    "outer_lr, outer_lr_final and anneal_steps unset (anneal with a "
+                    "torch.optim.lr_scheduler on the outer optimizer)"
+                )
+        elif self.outer_lr is None:
+            raise ValueError(f"{name}: outer_lr must be a number in [0, 1] without an outer_optimizer")
+
+    def _fast_tensors(self) -> dict[str, Tensor]:
+        """The fast weights by key: the parameters by position, the floating buffers by name."""
+        fast = {f"p{i}": p for i, p in enumerate(self._param_list)}
+        if self.buffers is not None:
+            fast.update((f"b:{n}", b) for n, b in self.buffers.named_buffers() if b.is_floating_point())
+        return fast
+
+    def _refresh_engine(self) -> None:
+        self.engine.refresh(self._fast_tensors(), keep_buffers=self.outer_optimizer is not None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # version counters restart in a copy: carry which parameters had changed, not the counts
+        state = super().__getstate__()
+        state["_versions"] = [p._version != v for p, v in zip(self._param_list, self._versions)]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._versions = [-1 if changed else p._version
+                          for p, changed in zip(self._param_list, state["_versions"])]
+
+    def _record_versions(self) -> None:
+        self._versions = [p._version for p in self._param_list]
+
+    def _changed_params(self) -> list[Tensor]:
+        """Parameters written in place since the optimizer last synced with them."""
+        return [p for p, v in zip(self._param_list, self._versions) if p._version != v]
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        name = type(self).__name__
+        changed = self._changed_params()
+        if changed:
+            raise ValueError(
+                f"{name}.step: {len(changed)} parameter(s) were changed outside the optimizer "
+                f"since its last step, e.g. {self._param_name(changed[0])} (model.load_state_dict "
+                "or an in-place write after the optimizer was built?), so the slow weights no "
+                "longer match them. Call opt.reset_slow_weights() to take the new values as the "
+                "slow weights, or opt.accept_parameter_changes() to keep them; when resuming, "
+                "load the model's state dict before the optimizer's. Nothing was updated"
+            )
+        self._check_outer_options()
+        if self._inner_count + 1 >= self.inner_steps:   # this step ends a trajectory
+            self._refresh_engine()
+
+    def _params_added(self, new: list[Tensor]) -> None:
+        self._refresh_engine()
+        self._versions += [p._version for p in new]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self.outer_optimizer is not None:
+            raise ValueError(
+                f"{type(self).__name__}.add_param_group: the outer optimizer is built over the "
+                "slow weights; add every param group before building an optimizer with an "
+                "outer_optimizer"
+            )
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ mechanics
     def _trajectories_per_outer_step(self) -> int:
@@ -163,33 +279,34 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._step_count += 1
         self._inner_count += 1
         outer = False
-        if self._inner_count == self.inner_steps:
+        if self._inner_count >= self.inner_steps:
             self._inner_count = 0
             self._trajectory += 1
             outer = self._end_trajectory()
+        self._record_versions()
         return self._report(losses, outer_update=outer, inner=inner_report)
 
     @torch.no_grad()
     def _end_trajectory(self) -> bool:
         n = self._trajectories_per_outer_step()
-        if n > 1:
+        batched = n > 1 or self._trajectory > 1
+        if batched:
             self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
             if self._trajectory < n:
                 return False
         self._trajectory = 0
-        lr = self.current_outer_lr()
         if self.outer_optimizer is not None:
-            pseudo = self.engine.pseudo_gradient(accumulated=n > 1)
+            pseudo = self.engine.pseudo_gradient(accumulated=batched)
             for buf, g in zip(self.engine.slow_buffers, pseudo):
                 buf.grad = g
             self.outer_optimizer.step()
             for buf in self.engine.slow_buffers:
                 buf.grad = None
             self.engine.sync_fast()
-        elif n > 1:
-            self.engine.interpolate_accumulated(lr)
+        elif batched:
+            self.engine.interpolate_accumulated(self.current_outer_lr())
         else:
-            self.engine.interpolate(lr)
+            self.engine.interpolate(self.current_outer_lr())
         if self.reset_inner_state:
             self.base_optimizer.state.clear()
         self._outer_count += 1
@@ -206,12 +323,24 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             "outer_optimizer": None if self.outer_optimizer is None else self.outer_optimizer.state_dict(),
         }
 
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        name = type(self).__name__
         if (state.get("outer_optimizer") is None) != (self.outer_optimizer is None):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: outer optimizer present in one of the "
+                f"{name}.load_state_dict: outer optimizer present in one of the "
                 "saved state and this optimizer but not the other"
             )
+        for key in ("inner_count", "trajectory", "outer_count"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}.load_state_dict: saved {key} {v!r} is not an int >= 0")
+        engine = state.get("engine")
+        if not isinstance(engine, Mapping):
+            raise ValueError(f"{name}.load_state_dict: the saved state has no slow weights")
+        self.engine.check_state_dict(engine)
+        self.schedule.check_state_dict(state.get("schedule", {}))
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.engine.load_state_dict(state["engine"])
         self.schedule.load_state_dict(state["schedule"])
         if self.outer_optimizer is not None:
@@ -219,3 +348,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._inner_count = int(state["inner_count"])
         self._trajectory = int(state["trajectory"])
         self._outer_count = int(state["outer_count"])
+
+    def _after_load(self) -> None:
+        self._record_versions()

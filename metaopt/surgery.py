@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._options import Option, flag
 from .aggregation import conflict_fraction, cosine_from_gramian, gramian
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
-from .jacobian import task_jacobian
+from .jacobian import parameter_slices, task_jacobian
 from .report import StepReport
 
 __all__ = ["GradientSurgery"]
@@ -55,6 +56,9 @@ class GradientSurgery(MultiTaskOptimizer):
         seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
     """
 
+    retain_graph = Option(flag)
+    batched = Option(flag)
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
                  batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
@@ -65,10 +69,9 @@ class GradientSurgery(MultiTaskOptimizer):
                 f"wrap the {name} in them instead"
             )
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
-        params = self._trainable_params()
+        params = self._param_list
         if shared is None:
-            self._explicit_shared: set[int] | None = None
-            ordered = params
+            self._shared: list[Tensor] | None = None
         else:
             shared_list = list(shared)
             if not shared_list:
@@ -80,26 +83,35 @@ class GradientSurgery(MultiTaskOptimizer):
                     f"{name}: {len(stray)} shared tensor(s) are not parameters of the wrapped "
                     f"optimizer (first has shape {tuple(stray[0].shape)})"
                 )
-            self._explicit_shared = {id(p) for p in shared_list}
-            # shared first, so the shared columns of J are one contiguous range
-            ordered = [p for p in params if id(p) in self._explicit_shared] + \
-                      [p for p in params if id(p) not in self._explicit_shared]
+            # the tensors themselves, not their id()s: a deepcopy or pickle maps them along
+            self._shared = shared_list
+        self._lay_out_columns()
+        self.retain_graph = retain_graph
+        self.batched = batched
+
+    def _lay_out_columns(self) -> None:
+        """Columns of J: shared parameters first (one contiguous range), then the others."""
+        params = self._param_list
+        if self._shared is None:
+            ordered = list(params)
+        else:
+            shared_ids = {id(p) for p in self._shared}
+            ordered = [p for p in params if id(p) in shared_ids] + \
+                      [p for p in params if id(p) not in shared_ids]
         devices = {(p.device, master_dtype(p.dtype)) for p in ordered}
         if len(devices) != 1:
             raise ValueError(
-                f"{name}: parameters must share one device and dtype family, got {sorted(map(str, devices))}"
+                f"{type(self).__name__}: parameters must share one device and dtype family, got "
+                f"{sorted(map(str, devices))}"
             )
         self._params = ordered
-        self._slices: list[slice] = []
-        start = 0
-        for p in ordered:
-            self._slices.append(slice(start, start + p.numel()))
-            start += p.numel()
-        self.num_params = start
-        self.retain_graph = bool(retain_graph)
-        self.batched = bool(batched)
+        self._slices = parameter_slices(ordered)
+        self.num_params = self._slices[-1].stop
         self._jacobian: Tensor | None = None   # persistent (T, P) buffer
         self._grad: Tensor | None = None       # persistent (P,) buffer; .grad are views into it
+
+    def _params_added(self, new: list[Tensor]) -> None:
+        self._lay_out_columns()   # new parameters come after the shared ones: no column moves
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
@@ -135,18 +147,23 @@ class GradientSurgery(MultiTaskOptimizer):
         reached = tj.reached                              # (T, n_params) bool, CPU
         by_any = reached.any(0).tolist()
         by_all = reached.all(0).tolist()
-        if not any(by_any):
-            raise ValueError(f"{name}.step: the losses reach none of the optimizer's parameters")
+        stray = [t for t, hit in zip(names, reached.any(1).tolist()) if not hit]
+        if stray:
+            raise ValueError(
+                f"{name}.step: the loss of task(s) {stray} reaches none of the optimizer's "
+                "parameters (a module left out of the optimizer?)"
+            )
         unused = [p for p, r in zip(params, by_any) if not r]
         if unused and not self.allow_unused:
             raise ValueError(
                 f"{name}.step: {len(unused)} parameter(s) get no gradient from any loss, e.g. "
                 f"{self._param_name(unused[0])}; remove them or pass allow_unused=True"
             )
-        if self._explicit_shared is None:
+        if self._shared is None:
             shared_mask = by_all
         else:
-            shared_mask = [id(p) in self._explicit_shared for p in params]
+            shared_ids = {id(p) for p in self._shared}
+            shared_mask = [id(p) in shared_ids for p in params]
         shared_runs = _runs(shared_mask, self._slices)
         if not shared_runs:
             raise ValueError(
@@ -161,9 +178,7 @@ class GradientSurgery(MultiTaskOptimizer):
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
         for sl in head_runs:
             ok = ok & J[:, sl].isfinite().all(1)
-        if not bool(ok.all()):
-            bad = [t for t, good in zip(names, ok.tolist()) if not good]
-            raise ValueError(f"{name}.step: non-finite gradient for task(s) {bad}; nothing was updated")
+        self._require_finite(losses, ok)
         weights = self._weights(G, losses).to(J.dtype)   # (n_groups, T)
         # the step is accepted from here on
         self._commit()

@@ -83,11 +83,9 @@ def test_half_precision_keeps_float32_master():
     for _ in range(50):
         with torch.no_grad():
             fast[0].add_(0.01)
-        engine.interpolate(0.01, sync=False)
-        with torch.no_grad():
-            fast[0].copy_(fast[0] - 0.01)
+        engine.interpolate(0.01)    # φ moves by ~1e-4: below bf16's spacing, kept in float32
     start = make([(1000,)], torch.bfloat16, 0)[0].float()
-    assert (engine.slow[0] - start).abs().max() > 0
+    assert (engine.slow[0] - start).abs().min() > 0
 
 
 @given(shapes_=shapes, dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 999),

@@ -389,8 +389,8 @@ def test_step_hooks_run_around_each_step():
     calls = []
 
     def scale_losses(o, args, kwargs):          # a pre-hook may rewrite the losses
-        calls.append(("pre", o.step_count))
-        return ({t: 0.0 * v for t, v in args[0].items()},), kwargs
+        calls.append(("pre", o.step_count))   # args are (optimizer, losses), as in torch.optim
+        return (args[0], {t: 0.0 * v for t, v in args[1].items()}), kwargs
 
     pre = opt.register_step_pre_hook(scale_losses)
     post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o.step_count)))
