@@ -104,10 +104,14 @@ def main() -> None:
     # autograd pass in both loops).
     loss = loss_of(sr_model, batches[0])
     wanted = sr_opt.next_tasks()
+    grads = [torch.randn_like(p) for p in sr_model.parameters()]
     n = 2000
     parts = {
-        "loss validation (one host sync)": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted),
-        "parameter list check": sr_opt._trainable_params,
+        "loss structure checks": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted),
+        "finite losses and gradients (1 sync)": lambda: sr_opt._require_finite({wanted[0]: loss}, grads=grads),
+        "parameter-set check": sr_opt._sync_params,
+        "external-change check": sr_opt._changed_params,
+        "version record": sr_opt._record_versions,
         "schedule draw": lambda: sr_opt.schedule.draw(sr_opt.generator),
         "step report": lambda: sr_opt._report({wanted[0]: loss}),
     }
