@@ -10,6 +10,7 @@ Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 
 from . import aggregation, functional, interpolation, jacobian, schedules
 from .base import MultiTaskOptimizer
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .diagnostics import GradientDiagnostics, gradient_diagnostics
 from .gradnorm import GradNorm
 from .gradvac import GradVac
@@ -26,6 +27,7 @@ from .slow_fast import SlowFastOptimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "GradNorm",
     "GradVac",
     "GradientDiagnostics",
@@ -36,6 +38,7 @@ __all__ = [
     "aggregation",
     "gradient_diagnostics",
     "jacobian",
+    "load_checkpoint",
     "MultiTaskOptimizer",
     "Reptile",
     "SequentialReptile",
@@ -46,5 +49,6 @@ __all__ = [
     "interpolate_",
     "interpolation",
     "register_kernel",
+    "save_checkpoint",
     "schedules",
 ]
