@@ -25,6 +25,16 @@ def test_quickstart_and_swap_methods_run(capsys, monkeypatch):
     sys.modules.pop("swap_methods", None)
 
 
+def test_resume_example_continues_bit_for_bit(capsys, monkeypatch):
+    """The README's checkpoint recipe (examples/resume.py): crash, rebuild, resume, identical."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import resume
+
+    assert resume.main(steps=30, crash_at=12) is True
+    sys.modules.pop("resume", None)
+    assert "resumed from the checkpoint of step 10" in capsys.readouterr().out
+
+
 def test_toy_benchmark_draws_every_method(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.syspath_prepend(str(EXAMPLES.parent / "benchmarks"))
