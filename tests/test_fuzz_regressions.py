@@ -102,3 +102,41 @@ def test_outer_optimizer_keeps_its_slow_buffers_after_a_reallocation():
     assert opt.outer_optimizer.param_groups[0]["params"][0] is opt.engine.slow_buffers[0]
     for a, b in zip([*model.parameters(), *opt.slow_weights], [*twin_model.parameters(), *twin.slow_weights]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- state loaded in memory
+def _gradnorm(model, seed):
+    return metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, seed=seed),
+                            layer=model[0].parameters(), seed=seed)
+
+
+def _outer_optimizer(model, seed):
+    return metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=1, seed=seed,
+                           outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+
+
+@pytest.mark.parametrize("build", [_gradnorm, _outer_optimizer], ids=["gradnorm_weights", "outer_optimizer"])
+def test_state_loaded_in_memory_does_not_alias_the_source(build):
+    """GradNorm's weight optimizer and the Reptile outer optimizer were loaded with torch's
+    load_state_dict as is, which keeps the tensors it is given: an optimizer loaded from
+    another's state_dict() in memory shared its Adam moments / momentum buffers, so the two
+    stepped each other's state and diverged from a run that never copied."""
+    data = make_data()
+    model = make_model(0)
+    opt = build(model, 0)
+    run(opt, model, data, 2)                         # the inner torch optimizers have state now
+    copy_model = make_model(1)
+    copy_opt = build(copy_model, 1)
+    copy_model.load_state_dict(model.state_dict())
+    copy_opt.load_state_dict(opt.state_dict())
+    run(opt, model, data, 3)
+    run(copy_opt, copy_model, data, 3)
+    for a, b in zip(model.parameters(), copy_model.parameters()):
+        assert torch.equal(a, b)
+    mine, theirs = opt.state_dict(), copy_opt.state_dict()
+    key = "weight_optimizer" if "weight_optimizer" in mine["metaopt"] else "outer_optimizer"
+    for k, v in mine["metaopt"][key]["state"].items():
+        for name, t in v.items():
+            if isinstance(t, torch.Tensor):
+                assert torch.equal(t, theirs["metaopt"][key]["state"][k][name])
+                assert t.data_ptr() != theirs["metaopt"][key]["state"][k][name].data_ptr()
