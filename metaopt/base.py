@@ -64,6 +64,15 @@ def _copied(value: Any) -> Any:
     return value
 
 
+def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None:
+    """``optimizer.load_state_dict`` on a copy of ``state``. torch.optim keeps the tensors it is
+    given (``.to()`` returns the same tensor when dtype and device already match), so a state
+    dict taken in memory from another optimizer would otherwise alias that optimizer's state:
+    both would then step the same buffers. Every torch optimizer metaopt holds (the wrapped one,
+    an outer optimizer, GradNorm's weight optimizer) is loaded through this."""
+    optimizer.load_state_dict(_copied(state))
+
+
 def _finite_norms(tensors: Sequence[Tensor]) -> Tensor:
     """0-dim bool: every tensor's 2-norm is finite (so is every element). One fused pass; the
     flag is read with the caller's single host sync."""
@@ -502,8 +511,8 @@ class MultiTaskOptimizer(Optimizer):
         self._load_extra_state(own)
         if self.inner is not None:
             self.inner._load_checked(*self.inner._check_state(inner))
-        else:   # a copy: torch.optim would otherwise alias the source's state tensors
-            self.optimizer.load_state_dict(_copied(inner))
+        else:
+            load_optimizer_state(self.optimizer, inner)
         self._step_count = int(own["step"])
         self.generator.set_state(own["generator"])
         pending = own.get("pending")

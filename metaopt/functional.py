@@ -136,15 +136,47 @@ def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
     return _flat_of(params, buffer)
 
 
+def _segments(members: Sequence[Tensor]) -> list[tuple[list[Tensor], int, int]]:
+    """The storage spans ``[lo, hi)`` a new buffer must hold, with the members in each.
+
+    Members of one source storage whose element ranges overlap form one segment and keep their
+    relative offsets (tied parameters stay tied); members that do not overlap get segments of
+    their own. Storage no member uses (the slot of a parameter re-allocated out of an earlier
+    pack) is left out, so the new buffer is covered without gaps (:func:`is_packed`). Segments
+    come in the order of their first member in ``members``.
+    """
+    by_storage: dict[int, list[int]] = {}
+    for i, p in enumerate(members):
+        by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(i)
+    segments: list[tuple[int, list[Tensor], int, int]] = []   # (first index, members, lo, hi)
+    for indices in by_storage.values():
+        spans = sorted((int(members[i].storage_offset()),
+                        int(members[i].storage_offset()) + _extent(members[i]), i) for i in indices)
+        current: list[int] = []
+        lo = hi = 0
+        for a, b, i in spans:
+            if current and a < hi:
+                current.append(i)
+                hi = max(hi, b)
+                continue
+            if current:
+                segments.append((min(current), [members[j] for j in current], lo, hi))
+            current, lo, hi = [i], a, b
+        segments.append((min(current), [members[j] for j in current], lo, hi))
+    return [(ps, lo, hi) for _, ps, lo, hi in sorted(segments, key=lambda s: s[0])]
+
+
 @torch.no_grad()
 def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
     """Move parameters into one contiguous buffer per (device, dtype); each becomes a view.
 
     The parameter objects stay the same (optimizers and modules keep working); only their
-    ``.data`` now lives in a shared buffer. Parameters that shared storage before share it
-    after, at the same relative positions and strides, so tied or overlapping parameters stay
-    tied; a parameter keeps its strides (memory format). Already-packed groups are returned as
-    they are. Sharing with tensors that are *not* in ``params`` (a buffer viewing a parameter)
+    ``.data`` now lives in a shared buffer. Parameters whose elements overlap (tied, or one a
+    window of another) keep their relative positions and strides, so they stay tied; a
+    parameter keeps its strides (memory format). The buffer holds only elements some parameter
+    uses: re-packing after one parameter was re-allocated out of an earlier pack leaves no
+    hole, so the result is packed again (:func:`is_packed`). Already-packed groups are returned
+    as they are. Sharing with tensors that are *not* in ``params`` (a buffer viewing a parameter)
     is not preserved. Call it *after* moving the model to its device: ``module.to()``
     re-allocates parameters.
 
@@ -166,15 +198,9 @@ def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
         if packed is not None:
             out.append(packed)
             continue
-        # one region per source storage, holding the span its members use
-        regions: dict[int, list[Tensor]] = {}
-        for p in members:
-            regions.setdefault(p.untyped_storage().data_ptr(), []).append(p)
         layout = []
         total = 0
-        for ps in regions.values():
-            lo = min(int(p.storage_offset()) for p in ps)
-            hi = max(int(p.storage_offset()) + _extent(p) for p in ps)
+        for ps, lo, hi in _segments(members):
             layout.append((ps, lo, hi, total))
             total += hi - lo
         buffer = torch.empty(total, dtype=dtype, device=device)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._options import Option, non_negative
-from .base import MultiTaskOptimizer
+from .base import MultiTaskOptimizer, load_optimizer_state
 from .functional import unique_tensors
 from .report import StepReport
 
@@ -185,4 +185,4 @@ class GradNorm(MultiTaskOptimizer):
         with torch.no_grad():
             self.weights.copy_(w)
         self.initial_losses = state["initial_losses"].clone().to(self.weights.device)
-        self.weight_optimizer.load_state_dict(state["weight_optimizer"])
+        load_optimizer_state(self.weight_optimizer, state["weight_optimizer"])

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._options import Option, flag, optional_fraction, optional_positive_int, positive_int
-from .base import MultiTaskOptimizer
+from .base import MultiTaskOptimizer, load_optimizer_state
 from .interpolation import Interpolator, Method
 from .report import StepReport
 from .schedules import ScheduleName, TaskSchedule
@@ -344,7 +344,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self.engine.load_state_dict(state["engine"])
         self.schedule.load_state_dict(state["schedule"])
         if self.outer_optimizer is not None:
-            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+            load_optimizer_state(self.outer_optimizer, state["outer_optimizer"])
         self._inner_count = int(state["inner_count"])
         self._trajectory = int(state["trajectory"])
         self._outer_count = int(state["outer_count"])
