@@ -449,6 +449,14 @@ class MultiTaskOptimizer(Optimizer):
     def _after_load(self) -> None:
         """Hook: the whole state dict was loaded."""
 
+    @classmethod
+    def _option_names(cls) -> dict[str, Option[Any]]:
+        """The validated hyper-parameters of this class, by name."""
+        out: dict[str, Option[Any]] = {}
+        for klass in reversed(cls.__mro__):
+            out.update((k, v) for k, v in vars(klass).items() if isinstance(v, Option))
+        return out
+
     def _own_state_dict(self) -> dict[str, Any]:
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -458,13 +466,16 @@ class MultiTaskOptimizer(Optimizer):
                 "step": self._step_count,
                 "generator": self.generator.get_state(),
                 "pending": None if self._pending is None else list(self._pending),
+                "options": {name: getattr(self, name) for name in self._option_names()},
                 **self._extra_state(),
             },
         }
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to continue identically: the wrapped optimizer's state dict, step
-        counters, the generator state, the pending task draw and each method's own state.
+        counters, the generator state, the pending task draw, each method's own state and its
+        hyper-parameters (``outer_lr``, ``beta``, ...: restored on load, as torch.optim restores
+        the hyper-parameters of its param groups).
         Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
         in ``torch.optim``."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
@@ -502,12 +513,26 @@ class MultiTaskOptimizer(Optimizer):
         if pending is not None and (not isinstance(pending, (list, tuple))
                                     or any(t not in self.tasks for t in pending)):
             raise ValueError(f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks")
+        options = own.get("options", {})
+        if not isinstance(options, Mapping):
+            raise ValueError(f"{name}.load_state_dict: saved options {options!r} are not a mapping")
+        known = self._option_names()
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"{name}.load_state_dict: saved options {unknown} are not options of {name}")
+        for key, value in options.items():
+            try:
+                known[key].check(value, key, name)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name}.load_state_dict: saved option: {err}") from None
         self._check_extra_state(own)
         if self.inner is not None:
             self.inner._check_state(inner)
         return own, inner
 
     def _load_checked(self, own: Mapping[str, Any], inner: Any) -> None:
+        for key, value in own.get("options", {}).items():
+            setattr(self, key, value)   # like torch.optim's saved param-group hyper-parameters
         self._load_extra_state(own)
         if self.inner is not None:
             self.inner._load_checked(*self.inner._check_state(inner))

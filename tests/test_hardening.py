@@ -580,3 +580,25 @@ def test_torch_optimizer_hooks_and_profiler_label_are_honoured():
     finally:
         for h in handles:
             h.remove()
+
+
+def test_hyper_parameters_travel_with_the_state_dict():
+    """An option changed by assignment mid-run is saved and restored (as torch.optim restores its
+    param groups' hyper-parameters); a bad saved value is refused with nothing changed."""
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
+                                    inner_steps=3, seed=0)
+    run(opt, model, data, 2)
+    opt.outer_lr, opt.inner_steps = 0.05, 4
+    state = copy.deepcopy(opt.state_dict())
+    fresh_model = make_model(0)
+    fresh = metaopt.SequentialReptile(torch.optim.SGD(fresh_model.parameters(), lr=0.1), tasks=TASKS, seed=1)
+    before = snapshot(fresh_model, fresh)
+    bad = copy.deepcopy(state)
+    bad["metaopt"]["options"]["outer_lr"] = 3.0
+    with pytest.raises(ValueError, match="outer_lr"):
+        fresh.load_state_dict(bad)
+    assert_unchanged(before, fresh_model, fresh)
+    fresh.load_state_dict(state)
+    assert (fresh.outer_lr, fresh.inner_steps) == (0.05, 4)
