@@ -356,3 +356,12 @@ def test_load_meter_measures_own_cpu() -> None:
     assert 0.1 < s["own_cpu_cores"] and s["other_cpu_cores"] >= 0
     with pytest.raises(RuntimeError, match="without start"):
         meter.stop()
+
+
+def test_cost_verdict_without_counts_is_neither_pass_nor_failure() -> None:
+    # a results file from before the counts existed: timings alone decide nothing
+    records = [{k: v for k, v in r.items() if "backward" not in k} for r in _fabricated()]
+    c = _cost(records)
+    assert c["verdict"].startswith("undetermined") and "fewer_backward_per_update" in c["verdict"]
+    bare = [{k: v for k, v in r.items() if k != "peak_mb"} for r in records]
+    assert _cost(bare)["verdict"] == "not measured"

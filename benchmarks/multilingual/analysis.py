@@ -319,10 +319,14 @@ class Analysis:
             per = {m: vs[m][metric] for m in against if m in vs and vs[m][metric]["n"] > 0}
             results[name] = {"metric": metric, "per_baseline": per,
                              "holds": bool(per) and all(v["relation"] in ok for v in per.values())}
-        measured = [c for c in results.values() if c["per_baseline"]]
-        passed = [c for c in measured if c["holds"]]
-        verdict = ("not measured" if not measured else "yes" if len(passed) == len(checks)
-                   else "partly" if passed else "no")
+        missing = [name for name, c in results.items() if not c["per_baseline"]]
+        passed = [c for c in results.values() if c["holds"]]
+        if len(missing) == len(checks):
+            verdict = "not measured"
+        elif missing:  # a check that did not run is neither a pass nor a failure
+            verdict = f"undetermined (not measured: {', '.join(missing)})"
+        else:
+            verdict = "yes" if len(passed) == len(checks) else "partly" if passed else "no"
         return {"rule": rule, "verdict": verdict, "checks": results,
                 "sr_not_cheaper": self._sr_not_cheaper(vs),
                 "numbers": {m: {k: self.main(m)[k]["mean"] for k in COUNTED} for m in self.methods}}

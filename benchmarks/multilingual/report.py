@@ -58,7 +58,7 @@ def count(s: Summary, digits: int = 1) -> str:
         return "n/a"
     mean = s["mean"]
     text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.{digits}f}"
-    if s.get("n", 0) > 1 and s.get("std"):
+    if s.get("n", 0) > 1 and s.get("std", 0) > 1e-9 * max(abs(mean), 1.0):  # not float noise
         text += f" ± {s['std']:.{digits}f}"
     return text
 
@@ -181,12 +181,16 @@ def _timing_table(a: Analysis) -> list[str]:
     for m, t in a.timings().items():
         load = t["load_1min_mean"]
         rows.append([METHODS[m].label, ms(t["ms_per_example"], 3),
-                     _num(t["ms_per_example_ratio_to_sr"], 2) + "×", ms(t["ms_per_step"], 1),
-                     _num(t["ms_per_step_ratio_to_sr"], 2) + "×", ms(load, 2),
+                     _times(t["ms_per_example_ratio_to_sr"]), ms(t["ms_per_step"], 1),
+                     _times(t["ms_per_step_ratio_to_sr"]), ms(load, 2),
                      ms(t["other_cpu_cores"], 2)])
     return _table(["method", "ms / example", "× SR per example", "ms / step (update)",
                    "× SR per step", "load average (1 min) in its timed sections",
                    "other processes' CPU, cores"], rows)
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}×"
 
 
 def _against(c: dict[str, Any]) -> str:
