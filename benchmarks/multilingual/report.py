@@ -51,6 +51,18 @@ def diff(s: Summary, digits: int = 3, scale: float = 1.0) -> str:
     return ms(s, digits, scale, sign=True) + mark
 
 
+def count(s: Summary, digits: int = 1) -> str:
+    """A counted quantity: its mean, with ``± std`` only where it differs between seeds; whole
+    numbers without decimals."""
+    if s is None or s.get("mean") is None:
+        return "n/a"
+    mean = s["mean"]
+    text = f"{mean:.0f}" if float(mean).is_integer() else f"{mean:.{digits}f}"
+    if s.get("n", 0) > 1 and s.get("std", 0) > 1e-9 * max(abs(mean), 1.0):  # not float noise
+        text += f" ± {s['std']:.{digits}f}"
+    return text
+
+
 def _lr(x: float) -> str:
     return f"{x:.0e}".replace("e-0", "e-")
 
@@ -64,7 +76,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------------- sections
 def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
     header = ["method", "lr (dev-selected)", "test acc %", "zero-shot acc %", "LID loss ↓",
-              "drift ↓", "grad cosine", "ms / example", "ms / step", "peak MB"]
+              "drift ↓", "grad cosine", "backward passes / update", "backward passes / 1k examples",
+              "peak MB"]
     rows = []
     for m in a.methods:
         c = a.main(m)
@@ -75,8 +88,8 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
             lr_text += ", SR's lr"
         rows.append([METHODS[m].label, lr_text, ms(c["test_mean"], 1, 100),
                      ms(c["zero_shot_mean"], 1, 100), ms(c["lid_loss"], 3), ms(c["drift"], 3),
-                     ms(c["cosine_mean"], 2), ms(c["ms_per_example"], 3), ms(c["ms_per_step"], 1),
-                     ms(c["peak_mb"], 1)])
+                     ms(c["cosine_mean"], 2), count(c["backward_per_update"]),
+                     count(c["backward_per_1k_examples"]), ms(c["peak_mb"], 1)])
     rows.append(["pre-trained encoder, before fine-tuning", "", "", "",
                  _num(ref["lid_loss_pretrained"], 3), "0", "", "", "", ""])
     rows.append(["majority class", "", _num(ref["majority_test"], 1, 100),
@@ -89,18 +102,95 @@ def _claims_section(a: Analysis) -> list[str]:
     names = {"alignment": "1. aligns gradients between tasks",
              "forgetting": "2. forgets less of the pre-training",
              "accuracy": "3. beats the baselines on the tasks and zero-shot",
-             "cost": "4. at the cost of one backward per step"}
+             "cost": "4. costs less than PCGrad and GradVac (1 backward pass per update, not T)"}
     rows = []
     for key, title in names.items():
         c = claims[key]
         detail = c["rule"]
         if c.get("holds_against") is not None and c["verdict"] in ("partly", "yes", "no"):
             detail += ". " + _against(c)
+        if key == "cost" and "checks" in c:
+            detail += ". " + _cost_detail(a, c)
         if key == "accuracy" and "at_matched_forgetting" in c:
             s = c["at_matched_forgetting"]
             detail += f". Secondary, at matched forgetting: **{s['verdict']}** ({s['rule']}. {_against(s)})"
         rows.append([title, f"**{c['verdict']}**", detail])
     return _table(["claim", "reproduced?", "rule applied (details below)"], rows)
+
+
+_CHECK_TEXT = {"fewer_backward_per_update": ("(a)", "backward passes per update"),
+               "backward_per_example_at_most_sampled": ("(b)", "backward passes per 1k examples"),
+               "lower_peak_memory": ("(c)", "peak MB")}
+
+
+def _cost_detail(a: Analysis, c: dict[str, Any]) -> str:
+    """Claim 4's checks with their numbers, and where Sequential Reptile is not cheaper."""
+    parts = []
+    for name, check in c["checks"].items():
+        tag, what = _CHECK_TEXT[name]
+        per = check["per_baseline"]
+        if not per:
+            parts.append(f"{tag} {what}: not measured")
+            continue
+        sr = next(iter(per.values()))["sr"]
+        fmt = (lambda x: ms(x, 1)) if check["metric"] == "peak_mb" else count
+        others = ", ".join(f"{m} {fmt(v['other'])}" for m, v in per.items())
+        parts.append(f"{tag} {what}: SR {fmt(sr)}, {others}: "
+                     f"{'holds' if check['holds'] else 'does not hold'}")
+    return "; ".join(parts) + ". " + _not_cheaper_text(c["sr_not_cheaper"])
+
+
+def _not_cheaper_text(nc: dict[str, list[str]]) -> str:
+    """One sentence per counted measure on which some method is at least as cheap as SR."""
+    names = {"backward_per_update": "backward passes per update",
+             "backward_per_1k_examples": "backward passes per example",
+             "full_backward_per_1k_examples": "full backward passes per example",
+             "peak_mb": "peak memory"}
+    out = []
+    for metric, label in names.items():
+        cheaper, equal = nc.get(f"cheaper:{metric}", []), nc.get(f"equal:{metric}", [])
+        bits = []
+        if cheaper:
+            bits.append(f"lower for {', '.join(cheaper)}")
+        if equal:
+            bits.append(f"equal for {', '.join(equal)}")
+        if bits:
+            out.append(f"{label}: {'; '.join(bits)}")
+    if not out:
+        return "Sequential Reptile is the cheapest on every counted measure."
+    return "Where Sequential Reptile is not cheaper (every seed): " + "; ".join(out) + "."
+
+
+def _cost_table(a: Analysis) -> list[str]:
+    rows = []
+    for m in a.methods:
+        c = a.main(m)
+        full, passes = c["full_backward_per_update"]["mean"], c["backward_per_update"]["mean"]
+        partial = None if full is None or passes is None else passes - full
+        rows.append([METHODS[m].label, count(c["examples_per_update"]), count(c["backward_per_update"]),
+                     "n/a" if partial is None else f"{partial:g}",
+                     count(c["backward_per_1k_examples"]), count(c["full_backward_per_1k_examples"]),
+                     ms(c["peak_mb"], 1)])
+    return _table(["method", "examples / update", "backward passes / update",
+                   "of which partial", "backward passes / 1k examples",
+                   "full backward passes / 1k examples", "peak MB"], rows)
+
+
+def _timing_table(a: Analysis) -> list[str]:
+    rows = []
+    for m, t in a.timings().items():
+        load = t["load_1min_mean"]
+        rows.append([METHODS[m].label, ms(t["ms_per_example"], 3),
+                     _times(t["ms_per_example_ratio_to_sr"]), ms(t["ms_per_step"], 1),
+                     _times(t["ms_per_step_ratio_to_sr"]), ms(load, 2),
+                     ms(t["other_cpu_cores"], 2)])
+    return _table(["method", "ms / example", "× SR per example", "ms / step (update)",
+                   "× SR per step", "load average (1 min) in its timed sections",
+                   "other processes' CPU, cores"], rows)
+
+
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}×"
 
 
 def _against(c: dict[str, Any]) -> str:
@@ -175,6 +265,33 @@ def _gap_line(a: Analysis) -> list[str]:
             f"{'same sign on every seed' if t['holds'] and z['holds'] else 'sign not the same on every seed'})."]
 
 
+def _cost_section(a: Analysis, cfg: Any) -> list[str]:
+    lines = ["## Cost", "",
+             "**Counted** (what the cost verdict uses). In the training loop, per run: the "
+             "updates (`opt.step` calls), the training examples fed to them, and every backward "
+             "pass that computed a gradient for a trained parameter. A *partial* pass stops short "
+             "of some trained parameters (GradNorm's per-task gradient at its one shared layer). "
+             "Measurement points are not counted. Per update and per 1,000 examples are both "
+             f"shown: a method that takes one batch of all {cfg.num_tasks} tasks per update "
+             f"processes {cfg.num_tasks}× the examples of a sampled-task update. The machine's "
+             "load cannot change these numbers; peak memory is read the same way on every "
+             "machine.", ""]
+    lines += _cost_table(a) + [""]
+    c = a.claims()["cost"]
+    if "sr_not_cheaper" in c:
+        lines += [_not_cheaper_text(c["sr_not_cheaper"]), ""]
+    lines += ["**Timed: load-dependent, not used by any verdict.** Wall-clock time of the "
+              "optimizer steps only (measurement points excluded), per training example and per "
+              "update, with the load measured during the same sections: the 1-minute load "
+              "average sampled at the start and end of each timed section (it includes this "
+              "benchmark's own threads), and the CPU the rest of the machine used meanwhile "
+              "(busy time of all CPUs in `/proc/stat`, hypervisor steal included, minus this "
+              "process's own), in cores. On a busy machine these times move by several times "
+              "while every number above stays the same.", ""]
+    lines += _timing_table(a) + [""]
+    return lines
+
+
 def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
     """The Markdown report."""
     cfg = a.cfg
@@ -203,14 +320,17 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
         "cosine between fine-tuned and pre-trained sentence embeddings of the probe's windows. "
         "Grad cosine: mean inter-task gradient cosine on all trainable (shared) parameters over "
         "the measurement points after initialisation, each task's gradient from all its training "
-        "names. Reptile-family models are evaluated at their slow weights. Timing covers the "
-        "optimizer steps only; peak MB is the resident memory the run added at its peak.", ""]
+        "names. Reptile-family models are evaluated at their slow weights. Backward passes are "
+        "counted as they run, per update (one `opt.step`) and per 1,000 training examples fed "
+        "(see Cost below); peak MB is the resident memory the run added at its peak. Timings are "
+        "in their own table below: they depend on the machine's load.", ""]
     lines += _gap_line(a) + [""]
     lines += ["## The paper's claims", ""] + _claims_section(a) + [""]
     for key, title in (("accuracy", "Accuracy figure"), ("tradeoff", "Accuracy against forgetting"),
                        ("cosine", "Gradient cosine during training"), ("cost", "Cost")):
         if key in figures:
             lines += [f"![{title}]({figures[key]})", ""]
+    lines += _cost_section(a, cfg)
     lines += ["## Paired differences (per seed, each method at its selected lr)", "",
               "✓ = the difference has the same sign on every seed compared (2 or more).", ""]
     lines += _versus_table(a) + [""]
@@ -260,4 +380,4 @@ def reference_numbers(bench: Any) -> dict[str, float]:
             "majority_zero_shot": sum(maj_zs) / len(maj_zs)}
 
 
-__all__ = ["SR", "markdown", "reference_numbers", "write_json"]
+__all__ = ["SR", "count", "markdown", "reference_numbers", "write_json"]

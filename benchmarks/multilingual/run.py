@@ -20,8 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # run as a script: make the package importable (PEP 366)
+if not __package__:  # run as a script: make the package importable (PEP 366), and measure the
+    # metaopt of this checkout, not whichever copy the environment has installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "multilingual"
 
 import torch  # noqa: E402

@@ -1,10 +1,16 @@
-"""Wall-clock time, peak memory, software versions and the machine, for the results file.
+"""Wall-clock time, the machine's load while it was measured, peak memory, software versions
+and the machine, for the results file.
 
 Peak memory on CPU (Linux): free heap pages are returned to the OS (glibc ``malloc_trim``),
 then writing ``5`` to ``/proc/self/clear_refs`` resets the process's high-water mark ``VmHWM``;
 after the measured section, ``VmHWM`` minus the ``VmRSS`` at its start is the memory the section
 added at its peak. On CUDA, ``torch.cuda.max_memory_allocated`` minus
 the allocation at the start. Elsewhere the figure is ``None`` (reported as "n/a").
+
+Load (:class:`LoadMeter`), sampled around every timed section: the 1-minute load average, and
+the CPU time the rest of the machine used meanwhile (all CPUs' busy time in ``/proc/stat``,
+hypervisor steal included, minus this process's own CPU time), in cores. Timings depend on
+both; no verdict uses timings.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_PROC_STAT = Path("/proc/stat")
+try:
+    _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):
+    _CLOCK_TICKS = 100
 
 
 def _status_kb(field: str) -> int | None:
@@ -78,6 +89,72 @@ def _malloc_trim() -> None:
         pass
 
 
+class LoadMeter:
+    """The machine's load during a set of timed sections (``start()`` ... ``stop()``, repeated).
+
+    ``summary()`` gives the 1-minute load-average samples taken at each start and stop, the mean
+    number of cores the rest of the machine kept busy during the sections (``other_cpu_cores``)
+    and the mean number this process used (``own_cpu_cores``); ``None`` where the OS does not
+    provide the counters.
+    """
+
+    def __init__(self) -> None:
+        self.load_samples: list[float] = []
+        self.wall = 0.0
+        self.busy: float | None = 0.0
+        self.own = 0.0
+        self._t0: tuple[float, float | None, float] | None = None
+
+    def _sample(self) -> None:
+        avg = load_average()
+        if avg is not None:
+            self.load_samples.append(avg[0])
+
+    def start(self) -> None:
+        self._sample()
+        self._t0 = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
+
+    def stop(self) -> None:
+        if self._t0 is None:
+            raise RuntimeError("LoadMeter.stop() without start()")
+        wall0, busy0, own0 = self._t0
+        busy1 = _busy_cpu_seconds()
+        self.wall += time.perf_counter() - wall0
+        self.own += time.process_time() - own0
+        if self.busy is not None and busy0 is not None and busy1 is not None:
+            self.busy += busy1 - busy0
+        else:
+            self.busy = None
+        self._t0 = None
+        self._sample()
+
+    def summary(self) -> dict[str, Any]:
+        samples = self.load_samples
+        others = None
+        if self.busy is not None and self.wall > 0:
+            others = max(self.busy - self.own, 0.0) / self.wall
+        return {
+            "load_1min_samples": samples,
+            "load_1min_mean": sum(samples) / len(samples) if samples else None,
+            "load_1min_max": max(samples) if samples else None,
+            "other_cpu_cores": others,
+            "own_cpu_cores": self.own / self.wall if self.wall > 0 else None,
+        }
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all CPUs spent busy since boot (user, nice, system, irq, softirq, steal of
+    ``/proc/stat``); ``None`` where unavailable."""
+    try:
+        fields = _PROC_STAT.read_text().splitlines()[0].split()
+        if fields[0] != "cpu":
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+        return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def clock(device: torch.device) -> float:
     """``time.perf_counter()``, after waiting for queued device work (CUDA)."""
     if device.type == "cuda":
@@ -94,6 +171,8 @@ def versions() -> dict[str, str]:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
+    import metaopt  # which copy ran: an installed version can belong to another checkout
+    out["metaopt_imported_from"] = str(Path(metaopt.__file__).resolve().parent)
     return out
 
 

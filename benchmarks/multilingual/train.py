@@ -10,8 +10,13 @@ Data order is shared between methods: task ``t``'s batches come from a stream se
 order (methods that sample tasks also draw the same task sequence, from the optimizer's seeded
 generator). Dropout is seeded by the run's seed.
 
-Timing covers the optimizer steps only (loss computation, backward, update); the measurement
-points are excluded. Peak memory is read just before the first measurement point.
+Cost is measured two ways. Counted, and so independent of the machine's load: the updates
+(``opt.step`` calls), the training examples fed to them (the rows of the batches that went in)
+and the backward passes they ran (:class:`~counting.BackwardCounter`); with the peak memory,
+read just before the first measurement point, these are what the cost verdict uses. Timed, and
+so load-dependent: the wall-clock time of the optimizer steps only (loss computation, backward,
+update; measurement points excluded), with the machine's load sampled around the same sections
+(:class:`~system.LoadMeter`); reported, never used by a verdict.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import torch.nn.functional as F
 
 import metaopt
 
+from .counting import BackwardCounter
 from .evaluate import checkpoint, evaluation_weights, final_metrics, has_slow_weights
 from .methods import BuildArgs, Method
 from .prepare import Bench, SeedData
-from .system import PeakMemory, clock
+from .system import LoadMeter, PeakMemory, clock
 
 Progress = Callable[[int], None]
 
@@ -96,42 +102,50 @@ class Trainer:
         opt = method.recipe(BuildArgs(model, effective_lr, tasks, seed, cfg))
         streams = {t: BatchStream(len(data.train[t]), cfg.batch_size, seed, t) for t in tasks}
         marks = set(cfg.checkpoint_steps(steps)) if measure else {steps}
+        counter = BackwardCounter(model.parameters())
+        load = LoadMeter()
         peak: float | None = None
-        examples = 0
+        examples = updates = 0
         seconds = 0.0
+        load.start()
         start = clock(bench.device)
         for step in range(1, steps + 1):
             wanted = opt.next_tasks()
             losses = {}
+            fed = 0
             for t in wanted:
                 tokens, mask, labels = data.train[t].batch(streams[t].next())
                 losses[t] = F.cross_entropy(model(tokens, mask), labels)
-            opt.step(losses)
-            examples += cfg.batch_size * len(wanted)
-            progress(cfg.batch_size * len(wanted))
+                fed += labels.shape[0]
+            with counter.counting():
+                opt.step(losses)
+            updates += 1
+            examples += fed
+            progress(fed)
             if step in marks:
                 seconds += clock(bench.device) - start
+                load.stop()
                 if peak is None:
                     peak = memory.peak_mb()
                 if measure and _moved(opt, curve):
                     with evaluation_weights(opt):
                         curve.append({"step": step, "examples": examples,
                                       "outer_steps": _outer_steps(opt), **checkpoint(model, probes)})
-                start = clock(bench.device)
+                if step < steps:  # the last step is always a mark: nothing left to time
+                    load.start()
+                    start = clock(bench.device)
+        counter.remove()
         with evaluation_weights(opt):
             metrics = final_metrics(model, data, bench.probe if method.init == "pretrained" else None)
         outer = _outer_steps(opt)
         return {
             "effective_lr": effective_lr,
             "steps": steps,
-            "examples": examples,
             "outer_steps": outer,
             **metrics,
             "curve": curve,
-            "train_seconds": seconds,
-            "ms_per_example": 1000 * seconds / examples,
-            "ms_per_step": 1000 * seconds / steps,
-            "peak_mb": peak,
+            **cost_fields(updates, examples, counter.passes, counter.full_passes, peak),
+            **timing_fields(seconds, updates, examples, [load.summary()]),
         }
 
     def _single_task(self, method: Method, lr: float, seed: int, data: SeedData,
@@ -147,7 +161,7 @@ class Trainer:
         record: dict[str, Any] = {
             "method": method.name, "lr": lr, "seed": seed,
             "effective_lr": method.effective_lr(lr, self.cfg), "steps": steps,
-            "examples": sum(p["examples"] for _, p in parts), "outer_steps": None,
+            "outer_steps": None,
             "dev": {t: p["dev"][t] for t, p in parts if t in p["dev"]},
             "test": {t: p["test"][t] for t, p in parts},
             "zero_shot": {z: _mean([p["zero_shot"][z] for _, p in parts]) for z in zs_langs},
@@ -158,13 +172,53 @@ class Trainer:
             record[name] = _mean(values) if values else None
         for part in ("dev", "test", "zero_shot"):
             record[f"{part}_mean"] = _mean(list(record[part].values())) if record[part] else None
-        seconds = sum(p["train_seconds"] for _, p in parts)
         peaks = [p["peak_mb"] for _, p in parts if p["peak_mb"] is not None]
-        record.update({"train_seconds": seconds,
-                       "ms_per_example": 1000 * seconds / record["examples"],
-                       "ms_per_step": 1000 * seconds / (steps * len(tasks)),
-                       "peak_mb": max(peaks) if peaks else None})
+        total = {k: sum(p[k] for _, p in parts)
+                 for k in ("updates", "examples", "backward_passes", "full_backward_passes",
+                           "train_seconds")}
+        record.update(cost_fields(total["updates"], total["examples"], total["backward_passes"],
+                                  total["full_backward_passes"], max(peaks) if peaks else None))
+        record.update(timing_fields(total["train_seconds"], total["updates"], total["examples"],
+                                    [p for _, p in parts]))
         return record
+
+
+def cost_fields(updates: int, examples: int, passes: int, full_passes: int,
+                peak_mb: float | None) -> dict[str, Any]:
+    """The counted cost of a run, per update and per 1,000 training examples, and its peak
+    memory: what the cost verdict reads (nothing here depends on the machine's load)."""
+    return {
+        "updates": updates,
+        "examples": examples,
+        "backward_passes": passes,
+        "full_backward_passes": full_passes,
+        "examples_per_update": examples / updates,
+        "backward_per_update": passes / updates,
+        "full_backward_per_update": full_passes / updates,
+        "backward_per_1k_examples": 1000 * passes / examples,
+        "full_backward_per_1k_examples": 1000 * full_passes / examples,
+        "peak_mb": peak_mb,
+    }
+
+
+def timing_fields(seconds: float, updates: int, examples: int,
+                  loads: list[dict[str, Any]]) -> dict[str, Any]:
+    """The timed cost of a run, per update and per training example, with the load measured
+    around the same sections (``loads``: :meth:`~system.LoadMeter.summary` of each part, weighted
+    equally). Load-dependent: reported, never used by a verdict."""
+    samples = [x for part in loads for x in part["load_1min_samples"]]
+    others = [part["other_cpu_cores"] for part in loads if part["other_cpu_cores"] is not None]
+    own = [part["own_cpu_cores"] for part in loads if part["own_cpu_cores"] is not None]
+    return {
+        "train_seconds": seconds,
+        "ms_per_example": 1000 * seconds / examples,
+        "ms_per_step": 1000 * seconds / updates,
+        "load_1min_samples": samples,
+        "load_1min_mean": _mean(samples) if samples else None,
+        "load_1min_max": max(samples) if samples else None,
+        "other_cpu_cores": _mean(others) if others else None,
+        "own_cpu_cores": _mean(own) if own else None,
+    }
 
 
 def _outer_steps(opt: metaopt.MultiTaskOptimizer) -> int | None:
