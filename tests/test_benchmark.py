@@ -39,11 +39,17 @@ from multilingual.system import LoadMeter  # noqa: E402
 
 
 # ---------------------------------------------------------------------- end to end
+# One torch thread: two threads that wait for each other whenever one is descheduled made the
+# smoke run up to 20x slower on a shared 2-core machine. The thread count is restored after.
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("smoke")
-    code = bench_run.main(["--smoke", "--out", str(out), "--cache-dir", str(out / "cache"),
-                           "--no-progress"])
+    threads = torch.get_num_threads()
+    try:
+        code = bench_run.main(["--smoke", "--out", str(out), "--cache-dir", str(out / "cache"),
+                               "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     return out, json.loads((out / "entity.json").read_text())
 
@@ -104,8 +110,12 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
 def test_cached_preparation_gives_identical_results(smoke: tuple[Path, dict], tmp_path: Path) -> None:
     out, first = smoke
     again = tmp_path / "again"
-    bench_run.main(["--smoke", "--methods", "seq-reptile", "--out", str(again),
-                    "--cache-dir", str(out / "cache"), "--no-progress"])
+    threads = torch.get_num_threads()
+    try:
+        bench_run.main(["--smoke", "--methods", "seq-reptile", "--out", str(again),
+                        "--cache-dir", str(out / "cache"), "--no-progress", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
     second = json.loads((again / "entity.json").read_text())
     a = next(r for r in first["runs"] if r["method"] == "seq-reptile")
     b = second["runs"][0]
