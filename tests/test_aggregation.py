@@ -586,6 +586,26 @@ def test_gradvac_weights_on_a_float32_gramian_cancel_at_float32_precision() -> N
 
 
 # ----------------------------------------------------------------------------------------------
+# Deterministic algorithms (torch.use_deterministic_algorithms(True))
+
+
+def test_gradvac_runs_under_deterministic_algorithms(deterministic: None) -> None:
+    assert torch.are_deterministic_algorithms_enabled()
+    J = torch.randn(2, 4, 9, generator=_gen(21))  # two groups with their own targets
+    targets = torch.rand(2, 4, 4, generator=_gen(22), dtype=F64) * 2 - 1
+    order = random_order(4, _gen(23))
+    update, w, new_targets = gradvac(J, targets=targets, beta=0.3, generator=_gen(23))
+    for b in range(2):
+        ref = naive_gradvac(J[b].double(), order, targets[b], 0.3)
+        assert_matches_reference(update[b], w[b], ref, J[b])
+        torch.testing.assert_close(new_targets[b], ref.targets, rtol=0, atol=1e-12)
+    again = gradvac(J, targets=targets, beta=0.3, generator=_gen(23))
+    assert all(torch.equal(x, y) for x, y in zip((update, w, new_targets), again))
+    w2, t2 = gradvac_weights(gramian(J, dtype=F64), order, targets, 0.3)
+    assert torch.equal(w2, w) and torch.equal(t2, new_targets)
+
+
+# ----------------------------------------------------------------------------------------------
 # Randomness: the order comes from the passed generator only
 
 

@@ -585,3 +585,34 @@ def test_huge_and_tiny_gradients_are_not_called_non_finite():
         ref = (naive_pcgrad(J.double(), order) if method == "pcgrad"
                else naive_gradvac(J.double(), order, torch.zeros(3, 3), 0.5))
         assert_matches_reference(p.grad, report.weights, ref, J)
+
+
+# ---------------------------------------------------------------- deterministic algorithms
+@pytest.mark.parametrize("groups", ["all", "parameter"])
+def test_gradvac_class_under_deterministic_algorithms(deterministic, groups):
+    assert torch.are_deterministic_algorithms_enabled()
+    runs = []
+    for _ in range(2):
+        data = batches()
+        model = MultiHead()
+        opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, beta=0.3,
+                              shared=model.enc.parameters(), groups=groups, seed=4)
+        ref = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(4)
+        targets = torch.zeros(opt.targets.shape, dtype=torch.float64)
+        for _ in range(3):
+            shared = list(ref.enc.parameters())
+            J = torch.stack([flat_grads(l, shared) for l in losses_of(ref, data, TASKS).values()])
+            if groups == "parameter":
+                cols = torch.split(J, [p.numel() for p in shared], dim=1)
+            else:
+                cols = (J,)
+            G = torch.stack([gramian(c, dtype=torch.float64) for c in cols])
+            _, targets = gradvac_weights(G, random_order(3, g), targets, 0.3)
+            opt.step(losses_of(model, data, TASKS))
+            ref.load_state_dict(model.state_dict())
+        torch.testing.assert_close(opt.targets, targets, rtol=0, atol=1e-12)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.targets.clone()))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0][1], runs[1][1])

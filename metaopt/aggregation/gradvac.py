@@ -100,7 +100,8 @@ def gradvac_weights(
     """GradVac weights ``w`` (update = ``wᵀJ``) and the updated EMA targets, from ``G = J Jᵀ``.
 
     Pure: ``targets`` is not modified; feed the returned targets to the next call. Runs in
-    float64 (float32 on MPS) on ``G``'s device with no host synchronisation in the loop. ``G``
+    float64 (float32 on MPS) on ``G``'s device with no host synchronisation in the loop and only
+    deterministic operations (it runs under ``torch.use_deterministic_algorithms(True)``). ``G``
     and ``targets`` are detached: the outputs are constants for autograd.
 
     Every intermediate is a product or ratio of at most two gradient norms (times at most 1e8,
@@ -147,7 +148,7 @@ def gradvac_weights(
     cdt, dev = Gf.dtype, Gf.device
     tau = _cancel_fraction(G.dtype, cdt)
     coefs = torch.zeros((R, N), dtype=cdt, device=dev)
-    new_targets = targets.detach().clone()
+    new_targets = targets.detach().clone(memory_format=torch.contiguous_format)
     if R == 0:
         return _combine(plan, coefs, reduction, G.dtype), new_targets
 
@@ -187,7 +188,11 @@ def gradvac_weights(
 
     if beta > 0.0:
         ema = torch.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
-        new_targets.put_(plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype))
+        # plan.flat lists every off-diagonal entry exactly once: a plain indexed copy, which
+        # (unlike put_) torch implements deterministically
+        new_targets.view(-1).index_copy_(
+            0, plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype)
+        )
     return _combine(plan, coefs, reduction, G.dtype), new_targets
 
 
