@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .aggregation import aggregate, conflict_fraction, cosine_from_gramian, gramian
-from .aggregation._scaling import needs_split, update_bound, update_fits, update_limit
+from .aggregation._scaling import update_bound, update_flags, update_limit
 from .aggregation._validate import compute_dtype
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
@@ -174,13 +174,13 @@ class GradientSurgery(MultiTaskOptimizer):
         # every task's gradient finite (the Gramian's diagonal; heads: each row's largest entry),
         # and the update wᵀJ and the head sums within J's dtype (metaopt.aggregation._scaling)
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
-        heads = torch.zeros((), dtype=cdt, device=J.device)  # bound on the head sums' entries
+        heads = torch.zeros((), dtype=cdt, device=J.device)  # bounds the head sums' entries
         for sl in head_runs:
             row_max = torch.linalg.vector_norm(J[:, sl], ord=float("inf"), dim=1)
             ok = ok & row_max.isfinite()
             heads = torch.maximum(heads, row_max.to(cdt).sum())
-        fits = update_fits(weights, G, J.dtype) & (heads <= update_limit(J.dtype))
-        flags = torch.cat([ok, torch.stack([fits, needs_split(weights, J.dtype)])]).tolist()
+        fits, split = update_flags(weights, G, J.dtype)
+        flags = torch.cat([ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])]).tolist()
         if not all(flags[:-1]):
             self.generator.set_state(drawn)
             bad = [t for t, good in zip(names, flags) if not good]

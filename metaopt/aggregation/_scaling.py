@@ -22,8 +22,8 @@ between, rarely, a representable update is refused: ``B`` can exceed the update'
 >>> G = torch.tensor([[1e-42, 0.0], [0.0, 4.0]], dtype=torch.float64)  # |g_0| = 1e-21, |g_1| = 2
 >>> update_bound(w, G)  # 1.3e39 * 1e-21 + 3 * 2
 tensor(1.3000e+18, dtype=torch.float64)
->>> bool(update_fits(w, G, torch.float32)), bool(needs_split(w, torch.float32))
-(True, True)
+>>> update_flags(w, G, torch.float32)  # fits float32; must be applied split
+tensor([True, True])
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def split_weights(weights: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 
     ``s = 2**e`` with ``e`` the binary exponent of the weight (``ŵ`` in [0.5, 1)), clamped so
     that ``s`` and ``1/s`` are normal numbers of ``dtype``; a weight beyond that range keeps the
-    rest of its size in ``ŵ`` (which may then be infinite: :func:`update_fits` refuses it).
+    rest of its size in ``ŵ`` (which may then be infinite: :func:`update_flags` refuses it).
     """
     lo, hi = _exponent_range(dtype)
     e = torch.frexp(weights).exponent.clamp_(lo, hi)
@@ -70,25 +70,24 @@ def update_bound(weights: Tensor, G: Tensor) -> Tensor:
     return (weights.abs() * norms).sum(-1)
 
 
-def update_fits(weights: Tensor, G: Tensor, dtype: torch.dtype) -> Tensor:
-    """0-dim bool, no host sync: the update ``wᵀJ`` of a ``dtype`` Jacobian with Gramian ``G``
-    is finite when computed by :func:`~metaopt.aggregation.aggregate`.
+def update_flags(weights: Tensor, G: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[fits, split]``, a (2,) bool tensor, no host sync, for the update ``wᵀJ`` of a ``dtype``
+    Jacobian with Gramian ``G``.
 
-    True when every group's :func:`update_bound` is at most :func:`update_limit` and every
-    split weight ``ŵ`` is finite (False for NaN or infinite weights or norms).
+    ``fits``: every group's :func:`update_bound` is at most :func:`update_limit` and every split
+    weight ``ŵ`` is finite, so :func:`~metaopt.aggregation.aggregate` computes a finite update
+    (False for NaN or infinite weights or norms). ``split``: some weight is not a normal number
+    of ``dtype`` (it would overflow or become subnormal), so it must be applied split
+    (:func:`split_weights`) rather than cast; always False when ``dtype`` is at least as wide as
+    the weights.
     """
-    ok = (update_bound(weights, G) <= update_limit(dtype)).all()
-    if torch.finfo(weights.dtype).max > torch.finfo(dtype).max:
-        ok = ok & split_weights(weights, dtype)[0].isfinite().all()
-    return ok
-
-
-def needs_split(weights: Tensor, dtype: torch.dtype) -> Tensor:
-    """0-dim bool, no host sync: some weight is not exactly representable in range by ``dtype``
-    (it would overflow, or become subnormal), so it must be applied split (:func:`split_weights`)
-    rather than cast. Always False when ``dtype`` is at least as wide as the weights."""
-    if torch.finfo(weights.dtype).max <= torch.finfo(dtype).max:
-        return torch.zeros((), dtype=torch.bool, device=weights.device)
+    fits = (update_bound(weights, G) <= update_limit(dtype)).all()
+    wider = torch.finfo(weights.dtype).max > torch.finfo(dtype).max
+    if not wider:
+        return torch.stack([fits, torch.zeros_like(fits)])
     fi = torch.finfo(dtype)
     a = weights.abs()
-    return ((a > fi.max / 2) | ((a < fi.tiny) & (a != 0))).any()
+    # a split weight is |w| 2^-e with e at most _exponent_range's top: finite below this
+    fits = fits & (a < fi.max * 2.0 ** _exponent_range(dtype)[1]).all()
+    split = ((a > fi.max / 2) | ((a < fi.tiny) & (a != 0))).any()
+    return torch.stack([fits, split])

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._scaling import needs_split, update_bound, update_fits, update_limit
+from ._scaling import update_bound, update_flags, update_limit
 
 REDUCTIONS = ("sum", "mean")
 
@@ -135,9 +135,7 @@ def check_update(
     unchecked before. Returns whether the weights must be applied split rather than cast."""
     ok_g = torch.isfinite(G).all()
     ok_t = ok_g if targets is None else (targets.abs() <= 1).all()  # NaN compares False
-    flags = torch.stack(
-        [ok_g, ok_t, update_fits(weights, G, dtype), needs_split(weights, dtype)]
-    ).tolist()
+    flags = torch.cat([torch.stack([ok_g, ok_t]), update_flags(weights, G, dtype)]).tolist()
     if all(flags[:3]):
         return bool(flags[3])
     if not flags[0]:
