@@ -112,7 +112,8 @@ class GradVac(GradientSurgery):
         order = random_order(G.shape[-1], self.generator, device=G.device)
         # the targets live where the Gramian does: no device-to-host copy per step
         targets = self.targets.to(G.device, torch.float64)
-        w, new_targets = gradvac_weights(G, order, targets, self.beta, self.reduction)
+        # G and the targets are checked by the step (one host sync for the whole step)
+        w, new_targets = gradvac_weights(G, order, targets, self.beta, self.reduction, validate=False)
         self._next_targets = new_targets.to(torch.float64)
         return w
 
@@ -124,7 +125,7 @@ class GradVac(GradientSurgery):
     def _extra_state(self) -> dict[str, Any]:
         return {"targets": self.targets.clone(), "target_tasks": list(self.tasks)}
 
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         saved = list(state.get("target_tasks", []))
         if saved != list(self.tasks):
             unseen = sorted(set(self.tasks) - set(saved))
@@ -132,10 +133,16 @@ class GradVac(GradientSurgery):
                 f"GradVac.load_state_dict: EMA targets were saved for tasks {saved}; "
                 f"tasks unseen by that state: {unseen}"
             )
-        targets = state["targets"]
-        if targets.shape != self.targets.shape:
+        targets = state.get("targets")
+        if not isinstance(targets, Tensor) or targets.shape != self.targets.shape \
+                or not targets.is_floating_point():
             raise ValueError(
-                f"GradVac.load_state_dict: saved targets have shape {tuple(targets.shape)}, "
-                f"expected {tuple(self.targets.shape)} (same groups and tasks)"
+                f"GradVac.load_state_dict: saved targets have shape "
+                f"{tuple(getattr(targets, 'shape', ()))}, expected {tuple(self.targets.shape)} "
+                "(same groups and tasks)"
             )
-        self.targets = targets.clone().to(torch.float64)
+        if not bool((targets.abs() <= 1).all()):   # NaN compares False
+            raise ValueError("GradVac.load_state_dict: saved targets must be cosines in [-1, 1]")
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        self.targets = state["targets"].clone().to(torch.float64)

@@ -16,7 +16,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._options import Option, flag
-from .aggregation import conflict_fraction, cosine_from_gramian, gramian
+from .aggregation import aggregate, conflict_fraction, cosine_from_gramian, gramian
+from .aggregation._scaling import update_bound, update_flags, update_limit
+from .aggregation._validate import compute_dtype
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
@@ -172,19 +174,55 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
         groups = self._groups(shared_runs)
-        # one Gramian per group, summed over the group's column ranges
-        G = torch.stack([sum((gramian(J[:, sl]) for sl in g[1:]), gramian(J[:, g[0]])) for g in groups])
-        # finiteness of every task's gradient, shared (from the Gramian) and heads: one sync
+        # One Gramian per group, summed over the group's column ranges, accumulated in float64:
+        # finite and accurate for any finite float32 gradients (see metaopt.aggregation.gramian).
+        cdt = compute_dtype(J)
+        G = torch.stack([sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
+                         for g in groups])
+        # Weights first, checks after, so that one host sync covers them all. _weights only
+        # prepares state; the order it draws is undone if the step is refused. A non-finite G
+        # is zeroed for it (the step is then refused anyway).
+        drawn = self.generator.get_state()
+        try:
+            weights = self._weights(torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0), losses)
+        except BaseException:
+            self.generator.set_state(drawn)
+            raise
+        # every task's gradient finite (the Gramian's diagonal; heads: each row's largest entry),
+        # and the update wᵀJ and the head sums within J's dtype (metaopt.aggregation._scaling)
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
+        heads = torch.zeros((), dtype=cdt, device=J.device)  # bounds the head sums' entries
         for sl in head_runs:
-            ok = ok & J[:, sl].isfinite().all(1)
-        self._require_finite(losses, ok)
-        weights = self._weights(G, losses).to(J.dtype)   # (n_groups, T)
+            row_max = torch.linalg.vector_norm(J[:, sl], ord=float("inf"), dim=1)
+            ok = ok & row_max.isfinite()
+            heads = torch.maximum(heads, row_max.to(cdt).sum())
+        fits, split = update_flags(weights, G, J.dtype)
+        loss_ok = torch.stack([v.detach().isfinite() for v in losses.values()]).all().to(ok.device)
+        # the one host sync of the step: losses, each task's gradient, the update's range, split
+        flags = torch.cat([ok, torch.stack([loss_ok, fits & (heads <= update_limit(J.dtype)), split])]).tolist()
+        if not all(flags[:-1]):
+            self.generator.set_state(drawn)
+            T = len(names)
+            if not flags[T]:
+                self._require_finite(losses)   # raises, naming the tasks with a non-finite loss
+            bad = [t for t, good in zip(names, flags) if not good]
+            if bad:
+                raise ValueError(
+                    f"{name}.step: non-finite gradient (NaN or inf) for task(s) {bad}; nothing was updated"
+                )
+            size = max(float(update_bound(weights, G).max()), float(heads))
+            raise ValueError(
+                f"{name}.step: the combined update does not fit {J.dtype}: its norm is bounded by "
+                f"sum_k |w_k| |g_k| = {size:.3g}, above the {update_limit(J.dtype):.3g} accepted; "
+                "nothing was updated"
+            )
         # the step is accepted from here on
         self._commit()
-        for g, w in zip(groups, weights):
+        # weights outside J's dtype's range are applied split (exactly), the others cast
+        applied = weights if flags[-1] else weights.to(J.dtype)
+        for g, w in zip(groups, applied):
             for sl in g:
-                torch.mv(J[:, sl].T, w, out=grad[sl])
+                aggregate(J[:, sl], w, out=grad[sl])
         for sl in head_runs:
             torch.sum(J[:, sl], dim=0, out=grad[sl])
         for p, sl, used in zip(params, self._slices, by_any):

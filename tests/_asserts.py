@@ -10,11 +10,49 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from hypothesis import strategies as st
 from torch import Tensor
+
+from _reference import Reference
 
 Aggregator = Callable[[Tensor], tuple[Tensor, Tensor]]
 
-EXTREME_SCALES: tuple[float, ...] = (1e-10, 1e-5, 1.0, 1e5, 1e10, 1e15)
+# Uniform scales of a whole Jacobian. float32 J: 1e-30 rows are normal float32 numbers whose
+# squares underflow float32 (1e-60), 1e25 rows have squares that overflow it (1e50).
+EXTREME_SCALES: tuple[float, ...] = (1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 1e15, 1e20, 1e25)
+# Exponents of per-row scales for mixed-scale Jacobians (one row 1e25, another 1e-30, ...).
+ROW_SCALE_EXPONENTS: tuple[int, int] = (-30, 25)
+
+
+def mixed_jacobian(seed: int, exponents: list[int], extra: int = 0, zero_rows: int = 0,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """T = len(exponents) Gaussian rows in P = T + extra dimensions, row k scaled by
+    10**exponents[k] (then ``zero_rows`` rows, never all, set to 0). P >= T keeps the rows
+    independent, so no projection hangs on the sign of a dot product that is 0 up to rounding."""
+    T = len(exponents)
+    g = torch.Generator().manual_seed(seed)
+    J = torch.randn(T, T + extra, generator=g, dtype=torch.float64)
+    J *= torch.tensor([10.0**e for e in exponents], dtype=torch.float64).unsqueeze(1)
+    if zero_rows:
+        J[torch.randperm(T, generator=g)[: min(zero_rows, T - 1)]] = 0.0
+    return J.to(dtype)
+
+
+_exponents = st.one_of(st.sampled_from(ROW_SCALE_EXPONENTS), st.integers(*ROW_SCALE_EXPONENTS))
+
+
+def mixed_jacobians(max_tasks: int = 6, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)
+                    ) -> st.SearchStrategy[Tensor]:
+    """Hypothesis strategy for :func:`mixed_jacobian`: each row's scale 1e-30 .. 1e25 (the two
+    ends drawn often), 2 to ``max_tasks`` rows, sometimes a zero row."""
+    return st.builds(
+        mixed_jacobian,
+        seed=st.integers(0, 2**31 - 1),
+        exponents=st.lists(_exponents, min_size=2, max_size=max_tasks),
+        extra=st.integers(0, 3),
+        zero_rows=st.sampled_from([0, 0, 1]),
+        dtype=st.sampled_from(list(dtypes)),
+    )
 
 
 def assert_expected_structure(agg: Aggregator, J: Tensor) -> None:
@@ -71,7 +109,7 @@ def assert_no_conflict_is_plain(agg: Aggregator, J: Tensor, reduction: str = "su
 def assert_finite_at_extremes(
     agg: Aggregator, J: Tensor, scales: Sequence[float] = EXTREME_SCALES
 ) -> None:
-    """Finite output for ``cJ`` with ``c`` from 1e-10 to 1e15 (J may contain zero rows)."""
+    """Finite output for ``cJ`` with ``c`` from 1e-30 to 1e25 (J may contain zero rows)."""
     for c in scales:
         update, w = agg(J * c)
         assert torch.isfinite(update).all(), f"non-finite update at scale {c}: {update}"
@@ -95,4 +133,36 @@ def assert_zero_rows_get_plain_weight(agg: Aggregator, J: Tensor, reduction: str
     plain = 1.0 if reduction == "sum" else 1.0 / J.shape[0]
     torch.testing.assert_close(
         w.double()[zero], torch.full((int(zero.sum()),), plain, dtype=torch.float64)
+    )
+
+
+def assert_matches_reference(
+    update: Tensor, weights: Tensor, ref: Reference, J: Tensor, rtol: float = 1e-9
+) -> None:
+    """One aggregation of ``J`` agrees with an independent float64 reference run on the same
+    numbers (``J.double()``; see tests/_reference.py), to the rounding of ``J``'s dtype.
+
+    With ``a_k = Σ_i |C[i, k]|`` (the reference's coefficients: the size of every term
+    ``C[i, k] g_k`` the update is made of), entry ``p`` of the update may differ by
+    ``(rtol + 4 (T+1) u) Σ_k a_k |J[k, p]|``, ``u`` the unit roundoff of ``J``'s dtype (a float32
+    ``wᵀJ`` over T rows rounds by at most ``(T+1) u Σ_k |w_k J[k, p]|``); weight ``k`` may
+    differ by ``rtol a_k`` (the weights are computed in float64). Both tolerances are relative
+    to the terms themselves, so they stay tight when the rows' scales differ by 1e55.
+    """
+    T = J.shape[0]
+    assert update.dtype == J.dtype, f"update dtype {update.dtype} != {J.dtype}"
+    assert torch.isfinite(update).all(), f"non-finite update {update}"
+    assert torch.isfinite(weights).all(), f"non-finite weights {weights}"
+    a = ref.coefficients.abs().sum(0)
+    u = torch.finfo(J.dtype).eps / 2
+    tol_u = (rtol + 4 * (T + 1) * u) * (a @ J.double().abs())
+    err_u = (update.double() - ref.update).abs()
+    assert (err_u <= tol_u).all(), (
+        f"update differs from the float64 reference by {err_u} (allowed {tol_u}):\n"
+        f"{update}\n{ref.update}"
+    )
+    err_w = (weights.double() - ref.weights).abs()
+    assert (err_w <= rtol * a).all(), (
+        f"weights differ from the float64 reference by {err_w} (allowed {rtol * a}):\n"
+        f"{weights}\n{ref.weights}"
     )

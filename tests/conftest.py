@@ -31,6 +31,13 @@ def pytest_collection_modifyitems(config, items):
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
+# The whole suite runs under torch.use_deterministic_algorithms(True), as a user's reproducible
+# run would: an operation with no deterministic implementation (GradVac's target update once
+# used put_, which raises there) fails here first. The mode also makes torch.empty fill new
+# memory with NaN, so reading a buffer before writing it shows up. Tests that rely on the mode
+# take the ``deterministic`` fixture below, so they keep it whatever this default becomes.
+torch.use_deterministic_algorithms(True)
+
 TASKS = ["ar", "bn", "fi"]
 
 
@@ -61,3 +68,13 @@ def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
 @pytest.fixture
 def data():
     return make_data()
+
+
+@pytest.fixture
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for one test, the previous mode restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn_only)

@@ -1,8 +1,8 @@
 """Tests of metaopt.aggregation: Gramian statistics, sum/mean, PCGrad, GradVac.
 
-Reference implementations below (``naive_pcgrad``, ``naive_gradvac``) follow the papers
-literally: explicit float64 vectors, one task and one visited task at a time. The library's
-Gramian path must match them.
+The reference implementations (``naive_pcgrad``, ``naive_gradvac`` in tests/_reference.py)
+follow the papers literally: explicit float64 vectors, one task and one visited task at a time.
+The library's Gramian path must match them.
 """
 
 from __future__ import annotations
@@ -35,62 +35,16 @@ from _asserts import (  # tests/ is not a package: pytest puts it on sys.path
     assert_combines_weights,
     assert_expected_structure,
     assert_finite_at_extremes,
+    assert_matches_reference,
     assert_no_conflict_is_plain,
     assert_non_conflicting,
     assert_scale_equivariant,
     assert_zero_rows_get_plain_weight,
+    mixed_jacobians,
 )
+from _reference import naive_gradvac, naive_pcgrad
 
 F64 = torch.float64
-
-
-# ----------------------------------------------------------------------------------------------
-# Naive float64 references: explicit vectors, the papers' loops written out.
-
-
-def naive_pcgrad(J: Tensor, order: Tensor, reduction: str = "sum") -> Tensor:
-    """Yu et al. 2020, Algorithm 1: project g_i' on the normal plane of each conflicting g_j."""
-    J = J.to(F64)
-    rows = []
-    for i in range(J.shape[0]):
-        g = J[i].clone()
-        for j in order[i].tolist():
-            gj = J[j]
-            d = g @ gj
-            if d < 0 and gj @ gj > 0:
-                g = g - d / (gj @ gj) * gj
-        rows.append(g)
-    u = torch.stack(rows).sum(0)
-    return u / J.shape[0] if reduction == "mean" else u
-
-
-def naive_gradvac(
-    J: Tensor, order: Tensor, targets: Tensor, beta: float, reduction: str = "sum"
-) -> tuple[Tensor, Tensor]:
-    """Wang et al. 2021: compare with the EMA target first, correct, then update the EMA."""
-    J = J.to(F64)
-    t = targets.to(F64).clone()
-    rows = []
-    for i in range(J.shape[0]):
-        g = J[i].clone()
-        for j in order[i].tolist():
-            gj = J[j]
-            ni, nj = g.norm(), gj.norm()
-            if ni == 0 or nj == 0:  # no cosine: no correction, target unchanged
-                continue
-            cos = ((g @ gj) / (ni * nj)).clamp(-1, 1)
-            tij = t[i, j].clone()
-            if cos < tij:
-                sin_t = (1 - tij**2).clamp(min=0).sqrt().clamp(min=1e-8)
-                c = ni * (tij * (1 - cos**2).sqrt() - cos * sin_t) / (nj * sin_t)
-                terms = ni**2 + 2 * (c * (g @ gj)).abs() + c**2 * nj**2
-                g = g + c * gj
-                if g @ g <= 1e-10 * terms:  # cancelled to rounding noise: the zero vector
-                    g = torch.zeros_like(g)
-            t[i, j] = (1 - beta) * tij + beta * cos
-        rows.append(g)
-    u = torch.stack(rows).sum(0)
-    return (u / J.shape[0] if reduction == "mean" else u), t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +156,7 @@ def test_plain_sum_or_mean_without_conflict(name: str, J: Tensor) -> None:
 def test_finite_with_zero_rows_and_extreme_scales(name: str, J: Tensor) -> None:
     agg, reduction, _ = AGGREGATORS[name]
     assert_finite_at_extremes(agg, J)
-    assert_finite_at_extremes(agg, J.float(), scales=(1e-10, 1.0, 1e15))
+    assert_finite_at_extremes(agg, J.float())  # float32: squares over- and underflow
     if name != "gradvac-later-step":  # positive targets may pull a zero row's weight up
         assert_zero_rows_get_plain_weight(agg, J, reduction)
 
@@ -240,7 +194,7 @@ def test_pcgrad_matches_naive_loop(J: Tensor, seed: int, reduction: str) -> None
     order = random_order(J.shape[0], _gen(seed))
     w = pcgrad_weights(gramian(J), order, reduction)
     torch.testing.assert_close(
-        aggregate(J, w), naive_pcgrad(J, order, reduction), rtol=1e-9, atol=1e-9
+        aggregate(J, w), naive_pcgrad(J, order, reduction).update, rtol=1e-9, atol=1e-9
     )
 
 
@@ -262,7 +216,7 @@ def test_gradvac_matches_naive_loop_over_steps(
         J_step = J + 0.5 * torch.randn(J.shape, generator=g, dtype=F64) * (J != 0)
         order = random_order(T, g)
         w, targets = gradvac_weights(gramian(J_step), order, targets, beta, reduction)
-        ref_update, ref_targets = naive_gradvac(J_step, order, ref_targets, beta, reduction)
+        ref_update, _, _, ref_targets = naive_gradvac(J_step, order, ref_targets, beta, reduction)
         torch.testing.assert_close(aggregate(J_step, w), ref_update, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(targets, ref_targets, rtol=1e-9, atol=1e-9)
 
@@ -368,7 +322,7 @@ def test_golden_pcgrad() -> None:
     torch.testing.assert_close(aggregate(GOLDEN_J, w), GOLDEN_PCGRAD_UPDATE, rtol=1e-14, atol=1e-14)
     w_mean = pcgrad_weights(gramian(GOLDEN_J), GOLDEN_ORDER, "mean")
     torch.testing.assert_close(w_mean, GOLDEN_PCGRAD_W / 3, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(naive_pcgrad(GOLDEN_J, GOLDEN_ORDER), GOLDEN_PCGRAD_UPDATE)
+    torch.testing.assert_close(naive_pcgrad(GOLDEN_J, GOLDEN_ORDER).update, GOLDEN_PCGRAD_UPDATE)
 
 
 def test_golden_gradvac() -> None:
@@ -466,12 +420,189 @@ def test_batched_jacobian_convenience() -> None:
     u, w, t = gradvac(J, targets=targets, beta=0.5, generator=_gen(5))
     order = random_order(4, _gen(5))
     for b in range(3):
-        ref, ref_t = naive_gradvac(J[b], order, targets[b], 0.5)
+        ref, _, _, ref_t = naive_gradvac(J[b], order, targets[b], 0.5)
         torch.testing.assert_close(u[b], ref, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(t[b], ref_t, rtol=1e-12, atol=1e-12)
     u, w = pcgrad(J, generator=_gen(5))
     for b in range(3):
-        torch.testing.assert_close(u[b], naive_pcgrad(J[b], order), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(u[b], naive_pcgrad(J[b], order).update, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extreme and mixed row scales: float64 Gramian, exact split combination, refused overflow
+
+
+@settings(max_examples=80)
+@given(J=mixed_jacobians(), seed=st.integers(0, 2**31 - 1), reduction=st.sampled_from(["sum", "mean"]))
+def test_pcgrad_matches_reference_at_mixed_row_scales(J: Tensor, seed: int, reduction: str) -> None:
+    order = random_order(J.shape[0], _gen(seed))
+    update, w = pcgrad(J, generator=_gen(seed), reduction=reduction)
+    assert_matches_reference(update, w, naive_pcgrad(J.double(), order, reduction), J)
+
+
+@settings(max_examples=80)
+@given(
+    J=mixed_jacobians(),
+    seed=st.integers(0, 2**31 - 1),
+    beta=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
+    reduction=st.sampled_from(["sum", "mean"]),
+    fresh=st.booleans(),
+)
+def test_gradvac_matches_reference_at_mixed_row_scales(
+    J: Tensor, seed: int, beta: float, reduction: str, fresh: bool
+) -> None:
+    T = J.shape[0]
+    targets = torch.zeros(T, T, dtype=F64)
+    if not fresh:
+        targets = torch.rand(T, T, generator=_gen(seed + 1), dtype=F64) * 1.8 - 0.9
+    order = random_order(T, _gen(seed))
+    update, w, new_targets = gradvac(
+        J, targets=targets, beta=beta, generator=_gen(seed), reduction=reduction
+    )
+    ref = naive_gradvac(J.double(), order, targets, beta, reduction)
+    assert_matches_reference(update, w, ref, J)
+    torch.testing.assert_close(new_targets, ref.targets, rtol=0, atol=1e-9)
+
+
+def test_pcgrad_weight_beyond_float32_range() -> None:
+    # Found by fuzzing: |g_a| = 2.2e18 conflicts with |g_b| = 1.4e-21, so g_b's weight is
+    # 1 + 1.5e39 (beyond float32's 3.4e38) while the update, about (-5e17, 5e17, 0), is
+    # ordinary. A float32 weight of inf made the update inf / NaN.
+    J = torch.tensor([[1e18, 2e18, 0.0], [-1e-21, -1e-21, 0.0]])
+    order = torch.tensor([[1], [0]])
+    ref = naive_pcgrad(J.double(), order)
+    assert ref.weights[1] > 1e39
+    for agg in (lambda J: pcgrad(J, generator=_gen()), _gradvac("sum", fresh=True)):
+        update, w = agg(J)
+        assert_matches_reference(update, w, ref, J)
+    # the weights alone, applied to the float32 J: exact split, no inf
+    w = pcgrad_weights(gramian(J, dtype=F64), order)
+    assert_matches_reference(aggregate(J, w), w, ref, J)
+
+
+def test_gramian_in_float64_of_float32_rows_at_any_scale() -> None:
+    # float32 squares overflow above |g| = 1.8e19 and underflow (lose digits) below 1e-19
+    J = torch.randn(4, 50, generator=_gen(4), dtype=F64)
+    J *= torch.tensor([3e37, 1e19, 1e-25, 1e-44 / 4]).double().unsqueeze(1) / J.abs().amax(1, True)
+    J32 = J.float()
+    assert J32.isfinite().all() and (J32 != 0).any(1).all()
+    G = gramian(J32, dtype=F64)
+    assert G.dtype == F64 and G.isfinite().all()
+    exact = J32.double() @ J32.double().T  # products of float32 numbers are exact in float64
+    torch.testing.assert_close(G, exact, rtol=1e-14, atol=0)
+    assert not gramian(J32).isfinite().all()  # the float32 Gramian overflows
+    # batched and half inputs take the same chunked path
+    Jb = torch.randn(2, 3, 3000, generator=_gen(5)).to(torch.bfloat16)
+    torch.testing.assert_close(gramian(Jb, dtype=F64), Jb.double() @ Jb.double().mT,
+                               rtol=1e-14, atol=1e-12)
+    with pytest.raises(ValueError, match="dtype"):
+        gramian(J32, dtype=torch.int64)
+
+
+def test_update_that_does_not_fit_float32_is_refused() -> None:
+    # three equal rows, no conflict: the update is their sum, 6e38 per entry, beyond float32
+    J = torch.full((3, 4), 2e38)
+    targets = torch.zeros(3, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"pcgrad: the update does not fit torch.float32"):
+        pcgrad(J, generator=_gen())
+    with pytest.raises(ValueError, match=r"gradvac: the update does not fit torch.float32"):
+        gradvac(J, targets=targets, beta=0.5, generator=_gen())
+    # the same rows at 1e37 fit (bound 3 * 2e37 = 6e37 <= 2**126): computed, not refused
+    small = torch.full((3, 4), 1e37)
+    update, w = pcgrad(small, generator=_gen())
+    assert torch.equal(update, torch.full((4,), 3e37)) and torch.equal(w, torch.ones(3, dtype=F64))
+
+
+def test_split_combination_is_exact() -> None:
+    # float64 weights beyond float32's range on a float32 J: every term w_k J[k, p] is formed
+    # exactly, so the float32 result is the correctly rounded sum of exact terms
+    g = _gen(6)
+    J = (torch.randn(3, 2000, generator=g, dtype=F64) * torch.tensor([[1e-30], [1.0], [1e30]])).float()
+    w = torch.tensor([3e40, -2.0, 1e-40], dtype=F64)
+    exact = w @ J.double()
+    got = aggregate(J, w)
+    assert got.dtype == torch.float32
+    tol = 4 * 4 * 2**-24 * (w.abs() @ J.double().abs())
+    assert ((got.double() - exact).abs() <= tol).all()
+    # weights that fit float32 give what casting them gives
+    w_fit = torch.tensor([0.5, -2.0, 7.0], dtype=F64)
+    torch.testing.assert_close(aggregate(J, w_fit), aggregate(J, w_fit.float()), rtol=1e-6, atol=0)
+    Jb = torch.stack([J, -J])
+    torch.testing.assert_close(aggregate(Jb, torch.stack([w, w])), torch.stack([got, -got]))
+
+
+@pytest.mark.parametrize("nearly", [False, True])
+def test_gradvac_float32_antiparallel_rows_give_the_float64_answer(nearly: bool) -> None:
+    # Rows a and -1.7a (antiparallel up to float32 rounding of 1.7a; or plus a 1e-3
+    # perturbation) in float32. In a float32 Gramian the cancellation left |g_0'|² at rounding
+    # noise above the 1e-10 threshold: the next cosines were noise (targets off by up to
+    # ±0.25 * beta) and the update off by ~1e-4 * max|J|.
+    g = _gen(12)
+    a = torch.randn(40, generator=g)
+    b_row = torch.randn(40, generator=g)
+    minus_a = -1.7 * a + (1e-3 * torch.randn(40, generator=g) if nearly else 0.0)
+    J = torch.stack([a, minus_a, b_row, 0.5 * a])
+    T = J.shape[0]
+    cancelled = 0
+    for step in range(6):
+        targets = torch.rand(T, T, generator=g, dtype=F64) * 1.6 - 0.8
+        order = random_order(T, _gen(step))
+        ref = naive_gradvac(J.double(), order, targets, 0.5)
+        update, w, new_targets = gradvac(J, targets=targets, beta=0.5, generator=_gen(step))
+        for i, partner in ((0, 1), (1, 0)):
+            if not nearly and order[i, 0] == partner:  # g_i' = 0 after its first correction:
+                later = order[i, 1:]  # no cosine with the tasks visited after it
+                assert torch.equal(new_targets[i, later], targets[i, later])
+                cancelled += 1
+        # at a cosine of -1, sqrt(1 - cos²) turns float64 rounding (1e-16) into 1e-8: in the
+        # reference as in the library
+        assert_matches_reference(update, w, ref, J, rtol=1e-7)
+        # float64 rounding, amplified up to 1e6 times by the near-cancellation
+        torch.testing.assert_close(new_targets, ref.targets, rtol=0, atol=1e-9)
+        # the same numbers in float64
+        u64, _, t64 = gradvac(J.double(), targets=targets, beta=0.5, generator=_gen(step))
+        torch.testing.assert_close(new_targets, t64, rtol=0, atol=1e-9)
+        torch.testing.assert_close(update.double(), u64, rtol=0, atol=1e-6 * float(J.abs().max()))
+    assert nearly or cancelled > 0
+
+
+def test_gradvac_weights_on_a_float32_gramian_cancel_at_float32_precision() -> None:
+    # A float32 Gramian given directly: the cancellation test follows its precision, so an
+    # exactly antiparallel pair is recognised and the later cosines are not noise.
+    g = _gen(13)
+    a, b_row = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    J = torch.stack([a, -1.7 * a, b_row])  # antiparallel up to the float32 rounding of 1.7a
+    targets = torch.tensor([[0.0, 0.3, 0.2], [0.1, 0.0, -0.2], [0.4, 0.0, 0.0]], dtype=F64)
+    order = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    ref = naive_gradvac(J.double(), order, targets, 0.5)
+    w, new_targets = gradvac_weights(gramian(J), order, targets.float(), 0.5)
+    assert new_targets.dtype == torch.float32
+    # rows 0 and 1 cancel to zero on their first visit: their targets towards task 2 stay put
+    assert new_targets[0, 2] == targets[0, 2].float() and new_targets[1, 2] == targets[1, 2].float()
+    torch.testing.assert_close(new_targets.double(), ref.targets, rtol=0, atol=1e-6)
+    # the coefficient of a cosine at -1 is only as good as sqrt(float32 rounding of G)
+    torch.testing.assert_close(aggregate(J, w).double(), ref.update, rtol=0,
+                               atol=1e-3 * float(J.abs().max()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic algorithms (torch.use_deterministic_algorithms(True))
+
+
+def test_gradvac_runs_under_deterministic_algorithms(deterministic: None) -> None:
+    assert torch.are_deterministic_algorithms_enabled()
+    J = torch.randn(2, 4, 9, generator=_gen(21))  # two groups with their own targets
+    targets = torch.rand(2, 4, 4, generator=_gen(22), dtype=F64) * 2 - 1
+    order = random_order(4, _gen(23))
+    update, w, new_targets = gradvac(J, targets=targets, beta=0.3, generator=_gen(23))
+    for b in range(2):
+        ref = naive_gradvac(J[b].double(), order, targets[b], 0.3)
+        assert_matches_reference(update[b], w[b], ref, J[b])
+        torch.testing.assert_close(new_targets[b], ref.targets, rtol=0, atol=1e-12)
+    again = gradvac(J, targets=targets, beta=0.3, generator=_gen(23))
+    assert all(torch.equal(x, y) for x, y in zip((update, w, new_targets), again))
+    w2, t2 = gradvac_weights(gramian(J, dtype=F64), order, targets, 0.3)
+    assert torch.equal(w2, w) and torch.equal(t2, new_targets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,11 +6,14 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metaopt
 from metaopt.aggregation import gradvac_weights, gramian, pcgrad_weights, random_order
+
+from _asserts import assert_matches_reference, mixed_jacobian, mixed_jacobians
+from _reference import naive_gradvac, naive_pcgrad
 
 TASKS = ["a", "b", "c"]
 
@@ -64,8 +67,9 @@ def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
     rshared = list(ref.enc.parameters())
     J = torch.stack([flat_grads(l, rshared) for l in losses_of(ref, data, TASKS).values()])
     order = random_order(3, torch.Generator().manual_seed(3))
-    w = pcgrad_weights(gramian(J), order, reduction)
-    update = w @ J
+    # the class accumulates the Gramian in float64 and reports the float64 weights
+    w = pcgrad_weights(gramian(J, dtype=torch.float64), order, reduction)
+    update = (w @ J.double()).float()
     torch.testing.assert_close(report.weights, w)
     got = torch.cat([(p0.detach() - p.detach()).reshape(-1) for p, p0 in zip(shared, rshared)])
     torch.testing.assert_close(got, update, rtol=1e-5, atol=1e-6)
@@ -127,7 +131,7 @@ def test_gradvac_class_tracks_targets_like_the_pure_function():
     for _ in range(3):
         opt.step(losses_of(model, data, TASKS))
         J = torch.stack([flat_grads(l, list(ref.enc.parameters())) for l in losses_of(ref, data, TASKS).values()])
-        _, targets = gradvac_weights(gramian(J), random_order(3, g), targets, 0.3)
+        _, targets = gradvac_weights(gramian(J, dtype=torch.float64), random_order(3, g), targets, 0.3)
     torch.testing.assert_close(opt.targets[0], targets.double())
     assert (opt.targets[0] != 0).any()
 
@@ -201,8 +205,10 @@ def test_report_cosine_matches_diagnostics():
                          shared=model.enc.parameters())
     d = metaopt.gradient_diagnostics(losses_of(model, data, TASKS), model.enc.parameters())
     report = opt.step(losses_of(model, data, TASKS))
-    torch.testing.assert_close(report.cosine, d.cosine)
-    torch.testing.assert_close(report.conflicts, d.conflicts)
+    # the report's statistics come from the float64 Gramian, the diagnostics' from a float32 one
+    assert report.cosine.dtype == report.conflicts.dtype == torch.float64
+    torch.testing.assert_close(report.cosine.float(), d.cosine)
+    torch.testing.assert_close(report.conflicts.float(), d.conflicts)
     assert report.tasks == tuple(TASKS) and set(report.losses) == set(TASKS)
 
 
@@ -443,3 +449,170 @@ def test_no_parameter_shared_by_every_task():
                          allow_unused=True)
     with pytest.raises(ValueError, match="reached by every task"):
         opt.step({t: model.heads[t](x[:, :1].expand(4, 6)).sum() for t in ["a", "b"]})
+
+
+
+# ---------------------------------------------------------------- extreme and mixed row scales
+def row_losses(p, J, tasks):
+    """Losses whose gradients with respect to ``p`` are exactly the rows of ``J``."""
+    return {t: (p * J[i]).sum() for i, t in enumerate(tasks)}
+
+
+def surgery(method, params, tasks, seed=0, lr=1.0, **kw):
+    cls = {"pcgrad": metaopt.PCGrad, "gradvac": metaopt.GradVac}[method]
+    if method == "gradvac":
+        kw.setdefault("beta", 0.5)
+    return cls(torch.optim.SGD(params, lr=lr), tasks=tasks, seed=seed, **kw)
+
+
+@settings(max_examples=40)
+@given(J=mixed_jacobians(max_tasks=5), seed=st.integers(0, 2**31 - 1),
+       method=st.sampled_from(["pcgrad", "gradvac"]), reduction=st.sampled_from(["sum", "mean"]))
+def test_surgery_steps_match_the_reference_at_mixed_row_scales(J, seed, method, reduction):
+    """Rows from 1e-30 to 1e25 in one Jacobian (float32 or float64 parameters): every step's
+    .grad, reported weights and GradVac targets equal the float64 loop's, and SGD applies it."""
+    T = J.shape[0]
+    tasks = [f"t{i}" for i in range(T)]
+    p = torch.nn.Parameter(torch.full((J.shape[1],), 1e-3, dtype=J.dtype))
+    opt = surgery(method, [p], tasks, seed=seed, reduction=reduction)
+    g = torch.Generator().manual_seed(seed)   # the optimizer's generator, replayed
+    targets = torch.zeros(T, T, dtype=torch.float64)
+    for _ in range(2):  # the second GradVac step starts from non-zero targets
+        before = p.detach().clone()
+        report = opt.step(row_losses(p, J, tasks))
+        order = random_order(T, g)
+        if method == "pcgrad":
+            ref = naive_pcgrad(J.double(), order, reduction)
+        else:
+            ref = naive_gradvac(J.double(), order, targets, 0.5, reduction)
+            targets = ref.targets
+            torch.testing.assert_close(opt.targets[0], targets, rtol=0, atol=1e-9)
+        assert_matches_reference(p.grad, report.weights, ref, J)
+        assert torch.equal(p.detach(), before - p.grad)
+        with torch.no_grad():  # back, so the next losses stay finite and have the same rows
+            p.copy_(before)
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
+def test_weight_beyond_float32_range_gives_a_finite_step(method):
+    # Found by fuzzing: |g_a| = 2.2e18 conflicts with |g_b| = 1.4e-21, g_b's weight is 1.5e39
+    # (beyond float32). The step used to be accepted with an infinite weight: p became inf.
+    J = torch.tensor([[1e18, 2e18, 0.0], [-1e-21, -1e-21, 0.0]])
+    p = torch.nn.Parameter(torch.full((3,), 1e-3))
+    opt = surgery(method, [p], ["a", "b"], lr=1e-18)
+    report = opt.step(row_losses(p, J, ["a", "b"]))
+    ref = naive_pcgrad(J.double(), torch.tensor([[1], [0]]))  # fresh targets: PCGrad's step
+    assert report.weights[1] > 1e39
+    assert_matches_reference(p.grad, report.weights, ref, J)
+    assert torch.isfinite(p).all()
+
+
+def refused_step_changes_nothing(method, losses_of_p, make_losses_ok, match):
+    """Take an accepted step, then a refused one: the error matches ``match`` and nothing moved
+    (parameters, .grad, step count, generator, GradVac targets); the optimizer then goes on
+    exactly like a twin that never saw the refused step."""
+    runs = []
+    for refuse in (True, False):
+        p = torch.nn.Parameter(torch.full((4,), 1e-3))
+        q = torch.nn.Parameter(torch.full((2,), 1e-3))
+        opt = surgery(method, [p, q], TASKS, seed=3, lr=0.1, allow_unused=True)
+        opt.step(make_losses_ok(p, q, 0))
+        if refuse:
+            snap = ([t.detach().clone() for t in (p, q)], [t.grad.clone() for t in (p, q)],
+                    copy.deepcopy(opt.state_dict()))
+            with pytest.raises(ValueError, match=match):
+                opt.step(losses_of_p(p, q))
+            for t, before, grad in zip((p, q), snap[0], snap[1]):
+                assert torch.equal(t.detach(), before) and torch.equal(t.grad, grad)
+            now, then = opt.state_dict()["metaopt"], snap[2]["metaopt"]
+            assert now["step"] == then["step"]
+            assert torch.equal(now["generator"], then["generator"])
+            if method == "gradvac":
+                assert torch.equal(now["targets"], then["targets"])
+        opt.step(make_losses_ok(p, q, 1))
+        runs.append(([t.detach().clone() for t in (p, q)], getattr(opt, "targets", None)))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    if method == "gradvac":
+        assert torch.equal(runs[0][1], runs[1][1])
+
+
+def _ok_losses(p, q, k):
+    J = torch.randn(3, 4, generator=torch.Generator().manual_seed(k))
+    ls = row_losses(p, J, TASKS)
+    ls["a"] = ls["a"] + (q * 0.5).sum()  # q: a "head" reached by tasks a and b only
+    ls["b"] = ls["b"] - (q * 0.25).sum()
+    return ls
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
+def test_update_beyond_float32_is_refused_and_changes_nothing(method):
+    # Three equal rows of 2e38: no conflict, the true update is their sum, 6e38, beyond float32
+    # (it used to be refused for the wrong reason: a float32 Gramian called the rows non-finite)
+    def huge(p, q):
+        ls = row_losses(p, torch.full((3, 4), 2e38), TASKS)
+        return {**ls, "a": ls["a"] + q.sum(), "b": ls["b"] + q.sum()}
+    refused_step_changes_nothing(method, huge, _ok_losses,
+                                 r"combined update does not fit torch.float32.*nothing was updated")
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
+def test_head_sum_beyond_float32_is_refused_and_changes_nothing(method):
+    # q is reached by tasks a and b with gradients 2e38 each: its .grad would be 4e38 (inf)
+    def huge_head(p, q):
+        ls = _ok_losses(p, q, 5)
+        return {**ls, "a": ls["a"] + (q * 2e38).sum(), "b": ls["b"] + (q * 2e38).sum()}
+    refused_step_changes_nothing(method, huge_head, _ok_losses,
+                                 r"combined update does not fit torch.float32.*nothing was updated")
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
+def test_non_finite_row_is_refused_and_changes_nothing(method):
+    def nan_row(p, q):
+        ls = _ok_losses(p, q, 6)
+        return {**ls, "c": ls["c"] + torch.sqrt(p[0] * 0.0)}  # finite loss, infinite gradient
+    refused_step_changes_nothing(method, nan_row, _ok_losses, r"non-finite gradient.*\['c'\]")
+
+
+def test_huge_and_tiny_gradients_are_not_called_non_finite():
+    # |g|² of 1e20 rows overflows float32 (the old Gramian's dtype); 1e-25 rows underflow it
+    J = mixed_jacobian(7, [20, -25, 0], extra=2)
+    for method in ("pcgrad", "gradvac"):
+        p = torch.nn.Parameter(torch.full((5,), 1e-3))
+        opt = surgery(method, [p], TASKS, seed=1)
+        report = opt.step(row_losses(p, J, TASKS))
+        order = random_order(3, torch.Generator().manual_seed(1))
+        ref = (naive_pcgrad(J.double(), order) if method == "pcgrad"
+               else naive_gradvac(J.double(), order, torch.zeros(3, 3), 0.5))
+        assert_matches_reference(p.grad, report.weights, ref, J)
+
+
+# ---------------------------------------------------------------- deterministic algorithms
+@pytest.mark.parametrize("groups", ["all", "parameter"])
+def test_gradvac_class_under_deterministic_algorithms(deterministic, groups):
+    assert torch.are_deterministic_algorithms_enabled()
+    runs = []
+    for _ in range(2):
+        data = batches()
+        model = MultiHead()
+        opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, beta=0.3,
+                              shared=model.enc.parameters(), groups=groups, seed=4)
+        ref = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(4)
+        targets = torch.zeros(opt.targets.shape, dtype=torch.float64)
+        for _ in range(3):
+            shared = list(ref.enc.parameters())
+            J = torch.stack([flat_grads(l, shared) for l in losses_of(ref, data, TASKS).values()])
+            if groups == "parameter":
+                cols = torch.split(J, [p.numel() for p in shared], dim=1)
+            else:
+                cols = (J,)
+            G = torch.stack([gramian(c, dtype=torch.float64) for c in cols])
+            _, targets = gradvac_weights(G, random_order(3, g), targets, 0.3)
+            opt.step(losses_of(model, data, TASKS))
+            ref.load_state_dict(model.state_dict())
+        torch.testing.assert_close(opt.targets, targets, rtol=0, atol=1e-12)
+        runs.append(([p.detach().clone() for p in model.parameters()], opt.targets.clone()))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -2,9 +2,9 @@
 
 Every public function of :mod:`metaopt.aggregation` validates its arguments and raises a
 ``ValueError`` (or ``TypeError`` for a wrong kind of object) that names the argument and what
-was expected. Checks of *values* (finite Gramian, valid permutation, targets in [-1, 1]) are
-folded into one boolean tensor and read back with a single host synchronisation; pass
-``validate=False`` to the weight functions to skip them on an accelerator.
+was expected. Checks of *values* (finite Gramian, valid permutation, targets in [-1, 1], an
+update that fits J's dtype) are folded into one boolean tensor and read back with a single host
+synchronisation; pass ``validate=False`` to the weight functions to skip them on an accelerator.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ._scaling import update_bound, update_flags, update_limit
 
 REDUCTIONS = ("sum", "mean")
 
@@ -123,6 +125,28 @@ def check_values(
             f"{{0..{T - 1}}} \\ {{i}} (no repeats, no i itself)"
         )
     raise ValueError(f"{where}: targets must be finite cosines in [-1, 1]")
+
+
+def check_update(
+    where: str, G: Tensor, weights: Tensor, dtype: torch.dtype, targets: Tensor | None = None
+) -> bool:
+    """One host sync for a whole aggregation: finite ``G``, ``targets`` in [-1, 1], and an
+    update ``wᵀJ`` that fits ``dtype`` (see :mod:`._scaling`); the weights were computed
+    unchecked before. Returns whether the weights must be applied split rather than cast."""
+    ok_g = torch.isfinite(G).all()
+    ok_t = ok_g if targets is None else (targets.abs() <= 1).all()  # NaN compares False
+    flags = torch.cat([torch.stack([ok_g, ok_t]), update_flags(weights, G, dtype)]).tolist()
+    if all(flags[:3]):
+        return bool(flags[3])
+    if not flags[0]:
+        raise ValueError(f"{where}: G contains non-finite values (NaN or inf)")
+    if not flags[1]:
+        raise ValueError(f"{where}: targets must be finite cosines in [-1, 1]")
+    bound = float(update_bound(weights, G).max())
+    raise ValueError(
+        f"{where}: the update does not fit {dtype}: its norm is bounded by "
+        f"sum_k |w_k| |g_k| = {bound:.3g}, above the {update_limit(dtype):.3g} accepted"
+    )
 
 
 def check_targets_shape(targets: Tensor, G: Tensor, where: str) -> None:

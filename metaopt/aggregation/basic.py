@@ -11,10 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._validate import check_gramian_shape, check_matrix
+from ._scaling import split_weights
+from ._validate import check_gramian_shape, check_matrix, prod
 from .gramian import gramian  # noqa: F401  (used by the module doctest)
 
 __all__ = ["aggregate", "mean_weights", "sum_weights"]
+
+# Elements of J per chunk when wider weights are applied split (bounds the temporary).
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def sum_weights(G: Tensor) -> Tensor:
@@ -46,9 +50,17 @@ def mean_weights(G: Tensor) -> Tensor:
 def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> Tensor:
     """Combine the per-task gradients: ``update = wᵀJ`` (one pass over ``J``).
 
-    ``weights`` are cast to ``J``'s dtype first (they are T numbers). When ``out`` is given the
-    update is written into it and no P-sized tensor is allocated, so an optimizer can reuse one
-    buffer (a fresh multi-megabyte allocation is page-faulted in on every call on CPU).
+    Weights of ``J``'s dtype or a narrower one are cast to it. Weights of a *wider* dtype (the
+    float64 weights of :func:`~metaopt.aggregation.pcgrad` on a float32 ``J``) keep their range:
+    each is split exactly as ``w_k = ŵ_k 2^e_k`` and the update is ``Σ_k ŵ_k (2^e_k g_k)``, so a
+    weight of 1e39 on a gradient of norm 1e-21 contributes its 1e18 instead of ``inf`` (see
+    :mod:`metaopt.aggregation._scaling`). The scaled rows are formed chunk by chunk, in a
+    temporary of at most 2^18 elements. Cast the weights to ``J``'s dtype first to skip that when
+    they are known to fit.
+
+    When ``out`` is given the update is written into it and no P-sized tensor is allocated, so an
+    optimizer can reuse one buffer (a fresh multi-megabyte allocation is page-faulted in on every
+    call on CPU).
 
     :param jacobian: (..., T, P) per-task gradients.
     :param weights: (..., T) weights (same leading dims as ``jacobian``).
@@ -61,6 +73,9 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
     True
     >>> buf
     tensor([2., 3.])
+    >>> aggregate(torch.tensor([[1e-21, 0.0], [0.0, 2.0]]),
+    ...           torch.tensor([1.3e39, 1.0], dtype=torch.float64))
+    tensor([1.3000e+18, 2.0000e+00])
     """
     where = "aggregate"
     check_matrix(jacobian, "jacobian", where)
@@ -75,7 +90,6 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
         raise ValueError(
             f"{where}: weights are on {weights.device} but jacobian on {jacobian.device}"
         )
-    w = weights.to(jacobian.dtype)
     out_shape = tuple(jacobian.shape[:-2]) + (jacobian.shape[-1],)
     if out is not None:
         if tuple(out.shape) != out_shape:
@@ -85,6 +99,14 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
                 f"{where}: out must match the jacobian's dtype and device "
                 f"({jacobian.dtype}, {jacobian.device}), got ({out.dtype}, {out.device})"
             )
+    if weights.is_floating_point() and (
+        torch.finfo(weights.dtype).max > torch.finfo(jacobian.dtype).max
+    ):
+        if out is None:
+            out = jacobian.new_empty(out_shape)
+        _combine_split(jacobian, weights, out)
+        return out
+    w = weights.to(jacobian.dtype)
     if jacobian.ndim == 2:
         if out is None:
             return torch.mv(jacobian.mT, w)
@@ -93,3 +115,19 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
         return torch.matmul(w.unsqueeze(-2), jacobian).squeeze(-2)
     torch.matmul(w.unsqueeze(-2), jacobian, out=out.unsqueeze(-2))
     return out
+
+
+def _combine_split(jacobian: Tensor, weights: Tensor, out: Tensor) -> None:
+    """``out = Σ_k ŵ_k (s_k g_k)`` with ``w = ŵ s`` split exactly (``s`` powers of two)."""
+    w_hat, scale = split_weights(weights, jacobian.dtype)
+    lead, P = tuple(jacobian.shape[:-1]), jacobian.shape[-1]
+    step = max(1, _CHUNK_ELEMENTS // max(1, prod(lead)))
+    buf = jacobian.new_empty(lead + (min(step, P),))
+    col_scale = scale.unsqueeze(-1)
+    for s in range(0, P, step):
+        chunk = jacobian[..., s : s + step]
+        scaled = torch.mul(chunk, col_scale, out=buf[..., : chunk.shape[-1]])
+        if jacobian.ndim == 2:
+            torch.mv(scaled.mT, w_hat, out=out[s : s + step])
+        else:
+            out[..., s : s + step] = torch.matmul(w_hat.unsqueeze(-2), scaled).squeeze(-2)

@@ -25,10 +25,18 @@ Conventions beyond the paper (documented choices):
   target is left unchanged (a task absent from this step does not drag targets to 0).
 * ``sqrt(1 - t²)`` is floored at 1e-8 so a target of exactly ±1 gives a large but finite
   correction.
-* ``|g_i'|²`` is tracked in closed form; when a correction cancels it to below 1e-10 of the
-  terms it was summed from (``|g_i'|² + 2|c g_i'·g_j| + c²|g_j|²``), ``g_i'`` is exactly zero
-  up to rounding and is treated as the zero vector from then on. Without this, rounding noise
-  of relative size 1e-16 in ``|g_i'|²`` would become a spurious 1e-8 in ``|g_i'|``.
+* ``|g_i'|²`` is tracked in closed form; when a correction cancels it to below a fraction
+  ``tau`` of the terms it was summed from (``|g_i'|² + 2|c g_i'·g_j| + c²|g_j|²``), ``g_i'`` is
+  exactly zero up to rounding and is treated as the zero vector from then on. Without this,
+  rounding noise of relative size ``eps`` in ``|g_i'|²`` would become a spurious ``sqrt(eps)``
+  in ``|g_i'|``, and the next cosines would be noise. ``tau`` follows the precision the Gramian
+  was computed in: 1e-10 for float64, ``1024 eps`` (1.2e-4) for float32 (at most 1e-2). The
+  float64 Gramian of a float32 ``J`` (what :func:`gradvac` and :class:`~metaopt.GradVac` use)
+  is a float64 Gramian: antiparallel float32 rows cancel exactly as they do in float64.
+
+Scale: like PCGrad's, task ``i``'s chain is homogeneous of degree 1 in ``g_i`` and of degree 0
+in the ``g_j`` it is corrected with, and the cosines and targets do not depend on scale at all.
+With the float64 Gramian of a float32 ``J`` nothing in the loop overflows or underflows.
 
 References:
     Zirui Wang, Yulia Tsvetkov, Orhan Firat, Yuan Cao. *Gradient Vaccine: Investigating and
@@ -41,7 +49,7 @@ References:
 >>> update, w, new_targets = gradvac(J, targets=targets, beta=0.1,
 ...                                  generator=torch.Generator().manual_seed(0))
 >>> w  # each orthogonal gradient is pulled towards the other, to cosine 0.5
-tensor([1.5774, 1.5774])
+tensor([1.5774, 1.5774], dtype=torch.float64)
 >>> new_targets  # 0.9 * 0.5 + 0.1 * 0.0 off the diagonal
 tensor([[0.5000, 0.4500],
         [0.4500, 0.5000]])
@@ -58,6 +66,7 @@ from ._validate import (
     check_order_shape,
     check_reduction,
     check_targets_shape,
+    check_update,
     check_values,
 )
 from .basic import aggregate
@@ -66,8 +75,17 @@ from .pcgrad import _combine, _order_and_gramian, _plan
 __all__ = ["gradvac", "gradvac_weights"]
 
 _MIN_SIN = 1e-8
-# A corrected squared norm below this fraction of the terms it was summed from is cancellation.
+# A corrected squared norm below this fraction of the terms it was summed from is cancellation
+# (for a float64 Gramian; see _cancel_fraction for lower precisions).
 _CANCEL = 1e-10
+
+
+def _cancel_fraction(*dtypes: torch.dtype) -> float:
+    """The cancellation fraction ``tau`` for a loop fed by (or run in) these dtypes: 1e-10 for
+    float64, 1024 machine epsilons of the least precise one otherwise (1.2e-4 for float32),
+    capped at 1e-2 so that half precision does not cancel everything."""
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    return min(1e-2, max(_CANCEL, 1024 * eps))
 
 
 def gradvac_weights(
@@ -82,8 +100,18 @@ def gradvac_weights(
     """GradVac weights ``w`` (update = ``wᵀJ``) and the updated EMA targets, from ``G = J Jᵀ``.
 
     Pure: ``targets`` is not modified; feed the returned targets to the next call. Runs in
-    float64 on ``G``'s device with no host synchronisation in the loop. ``G`` and ``targets``
-    are detached: the outputs are constants for autograd.
+    float64 (float32 on MPS) on ``G``'s device with no host synchronisation in the loop and only
+    deterministic operations (it runs under ``torch.use_deterministic_algorithms(True)``). ``G``
+    and ``targets`` are detached: the outputs are constants for autograd.
+
+    Every intermediate is a product or ratio of at most two gradient norms (times at most 1e8,
+    from the ``sqrt(1 - t²)`` floor), so on a float64 ``G`` the weights are finite for nonzero
+    norms from about 1e-140 to 1e140: any float32 gradients, when ``G`` is accumulated in float64
+    (``gramian(J, dtype=torch.float64)``, as :func:`gradvac` does). The cancellation test
+    follows ``G``'s precision (module notes): on a float32 ``G`` of antiparallel rows the
+    targets are the float64 ones to float32 precision, not noise; the update there is good to
+    about ``sqrt(eps)`` = 3e-4 of the rows (the sine of a cosine at -1 amplifies ``G``'s
+    rounding), so accumulate ``G`` in float64 for the float64 answer.
 
     :param G: (..., T, T) Gramian; each leading index is a parameter group with its own targets
         (the paper's per-layer variants).
@@ -118,8 +146,9 @@ def gradvac_weights(
     Gf = plan.Gf
     R, N = T - 1, Gf.shape[0]
     cdt, dev = Gf.dtype, Gf.device
+    tau = _cancel_fraction(G.dtype, cdt)
     coefs = torch.zeros((R, N), dtype=cdt, device=dev)
-    new_targets = targets.detach().clone()
+    new_targets = targets.detach().clone(memory_format=torch.contiguous_format)
     if R == 0:
         return _combine(plan, coefs, reduction, G.dtype), new_targets
 
@@ -155,11 +184,15 @@ def gradvac_weights(
             c2g = coef * coef * plan.gjj[r]
             scale = (cg.abs() * 2).add_(n2).add_(c2g)
             n2.add_(cg, alpha=2.0).add_(c2g)
-            n2 = torch.where(n2 > _CANCEL * scale, n2, zero)
+            n2 = torch.where(n2 > tau * scale, n2, zero)
 
     if beta > 0.0:
         ema = torch.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
-        new_targets.put_(plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype))
+        # plan.flat lists every off-diagonal entry exactly once: a plain indexed copy, which
+        # (unlike put_) torch implements deterministically
+        new_targets.view(-1).index_copy_(
+            0, plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype)
+        )
     return _combine(plan, coefs, reduction, G.dtype), new_targets
 
 
@@ -174,9 +207,15 @@ def gradvac(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """GradVac aggregation of per-task gradients (Wang et al. 2021).
 
-    Computes the Gramian, draws each task's visiting order from ``generator`` (never the
-    global RNG; ``None`` seeds a private generator from OS entropy), runs
-    :func:`gradvac_weights` and combines ``update = wᵀJ``.
+    Computes the Gramian in float64 (float32 on MPS), draws each task's visiting order from
+    ``generator`` (never the global RNG; ``None`` seeds a private generator from OS entropy),
+    runs :func:`gradvac_weights` and combines ``update = wᵀJ``. One host sync checks the
+    Gramian, the targets and the update's size.
+
+    Supported range: for a float32 ``J``, any finite entries whose update fits float32; the
+    update is refused (``ValueError``) when its norm bound ``Σ_k |w_k| |g_k|`` exceeds 2^126
+    (8.5e37), which every update with an entry beyond float32's maximum does. For a float64
+    ``J``: rows of norm 1e-140 to 1e140.
 
     :param jacobian: (T, P) per-task gradients, or (..., T, P) groups with their own targets
         (sharing one order).
@@ -185,7 +224,8 @@ def gradvac(
     :param generator: source of the random visiting order.
     :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
     :param out: optional (..., P) buffer for the update.
-    :returns: ``(update, weights, new_targets)``.
+    :returns: ``(update, weights, new_targets)``: the update in ``J``'s dtype, the weights in
+        the Gramian's (float64), the targets in ``targets``' dtype.
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> update, w, t = gradvac(J, targets=torch.zeros(2, 2), beta=0.0)
@@ -194,6 +234,6 @@ def gradvac(
     """
     order, G = _order_and_gramian(jacobian, reduction, generator, "gradvac")
     check_targets_shape(targets, G, "gradvac")
-    check_values("gradvac", G, targets=targets)
     w, new_targets = gradvac_weights(G, order, targets, beta, reduction, validate=False)
-    return aggregate(jacobian, w, out=out), w, new_targets
+    split = check_update("gradvac", G, w, jacobian.dtype, targets=targets)
+    return aggregate(jacobian, w if split else w.to(jacobian.dtype), out=out), w, new_targets

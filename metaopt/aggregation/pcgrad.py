@@ -13,6 +13,13 @@ chains run in parallel: round ``r`` projects every ``g_i'`` against its own ``or
 giving T-1 rounds of a few vectorised T-sized operations on ``G``'s device, without host
 synchronisation.
 
+Scale: task ``i``'s chain is homogeneous of degree 1 in ``g_i`` and of degree 0 in every ``g_j``
+it is projected on, so the weights only depend on ratios of gradient norms and every quantity in
+the loop is a product or ratio of at most two of them. With the float64 Gramian of a float32
+``J`` (what :func:`pcgrad` and :class:`~metaopt.PCGrad` use) no step of it can overflow or
+underflow, whatever the rows' scales; the combination ``wᵀJ`` is then done exactly split (see
+:func:`~metaopt.aggregation.aggregate`), so a weight of 1e39 on a row of norm 1e-21 is fine.
+
 References:
     Tianhe Yu, Saurabh Kumar, Abhishek Gupta, Sergey Levine, Karol Hausman, Chelsea Finn.
     *Gradient Surgery for Multi-Task Learning*. NeurIPS 2020. https://arxiv.org/abs/2001.06782
@@ -21,7 +28,7 @@ References:
 >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
 >>> update, w = pcgrad(J, generator=torch.Generator().manual_seed(0))
 >>> w
-tensor([2.0000, 1.5000])
+tensor([2.0000, 1.5000], dtype=torch.float64)
 >>> update
 tensor([0.5000, 1.5000])
 """
@@ -39,6 +46,7 @@ from ._validate import (
     check_matrix,
     check_order_shape,
     check_reduction,
+    check_update,
     check_values,
     compute_dtype,
     prod,
@@ -92,11 +100,12 @@ def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
 def _order_and_gramian(jacobian: Tensor, reduction: str, generator: torch.Generator | None,
                        where: str) -> tuple[Tensor, Tensor]:
     """Shared prologue of the convenience aggregators: validate, draw the visiting order from
-    ``generator`` (never the global RNG), and compute the Gramian."""
+    ``generator`` (never the global RNG), and compute the Gramian in float64 (see
+    :func:`~metaopt.aggregation.gramian`)."""
     check_matrix(jacobian, "jacobian", where)
     check_reduction(reduction, where)
     order = random_order(jacobian.shape[-2], _fresh_generator(generator), device=jacobian.device)
-    return order, gramian(jacobian)
+    return order, gramian(jacobian, dtype=compute_dtype(jacobian))
 
 
 @dataclass
@@ -162,9 +171,13 @@ def pcgrad_weights(
 ) -> Tensor:
     """PCGrad weights ``w`` such that the PCGrad update is ``wᵀJ``, computed from ``G = J Jᵀ``.
 
-    Runs in float64 (the loop is O(T³) on T×T numbers), so gradients from 1e-10 to 1e15 and
-    zero rows stay finite; a zero gradient ``g_j`` is never projected on. The weights are
-    computed from a detached ``G``: they are constants for autograd.
+    Runs in float64 (the loop is O(T³) on T×T numbers; float32 on MPS); a zero gradient ``g_j``
+    is never projected on. Every intermediate is a product or ratio of at most two gradient
+    norms, so on a float64 ``G`` the weights are finite for nonzero norms from about 1e-150 to
+    1e150: any float32 gradients (float32 norms lie in [1e-45, 1e41]); accumulate ``G`` from a
+    float32 ``J`` with ``gramian(J, dtype=torch.float64)``, as :func:`pcgrad` does, or a float32
+    ``G`` itself overflows above norms of 1.8e19. The weights are computed from a detached
+    ``G``: they are constants for autograd.
 
     :param G: (..., T, T) Gramian; leading dims are independent groups.
     :param order: (T, T-1) integer tensor (or one per leading index of ``G``); row ``i`` lists
@@ -209,21 +222,28 @@ def pcgrad(
 ) -> tuple[Tensor, Tensor]:
     """PCGrad aggregation of a (T, P) matrix of per-task gradients (Yu et al. 2020).
 
-    Computes the Gramian, draws each task's visiting order from ``generator`` (never from the
-    global RNG; ``None`` seeds a private generator from OS entropy, so pass a seeded one for
-    reproducibility), computes :func:`pcgrad_weights` and combines ``update = wᵀJ``.
+    Computes the Gramian in float64 (float32 on MPS), draws each task's visiting order from
+    ``generator`` (never from the global RNG; ``None`` seeds a private generator from OS
+    entropy, so pass a seeded one for reproducibility), computes :func:`pcgrad_weights` and
+    combines ``update = wᵀJ``. One host sync checks the Gramian and the update's size.
+
+    Supported range: for a float32 ``J``, any finite entries whose update fits float32. The
+    update is refused (``ValueError``) when its norm bound ``Σ_k |w_k| |g_k|`` exceeds 2^126
+    (8.5e37), which every update with an entry beyond float32's maximum does. For a float64
+    ``J``: rows of norm 1e-150 to 1e150.
 
     :param jacobian: (T, P) per-task gradients, or (..., T, P) groups sharing one order.
     :param generator: source of the random visiting order.
     :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
     :param out: optional (..., P) buffer for the update (see :func:`aggregate`).
-    :returns: ``(update, weights)`` of shapes (..., P) and (..., T).
+    :returns: ``(update, weights)`` of shapes (..., P) and (..., T); the update in ``J``'s
+        dtype, the weights in the Gramian's (float64), where they are always representable.
 
     >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
     >>> pcgrad(J, generator=torch.Generator().manual_seed(0), reduction="mean")[0]
     tensor([0.2500, 0.7500])
     """
     order, G = _order_and_gramian(jacobian, reduction, generator, "pcgrad")
-    check_values("pcgrad", G)  # the order is valid by construction
-    w = pcgrad_weights(G, order, reduction, validate=False)
-    return aggregate(jacobian, w, out=out), w
+    w = pcgrad_weights(G, order, reduction, validate=False)  # the order is valid by construction
+    split = check_update("pcgrad", G, w, jacobian.dtype)
+    return aggregate(jacobian, w if split else w.to(jacobian.dtype), out=out), w
