@@ -1,6 +1,17 @@
 """The one interface every metaopt optimizer shares.
 
-``Class(torch_optimizer, **options)``, ``next_tasks()``, ``step(losses)``:
+Two ways to drive it (DESIGN.md section 3). The torch way, which every training stack expects
+(DDP, ``GradScaler``, clipping, accumulation, the Hugging Face Trainer)::
+
+    (task,) = opt.next_tasks()          # Reptile family: which task the next batch comes from
+    loss_fn(model, task, batch).backward()
+    opt.step(); opt.zero_grad()         # inner step from .grad; the outer step every K steps
+
+    losses = {t: loss_fn(model, t, batches[t]) for t in opt.next_tasks()}
+    opt.backward(losses)                # PCGrad, GradVac, GradNorm, MTL: replaces loss.backward()
+    opt.step(); opt.zero_grad()
+
+and the one loop, ``report = opt.step(losses)``, which is ``backward(losses)`` then ``step()``:
 
 >>> import torch, metaopt
 >>> model = torch.nn.Linear(4, 1)
@@ -13,10 +24,13 @@
 >>> report.outer_update
 True
 
-``step`` owns the backward pass: it validates the losses (keys, shape, finiteness) *before*
-anything moves, computes the gradients itself and writes them into ``.grad`` (replacing what was
-there), then steps the wrapped optimizer. A rejected step raises and changes nothing: no
-parameter, optimizer state, counter or schedule draw.
+One step template runs underneath both: validate, gradients (summed or per task), combine,
+write ``.grad``, inner step, after-step (the outer update), count and report. ``backward``
+validates the losses' structure before anything moves and leaves non-finite gradients in
+``.grad`` (so that ``GradScaler`` sees them and skips the step); ``step`` checks everything
+(the gradients' finiteness included) before anything moves, and a refused step raises and
+changes nothing: no parameter, optimizer state, counter or schedule draw. Method state (GradVac
+targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 """
 
 from __future__ import annotations
@@ -92,18 +106,21 @@ class MultiTaskOptimizer(Optimizer):
     run their registered hooks.
 
     Args:
-        optimizer: the inner optimizer. Every parameter in it must require grad.
+        optimizer: the inner optimizer.
         tasks: task names. When wrapping another metaopt optimizer, may be omitted (its tasks are
             used) or must equal its tasks.
         seed: seed of the optimizer's own :class:`torch.Generator` (task draws, visiting orders);
             the global RNG is never touched.
-        allow_unused: by default a step whose losses give some parameter of the wrapped optimizer
-            no gradient raises, because a disconnected parameter is usually a bug. Set ``True``
+        allow_unused: by default a step whose losses (given to :meth:`backward` or
+            ``step(losses)``) give some trainable parameter of the wrapped optimizer no gradient
+            raises, because a disconnected parameter is usually a bug. Set ``True``
             where parameters are legitimately unused by some steps (task-specific heads): those
             keep ``grad = None`` and the inner optimizer skips them, as in plain PyTorch.
 
     Parameter groups added later go through :meth:`add_param_group`; a group added to the
-    wrapped torch optimizer directly is picked up at the next step the same way.
+    wrapped torch optimizer directly is picked up at the next step the same way. Frozen
+    parameters (``requires_grad=False``) are skipped at each step, as torch.optim skips them;
+    freezing or unfreezing one between steps is followed.
     """
 
     allow_unused = Option(flag)
@@ -139,6 +156,7 @@ class MultiTaskOptimizer(Optimizer):
         self.generator = torch.Generator().manual_seed(seed)
         self._step_count = 0
         self._pending: tuple[str, ...] | None = None
+        self._backward_losses: dict[str, Tensor] | None = None   # a backward() pending
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
         self.defaults = base.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
@@ -181,12 +199,6 @@ class MultiTaskOptimizer(Optimizer):
         group = dict(param_group)
         params = group.get("params")
         group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
-        for i, p in enumerate(group["params"]):
-            if isinstance(p, Tensor) and not p.requires_grad:
-                raise ValueError(
-                    f"{type(self).__name__}.add_param_group: params[{i}] (shape {tuple(p.shape)}) "
-                    "does not require grad"
-                )
         self.optimizer.add_param_group(group)
         self._sync_params()
 
@@ -199,6 +211,8 @@ class MultiTaskOptimizer(Optimizer):
         state.pop("step", None)
         state.pop("_opt_called", None)
         state["generator"] = self.generator.get_state()
+        if "process_group" in state:
+            state["process_group"] = None   # does not pickle: a copy uses the default group
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -210,7 +224,10 @@ class MultiTaskOptimizer(Optimizer):
         self._patch_step_function()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+        """Clear ``.grad`` (as ``torch.optim``) and drop a pending :meth:`backward`
+        accumulation: the next ``backward`` starts a new step."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._clear_backward()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(tasks={list(self.tasks)}, optimizer={self.optimizer!r})"
@@ -222,65 +239,166 @@ class MultiTaskOptimizer(Optimizer):
         return self._step_count
 
     def next_tasks(self) -> list[str]:
-        """The tasks whose losses the next :meth:`step` expects, in order.
+        """The tasks whose losses the next step expects, in order (for the Reptile family, the
+        task the next batch must come from).
 
         Calling it again before :meth:`step` returns the same tasks (a draw is made once and kept
-        until a step consumes it).
+        until a step consumes it; a refused or skipped step keeps it).
         """
         if self._pending is None:
             self._pending = tuple(self._draw_tasks())
         return list(self._pending)
 
-    def step(self, losses: Mapping[str, Tensor], closure: None = None) -> StepReport:  # type: ignore[override]
-        """Take one step on ``losses`` (``{task: scalar loss}`` for exactly :meth:`next_tasks`).
+    def backward(self, losses: Mapping[str, Tensor], *, grad_scaler: Any = None) -> None:
+        """Compute this method's gradients of ``losses`` (``{task: scalar loss}`` for exactly
+        :meth:`next_tasks`) and write the combined update into ``.grad``; replaces
+        ``loss.backward()``.
 
-        Returns a :class:`~metaopt.StepReport`. Raises (and changes nothing) on bad input: every
-        check, the losses' and the gradients' finiteness included, is made before anything moves.
-        Step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and the
-        optimizer's own ``register_step_pre_hook`` / ``register_step_post_hook``) run around it
-        with ``args = (optimizer, losses)``, as in ``torch.optim``.
+        The first call after a :meth:`step` or :meth:`zero_grad` replaces ``.grad``; later calls
+        (micro-batches of one step) accumulate: PCGrad and GradVac then combine the *accumulated*
+        per-task gradients, so that M micro-batches give the step that their concatenation
+        gives (with sum-reduced losses). Nothing but ``.grad`` moves: method state, counters
+        and the task draw commit only when :meth:`step` runs, so a step skipped by
+        ``GradScaler`` changes nothing.
+
+        Non-finite gradients are left in ``.grad`` (``GradScaler`` then skips the step; a plain
+        :meth:`step` refuses it). Structural errors (wrong tasks, a detached loss, a loss that
+        reaches no parameter) raise before anything moves.
+
+        Args:
+            losses: ``{task: loss}``.
+            grad_scaler: a ``torch.amp.GradScaler`` to scale the losses with (instead of
+                scaling them yourself); GradNorm needs it, so that its weight update sees
+                unscaled gradient norms. Then ``scaler.unscale_(opt)`` / ``scaler.step(opt)``
+                as usual.
+
+        Example:
+            >>> import torch, metaopt
+            >>> model = torch.nn.Linear(2, 2)
+            >>> opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"])
+            >>> x = {"a": torch.ones(4, 2), "b": -torch.ones(4, 2)}
+            >>> opt.backward({t: model(x[t]).sum() for t in opt.next_tasks()})
+            >>> torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) and None
+            >>> report = opt.step(); opt.zero_grad()
+            >>> report.tasks
+            ('a', 'b')
         """
-        if closure is not None:
-            raise TypeError(f"{type(self).__name__}.step takes losses, not a closure")
-        wanted = self.next_tasks()
-        checked = self._check_losses(losses, wanted)
+        name = type(self).__name__
+        checked = self._check_losses(losses, self.next_tasks(), f"{name}.backward")
+        if grad_scaler is not None and not (callable(getattr(grad_scaler, "scale", None))
+                                            and callable(getattr(grad_scaler, "get_scale", None))):
+            raise TypeError(f"{name}.backward: grad_scaler must be a torch.amp.GradScaler, got "
+                            f"{type(grad_scaler).__name__}")
         self._prepare()
-        report = self._step(checked)
-        self._pending = None
-        return report
+        self._backward(checked, grad_scaler)
+        detached = {t: v.detach() for t, v in checked.items()}
+        if self._backward_losses is None:
+            self._backward_losses = detached
+        else:
+            self._backward_losses = {t: self._backward_losses[t] + v for t, v in detached.items()}
 
+    def step(self, losses: Mapping[str, Tensor] | None = None,  # type: ignore[override]
+             closure: None = None) -> StepReport:
+        """Take one step: from ``.grad`` (``step()``, after ``loss.backward()`` or
+        :meth:`backward`), or on ``losses`` (``step(losses)``: :meth:`backward` then ``step()``,
+        ``.grad`` replaced).
+
+        Returns a :class:`~metaopt.StepReport`. Raises, and changes nothing (``.grad``
+        included, for ``step(losses)``), on bad input: every check, the losses' and the
+        gradients' finiteness included, is made before anything moves. Step hooks
+        (``torch.optim.optimizer.register_optimizer_step_pre_hook`` and the optimizer's own
+        ``register_step_pre_hook`` / ``register_step_post_hook``) run around it with
+        ``args = (optimizer,)`` or ``(optimizer, losses)``, as in ``torch.optim``.
+        """
+        name = type(self).__name__
+        if closure is not None:
+            raise TypeError(f"{name}.step takes losses or nothing, not a closure")
+        if losses is None:
+            return self._take_step()
+        if self._backward_losses is not None:
+            raise RuntimeError(
+                f"{name}.step(losses): a backward(...) is pending; call step() with no "
+                "arguments to apply it, or zero_grad() to drop it"
+            )
+        params = self._param_list
+        saved = [p.grad for p in params]
+        try:
+            self.backward(losses)
+            return self._take_step()
+        except BaseException:
+            self.zero_grad(set_to_none=True)
+            for p, g in zip(params, saved):
+                p.grad = g
+            raise
+
+    # ------------------------------------------------------------------ the step template
     def _draw_tasks(self) -> Sequence[str]:
         raise NotImplementedError
 
-    def _step(self, losses: dict[str, Tensor]) -> StepReport:
-        raise NotImplementedError
-
     def _prepare(self) -> None:
-        """Checks and re-syncs made at the start of every step, before anything moves.
-        Subclasses extend it (calling ``super()._prepare()``)."""
-        if self.inner is not None:
-            self.inner._prepare()
+        """Checks and re-syncs made at the start of every backward and step, before anything
+        moves. Subclasses extend it (calling ``super()._prepare()``)."""
         self._sync_params()
+
+    def _backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
+        """Gradients and combination: write this method's update into ``.grad``. Default:
+        the summed losses' gradient, through the wrapped metaopt optimizer when composed."""
+        if self.inner is not None:
+            self.inner.backward(losses, grad_scaler=grad_scaler)
+        else:
+            self._summed_backward(losses, grad_scaler)
+
+    def _check_step(self) -> None:
+        """Raise if the step cannot be taken (nothing has moved yet). Default: with a wrapped
+        metaopt optimizer, that optimizer's own step checks; otherwise ``.grad`` (its
+        finiteness, and unused parameters after :meth:`backward`) in one host sync."""
+        if self.inner is None:
+            self._check_grads()
+
+    def _after_step(self) -> dict[str, Any]:
+        """After the inner step: commit method state, the outer update; returns report fields."""
+        return {}
+
+    def _clear_backward(self) -> None:
+        """Drop what :meth:`backward` accumulated for the step (extended by subclasses)."""
+        self._backward_losses = None
+
+    def _take_step(self) -> StepReport:
+        tasks = tuple(self.next_tasks())
+        self._prepare()
+        self._check_step()
+        # everything is checked: from here on the step moves
+        if self.inner is not None:
+            inner_report: StepReport | None = self.inner.step()
+        else:
+            self.base_optimizer.step()
+            inner_report = None
+        self._step_count += 1
+        fields = self._after_step()
+        losses = self._backward_losses or {}
+        self._pending = None
+        self._clear_backward()
+        return StepReport(tasks=tasks, losses=losses, step=self._step_count, inner=inner_report,
+                          **fields)
 
     # ------------------------------------------------------------------ parameters
     def _collect_params(self) -> list[Tensor]:
-        """The wrapped optimizer's parameters, each once, checked."""
+        """The wrapped optimizer's parameters, each once. Frozen ones (``requires_grad=False``)
+        are kept and skipped at each step, as torch.optim skips them."""
         params: list[Tensor] = []
         seen: set[int] = set()
-        for gi, group in enumerate(self.base_optimizer.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if not p.requires_grad:
-                    raise ValueError(
-                        f"{type(self).__name__}: param_groups[{gi}]['params'][{pi}] (shape "
-                        f"{tuple(p.shape)}) does not require grad; remove frozen parameters "
-                        "from the optimizer"
-                    )
+        for group in self.base_optimizer.param_groups:
+            for p in group["params"]:
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
         if not params:
             raise ValueError(f"{type(self).__name__}: the wrapped optimizer has no parameters")
         return params
+
+    def _trainable(self) -> list[Tensor]:
+        """The parameters that take part in this step (``requires_grad`` now)."""
+        return [p for p in self._param_list if p.requires_grad]
 
     def _sync_params(self) -> None:
         """Pick up parameters added to the wrapped optimizer since the last look."""
@@ -311,129 +429,120 @@ class MultiTaskOptimizer(Optimizer):
         return f"a parameter of shape {tuple(p.shape)}"
 
     # ------------------------------------------------------------------ validation
-    def _check_losses(self, losses: Mapping[str, Tensor], wanted: Sequence[str]) -> dict[str, Tensor]:
+    def _check_losses(self, losses: Mapping[str, Tensor], wanted: Sequence[str],
+                      where: str) -> dict[str, Tensor]:
         """Structure of the losses (keys, type, shape, dtype, graph). Their values are checked
-        with the gradients, in one host sync (:meth:`_require_finite`)."""
-        name = type(self).__name__
+        with the gradients at the step, in one host sync (:meth:`_check_grads`)."""
+        name = where
         if not isinstance(losses, Mapping):
             raise TypeError(
-                f"{name}.step: losses must be a mapping {{task: loss}}, got {type(losses).__name__}"
+                f"{name}: losses must be a mapping {{task: loss}}, got {type(losses).__name__}"
             )
         missing = [t for t in wanted if t not in losses]
         extra = [k for k in losses if k not in wanted]
         if missing or extra:
             raise ValueError(
-                f"{name}.step: expected losses for exactly {list(wanted)} (next_tasks()); "
+                f"{name}: expected losses for exactly {list(wanted)} (next_tasks()); "
                 f"missing {missing}, unexpected {extra}"
             )
         out: dict[str, Tensor] = {}
         for t in wanted:
             v = losses[t]
             if not isinstance(v, Tensor):
-                raise TypeError(f"{name}.step: loss for task {t!r} is a {type(v).__name__}, not a Tensor")
+                raise TypeError(f"{name}: loss for task {t!r} is a {type(v).__name__}, not a Tensor")
             if v.numel() != 1:
                 raise ValueError(
-                    f"{name}.step: loss for task {t!r} must be a scalar, got shape {tuple(v.shape)}"
+                    f"{name}: loss for task {t!r} must be a scalar, got shape {tuple(v.shape)}"
                 )
             if not v.is_floating_point():
-                raise ValueError(f"{name}.step: loss for task {t!r} has dtype {v.dtype}")
+                raise ValueError(f"{name}: loss for task {t!r} has dtype {v.dtype}")
             if not v.requires_grad:
                 raise ValueError(
-                    f"{name}.step: loss for task {t!r} does not require grad: it is not connected "
+                    f"{name}: loss for task {t!r} does not require grad: it is not connected "
                     "to any parameter (computed under no_grad, or detached?)"
                 )
             out[t] = v.reshape(())
         return out
 
-    def _require_finite(self, losses: Mapping[str, Tensor], grads_ok: Tensor | None = None, *,
-                        grads: Sequence[Tensor] | None = None) -> None:
-        """Every loss finite and, where given, every gradient: one host sync for all of it.
+    def _scaled(self, losses: dict[str, Tensor], grad_scaler: Any) -> dict[str, Tensor]:
+        if grad_scaler is None:
+            return losses
+        return {t: grad_scaler.scale(v) for t, v in losses.items()}
 
-        ``grads_ok`` is a bool tensor: one entry per task (in ``losses`` order) when each task's
-        gradient was checked on its own, or a 0-dim flag. ``grads`` (the gradient of the losses'
-        sum) is checked through its norms, exactly re-checked only if a norm overflows.
-        """
-        name = type(self).__name__
-        if grads is not None:
-            grads_ok = _finite_norms(grads)
-        loss_ok = torch.stack([v.detach().isfinite() for v in losses.values()])
-        ok = loss_ok.all() if grads_ok is None else loss_ok.all() & grads_ok.to(loss_ok.device).all()
-        if bool(ok):
-            return
-        if bool(loss_ok.all()) and grads is not None and all(bool(g.isfinite().all()) for g in grads):
-            return   # finite, only too large for the norm's sum of squares
-        if not bool(loss_ok.all()):
-            values = {t: float(v.detach()) for t, v, good in zip(losses, losses.values(), loss_ok.tolist())
-                      if not good}
-            raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
-        assert grads_ok is not None
-        if grads_ok.dim() == 0:
-            bad = list(losses)
-        else:
-            bad = [t for t, good in zip(losses, grads_ok.tolist()) if not good]
-        raise ValueError(
-            f"{name}.step: non-finite gradient (NaN or inf) from the finite loss(es) of {bad}; "
-            "nothing was updated"
-        )
-
-    def _gradients(self, losses: Mapping[str, Tensor], params: Sequence[Tensor]) -> list[Tensor | None]:
-        """Gradients of the summed ``losses`` w.r.t. ``params``, checked (no side effect): every
-        task's loss reaches some parameter, no parameter is unused unless allowed, and losses
-        and gradients are finite."""
-        name = type(self).__name__
+    def _check_reach(self, losses: Mapping[str, Tensor], params: Sequence[Tensor], where: str) -> None:
+        """Every task's loss reaches some parameter of ``params`` (before anything moves)."""
         tasks = list(losses)
-        values = list(losses.values())
-        if len(values) > 1:   # the sum's gradient cannot tell which task reaches nothing
-            stray = [t for t, v in zip(tasks, values) if not reaches_any(v, params)]
-            if stray:
-                raise ValueError(
-                    f"{name}.step: the loss of task(s) {stray} reaches none of the optimizer's "
-                    "parameters (a module left out of the optimizer?)"
-                )
+        if len(tasks) == 1:   # checked after the backward pass, for free
+            return
+        stray = [t for t, v in losses.items() if not reaches_any(v, params)]
+        if stray:
+            raise ValueError(
+                f"{where}: the loss of task(s) {stray} reaches none of the optimizer's "
+                "parameters (a module left out of the optimizer?)"
+            )
+
+    def _summed_backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
+        """``.grad`` of the trainable parameters += the gradient of the summed losses (replaced
+        at the first backward of a step), through ``torch.autograd.backward``, so that
+        DistributedDataParallel's hooks all-reduce it as after ``loss.backward()``."""
+        where = f"{type(self).__name__}.backward"
+        params = self._trainable()
+        if not params:
+            raise ValueError(f"{where}: every parameter of the optimizer is frozen")
+        self._check_reach(losses, params, where)
+        values = list(self._scaled(losses, grad_scaler).values())
         total = values[0]
         for v in values[1:]:
             total = total + v
-        grads: list[Tensor | None] = list(torch.autograd.grad(total, list(params), allow_unused=True))
-        unused = [p for p, g in zip(params, grads) if g is None]
-        if len(unused) == len(params):
+        if len(values) == 1 and not reaches_any(total, params):
             raise ValueError(
-                f"{name}.step: the losses of {tasks} reach none of the optimizer's parameters"
+                f"{where}: the losses of {list(losses)} reach none of the optimizer's "
+                "parameters (a module left out of the optimizer?)"
             )
-        if unused and not self.allow_unused:
+        if self._backward_losses is None:
+            for p in self._param_list:
+                p.grad = None
+        torch.autograd.backward(total, inputs=params)
+
+    def _check_grads(self) -> None:
+        """Before the inner step: after :meth:`backward`, every trainable parameter has a
+        gradient (unless ``allow_unused``); every gradient and pending loss is finite. One host
+        sync; a norm that overflows is re-checked element by element."""
+        name = type(self).__name__
+        params = self._trainable()
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
             raise ValueError(
-                f"{name}.step: {len(unused)} parameter(s) get no gradient from the "
-                f"losses of {tasks}, e.g. {self._param_name(unused[0])}. Remove them from the "
+                f"{name}.step: no parameter has a gradient; call loss.backward() or "
+                "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
+            )
+        losses = self._backward_losses
+        if losses is not None and not self.allow_unused and len(grads) < len(params):
+            unused = next(p for p in params if p.grad is None)
+            raise ValueError(
+                f"{name}.step: {len(params) - len(grads)} parameter(s) get no gradient from the "
+                f"losses of {list(losses)}, e.g. {self._param_name(unused)}. Remove them from the "
                 "optimizer, or pass allow_unused=True if they are legitimately unused by some "
                 "steps (task-specific heads)"
             )
-        self._require_finite(losses, grads=[g for g in grads if g is not None])
-        return grads
-
-    def _inner_update(self, losses: dict[str, Tensor]) -> StepReport | None:
-        """One step of the wrapped optimizer on the (summed) losses; its report when composed."""
-        if self.inner is not None:
-            wanted = self.inner.next_tasks()
-            if list(losses) != wanted:
-                raise ValueError(
-                    f"{type(self).__name__}: the wrapped {type(self.inner).__name__} expects "
-                    f"{wanted}, got {list(losses)}"
-                )
-            report = self.inner._step(losses)
-            self.inner._pending = None
-            return report
-        params = self._param_list
-        grads = self._gradients(losses, params)
-        for p, g in zip(params, grads):
-            p.grad = g
-        self.base_optimizer.step()
-        return None
-
-    def _report(self, losses: Mapping[str, Tensor], **kw: Any) -> StepReport:
-        return StepReport(
-            tasks=tuple(losses),
-            losses={t: v.detach() for t, v in losses.items()},
-            step=self._step_count,
-            **kw,
+        grads_ok = _finite_norms(grads)
+        if losses:
+            loss_ok = torch.stack([v.isfinite() for v in losses.values()])
+            ok = loss_ok.all() & grads_ok.to(loss_ok.device)
+        else:
+            loss_ok, ok = None, grads_ok
+        if bool(ok):
+            return
+        if losses and loss_ok is not None and not bool(loss_ok.all()):
+            values = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist())
+                      if not good}
+            raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
+        if all(bool(g.isfinite().all()) for g in grads):
+            return   # finite, only too large for the norm's sum of squares
+        source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
+        raise ValueError(
+            f"{name}.step: non-finite gradient (NaN or inf) from {source}; nothing was updated "
+            "(with a GradScaler, scaler.step(opt) skips such steps)"
         )
 
     # ------------------------------------------------------------------ state

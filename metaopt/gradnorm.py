@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -10,9 +11,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._options import Option, non_negative
+from ._distributed import average_, default_group
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .functional import unique_tensors
-from .report import StepReport
 
 __all__ = ["GradNorm"]
 
@@ -62,7 +63,14 @@ class GradNorm(MultiTaskOptimizer):
             0.12 on its synthetic regression).
         weight_optimizer: ``params -> Optimizer`` for the task weights. Default Adam with lr
             0.025 (a value public ports use; the paper tunes it per problem).
+        process_group: under ``torch.distributed``, the group whose ranks' per-task layer
+            gradients are averaged (one collective); default: the default group when there is
+            more than one rank (see :class:`~metaopt.surgery.GradientSurgery`).
         seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+
+    With a ``torch.amp.GradScaler``, pass it to :meth:`backward` (``opt.backward(losses,
+    grad_scaler=scaler)``) rather than scaling the losses yourself: the norms are then
+    unscaled, so the weight update does not depend on the loss scale.
 
     Example:
         >>> import torch, metaopt
@@ -89,8 +97,12 @@ class GradNorm(MultiTaskOptimizer):
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  layer: Iterable[Tensor], alpha: float = 1.5,
                  weight_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 seed: int = 0, allow_unused: bool = False) -> None:
+                 process_group: Any = None, seed: int = 0, allow_unused: bool = False) -> None:
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        self.process_group = process_group
+        self._layer_rows: Tensor | None = None   # a backward is pending: per-task rows at W
+        self._layer_count = 0
+        self._scale = 1.0
         name = "GradNorm"
         self.layer = unique_tensors(layer)
         if not self.layer:
@@ -114,32 +126,81 @@ class GradNorm(MultiTaskOptimizer):
             return self.inner.next_tasks()
         return list(self.tasks)
 
-    def _norms(self, losses: dict[str, Tensor]) -> Tensor:
-        """‖∇_W L_i‖ per task (graphs retained for the model update that follows)."""
-        norms = []
-        for t, loss in losses.items():
-            grads = torch.autograd.grad(loss, self.layer, retain_graph=True, allow_unused=True)
-            if any(g is None for g in grads):
-                raise ValueError(
-                    f"GradNorm.step: the loss of task {t!r} does not reach the GradNorm layer; "
-                    "choose a layer that every task uses"
-                )
-            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
-        out = torch.stack(norms).detach()
-        self._require_finite(losses, out.isfinite())
-        return out
-
-    def _step(self, losses: dict[str, Tensor]) -> StepReport:
+    def _backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
+        """Per-task gradients at the layer W (for the norms, kept for the step), then the
+        model's backward pass on ``Σ_i w_i L_i`` (through the wrapped optimizer)."""
         names = list(losses)
         if names != list(self.tasks):
-            raise ValueError(f"GradNorm.step: expected all tasks {list(self.tasks)}, got {names}")
-        norms = self._norms(losses)
-        current = torch.stack([v.detach() for v in losses.values()]).to(norms)
-        used = self.weights.detach().clone()
-        # model update on the weighted losses (weights are constants for the model)
+            raise ValueError(f"GradNorm.backward: expected all tasks {list(self.tasks)}, got {names}")
+        scaled = self._scaled(losses, grad_scaler)
+        layer = [p for p in self.layer if p.requires_grad]
+        if not layer:
+            raise ValueError("GradNorm.backward: every parameter of the GradNorm layer is frozen")
+        if self._layer_rows is not None and len(layer) != self._layer_count:
+            raise ValueError("GradNorm.backward: the GradNorm layer was frozen or unfrozen between "
+                             "backward passes of one step; call step() or zero_grad() first")
+        self._layer_count = len(layer)
+        rows = []
+        for t, loss in scaled.items():
+            grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
+            if any(g is None for g in grads):
+                raise ValueError(
+                    f"GradNorm.backward: the loss of task {t!r} does not reach the GradNorm layer; "
+                    "choose a layer that every task uses"
+                )
+            rows.append(torch.cat([g.reshape(-1) for g in grads]))
+        layer_rows = torch.stack(rows)
+        group = default_group(self.process_group)
+        if group is not None:   # the T rows averaged over the ranks: one collective
+            average_(layer_rows, group)
+        scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
+        used = self.weights.detach()
         weighted = {t: used[i].to(v) * v for i, (t, v) in enumerate(losses.items())}
-        inner_report = self._inner_update(weighted)
-        # weight update: gradient of L_grad w.r.t. the weights only
+        super()._backward(weighted, grad_scaler)
+        # the model's backward went through: keep this micro-batch's rows for the step
+        if self._layer_rows is None:
+            self._layer_rows, self._scale = layer_rows, scale
+        else:
+            if scale != self._scale:
+                raise ValueError("GradNorm.backward: the loss scale changed between backward "
+                                 "passes of one step")
+            self._layer_rows = self._layer_rows + layer_rows
+
+    def _norms(self) -> Tensor:
+        """‖∇_W L_i‖ per task, of the step's accumulated (and unscaled) layer gradients."""
+        assert self._layer_rows is not None
+        return torch.linalg.vector_norm(self._layer_rows.detach(), dim=1) / self._scale
+
+    def _check_step(self) -> None:
+        if self._layer_rows is None:
+            raise ValueError(
+                "GradNorm.step: no per-task gradients; call opt.backward(losses) (instead of "
+                "loss.backward()) before opt.step(), or pass the losses: opt.step(losses)"
+            )
+        losses = self._backward_losses
+        assert losses is not None
+        current = torch.stack(list(losses.values()))
+        norms = self._norms()
+        flags = torch.stack([current.isfinite().all().to(norms.device), norms.isfinite().all()]).tolist()
+        if not flags[0]:
+            bad = {t: float(v) for t, v in losses.items() if not bool(v.isfinite())}
+            raise ValueError(f"GradNorm.step: non-finite loss for task(s) {bad}; nothing was updated")
+        if not flags[1]:
+            bad_tasks = [t for t, n in zip(losses, norms.tolist()) if not math.isfinite(n)]
+            raise ValueError(
+                f"GradNorm.step: non-finite gradient (NaN or inf) at the GradNorm layer from the "
+                f"finite loss(es) of {bad_tasks}; nothing was updated"
+            )
+        super()._check_step()
+
+    def _after_step(self) -> dict[str, Any]:
+        """The weight update: gradient of L_grad w.r.t. the weights only (after the model's
+        step; nothing here can fail)."""
+        losses = self._backward_losses
+        assert losses is not None
+        norms = self._norms()
+        current = torch.stack(list(losses.values())).to(norms)
+        used = self.weights.detach().clone()
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
         self.initial_losses = initial
         r = _inverse_training_rates(current, initial)
@@ -152,10 +213,13 @@ class GradNorm(MultiTaskOptimizer):
         self.weights.grad = None
         with torch.no_grad():
             self.weights.clamp_(min=self.MIN_WEIGHT)
-            self.weights.mul_(len(names) / self.weights.sum())
-        self._step_count += 1
-        return self._report(losses, weights=used, inner=inner_report,
-                            extra={"grad_norms": norms, "gradnorm_loss": grad_loss.detach()})
+            self.weights.mul_(len(self.tasks) / self.weights.sum())
+        return {"weights": used, "extra": {"grad_norms": norms, "gradnorm_loss": grad_loss.detach()}}
+
+    def _clear_backward(self) -> None:
+        super()._clear_backward()
+        self._layer_rows = None
+        self._scale = 1.0
 
     def _extra_state(self) -> dict[str, Any]:
         return {

@@ -37,7 +37,7 @@ class GradVac(GradientSurgery):
             group, the paper's finer granularities), or a list of lists of shared parameters.
             Each group has its own Gramian and targets.
         reduction: ``"sum"`` (default) or ``"mean"`` of the corrected gradients.
-        shared, retain_graph, batched, seed, allow_unused: see
+        shared, retain_graph, batched, process_group, seed, allow_unused: see
             :class:`~metaopt.surgery.GradientSurgery`. With ``groups`` other than ``"all"``,
             ``shared`` must be given.
 
@@ -66,14 +66,16 @@ class GradVac(GradientSurgery):
                  groups: Literal["all", "parameter"] | Sequence[Sequence[Tensor]] = "all",
                  reduction: Literal["sum", "mean"] = "sum",
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
+                 batched: bool = False, process_group: Any = None, seed: int = 0,
+                 allow_unused: bool = False) -> None:
         shared_list = None if shared is None else list(shared)
         super().__init__(optimizer, tasks=tasks, shared=shared_list, retain_graph=retain_graph,
-                         batched=batched, seed=seed, allow_unused=allow_unused)
+                         batched=batched, process_group=process_group, seed=seed,
+                         allow_unused=allow_unused)
         self.beta = beta
         self.reduction = reduction
-        self._group_cols: list[list[slice]] | None = None
-        slice_of = {id(p): sl for p, sl in zip(self._params, self._slices)}
+        # groups as parameters; their columns follow the layout (frozen parameters drop out)
+        self._group_params: list[list[Tensor]] | None = None
         shared_ids = set() if shared_list is None else {id(p) for p in shared_list}
         if isinstance(groups, str):
             if groups not in ("all", "parameter"):
@@ -81,11 +83,11 @@ class GradVac(GradientSurgery):
             if groups == "parameter":
                 if shared_list is None:
                     raise ValueError("GradVac: groups='parameter' needs shared= to be given")
-                self._group_cols = [[slice_of[id(p)]] for p in self._params if id(p) in shared_ids]
+                self._group_params = [[p] for p in self._param_list if id(p) in shared_ids]
         else:
             if shared_list is None:
                 raise ValueError("GradVac: explicit groups need shared= to be given")
-            cols, seen = [], set()
+            listed, seen = [], set()
             for gi, group in enumerate(groups):
                 group = list(group)
                 if not group:
@@ -96,17 +98,22 @@ class GradVac(GradientSurgery):
                     if id(p) in seen:
                         raise ValueError(f"GradVac: a parameter appears in two groups (groups[{gi}])")
                     seen.add(id(p))
-                cols.append([slice_of[id(p)] for p in group])
+                listed.append(group)
             if seen != shared_ids:
                 raise ValueError("GradVac: every shared parameter must be in exactly one group")
-            self._group_cols = cols
-        n_groups = 1 if self._group_cols is None else len(self._group_cols)
+            self._group_params = listed
+        n_groups = 1 if self._group_params is None else len(self._group_params)
         T = len(self.tasks)
         self.targets = torch.zeros((n_groups, T, T), dtype=torch.float64)
         self._next_targets: Tensor | None = None
 
     def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
-        return [shared_runs] if self._group_cols is None else self._group_cols
+        if self._group_params is None:
+            return [shared_runs]
+        slice_of = {id(p): sl for p, sl in zip(self._params, self._slices)}
+        # a group whose parameters are all frozen has no columns (a zero Gramian)
+        return [[slice_of[id(p)] for p in g if id(p) in slice_of] or [slice(0, 0)]
+                for g in self._group_params]
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
         order = random_order(G.shape[-1], self.generator, device=G.device)
@@ -121,6 +128,9 @@ class GradVac(GradientSurgery):
         if self._next_targets is not None:
             self.targets = self._next_targets
             self._next_targets = None
+
+    def _discard(self) -> None:
+        self._next_targets = None
 
     def _extra_state(self) -> dict[str, Any]:
         return {"targets": self.targets.clone(), "target_tasks": list(self.tasks)}

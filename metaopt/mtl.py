@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -11,7 +11,6 @@ from torch.optim import Optimizer
 from ._options import Option
 from ._options import reduction as reduction_option
 from .base import MultiTaskOptimizer
-from .report import StepReport
 
 __all__ = ["MTL"]
 
@@ -19,7 +18,9 @@ __all__ = ["MTL"]
 class MTL(MultiTaskOptimizer):
     """The baseline every multi-task benchmark needs: minimise ``Σ_t L_t`` (or the mean).
 
-    Each step asks for all tasks and takes one backward pass through their combined loss.
+    Each step asks for all tasks and takes one backward pass through their combined loss
+    (:meth:`backward`, or ``step(losses)``); ``step()`` after your own ``loss.backward()`` steps
+    on ``.grad`` as it is.
     (Plain training with one *sampled* task per step is ``SequentialReptile(..., outer_lr=1)``.)
 
     Args:
@@ -51,12 +52,8 @@ class MTL(MultiTaskOptimizer):
     def _draw_tasks(self) -> list[str]:
         return list(self.tasks)
 
-    def _step(self, losses: dict[str, Tensor]) -> StepReport:
+    def _backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
         if self.reduction == "mean":
             n = len(losses)
-            scaled = {t: v / n for t, v in losses.items()}
-        else:
-            scaled = losses
-        self._inner_update(scaled)
-        self._step_count += 1
-        return self._report(losses)
+            losses = {t: v / n for t, v in losses.items()}
+        self._summed_backward(losses, grad_scaler)

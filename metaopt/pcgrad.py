@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -30,7 +30,7 @@ class PCGrad(GradientSurgery):
         optimizer: the torch optimizer that applies the combined gradient.
         tasks: task names; ``next_tasks()`` always returns all of them.
         reduction: ``"sum"`` (default, as in the paper) or ``"mean"``.
-        shared, retain_graph, batched, seed, allow_unused: see
+        shared, retain_graph, batched, process_group, seed, allow_unused: see
             :class:`~metaopt.surgery.GradientSurgery`.
 
     The report carries ``weights`` (T), ``cosine`` (T×T) and ``conflicts`` (the fraction of
@@ -58,9 +58,11 @@ class PCGrad(GradientSurgery):
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  reduction: Literal["sum", "mean"] = "sum",
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
+                 batched: bool = False, process_group: Any = None, seed: int = 0,
+                 allow_unused: bool = False) -> None:
         super().__init__(optimizer, tasks=tasks, shared=shared, retain_graph=retain_graph,
-                         batched=batched, seed=seed, allow_unused=allow_unused)
+                         batched=batched, process_group=process_group, seed=seed,
+                         allow_unused=allow_unused)
         self.reduction = reduction
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:

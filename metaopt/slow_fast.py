@@ -19,7 +19,6 @@ from torch.optim import Optimizer
 from ._options import Option, flag, optional_fraction, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .interpolation import Interpolator, Method
-from .report import StepReport
 from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
@@ -274,9 +273,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _trajectories_per_outer_step(self) -> int:
         return 1
 
-    def _step(self, losses: dict[str, Tensor]) -> StepReport:
-        inner_report = self._inner_update(losses)
-        self._step_count += 1
+    def _after_step(self) -> dict[str, Any]:
         self._inner_count += 1
         outer = False
         if self._inner_count >= self.inner_steps:
@@ -284,7 +281,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             self._trajectory += 1
             outer = self._end_trajectory()
         self._record_versions()
-        return self._report(losses, outer_update=outer, inner=inner_report)
+        return {"outer_update": outer}
 
     @torch.no_grad()
     def _end_trajectory(self) -> bool:

@@ -10,11 +10,13 @@ task's projection (the bug of the most-copied PCGrad port).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._distributed import average_, default_group
 from ._options import Option, flag
 from .aggregation import aggregate, conflict_fraction, cosine_from_gramian, gramian
 from .aggregation._scaling import update_bound, update_flags, update_limit
@@ -22,7 +24,6 @@ from .aggregation._validate import compute_dtype
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
-from .report import StepReport
 
 __all__ = ["GradientSurgery"]
 
@@ -55,7 +56,17 @@ class GradientSurgery(MultiTaskOptimizer):
             task's graph is freed as soon as its gradient row is taken.
         batched: compute the T gradient rows with one vmapped backward pass
             (``is_grads_batched``) instead of T passes (falls back to the loop with a warning).
+        process_group: under ``torch.distributed`` (DistributedDataParallel), the group whose
+            ranks' per-task gradient rows are averaged before combining (one collective over
+            the T rows per backward pass). Default ``None``: the default group when
+            ``torch.distributed`` is initialized with more than one rank, else no averaging.
         seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+
+    Driven the torch way, :meth:`backward` replaces ``loss.backward()``: it takes the per-task
+    gradients (each task on its own graph, freed when done unless ``retain_graph``), combines
+    them and writes the update into ``.grad``, where ``GradScaler.unscale_`` and
+    ``clip_grad_norm_`` can act on it before ``step()``. The visiting order and GradVac's
+    targets commit at ``step()``.
     """
 
     retain_graph = Option(flag)
@@ -63,7 +74,8 @@ class GradientSurgery(MultiTaskOptimizer):
 
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, seed: int = 0, allow_unused: bool = False) -> None:
+                 batched: bool = False, process_group: Any = None, seed: int = 0,
+                 allow_unused: bool = False) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError(
@@ -87,13 +99,24 @@ class GradientSurgery(MultiTaskOptimizer):
                 )
             # the tensors themselves, not their id()s: a deepcopy or pickle maps them along
             self._shared = shared_list
+        self.process_group = process_group
+        self._grad_buffers: list[Tensor] = []
+        self._scratch: Tensor | None = None
+        self._rows: int | None = None           # a backward is pending: its rows are in J
+        self._reached: Tensor | None = None
+        self._staged: dict[str, Any] | None = None
+        self._staged_generator: Tensor | None = None
+        self._refusal: str | None = None
         self._lay_out_columns()
         self.retain_graph = retain_graph
         self.batched = batched
 
     def _lay_out_columns(self) -> None:
-        """Columns of J: shared parameters first (one contiguous range), then the others."""
-        params = self._param_list
+        """Columns of J over the trainable parameters: shared ones first (one contiguous
+        range), then the others."""
+        self._all_params = list(self._param_list)
+        self._trainable_mask = [p.requires_grad for p in self._all_params]
+        params = [p for p in self._all_params if p.requires_grad]
         if self._shared is None:
             ordered = list(params)
         else:
@@ -101,16 +124,15 @@ class GradientSurgery(MultiTaskOptimizer):
             ordered = [p for p in params if id(p) in shared_ids] + \
                       [p for p in params if id(p) not in shared_ids]
         devices = {(p.device, master_dtype(p.dtype)) for p in ordered}
-        if len(devices) != 1:
+        if len(devices) > 1:
             raise ValueError(
                 f"{type(self).__name__}: parameters must share one device and dtype family, got "
                 f"{sorted(map(str, devices))}"
             )
         self._params = ordered
         self._slices = parameter_slices(ordered)
-        self.num_params = self._slices[-1].stop
+        self.num_params = self._slices[-1].stop if ordered else 0
         self._jacobian: Tensor | None = None   # persistent (T, P) buffer
-        self._grad: Tensor | None = None       # persistent (P,) buffer; .grad are views into it
 
     def _params_added(self, new: list[Tensor]) -> None:
         self._lay_out_columns()   # new parameters come after the shared ones: no column moves
@@ -121,57 +143,97 @@ class GradientSurgery(MultiTaskOptimizer):
         return [shared_runs]
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
-        """(n_groups, T) weights from the (n_groups, T, T) Gramians. Must not change state."""
+        """(n_groups, T) weights from the (n_groups, T, T) Gramians. Prepares state changes
+        (for :meth:`_commit`) without making them; may draw from ``self.generator``, whose
+        state the backward pass restores and the step commits."""
         raise NotImplementedError
 
     def _commit(self) -> None:
-        """Apply state changes prepared by :meth:`_weights`, once the step is accepted."""
+        """Apply state changes prepared by :meth:`_weights`, once the step is taken."""
+
+    def _discard(self) -> None:
+        """Drop state changes prepared by :meth:`_weights` (a backward pass was dropped)."""
 
     # ------------------------------------------------------------------ mechanics
     def _draw_tasks(self) -> list[str]:
         return list(self.tasks)
 
-    def _buffers(self, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        dtype = master_dtype(like.dtype)
-        if self._jacobian is None or self._jacobian.shape != (T, self.num_params):
-            self._jacobian = torch.empty((T, self.num_params), dtype=dtype, device=like.device)
-            self._grad = torch.empty(self.num_params, dtype=dtype, device=like.device)
-        assert self._grad is not None
-        return self._jacobian, self._grad
+    def _layout_for_step(self) -> None:
+        """Columns of J over the parameters trainable now (re-laid out when one was frozen or
+        unfrozen; refused between two backward passes of one step)."""
+        trainable = [p.requires_grad for p in self._all_params]
+        if trainable == self._trainable_mask:
+            return
+        if self._rows is not None:
+            raise ValueError(
+                f"{type(self).__name__}.backward: parameters were frozen or unfrozen between two "
+                "backward passes of one step; call step() or zero_grad() first"
+            )
+        self._lay_out_columns()
 
-    def _step(self, losses: dict[str, Tensor]) -> StepReport:
-        name = type(self).__name__
+    def _grad_buffer(self, like: Tensor) -> Tensor:
+        """The (P,) buffer the combined update is written into, ``.grad`` being views of it.
+        Of two, the one that the current ``.grad`` do not view: a refused step restores the
+        previous ``.grad`` untouched (a fresh buffer per step would be page-faulted in each time)."""
+        dtype = master_dtype(like.dtype)
+        bufs = [b for b in self._grad_buffers if b.shape == (self.num_params,) and b.dtype == dtype
+                and b.device == like.device]
+        while len(bufs) < 2:
+            bufs.append(torch.empty(self.num_params, dtype=dtype, device=like.device))
+        self._grad_buffers = bufs
+        g = self._params[0].grad
+        live = g is not None and g.untyped_storage().data_ptr() == bufs[0].untyped_storage().data_ptr()
+        return bufs[1] if live else bufs[0]
+
+    def _jacobian_buffer(self, T: int, like: Tensor, scratch: bool) -> Tensor:
+        dtype = master_dtype(like.dtype)
+        key = "_scratch" if scratch else "_jacobian"
+        J = getattr(self, key)
+        if J is None or J.shape != (T, self.num_params) or J.dtype != dtype or J.device != like.device:
+            J = torch.empty((T, self.num_params), dtype=dtype, device=like.device)
+            setattr(self, key, J)
+        return J
+
+    def _backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
+        name = f"{type(self).__name__}.backward"
         names = list(losses)
+        self._layout_for_step()
         params = self._params
-        J, grad = self._buffers(len(names), params[0])
-        tj = task_jacobian(list(losses.values()), params, out=J,
+        if not params:
+            raise ValueError(f"{name}: every parameter of the optimizer is frozen")
+        first = self._rows is None
+        # this backward's rows go into J directly at the first pass of a step, else a scratch
+        rows = self._jacobian_buffer(len(names), params[0], scratch=not first)
+        tj = task_jacobian(list(self._scaled(losses, grad_scaler).values()), params, out=rows,
                            retain_graph=self.retain_graph, batched=self.batched)
-        reached = tj.reached                              # (T, n_params) bool, CPU
-        by_any = reached.any(0).tolist()
-        by_all = reached.all(0).tolist()
-        stray = [t for t, hit in zip(names, reached.any(1).tolist()) if not hit]
+        stray = [t for t, hit in zip(names, tj.reached.any(1).tolist()) if not hit]
         if stray:
             raise ValueError(
-                f"{name}.step: the loss of task(s) {stray} reaches none of the optimizer's "
+                f"{name}: the loss of task(s) {stray} reaches none of the optimizer's "
                 "parameters (a module left out of the optimizer?)"
             )
-        unused = [p for p, r in zip(params, by_any) if not r]
-        if unused and not self.allow_unused:
-            raise ValueError(
-                f"{name}.step: {len(unused)} parameter(s) get no gradient from any loss, e.g. "
-                f"{self._param_name(unused[0])}; remove them or pass allow_unused=True"
-            )
+        reached = tj.reached if self._reached is None else (self._reached | tj.reached)
+        by_any = reached.any(0).tolist()
         if self._shared is None:
-            shared_mask = by_all
+            shared_mask = reached.all(0).tolist()
         else:
             shared_ids = {id(p) for p in self._shared}
             shared_mask = [id(p) in shared_ids for p in params]
         shared_runs = _runs(shared_mask, self._slices)
         if not shared_runs:
             raise ValueError(
-                f"{name}.step: no parameter is reached by every task's loss, so there is nothing "
+                f"{name}: no parameter is reached by every task's loss, so there is nothing "
                 "to aggregate; pass shared= explicitly"
             )
+        group = default_group(self.process_group)
+        if group is not None:   # the T rows averaged over the ranks: one collective, before combining
+            average_(rows, group)
+        # nothing has moved so far but internal buffers; from here on this backward counts
+        J = self._jacobian_buffer(len(names), params[0], scratch=False)
+        if not first:
+            J.add_(rows)
+        self._discard()
+        self._rows, self._reached = len(names), reached
         head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
         groups = self._groups(shared_runs)
         # One Gramian per group, summed over the group's column ranges, accumulated in float64:
@@ -179,15 +241,15 @@ class GradientSurgery(MultiTaskOptimizer):
         cdt = compute_dtype(J)
         G = torch.stack([sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
                          for g in groups])
-        # Weights first, checks after, so that one host sync covers them all. _weights only
-        # prepares state; the order it draws is undone if the step is refused. A non-finite G
-        # is zeroed for it (the step is then refused anyway).
+        # Weights first, checks after, so that one host sync covers them all. The generator's
+        # draw is staged (committed by step()); a non-finite G is zeroed for _weights (such a
+        # step is refused anyway).
         drawn = self.generator.get_state()
         try:
             weights = self._weights(torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0), losses)
-        except BaseException:
+            self._staged_generator = self.generator.get_state()
+        finally:
             self.generator.set_state(drawn)
-            raise
         # every task's gradient finite (the Gramian's diagonal; heads: each row's largest entry),
         # and the update wᵀJ and the head sums within J's dtype (metaopt.aggregation._scaling)
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
@@ -197,34 +259,41 @@ class GradientSurgery(MultiTaskOptimizer):
             ok = ok & row_max.isfinite()
             heads = torch.maximum(heads, row_max.to(cdt).sum())
         fits, split = update_flags(weights, G, J.dtype)
-        loss_ok = torch.stack([v.detach().isfinite() for v in losses.values()]).all().to(ok.device)
-        # the one host sync of the step: losses, each task's gradient, the update's range, split
-        flags = torch.cat([ok, torch.stack([loss_ok, fits & (heads <= update_limit(J.dtype)), split])]).tolist()
-        if not all(flags[:-1]):
-            self.generator.set_state(drawn)
-            T = len(names)
-            if not flags[T]:
-                self._require_finite(losses)   # raises, naming the tasks with a non-finite loss
-            bad = [t for t, good in zip(names, flags) if not good]
-            if bad:
-                raise ValueError(
-                    f"{name}.step: non-finite gradient (NaN or inf) for task(s) {bad}; nothing was updated"
-                )
+        # the losses of the step so far (every micro-batch's)
+        values = [v.detach() for v in losses.values()]
+        if self._backward_losses is not None:
+            values = [a + b for a, b in zip(self._backward_losses.values(), values)]
+        loss_ok = torch.stack(values).isfinite().to(ok.device)
+        # the one host sync of the backward pass: losses, each task's gradient, the update's
+        # range, split
+        flags = torch.cat([ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])]).tolist()
+        T = len(names)
+        grad = self._grad_buffer(params[0])
+        bad = [t for t, good in zip(names, flags[:T]) if not good]
+        bad_loss = {t: float(v) for t, v, good in zip(names, values, flags[T:2 * T]) if not good}
+        flags = flags[:T] + flags[2 * T:]
+        if bad_loss:
+            self._refusal = f"non-finite loss for task(s) {bad_loss}; nothing was updated"
+            torch.sum(J, dim=0, out=grad)
+        elif bad:
+            self._refusal = (f"non-finite gradient (NaN or inf) for task(s) {bad}; nothing was "
+                             "updated (with a GradScaler, scaler.step(opt) skips such steps)")
+            torch.sum(J, dim=0, out=grad)   # non-finite, as GradScaler must see it
+        elif not flags[T]:
             size = max(float(update_bound(weights, G).max()), float(heads))
-            raise ValueError(
-                f"{name}.step: the combined update does not fit {J.dtype}: its norm is bounded by "
-                f"sum_k |w_k| |g_k| = {size:.3g}, above the {update_limit(J.dtype):.3g} accepted; "
-                "nothing was updated"
-            )
-        # the step is accepted from here on
-        self._commit()
-        # weights outside J's dtype's range are applied split (exactly), the others cast
-        applied = weights if flags[-1] else weights.to(J.dtype)
-        for g, w in zip(groups, applied):
-            for sl in g:
-                aggregate(J[:, sl], w, out=grad[sl])
-        for sl in head_runs:
-            torch.sum(J[:, sl], dim=0, out=grad[sl])
+            self._refusal = (f"the combined update does not fit {J.dtype}: its norm is bounded by "
+                             f"sum_k |w_k| |g_k| = {size:.3g}, above the {update_limit(J.dtype):.3g} "
+                             "accepted; nothing was updated")
+            grad.fill_(float("inf"))
+        else:
+            self._refusal = None
+            # weights outside J's dtype's range are applied split (exactly), the others cast
+            applied = weights if flags[-1] else weights.to(J.dtype)
+            for g, w in zip(groups, applied):
+                for sl in g:
+                    aggregate(J[:, sl], w, out=grad[sl])
+            for sl in head_runs:
+                torch.sum(J[:, sl], dim=0, out=grad[sl])
         for p, sl, used in zip(params, self._slices, by_any):
             if not used:
                 p.grad = None
@@ -232,12 +301,43 @@ class GradientSurgery(MultiTaskOptimizer):
                 p.grad = grad[sl].view_as(p)
             else:
                 p.grad = grad[sl].view_as(p).to(p.dtype)
-        self.base_optimizer.step()
-        self._step_count += 1
+        for p in self._all_params:
+            if not p.requires_grad:
+                p.grad = None
         G_all = G.sum(0)
-        return self._report(
-            losses,
-            weights=weights[0] if len(groups) == 1 else weights,
-            cosine=cosine_from_gramian(G_all),
-            conflicts=conflict_fraction(G_all),
-        )
+        self._staged = {
+            "weights": weights[0] if len(groups) == 1 else weights,
+            "cosine": cosine_from_gramian(G_all),
+            "conflicts": conflict_fraction(G_all),
+            "unused": [p for p, used in zip(params, by_any) if not used],
+        }
+
+    def _check_step(self) -> None:
+        name = type(self).__name__
+        if self._staged is None:
+            raise ValueError(
+                f"{name}.step: no per-task gradients; call opt.backward(losses) (instead of "
+                "loss.backward()) before opt.step(), or pass the losses: opt.step(losses)"
+            )
+        if self._refusal is not None:
+            raise ValueError(f"{name}.step: {self._refusal}")
+        unused = self._staged["unused"]
+        if unused and not self.allow_unused:
+            raise ValueError(
+                f"{name}.step: {len(unused)} parameter(s) get no gradient from any loss, e.g. "
+                f"{self._param_name(unused[0])}; remove them or pass allow_unused=True"
+            )
+
+    def _after_step(self) -> dict[str, Any]:
+        assert self._staged is not None and self._staged_generator is not None
+        self._commit()
+        self.generator.set_state(self._staged_generator)
+        return {k: v for k, v in self._staged.items() if k != "unused"}
+
+    def _clear_backward(self) -> None:
+        super()._clear_backward()
+        self._discard()
+        self._rows = None
+        self._reached = None
+        self._staged = None
+        self._refusal = None

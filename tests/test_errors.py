@@ -124,13 +124,6 @@ def test_loss_reaching_no_parameter():
     assert opt.step_count == 0
 
 
-def test_parameters_that_do_not_require_grad():
-    model = make_model(0)
-    model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[0\].*does not require grad"):
-        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"])
-
-
 @pytest.mark.parametrize("kw,exc,match", [
     ({"tasks": []}, ValueError, "empty"),
     ({"tasks": None}, ValueError, "tasks must be given"),

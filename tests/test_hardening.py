@@ -224,15 +224,6 @@ def test_param_group_added_after_wrapping_gets_pcgrad_gradient():
         assert p.grad is not None and not torch.equal(p, b)
 
 
-def test_frozen_param_group_is_refused_before_anything_changes():
-    model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model[0].parameters(), lr=0.1), tasks=TASKS)
-    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
-    with pytest.raises(ValueError, match="does not require grad"):
-        opt.add_param_group({"params": [frozen]})
-    assert len(opt.param_groups) == 1
-
-
 # ---------------------------------------------------------------- 7. weights loaded afterwards
 def test_weights_loaded_after_building_are_detected_and_can_be_taken():
     """7. Pretrained weights loaded after the optimizer was built left φ stale: the first outer
