@@ -9,12 +9,13 @@ ranks themselves, with one collective, before combining them.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["average_", "default_group", "world_size"]
+__all__ = ["average_", "check_same_on_ranks", "default_group", "world_size"]
 
 
 def default_group(group: Any = None) -> Any:
@@ -38,3 +39,22 @@ def average_(tensor: Tensor, group: Any) -> Tensor:
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
     tensor.div_(world_size(group))
     return tensor
+
+
+def fingerprint(generator_state: Tensor, *values: Any) -> tuple[Any, ...]:
+    """A small, process-independent summary of a schedule's state (Python's ``hash`` is
+    salted per process, so a CRC of the generator's bytes is used)."""
+    return (zlib.crc32(bytes(generator_state.numpy())), *values)
+
+
+def check_same_on_ranks(value: Any, group: Any, where: str) -> None:
+    """Raise on every rank if ``value`` differs between the ranks of ``group``."""
+    gathered: list[Any] = [None] * world_size(group)
+    torch.distributed.all_gather_object(gathered, value, group=group)
+    if any(v != gathered[0] for v in gathered):
+        differ = [r for r, v in enumerate(gathered) if v != gathered[0]]
+        raise ValueError(
+            f"{where}: the task schedule differs between ranks (rank(s) {differ} disagree with "
+            "rank 0): every rank must draw the same tasks. Build the optimizer with the same seed "
+            "and options on every rank, and load the same checkpoint"
+        )

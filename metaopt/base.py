@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._distributed import check_same_on_ranks, default_group, fingerprint
 from ._options import Option, flag
 from .jacobian import reaches_any
 from .report import StepReport
@@ -157,6 +158,7 @@ class MultiTaskOptimizer(Optimizer):
         self._step_count = 0
         self._pending: tuple[str, ...] | None = None
         self._backward_losses: dict[str, Tensor] | None = None   # a backward() pending
+        self._ranks_checked = False
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
         self.defaults = base.defaults
         self._optimizer_step_pre_hooks: OrderedDict[int, Any] = OrderedDict()
@@ -213,6 +215,7 @@ class MultiTaskOptimizer(Optimizer):
         state["generator"] = self.generator.get_state()
         if "process_group" in state:
             state["process_group"] = None   # does not pickle: a copy uses the default group
+        state["_ranks_checked"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -363,9 +366,23 @@ class MultiTaskOptimizer(Optimizer):
         """Drop what :meth:`backward` accumulated for the step (extended by subclasses)."""
         self._backward_losses = None
 
+    def _check_ranks(self) -> None:
+        """Under ``torch.distributed``, at the first step: every rank has the same schedule
+        state (seed, counters, generator, pending draw), so that all draw the same tasks."""
+        if self._ranks_checked:
+            return
+        group = default_group(getattr(self, "process_group", None))
+        if group is not None:
+            check_same_on_ranks(
+                fingerprint(self.generator.get_state(), type(self).__name__, self.tasks,
+                            self._step_count, self._pending),
+                group, f"{type(self).__name__}.step")
+        self._ranks_checked = True
+
     def _take_step(self) -> StepReport:
         tasks = tuple(self.next_tasks())
         self._prepare()
+        self._check_ranks()
         self._check_step()
         # everything is checked: from here on the step moves
         if self.inner is not None:

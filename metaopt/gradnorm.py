@@ -149,9 +149,11 @@ class GradNorm(MultiTaskOptimizer):
                     "choose a layer that every task uses"
                 )
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
-        layer_rows = torch.stack(rows)
+        # the T rows and the losses (for the training rates), averaged over the ranks at once
+        layer_rows = torch.cat([torch.stack(rows), torch.stack([v.detach() for v in scaled.values()])
+                                .to(rows[0]).reshape(-1, 1)], dim=1)
         group = default_group(self.process_group)
-        if group is not None:   # the T rows averaged over the ranks: one collective
+        if group is not None:
             average_(layer_rows, group)
         scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
         used = self.weights.detach()
@@ -169,7 +171,12 @@ class GradNorm(MultiTaskOptimizer):
     def _norms(self) -> Tensor:
         """‖∇_W L_i‖ per task, of the step's accumulated (and unscaled) layer gradients."""
         assert self._layer_rows is not None
-        return torch.linalg.vector_norm(self._layer_rows.detach(), dim=1) / self._scale
+        return torch.linalg.vector_norm(self._layer_rows[:, :-1], dim=1) / self._scale
+
+    def _current_losses(self) -> Tensor:
+        """The step's (accumulated, unscaled; under torch.distributed rank-averaged) losses."""
+        assert self._layer_rows is not None
+        return self._layer_rows[:, -1] / self._scale
 
     def _check_step(self) -> None:
         if self._layer_rows is None:
@@ -179,11 +186,11 @@ class GradNorm(MultiTaskOptimizer):
             )
         losses = self._backward_losses
         assert losses is not None
-        current = torch.stack(list(losses.values()))
+        current = self._current_losses()
         norms = self._norms()
         flags = torch.stack([current.isfinite().all().to(norms.device), norms.isfinite().all()]).tolist()
         if not flags[0]:
-            bad = {t: float(v) for t, v in losses.items() if not bool(v.isfinite())}
+            bad = {t: v for t, v in zip(losses, current.tolist()) if not math.isfinite(v)}
             raise ValueError(f"GradNorm.step: non-finite loss for task(s) {bad}; nothing was updated")
         if not flags[1]:
             bad_tasks = [t for t, n in zip(losses, norms.tolist()) if not math.isfinite(n)]
@@ -196,10 +203,8 @@ class GradNorm(MultiTaskOptimizer):
     def _after_step(self) -> dict[str, Any]:
         """The weight update: gradient of L_grad w.r.t. the weights only (after the model's
         step; nothing here can fail)."""
-        losses = self._backward_losses
-        assert losses is not None
         norms = self._norms()
-        current = torch.stack(list(losses.values())).to(norms)
+        current = self._current_losses()
         used = self.weights.detach().clone()
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
         self.initial_losses = initial

@@ -1,0 +1,86 @@
+"""One rank of the DDP tests (test_ddp.py): the model wrapped in DistributedDataParallel, the
+optimizer built over it as usual, each rank on its half of every batch. Saves its final
+parameters and optimizer state for the parent to compare."""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _stacks import REPTILE_FAMILY, Net, batch, loss_of, make_opt  # noqa: E402
+
+WORLD = 2
+STEPS = 6
+
+
+def half(step: int, task: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch(step, task)
+    rows = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
+    return x[rows], y[rows]
+
+
+class _CountingAllReduce:
+    """``torch.distributed.all_reduce`` as metaopt calls it, counted (DDP's own bucketed
+    all-reduce goes through the C++ reducer, not this function)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.real = dist.all_reduce
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.real(*args, **kwargs)
+
+
+def train(rank: int, name: str, recipe: str, seed: int) -> dict:
+    counter = _CountingAllReduce()
+    dist.all_reduce = counter
+    try:
+        return _train(rank, name, recipe, seed) | {"all_reduce_calls": counter.calls}
+    finally:
+        dist.all_reduce = counter.real
+
+
+def _train(rank: int, name: str, recipe: str, seed: int) -> dict:
+    model = Net()
+    # The Reptile family forwards one task per step, leaving the other heads unused: DDP then
+    # needs find_unused_parameters. The others forward every task (one forward per task) into
+    # one backward pass, which DDP supports only without it (every head is used).
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name in REPTILE_FAMILY)
+    opt = make_opt(name, model, seed=seed)
+    try:
+        for s in range(STEPS):
+            wanted = opt.next_tasks()
+            losses = {t: loss_of(ddp, t, half(s, t, rank), reduction="mean") for t in wanted}
+            if recipe == "one_loop":
+                opt.step(losses)
+            else:
+                if name in REPTILE_FAMILY:
+                    losses[wanted[0]].backward()
+                else:
+                    opt.backward(losses)
+                opt.step()
+                opt.zero_grad()
+    except ValueError as err:
+        return {"error": str(err)}
+    return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()}
+
+
+def run(rank: int, runs: list[tuple[str, str, int, int]], port: int, out: str) -> None:
+    """``runs``: (method, recipe, seed on rank 0, seed on rank 1)."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        results = {(name, recipe, s0, s1): train(rank, name, recipe, (s0, s1)[rank])
+                   for name, recipe, s0, s1 in runs}
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
