@@ -45,7 +45,7 @@ from torch.optim import Optimizer
 
 from ._distributed import check_same_on_ranks, default_group, fingerprint
 from ._options import Option, flag
-from .jacobian import reaches_any
+from .jacobian import compiled_graph, reaches_any
 from .report import StepReport
 
 __all__ = ["MultiTaskOptimizer"]
@@ -516,10 +516,18 @@ class MultiTaskOptimizer(Optimizer):
                 f"{where}: the losses of {list(losses)} reach none of the optimizer's "
                 "parameters (a module left out of the optimizer?)"
             )
+        compiled = compiled_graph(total)
         if self._backward_losses is None:
             for p in self._param_list:
                 p.grad = None
         torch.autograd.backward(total, inputs=params)
+        if compiled:   # a compiled region gives unreached parameters zeros: eager gives none
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                keep = torch.stack([g.ne(0).any() for g in grads]).tolist()
+                for p, g, k in zip([p for p in params if p.grad is not None], grads, keep):
+                    if not k:
+                        p.grad = None
 
     def _check_grads(self) -> None:
         """Before the inner step: after :meth:`backward`, every trainable parameter has a

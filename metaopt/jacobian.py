@@ -47,6 +47,7 @@ from torch.autograd.graph import get_gradient_edge
 
 __all__ = [
     "TaskJacobian",
+    "compiled_graph",
     "parameter_slices",
     "reached_parameters",
     "reaches_any",
@@ -214,6 +215,38 @@ def reaches_any(loss: Tensor, params: Sequence[Tensor]) -> bool:
     return False
 
 
+def compiled_graph(loss: Tensor, limit: int = 256) -> bool:
+    """Whether ``loss`` was computed through a ``torch.compile``d region (a
+    ``CompiledFunctionBackward`` node within the first ``limit`` nodes of its graph).
+
+    A compiled region is one node for autograd: every parameter inside it looks reached by any
+    loss computed from its outputs, and one the loss does not depend on gets a zero gradient
+    instead of none. Where this returns True, metaopt counts a parameter whose gradient is
+    exactly zero as unreached, which is what eager autograd reports.
+
+    >>> w = torch.ones(2, requires_grad=True)
+    >>> compiled_graph((w * 2).sum())
+    False
+    """
+    if loss.grad_fn is None:
+        return False
+    stack, seen = [loss.grad_fn], {loss.grad_fn}
+    while stack and len(seen) <= limit:
+        node = stack.pop(0)
+        if "CompiledFunction" in type(node).__name__:
+            return True
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
+
+
+def nonzero_blocks(J: Tensor, slices: Sequence[slice]) -> Tensor:
+    """(T, len(slices)) bool on CPU: whether row t has a non-zero entry in each block."""
+    return torch.stack([J[:, sl].ne(0).any(dim=1) for sl in slices], dim=1).cpu()
+
+
 _FREED_MARKERS = ("second time", "already been freed")
 
 
@@ -277,6 +310,10 @@ def _compute(
     ls = _check_losses(losses, where)
     T, P = len(ls), sum(p.numel() for p in ps)
     J = _check_out(out, T, P, ps, where)
+    if want_reached and any(compiled_graph(loss) for loss in ls):
+        # autograd cannot tell inside a compiled region: exactly-zero blocks count as unreached
+        tj = _compute(ls, ps, J, retain_graph, batched, False, where)
+        return TaskJacobian(tj.matrix, nonzero_blocks(tj.matrix, parameter_slices(ps)))
     if batched:
         try:
             _batched(ls, ps, J)
