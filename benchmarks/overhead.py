@@ -1,9 +1,11 @@
 """Per-inner-step overhead of Sequential Reptile over the bare wrapped optimizer.
 
-Both run the same model, the same batches and the same task sequence; measurements alternate
-between the two in blocks (and which goes first alternates too) so that drift on a shared
-machine hits both alike. The wrapper's own per-step work is also timed directly. The outer step
-(every K inner steps) is included, amortised, in Sequential Reptile's time.
+All variants run the same model, the same batches and the same task sequence: bare AdamW, and
+Sequential Reptile driven the torch way (``loss.backward(); opt.step(); opt.zero_grad()``) and
+through the one loop (``opt.step(losses)``), with packed (flat) and unpacked parameters.
+Measurements rotate through the variants in blocks (the order rotates too) so that drift on a
+shared machine hits all alike. The wrapper's own per-step work is also timed directly. The
+outer step (every K inner steps) is included, amortised, in Sequential Reptile's times.
 
     python benchmarks/overhead.py            # K = 100, a 2-layer transformer encoder
 """
@@ -15,6 +17,7 @@ import statistics
 import sys
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import machine  # noqa: E402
 
 import metaopt  # noqa: E402
+from metaopt.base import _all_finite  # noqa: E402
+from metaopt.jacobian import compiled_graph, reaches_any  # noqa: E402
 
 TASKS = [f"t{i}" for i in range(9)]
 
@@ -62,10 +67,17 @@ def main() -> None:
 
     bare_model = make_model(args.d, args.layers, vocab)
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
-    sr_model = make_model(args.d, args.layers, vocab)
-    sr_opt = metaopt.SequentialReptile(torch.optim.AdamW(sr_model.parameters(), lr=1e-4),
-                                       tasks=TASKS, inner_steps=k, outer_lr=0.1, seed=0)
     n_params = sum(p.numel() for p in bare_model.parameters())
+
+    def sequential_reptile(flatten: bool) -> tuple[nn.Module, metaopt.SequentialReptile]:
+        model = make_model(args.d, args.layers, vocab)
+        return model, metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=1e-4),
+                                                tasks=TASKS, inner_steps=k, outer_lr=0.1, seed=0,
+                                                flatten=flatten)
+
+    torch_model, torch_opt = sequential_reptile(True)
+    loop_model, loop_opt = sequential_reptile(True)
+    unpacked_model, unpacked_opt = sequential_reptile(False)
 
     def bare_block() -> float:
         t0 = time.perf_counter()
@@ -75,56 +87,78 @@ def main() -> None:
             bare_opt.step()
         return (time.perf_counter() - t0) / k
 
-    def sr_block() -> float:
+    def torch_way(model: nn.Module, opt: metaopt.SequentialReptile) -> Callable[[], float]:
+        def block() -> float:
+            t0 = time.perf_counter()
+            for b in batches:   # one full outer step: K inner steps and the interpolation
+                opt.next_tasks()
+                opt.zero_grad()
+                loss_of(model, b).backward()
+                opt.step()
+            return (time.perf_counter() - t0) / k
+        return block
+
+    def one_loop_block() -> float:
         t0 = time.perf_counter()
-        for b in batches:   # one full outer step: K inner steps and the interpolation
-            (task,) = sr_opt.next_tasks()
-            sr_opt.step({task: loss_of(sr_model, b)})
+        for b in batches:
+            (task,) = loop_opt.next_tasks()
+            loop_opt.step({task: loss_of(loop_model, b)})
         return (time.perf_counter() - t0) / k
 
-    bare_block(); sr_block()   # warm-up
-    bare_t, sr_t = [], []
-    for i in range(args.blocks):   # alternate which runs first: the second of a pair ran slower here
-        if i % 2:
-            sr_t.append(sr_block())
-            bare_t.append(bare_block())
-        else:
-            bare_t.append(bare_block())
-            sr_t.append(sr_block())
-    b, s = statistics.median(bare_t), statistics.median(sr_t)
-    paired = statistics.median([y / x - 1 for x, y in zip(bare_t, sr_t)])
-    print(f"model: {n_params / 1e6:.2f}M params, batch {args.batch}x16 tokens; K = {k}")
+    variants: dict[str, Callable[[], float]] = {
+        "bare AdamW": bare_block,
+        "SequentialReptile, torch way": torch_way(torch_model, torch_opt),
+        "SequentialReptile, one loop": one_loop_block,
+        "SequentialReptile, torch way, flatten=False": torch_way(unpacked_model, unpacked_opt),
+    }
+    names = list(variants)
+    for fn in variants.values():   # warm-up
+        fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.blocks):   # rotate the order: the later ones of a round ran slower here
+        order = names[i % len(names):] + names[:i % len(names)]
+        for n in order:
+            times[n].append(variants[n]())
+    base = statistics.median(times["bare AdamW"])
+    print(f"model: {n_params / 1e6:.2f}M params, batch {args.batch}x16 tokens; K = {k}; "
+          f"{args.blocks} blocks of {k} steps per variant")
     print(f"machine: {machine()}")
-    print(f"bare AdamW            {b * 1e3:8.2f} ms / inner step")
-    print(f"SequentialReptile     {s * 1e3:8.2f} ms / inner step (outer step amortised)")
-    print(f"overhead              {100 * (s / b - 1):+7.2f} %  (median of paired blocks: {100 * paired:+.2f} %)")
+    for n in names:
+        t = statistics.median(times[n])
+        line = f"{n:45s} {t * 1e3:8.2f} ms / inner step"
+        if n != "bare AdamW":
+            paired = statistics.median([y / x - 1 for x, y in zip(times["bare AdamW"], times[n])])
+            line += f"   overhead {100 * (t / base - 1):+6.2f} % (median of paired blocks {100 * paired:+.2f} %)"
+        print(line)
 
     # The end-to-end difference sits within run-to-run noise on a shared machine, so also time
     # the wrapper's own work per inner step directly (the gradient computation is the same
-    # autograd pass in both loops).
+    # autograd pass in every loop).
+    sr_model, sr_opt = torch_model, torch_opt
     loss = loss_of(sr_model, batches[0])
     wanted = sr_opt.next_tasks()
     grads = [torch.randn_like(p) for p in sr_model.parameters()]
+    params = list(sr_model.parameters())
     n = 2000
     parts = {
-        "loss structure checks": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted),
-        "finite losses and gradients (1 sync)": lambda: sr_opt._require_finite({wanted[0]: loss}, grads=grads),
+        "loss structure checks (one loop)": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted, "step"),
+        "reach and compiled-graph checks (one loop)": lambda: (reaches_any(loss, params), compiled_graph(loss)),
+        "finite gradients (1 sync)": lambda: bool(_all_finite(grads)),
         "parameter-set check": sr_opt._sync_params,
         "external-change check": sr_opt._changed_params,
         "version record": sr_opt._record_versions,
         "schedule draw": lambda: sr_opt.schedule.draw(sr_opt.generator),
-        "step report": lambda: sr_opt._report({wanted[0]: loss}),
     }
     total = 0.0
     print("wrapper work per inner step:")
     for name, fn in parts.items():
         t = timeit.timeit(fn, number=n) / n
         total += t
-        print(f"  {name:34s} {t * 1e6:8.1f} us")
+        print(f"  {name:44s} {t * 1e6:8.1f} us")
     t_outer = timeit.timeit(lambda: sr_opt.engine.interpolate(0.1), number=50) / 50
     total += t_outer / k
-    print(f"  {'outer step / K':34s} {t_outer / k * 1e6:8.1f} us  ({t_outer * 1e3:.2f} ms every {k} steps)")
-    print(f"  {'total':34s} {total * 1e6:8.1f} us = {100 * total / b:.2f} % of a bare step")
+    print(f"  {'outer step / K':44s} {t_outer / k * 1e6:8.1f} us  ({t_outer * 1e3:.2f} ms every {k} steps)")
+    print(f"  {'total':44s} {total * 1e6:8.1f} us = {100 * total / base:.2f} % of a bare step")
 
 
 if __name__ == "__main__":

@@ -88,13 +88,22 @@ def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None
     optimizer.load_state_dict(_copied(state))
 
 
-def _finite_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """0-dim bool: every tensor's 2-norm is finite (so is every element). One fused pass; the
-    flag is read with the caller's single host sync."""
-    norms = torch._foreach_norm(list(tensors))
-    device = norms[0].device
-    return torch.stack([n.isfinite().to(device) for n in norms]).all() if len({n.dtype for n in norms}) > 1 \
-        or len({n.device for n in norms}) > 1 else torch.stack(list(norms)).isfinite().all()
+def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """0-dim bool: every element of every tensor is finite. One fused pass per (device, dtype):
+    GradScaler's own kernel, which multiplies by an ``inv_scale`` of exactly 1 (leaving every
+    value bit for bit as it was) and flags any inf or NaN. The flag is read with the caller's
+    single host sync."""
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    device = tensors[0].device
+    found = []
+    for (dev, _), ts in groups.items():
+        flag = torch.zeros(1, dtype=torch.float32, device=dev)
+        one = torch.ones(1, dtype=torch.float32, device=dev)
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, one)
+        found.append(flag.to(device))
+    return (torch.cat(found) if len(found) > 1 else found[0]).eq(0).all()
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -251,6 +260,14 @@ class MultiTaskOptimizer(Optimizer):
         if self._pending is None:
             self._pending = tuple(self._draw_tasks())
         return list(self._pending)
+
+    def planned_tasks(self, steps: int) -> list[list[str]]:
+        """The tasks of the next ``steps`` steps, as :meth:`next_tasks` will return them
+        (nothing moves). PCGrad, GradVac, GradNorm and MTL want every task at every step; the
+        Reptile family draws them (:meth:`metaopt.SlowFastOptimizer.planned_tasks`)."""
+        if self.inner is not None:
+            return self.inner.planned_tasks(steps)
+        return [list(self._draw_tasks()) for _ in range(steps)]
 
     def backward(self, losses: Mapping[str, Tensor], *, grad_scaler: Any = None) -> None:
         """Compute this method's gradients of ``losses`` (``{task: scalar loss}`` for exactly
@@ -532,7 +549,7 @@ class MultiTaskOptimizer(Optimizer):
     def _check_grads(self) -> None:
         """Before the inner step: after :meth:`backward`, every trainable parameter has a
         gradient (unless ``allow_unused``); every gradient and pending loss is finite. One host
-        sync; a norm that overflows is re-checked element by element."""
+        sync."""
         name = type(self).__name__
         params = self._trainable()
         grads = [p.grad for p in params if p.grad is not None]
@@ -550,7 +567,7 @@ class MultiTaskOptimizer(Optimizer):
                 "optimizer, or pass allow_unused=True if they are legitimately unused by some "
                 "steps (task-specific heads)"
             )
-        grads_ok = _finite_norms(grads)
+        grads_ok = _all_finite(grads)
         if losses:
             loss_ok = torch.stack([v.isfinite() for v in losses.values()])
             ok = loss_ok.all() & grads_ok.to(loss_ok.device)
@@ -562,8 +579,6 @@ class MultiTaskOptimizer(Optimizer):
             values = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist())
                       if not good}
             raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
-        if all(bool(g.isfinite().all()) for g in grads):
-            return   # finite, only too large for the norm's sum of squares
         source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
         raise ValueError(
             f"{name}.step: non-finite gradient (NaN or inf) from {source}; nothing was updated "

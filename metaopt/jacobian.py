@@ -215,7 +215,7 @@ def reaches_any(loss: Tensor, params: Sequence[Tensor]) -> bool:
     return False
 
 
-def compiled_graph(loss: Tensor, limit: int = 256) -> bool:
+def compiled_graph(loss: Tensor, limit: int = 32) -> bool:
     """Whether ``loss`` was computed through a ``torch.compile``d region (a
     ``CompiledFunctionBackward`` node within the first ``limit`` nodes of its graph).
 

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
-from torch.optim import Optimizer
-
-from ._options import Option, positive_int
-from .base import MultiTaskOptimizer
-from .interpolation import Method
-from .schedules import ScheduleName
 from .slow_fast import SlowFastOptimizer
 
 __all__ = ["Reptile"]
@@ -34,7 +27,7 @@ class Reptile(SlowFastOptimizer):
             steps need several tasks, contradicts one task per trajectory and is refused).
         tasks: task names.
         tasks_per_outer_step: trajectories averaged per outer step (meta-batch size), >= 1.
-        Other options as in :class:`~metaopt.slow_fast.SlowFastOptimizer`.
+        Other options, and their defaults, as in :class:`~metaopt.slow_fast.SlowFastOptimizer`.
         ``outer_lr`` defaults to 0.1, ``inner_steps`` to 1000 (the Sequential Reptile paper's
         values, kept equal so the two are compared at the same settings).
 
@@ -53,35 +46,8 @@ class Reptile(SlowFastOptimizer):
         Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999.
     """
 
-    tasks_per_outer_step = Option(positive_int)
-
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 inner_steps: int = 1000, outer_lr: float | None = None,
-                 tasks_per_outer_step: int = 1,
-                 outer_lr_final: float | None = None, anneal_steps: int | None = None,
-                 outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
-                 task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, buffers: nn.Module | None = None,
-                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
-                 allow_unused: bool = False) -> None:
-        if isinstance(optimizer, MultiTaskOptimizer):
-            raise TypeError(
-                "Reptile: wrap a torch optimizer; a metaopt optimizer wants several tasks per "
-                "step, which contradicts Reptile's one task per trajectory (use SequentialReptile)"
-            )
-        self.tasks_per_outer_step = tasks_per_outer_step
-        super().__init__(
-            optimizer, tasks=tasks, inner_steps=inner_steps, outer_lr=outer_lr,
-            outer_lr_final=outer_lr_final, anneal_steps=anneal_steps,
-            outer_optimizer=outer_optimizer, reset_inner_state=reset_inner_state,
-            schedule=schedule, task_sizes=task_sizes, temperature=temperature,
-            buffers=buffers, flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
-        )
-        self._task: str | None = None   # the current trajectory's task
-
-    def _trajectories_per_outer_step(self) -> int:
-        return self.tasks_per_outer_step
+    _composable = False
+    _task: str | None = None   # the current trajectory's task
 
     def _draw_tasks(self) -> list[str]:
         if self._inner_count == 0 or self._task is None:

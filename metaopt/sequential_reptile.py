@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-
-from torch import Tensor, nn
-from torch.optim import Optimizer
-
-from .interpolation import Method
-from .schedules import ScheduleName
 from .slow_fast import SlowFastOptimizer
 
 __all__ = ["SequentialReptile"]
@@ -43,10 +36,10 @@ class SequentialReptile(SlowFastOptimizer):
     Args:
         optimizer: the inner optimizer (AdamW in the paper), or a metaopt optimizer.
         tasks: task names. See :class:`~metaopt.slow_fast.SlowFastOptimizer` for the other
-            options (``inner_steps``, ``outer_lr``, annealing, ``outer_optimizer``,
-            ``reset_inner_state``, ``schedule``, ``task_sizes``, ``temperature``, ``buffers``,
-            ``flatten``, ``interpolation``, ``seed``, ``allow_unused``) and the construction
-            order it documents.
+            options (``inner_steps``, ``outer_lr``, ``tasks_per_outer_step``, annealing,
+            ``outer_optimizer``, ``reset_inner_state``, ``schedule``, ``task_sizes``,
+            ``temperature``, ``buffers``, ``flatten``, ``interpolation``, ``seed``,
+            ``allow_unused``) and the construction order it documents.
 
     Example:
         >>> import torch, metaopt
@@ -65,23 +58,6 @@ class SequentialReptile(SlowFastOptimizer):
         Multilingual Learning. ICLR 2022. arXiv:2110.02600.
         Nichol, Achiam & Schulman. On First-Order Meta-Learning Algorithms. arXiv:1803.02999.
     """
-
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 inner_steps: int = 1000, outer_lr: float | None = None,
-                 outer_lr_final: float | None = None, anneal_steps: int | None = None,
-                 outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
-                 task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, buffers: nn.Module | None = None,
-                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
-                 allow_unused: bool = False) -> None:
-        super().__init__(
-            optimizer, tasks=tasks, inner_steps=inner_steps, outer_lr=outer_lr,
-            outer_lr_final=outer_lr_final, anneal_steps=anneal_steps,
-            outer_optimizer=outer_optimizer, reset_inner_state=reset_inner_state,
-            schedule=schedule, task_sizes=task_sizes, temperature=temperature,
-            buffers=buffers, flatten=flatten, interpolation=interpolation, seed=seed, allow_unused=allow_unused,
-        )
 
     def _draw_tasks(self) -> list[str]:
         if self.inner is not None:

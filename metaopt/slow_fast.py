@@ -8,6 +8,7 @@ step; that lives in the subclasses.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -45,7 +46,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         reset_inner_state: clear the wrapped optimizer's state (Adam moments) at every outer
             step. Default ``False`` (carry it): the official Reptile code and Fish carry it, and
             only then does η = 1 equal plain training.
-        schedule, task_sizes, temperature: the task schedule (:mod:`metaopt.schedules`).
+        tasks_per_outer_step: n, the trajectories averaged per outer step, each starting from
+            φ: ``φ ← φ + η(mean_i θ_K^(i) − φ)`` (batched Reptile's meta-batch; for Sequential
+            Reptile, n mixed-task trajectories). Default 1.
+        schedule, task_sizes, temperature: the task schedule (:mod:`metaopt.schedules`): a name
+            (``"uniform"``, ``"proportional"``, ``"temperature"``, ``"round_robin"``,
+            ``"without_replacement"``) or a list of task names to cycle through.
         buffers: a module whose floating-point buffers (BatchNorm running statistics) are slow
             weights too: interpolated at every outer step and swapped in by
             :meth:`use_slow_weights`, as Fish interpolates the whole ``state_dict``. Integer
@@ -67,23 +73,35 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     """
 
     inner_steps = Option(positive_int)
+    tasks_per_outer_step = Option(positive_int)
     outer_lr = Option(optional_fraction)
     outer_lr_final = Option(optional_fraction)
     anneal_steps = Option(optional_positive_int)
     reset_inner_state = Option(flag)
 
+    # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
+    _composable = True
+
     def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
                  inner_steps: int = 1000, outer_lr: float | None = None,
+                 tasks_per_outer_step: int = 1,
                  outer_lr_final: float | None = None, anneal_steps: int | None = None,
                  outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 reset_inner_state: bool = False, schedule: ScheduleName = "uniform",
+                 reset_inner_state: bool = False,
+                 schedule: ScheduleName | Sequence[str] = "uniform",
                  task_sizes: Sequence[float] | Mapping[str, float] | None = None,
                  temperature: float = 1.0, buffers: nn.Module | None = None,
                  flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
                  allow_unused: bool = False) -> None:
-        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         name = type(self).__name__
+        if isinstance(optimizer, MultiTaskOptimizer) and not self._composable:
+            raise TypeError(
+                f"{name}: wrap a torch optimizer; a metaopt optimizer wants several tasks per "
+                "step, which contradicts one task per trajectory (use SequentialReptile)"
+            )
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         self.inner_steps = inner_steps
+        self.tasks_per_outer_step = tasks_per_outer_step
         if outer_optimizer is not None and outer_lr is not None:
             raise ValueError(
                 f"{name}: pass either outer_lr or outer_optimizer (whose lr is the outer step size)"
@@ -104,8 +122,16 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                     f"unknown {unknown}"
                 )
             task_sizes = [task_sizes[t] for t in self.tasks]
-        self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes,
-                                     temperature=temperature)
+        if isinstance(schedule, str):
+            self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes,
+                                         temperature=temperature)
+        else:
+            order = list(schedule)
+            unknown = sorted({t for t in order if t not in self.tasks}, key=str)
+            if unknown:
+                raise ValueError(f"{name}: the schedule names unknown tasks {unknown}")
+            self.schedule = TaskSchedule(len(self.tasks), "order",
+                                         order=[self.tasks.index(t) for t in order])
         self.engine = Interpolator(self._fast_tensors(), method=interpolation, pack=bool(flatten))
         self.outer_optimizer: Optimizer | None = None
         if outer_optimizer is not None:
@@ -179,6 +205,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self.engine.reset_slow()
         self._inner_count = 0
         self._trajectory = 0
+        self.schedule.restart()
         self._record_versions()
 
     def accept_parameter_changes(self) -> None:
@@ -270,22 +297,54 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ mechanics
-    def _trajectories_per_outer_step(self) -> int:
-        return 1
+    def _advance(self) -> bool:
+        """Count one inner step; True when it ended a trajectory (then θ goes back to φ)."""
+        self._inner_count += 1
+        if self._inner_count < self.inner_steps:
+            return False
+        self._inner_count = 0
+        self._trajectory += 1
+        return True
 
     def _after_step(self) -> dict[str, Any]:
-        self._inner_count += 1
-        outer = False
-        if self._inner_count >= self.inner_steps:
-            self._inner_count = 0
-            self._trajectory += 1
-            outer = self._end_trajectory()
+        outer = self._end_trajectory() if self._advance() else False
         self._record_versions()
         return {"outer_update": outer}
 
+    def planned_tasks(self, steps: int) -> list[list[str]]:
+        """The tasks of the next ``steps`` steps, as :meth:`next_tasks` will return them, drawn
+        on a copy of the schedule's state (nothing here moves). The data side of a framework
+        that drives the backward pass itself (the Hugging Face Trainer) builds its batches in
+        this order: see :mod:`metaopt.data`.
+
+        Example:
+            >>> import torch, metaopt
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1),
+            ...                                 tasks=["a", "b"], inner_steps=2,
+            ...                                 schedule="without_replacement", seed=0)
+            >>> plan = opt.planned_tasks(4)
+            >>> [sorted(plan[0] + plan[1]), sorted(plan[2] + plan[3])]
+            [['a', 'b'], ['a', 'b']]
+            >>> plan[0] == opt.next_tasks()
+            True
+        """
+        shadow = copy.copy(self)
+        shadow.generator = torch.Generator()
+        shadow.generator.set_state(self.generator.get_state())
+        shadow.schedule = copy.deepcopy(self.schedule)
+        out = []
+        for _ in range(steps):
+            out.append(shadow.next_tasks())
+            shadow._pending = None
+            if shadow._advance() and shadow._trajectory >= shadow.tasks_per_outer_step:
+                shadow._trajectory = 0
+                shadow.schedule.restart()
+        return out
+
     @torch.no_grad()
     def _end_trajectory(self) -> bool:
-        n = self._trajectories_per_outer_step()
+        n = self.tasks_per_outer_step
         batched = n > 1 or self._trajectory > 1
         if batched:
             self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
@@ -306,6 +365,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             self.engine.interpolate(self.current_outer_lr())
         if self.reset_inner_state:
             self.base_optimizer.state.clear()
+        self.schedule.restart()
         self._outer_count += 1
         return True
 

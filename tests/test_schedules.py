@@ -82,3 +82,117 @@ def test_bad_sizes_and_temperature():
         TaskSchedule(2, "proportional", sizes=[1, 0])
     with pytest.raises(ValueError, match="temperature"):
         TaskSchedule(2, "temperature", sizes=[1, 2], temperature=0.0)
+
+
+# ---------------------------------------------------------------- Fish-style schedules
+def test_without_replacement_gives_distinct_tasks_within_every_trajectory():
+    """K <= T distinct tasks per trajectory (round_robin carries its round across outer steps,
+    so trajectories repeat tasks)."""
+    import metaopt
+    tasks = [f"t{i}" for i in range(5)]
+    for kind, expect_repeats in (("without_replacement", False), ("round_robin", True)):
+        model = torch.nn.Linear(2, 1)
+        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=tasks,
+                                        inner_steps=3, schedule=kind, seed=0)
+        repeats = 0
+        for _ in range(200):
+            drawn = []
+            for _ in range(3):
+                (t,) = opt.next_tasks()
+                drawn.append(t)
+                opt.step({t: model(torch.ones(1, 2)).sum()})
+            repeats += len(set(drawn)) < 3
+        assert (repeats > 0) == expect_repeats, (kind, repeats)
+
+
+def test_without_replacement_longer_than_the_task_list_balances_each_trajectory():
+    import metaopt
+    model = torch.nn.Linear(2, 1)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
+                                    inner_steps=7, schedule="without_replacement", seed=3)
+    for _ in range(20):
+        counts = collections.Counter()
+        for _ in range(7):
+            (t,) = opt.next_tasks()
+            counts[t] += 1
+            opt.step({t: model(torch.ones(1, 2)).sum()})
+        assert sorted(counts.values()) == [2, 2, 3]
+
+
+def test_a_given_order_is_followed_and_cycled_and_resumes():
+    import metaopt
+    model = torch.nn.Linear(2, 1)
+    order = ["b", "a", "a", "c"]
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
+                                    inner_steps=3, schedule=order)
+    seen = []
+    for i in range(6):
+        (t,) = opt.next_tasks()
+        seen.append(t)
+        opt.step({t: model(torch.ones(1, 2)).sum()})
+    assert seen == order + order[:2]
+    fresh = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
+                                      inner_steps=3, schedule=order)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.next_tasks() == ["a"]   # order[6 % 4]
+    with pytest.raises(ValueError, match="unknown tasks"):
+        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a"], schedule=["z"])
+
+
+@pytest.mark.parametrize("build", ["sr", "sr_without", "reptile_batched", "sr_gradvac", "pcgrad"])
+def test_planned_tasks_are_the_draws_that_follow_and_move_nothing(build):
+    import metaopt
+    model = torch.nn.Linear(2, 1)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.01)
+    tasks = ["a", "b", "c", "d"]
+    opt = {
+        "sr": lambda: metaopt.SequentialReptile(sgd, tasks=tasks, inner_steps=3, seed=1),
+        "sr_without": lambda: metaopt.SequentialReptile(sgd, tasks=tasks, inner_steps=3, seed=1,
+                                                        schedule="without_replacement",
+                                                        tasks_per_outer_step=2),
+        "reptile_batched": lambda: metaopt.Reptile(sgd, tasks=tasks, inner_steps=2,
+                                                   tasks_per_outer_step=3, seed=1),
+        "sr_gradvac": lambda: metaopt.SequentialReptile(metaopt.GradVac(sgd, tasks=tasks), inner_steps=2),
+        "pcgrad": lambda: metaopt.PCGrad(sgd, tasks=tasks),
+    }[build]()
+    x = torch.ones(1, 2)
+    for _ in range(2):   # start mid-trajectory
+        opt.step({t: (i + 1) * model(x).sum() for i, t in enumerate(opt.next_tasks())})
+    state = opt.state_dict()
+    plan = opt.planned_tasks(25)
+    after = opt.state_dict()
+    assert torch.equal(state["metaopt"]["generator"], after["metaopt"]["generator"])
+    assert state["metaopt"]["pending"] == after["metaopt"]["pending"]
+    for wanted in plan:
+        assert opt.next_tasks() == wanted
+        opt.step({t: (i + 1) * model(x).sum() for i, t in enumerate(wanted)})
+
+
+def test_batched_sequential_reptile_averages_its_trajectories():
+    """tasks_per_outer_step = 2: φ ← φ + η(mean(θ¹, θ²) − φ), each trajectory from φ; checked
+    against two plain SGD runs from φ over the same tasks (SGD has no state to carry)."""
+    import metaopt
+    torch.manual_seed(0)
+    data = {t: torch.randn(8, 3, dtype=torch.float64) for t in "abc"}
+    model = torch.nn.Linear(3, 1).double()
+    phi = [p.detach().clone() for p in model.parameters()]
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=list(data),
+                                    inner_steps=2, outer_lr=0.5, tasks_per_outer_step=2, seed=4)
+    plan = [w[0] for w in opt.planned_tasks(4)]
+    for t in plan:
+        opt.step({t: model(data[t]).pow(2).mean()})
+    ends = []
+    for traj in (plan[:2], plan[2:]):
+        ref = torch.nn.Linear(3, 1).double()
+        with torch.no_grad():
+            for p, v in zip(ref.parameters(), phi):
+                p.copy_(v)
+        sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+        for t in traj:
+            sgd.zero_grad()
+            ref(data[t]).pow(2).mean().backward()
+            sgd.step()
+        ends.append([p.detach() for p in ref.parameters()])
+    for p, v, a, b in zip(model.parameters(), phi, *ends):
+        torch.testing.assert_close(p.detach(), v + 0.5 * ((a + b) / 2 - v), rtol=1e-12, atol=1e-14)
+    assert opt.outer_step_count == 1
