@@ -1,14 +1,21 @@
 """metaopt: composable multi-task and meta-learning optimizers for PyTorch.
 
-Every optimizer wraps a ``torch.optim.Optimizer`` and is driven by one loop::
+Every optimizer wraps a ``torch.optim.Optimizer`` and is itself one, driven the torch way::
 
-    wanted = opt.next_tasks()
-    report = opt.step({t: loss_fn(model, t, next(batches[t])) for t in wanted})
+    (task,) = opt.next_tasks()              # Sequential Reptile, Reptile
+    loss_fn(model, task, next(batches[task])).backward()
+    opt.step(); opt.zero_grad()
+
+    losses = {t: loss_fn(model, t, next(batches[t])) for t in opt.next_tasks()}
+    opt.backward(losses)                    # PCGrad, GradVac, GradNorm, MTL
+    opt.step(); opt.zero_grad()
+
+or by the one loop, ``report = opt.step(losses)``.
 
 Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 """
 
-from . import aggregation, functional, interpolation, jacobian, schedules
+from . import aggregation, data, functional, interpolation, jacobian, schedules
 from .base import MultiTaskOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .diagnostics import GradientDiagnostics, gradient_diagnostics
@@ -36,6 +43,7 @@ __all__ = [
     "MTL",
     "PCGrad",
     "aggregation",
+    "data",
     "gradient_diagnostics",
     "jacobian",
     "load_checkpoint",
