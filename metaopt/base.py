@@ -675,17 +675,13 @@ class MultiTaskOptimizer(Optimizer):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{name}.load_state_dict: saved option: {err}") from None
         self._check_extra_state(own)
-        if self.inner is not None:
-            self.inner._check_state(inner)
         return own, inner
 
     def _load_checked(self, own: Mapping[str, Any], inner: Any) -> None:
         for key, value in own.get("options", {}).items():
             setattr(self, key, value)   # like torch.optim's saved param-group hyper-parameters
         self._load_extra_state(own)
-        if self.inner is not None:
-            self.inner._load_checked(*self.inner._check_state(inner))
-        else:
+        if self.inner is None:
             load_optimizer_state(self.optimizer, inner)
         self._step_count = int(own["step"])
         self.generator.set_state(own["generator"])
@@ -694,8 +690,9 @@ class MultiTaskOptimizer(Optimizer):
         self._after_load()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict`. Everything is validated first; a load that still fails
-        part-way (in the wrapped torch optimizer) is rolled back, so a failed load changes
+        """Load a :meth:`state_dict`. Everything is validated first (this optimizer's part, then
+        a wrapped metaopt optimizer's, through its own ``load_state_dict``); a load that still
+        fails part-way (in the wrapped torch optimizer) is rolled back, so a failed load changes
         nothing. Registered load-state-dict hooks run as in ``torch.optim``."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -703,9 +700,13 @@ class MultiTaskOptimizer(Optimizer):
                 state_dict = result
         own, inner = self._check_state(state_dict)
         backup = self._own_state_dict()
+        if self.inner is not None:   # composed: the wrapped optimizer validates (and rolls back) its part
+            self.inner.load_state_dict(inner)
         try:
             self._load_checked(own, inner)
         except BaseException:
+            if self.inner is not None:
+                self.inner.load_state_dict(backup["optimizer"])
             self._load_checked(*self._check_state(backup))
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .layout import Layout
+
 __all__ = [
     "FlatBuffer",
     "clone_parameters",
@@ -237,18 +239,13 @@ def vector_to_parameters_dict(vector: Tensor, like: Mapping[str, Tensor]) -> dic
         >>> d["b"]
         tensor([4.])
     """
-    total = sum(t.numel() for t in like.values())
-    if vector.dim() != 1 or vector.numel() != total:
+    layout = Layout.of(like.values())
+    if vector.dim() != 1 or vector.numel() != layout.numel:
         raise ValueError(
-            f"vector_to_parameters_dict: expected a 1-D vector of {total} elements, "
+            f"vector_to_parameters_dict: expected a 1-D vector of {layout.numel} elements, "
             f"got shape {tuple(vector.shape)}"
         )
-    out = {}
-    offset = 0
-    for name, t in like.items():
-        out[name] = vector[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return out
+    return dict(zip(like, layout.views(vector)))
 
 
 def functional_forward(

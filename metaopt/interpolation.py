@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .functional import FlatBuffer, is_packed, pack_parameters, unique_tensors
+from .layout import Layout
 
 __all__ = [
     "Interpolator",
@@ -124,10 +125,8 @@ class _Group:
         if self.packed is not None:
             places = list(zip(self.packed.offsets, self.packed.shapes, self.packed.strides))
         else:
-            places, offset = [], 0
-            for t in self.fast:
-                places.append((offset, t.shape, _contiguous_strides(t.shape)))
-                offset += t.numel()
+            layout = Layout.of(self.fast)
+            places = list(zip(layout.offsets, layout.shapes, layout.strides))
         return (tuple(self.keys), tuple(places), self.slow.numel(), self.slow.dtype, self.slow.device)
 
 
@@ -482,20 +481,8 @@ def _copy(dst: Sequence[Tensor], src: Sequence[Tensor], method: str) -> None:
         torch._foreach_copy_(list(dst), list(src))
 
 
-def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
-    out, step = [], 1
-    for n in reversed(shape):
-        out.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(out))
-
-
 def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset : offset + t.numel()].view(t.shape))
-        offset += t.numel()
-    return out
+    return Layout.of(like).views(flat)
 
 
 def _check_weight(weight: float) -> None:

@@ -45,6 +45,8 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
+from .layout import Layout
+
 __all__ = [
     "TaskJacobian",
     "compiled_graph",
@@ -67,17 +69,13 @@ class TaskJacobian(NamedTuple):
 
 
 def parameter_slices(params: Iterable[Tensor]) -> list[slice]:
-    """Columns of each parameter in the flattened rows built by :func:`task_gradients`.
+    """Columns of each parameter in the flattened rows built by :func:`task_gradients`
+    (:class:`metaopt.layout.Layout`).
 
     >>> parameter_slices([torch.zeros(2, 3), torch.zeros(4)])
     [slice(0, 6, None), slice(6, 10, None)]
     """
-    out: list[slice] = []
-    start = 0
-    for p in params:
-        out.append(slice(start, start + p.numel()))
-        start += p.numel()
-    return out
+    return Layout.of(params).slices
 
 
 def _check_params(params: Iterable[Tensor], where: str) -> list[Tensor]:
