@@ -445,9 +445,16 @@ class OptimizerMachine(RuleBasedStateMachine):
         order = list(reversed(wanted)) if reverse else wanted
         return {t: task_loss(self.spec.model, model, t, batch) for t in order}
 
-    def take_step(self, model, opt, batch: int, reverse: bool = False, twin: bool = False) -> None:
+    def take_step(self, model, opt, batch: int, reverse: bool = False, twin: bool = False,
+                  torch_way: bool = False) -> None:
         wanted = opt.next_tasks()
-        report = opt.step(self.losses(model, opt, batch, reverse))
+        if torch_way:   # opt.backward(losses); opt.step(); opt.zero_grad()
+            opt.backward(self.losses(model, opt, batch, reverse))
+            report = opt.step()
+            opt.zero_grad()
+            count(self.name, "torch_way_steps")
+        else:
+            report = opt.step(self.losses(model, opt, batch, reverse))
         count(self.name, "twin_steps" if twin else "steps")
         assert list(report.tasks) == wanted
         if self.spec.slow_fast and report.outer_update:   # θ ← φ, bit for bit
@@ -494,11 +501,43 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.seed = seed
         self.model, self.opt = self.spec.make(seed)
 
-    @rule(batches=STEPS, reverse=st.booleans())
-    def good_steps(self, batches: list[int], reverse: bool) -> None:
+    @rule(batches=STEPS, reverse=st.booleans(), torch_way=st.booleans())
+    def good_steps(self, batches: list[int], reverse: bool, torch_way: bool) -> None:
         for b in batches:
-            self.take_step(self.model, self.opt, b, reverse)
+            self.take_step(self.model, self.opt, b, reverse, torch_way=torch_way)
             self.accepted += 1
+
+    @rule(batch=st.integers(0, N_BATCHES - 1), twice=st.booleans())
+    def dropped_backward(self, batch: int, twice: bool) -> None:
+        """backward(losses) (once, or accumulated twice), then zero_grad() instead of step():
+        nothing but .grad moved, and zero_grad leaves no trace."""
+        parts = [self.losses(self.model, self.opt, batch) for _ in range(1 + twice)]
+        before = snapshot(self.model, self.opt)   # after the forward passes (BatchNorm statistics)
+        for losses in parts:
+            self.opt.backward(losses)
+        self.opt.zero_grad()
+        after = snapshot(self.model, self.opt)
+        assert_same({**before, "grads": None}, {**after, "grads": None})
+        count(self.name, "dropped_backwards")
+
+    @rule(kinds=st.lists(st.sampled_from(["nan_gradient", "nan", "inf"]), min_size=1, max_size=2),
+          batch=st.integers(0, N_BATCHES - 1), pick=st.integers(0, len(TASKS) - 1))
+    def refused_torch_way_step(self, kinds: list[str], batch: int, pick: int) -> None:
+        """backward(losses) with a non-finite value leaves it in .grad; step() refuses and
+        nothing but .grad moved."""
+        for kind in kinds:
+            model, opt = self.model, self.opt
+            make_bad, _, _ = BAD_INPUTS[kind]
+            wanted = opt.next_tasks()
+            losses = self.losses(model, opt, batch)
+            losses[wanted[pick % len(wanted)]] = make_bad(self.spec.model, model, wanted[pick % len(wanted)], batch)
+            before = snapshot(model, opt)
+            opt.backward(losses)
+            with pytest.raises(ValueError, match="non-finite"):
+                opt.step()
+            assert_same({**before, "grads": None}, {**snapshot(model, opt), "grads": None})
+            opt.zero_grad()
+            count(self.name, "refused_torch_way_steps")
 
     @rule(kinds=st.lists(st.sampled_from(sorted(BAD_INPUTS)), min_size=1, max_size=3),
           batch=st.integers(0, N_BATCHES - 1), pick=st.integers(0, len(TASKS) - 1))
