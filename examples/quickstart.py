@@ -54,7 +54,7 @@ def main(steps: int = 600) -> None:
     print(f"initial per-task MSE       {report_losses()}")
     for step in range(1, steps + 1):
         wanted = opt.next_tasks()                       # the optimizer owns the task schedule
-        report = opt.step({t: loss_fn(t) for t in wanted})  # step() owns the backward pass
+        report = opt.step({t: loss_fn(t) for t in wanted})  # the one loop: backward, then step
         sched.step()
         if report.outer_update and opt.outer_step_count % 6 == 0:
             print(f"step {step:4d} (outer {opt.outer_step_count:2d})  {report_losses()}")
