@@ -1,0 +1,23 @@
+"""The timing scripts under benchmarks/ run (tiny sizes, one repeat), so they cannot rot; their
+figures are measured by hand and recorded in benchmarks/README.md, never asserted here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("overhead.py", ["--inner-steps", "3", "--blocks", "2", "--d", "16", "--layers", "1",
+                     "--batch", "4", "--threads", "1"], "SequentialReptile, torch way"),
+    ("ddp.py", ["--tasks", "3", "--width", "16", "--repeats", "1"], "one all-reduce of the T rows"),
+])
+def test_timing_script_runs(script, args, expect):
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert expect in out
