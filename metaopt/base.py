@@ -36,7 +36,7 @@ targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -341,14 +341,15 @@ class MultiTaskOptimizer(Optimizer):
                 "arguments to apply it, or zero_grad() to drop it"
             )
         params = self._param_list
-        saved = [p.grad for p in params]
+        saved = [p.grad for p in params]   # for a refusal; released once the checks have passed
         try:
             self.backward(losses)
-            return self._take_step()
+            return self._take_step(checked=saved.clear)
         except BaseException:
-            self.zero_grad(set_to_none=True)
-            for p, g in zip(params, saved):
-                p.grad = g
+            if saved:
+                self.zero_grad(set_to_none=True)
+                for p, g in zip(params, saved):
+                    p.grad = g
             raise
 
     # ------------------------------------------------------------------ the step template
@@ -396,15 +397,22 @@ class MultiTaskOptimizer(Optimizer):
                 group, f"{type(self).__name__}.step")
         self._ranks_checked = True
 
-    def _take_step(self) -> StepReport:
+    def _take_step(self, checked: Callable[[], None] | None = None) -> StepReport:
+        """The step template after the backward pass. ``checked`` runs once nothing can refuse
+        the step any more (the one loop then drops the ``.grad`` it kept for a refusal, so that
+        memory is free for the inner step)."""
         tasks = tuple(self.next_tasks())
         self._prepare()
         self._check_ranks()
         self._check_step()
         # everything is checked: from here on the step moves
         if self.inner is not None:
-            inner_report: StepReport | None = self.inner.step()
+            inner_report: StepReport | None = self.inner.step()   # refuses before it moves
+            if checked is not None:
+                checked()
         else:
+            if checked is not None:
+                checked()
             self.base_optimizer.step()
             inner_report = None
         self._step_count += 1

@@ -101,6 +101,7 @@ class GradNorm(MultiTaskOptimizer):
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         self.process_group = process_group
         self._layer_rows: Tensor | None = None   # a backward is pending: per-task rows at W
+        self._step_norms: Tensor | None = None   # the norms the step's checks computed
         self._layer_count = 0
         self._scale = 1.0
         name = "GradNorm"
@@ -188,6 +189,7 @@ class GradNorm(MultiTaskOptimizer):
         assert losses is not None
         current = self._current_losses()
         norms = self._norms()
+        self._step_norms = norms
         flags = torch.stack([current.isfinite().all().to(norms.device), norms.isfinite().all()]).tolist()
         if not flags[0]:
             bad = {t: v for t, v in zip(losses, current.tolist()) if not math.isfinite(v)}
@@ -203,7 +205,8 @@ class GradNorm(MultiTaskOptimizer):
     def _after_step(self) -> dict[str, Any]:
         """The weight update: gradient of L_grad w.r.t. the weights only (after the model's
         step; nothing here can fail)."""
-        norms = self._norms()
+        norms = self._step_norms
+        assert norms is not None
         current = self._current_losses()
         used = self.weights.detach().clone()
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
@@ -223,6 +226,7 @@ class GradNorm(MultiTaskOptimizer):
 
     def _clear_backward(self) -> None:
         super()._clear_backward()
+        self._step_norms = None
         self._layer_rows = None
         self._scale = 1.0
 

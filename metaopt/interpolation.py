@@ -383,22 +383,21 @@ class Interpolator:
             g.acc, g.acc_views = None, None
 
     @torch.no_grad()
-    def pseudo_gradient(self, *, accumulated: bool = False) -> list[Tensor]:
-        """φ − θ per slow buffer (fresh tensors laid out like it), the Reptile 'meta-gradient';
-        with ``accumulated``, φ − mean θ from :meth:`accumulate`."""
+    def pseudo_gradient(self) -> list[Tensor]:
+        """φ − θ per slow buffer (fresh tensors laid out like it), the Reptile 'meta-gradient'."""
         out = []
         for g in self._groups:
-            if accumulated:
-                theta = g.accumulator()[0]
-            else:
-                flat = g.fast_flat()
-                if flat is None:
-                    theta = torch.empty_like(g.slow)
-                    _copy(g.views(theta), g.fast, "foreach")
-                else:
-                    theta = flat
-            out.append(g.slow - theta.to(g.slow.dtype))
+            flat = g.fast_flat()
+            if flat is None:
+                flat = torch.empty_like(g.slow)
+                _copy(g.views(flat), g.fast, "foreach")
+            out.append(g.slow - flat.to(g.slow.dtype))
         return out
+
+    @torch.no_grad()
+    def accumulated_pseudo_gradient(self) -> list[Tensor]:
+        """φ − mean θ per slow buffer, the mean from :meth:`accumulate` (batched Reptile)."""
+        return [g.slow - g.accumulator()[0].to(g.slow.dtype) for g in self._groups]
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, object]:

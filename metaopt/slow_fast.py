@@ -352,7 +352,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 return False
         self._trajectory = 0
         if self.outer_optimizer is not None:
-            pseudo = self.engine.pseudo_gradient(accumulated=batched)
+            pseudo = self.engine.accumulated_pseudo_gradient() if batched else self.engine.pseudo_gradient()
             for buf, g in zip(self.engine.slow_buffers, pseudo):
                 buf.grad = g
             self.outer_optimizer.step()
