@@ -111,7 +111,8 @@ class MultiTaskOptimizer(Optimizer):
 
     It is a :class:`torch.optim.Optimizer` itself so that ``torch.optim.lr_scheduler`` accepts it;
     ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's. Subclasses implement
-    :meth:`next_tasks` and :meth:`_step`. As in ``torch.optim``, ``step`` runs the global and
+    ``_draw_tasks`` and their parts of the step template (``_backward``, ``_check_step``,
+    ``_after_step``). As in ``torch.optim``, ``step`` runs the global and
     per-optimizer step hooks inside a profiler range, and ``state_dict`` / ``load_state_dict``
     run their registered hooks.
 
@@ -554,6 +555,21 @@ class MultiTaskOptimizer(Optimizer):
                     if not k:
                         p.grad = None
 
+    def _check_unused(self, params: Sequence[Tensor]) -> None:
+        """After :meth:`backward`: every trainable parameter got a gradient, unless
+        ``allow_unused`` (a parameter without one keeps ``grad = None``)."""
+        losses = self._backward_losses
+        if losses is None or self.allow_unused:
+            return
+        unused = [p for p in params if p.grad is None]
+        if unused:
+            raise ValueError(
+                f"{type(self).__name__}.step: {len(unused)} parameter(s) get no gradient from the "
+                f"losses of {list(losses)}, e.g. {self._param_name(unused[0])}. Remove them from the "
+                "optimizer, or pass allow_unused=True if they are legitimately unused by some "
+                "steps (task-specific heads)"
+            )
+
     def _check_grads(self) -> None:
         """Before the inner step: after :meth:`backward`, every trainable parameter has a
         gradient (unless ``allow_unused``); every gradient and pending loss is finite. One host
@@ -567,14 +583,7 @@ class MultiTaskOptimizer(Optimizer):
                 "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
             )
         losses = self._backward_losses
-        if losses is not None and not self.allow_unused and len(grads) < len(params):
-            unused = next(p for p in params if p.grad is None)
-            raise ValueError(
-                f"{name}.step: {len(params) - len(grads)} parameter(s) get no gradient from the "
-                f"losses of {list(losses)}, e.g. {self._param_name(unused)}. Remove them from the "
-                "optimizer, or pass allow_unused=True if they are legitimately unused by some "
-                "steps (task-specific heads)"
-            )
+        self._check_unused(params)
         grads_ok = _all_finite(grads)
         if losses:
             loss_ok = torch.stack([v.isfinite() for v in losses.values()])

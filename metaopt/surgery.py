@@ -309,7 +309,6 @@ class GradientSurgery(MultiTaskOptimizer):
             "weights": weights[0] if len(groups) == 1 else weights,
             "cosine": cosine_from_gramian(G_all),
             "conflicts": conflict_fraction(G_all),
-            "unused": [p for p, used in zip(params, by_any) if not used],
         }
 
     def _check_step(self) -> None:
@@ -321,18 +320,13 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         if self._refusal is not None:
             raise ValueError(f"{name}.step: {self._refusal}")
-        unused = self._staged["unused"]
-        if unused and not self.allow_unused:
-            raise ValueError(
-                f"{name}.step: {len(unused)} parameter(s) get no gradient from any loss, e.g. "
-                f"{self._param_name(unused[0])}; remove them or pass allow_unused=True"
-            )
+        self._check_unused(self._params)   # unreached parameters were given grad = None
 
     def _after_step(self) -> dict[str, Any]:
         assert self._staged is not None and self._staged_generator is not None
         self._commit()
         self.generator.set_state(self._staged_generator)
-        return {k: v for k, v in self._staged.items() if k != "unused"}
+        return dict(self._staged)
 
     def _clear_backward(self) -> None:
         super()._clear_backward()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _stacks import REPTILE_FAMILY, Net, batch, loss_of, make_opt  # noqa: E402
+from _stacks import REPTILE_FAMILY, Net, batch, loss_of, make_opt, torch_way_step  # noqa: E402
 
 WORLD = 2
 STEPS = 6
@@ -61,12 +61,7 @@ def _train(rank: int, name: str, recipe: str, seed: int) -> dict:
             if recipe == "one_loop":
                 opt.step(losses)
             else:
-                if name in REPTILE_FAMILY:
-                    losses[wanted[0]].backward()
-                else:
-                    opt.backward(losses)
-                opt.step()
-                opt.zero_grad()
+                torch_way_step(name, opt, losses)
     except ValueError as err:
         return {"error": str(err)}
     return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()}

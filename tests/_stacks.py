@@ -84,6 +84,37 @@ def one_loop_step(opt: metaopt.MultiTaskOptimizer, model: nn.Module, step: int, 
     return opt.step({t: loss_of(model, t, batch(step, t), **kw) for t in opt.next_tasks()})
 
 
+def backward_the_torch_way(name: str, opt: metaopt.MultiTaskOptimizer, losses: dict[str, torch.Tensor],
+                           grad_scaler: Any = None) -> None:
+    """What a user writes: ``loss.backward()`` (scaled, with a GradScaler) for the Reptile
+    family, ``opt.backward(losses)`` for the others."""
+    if name in REPTILE_FAMILY:
+        (loss,) = losses.values()
+        (loss if grad_scaler is None else grad_scaler.scale(loss)).backward()
+    else:
+        opt.backward(losses, grad_scaler=grad_scaler)
+
+
+def torch_way_step(name: str, opt: metaopt.MultiTaskOptimizer, losses: dict[str, torch.Tensor]
+                   ) -> metaopt.StepReport:
+    """The torch way on one batch: backward, ``opt.step()``, ``opt.zero_grad()``."""
+    backward_the_torch_way(name, opt, losses)
+    report = opt.step()
+    opt.zero_grad()
+    return report
+
+
+def scaler_step(name: str, opt: metaopt.MultiTaskOptimizer, model: nn.Module,
+                losses: dict[str, torch.Tensor], scaler: Any, max_norm: float) -> None:
+    """The fp16 recipe: scaled backward, ``unscale_``, clip, ``scaler.step``, ``update``."""
+    backward_the_torch_way(name, opt, losses, grad_scaler=scaler)
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+
 def torch_style_step(name: str, opt: metaopt.MultiTaskOptimizer, model: nn.Module, step: int,
                      micro: int = 1, **kw: Any) -> metaopt.StepReport:
     """``loss.backward()`` (Reptile family) or ``opt.backward(losses)`` on ``micro``
@@ -95,10 +126,7 @@ def torch_style_step(name: str, opt: metaopt.MultiTaskOptimizer, model: nn.Modul
             x, y = batch(step, t)
             rows = slice(m * len(x) // micro, (m + 1) * len(x) // micro)
             parts[t] = loss_of(model, t, (x[rows], y[rows]), **kw)
-        if name in REPTILE_FAMILY:
-            (parts[wanted[0]]).backward()
-        else:
-            opt.backward(parts)
+        backward_the_torch_way(name, opt, parts)
     report = opt.step()
     opt.zero_grad()
     return report

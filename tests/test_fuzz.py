@@ -167,14 +167,14 @@ LR = [("group", "lr", 0.01), ("group", "lr", 0.05)]
 BASE_INVALID = [("opt", "allow_unused", "yes")]
 SLOW_FAST_VALID = [("opt", "outer_lr", 0.0), ("opt", "outer_lr", 0.3), ("opt", "outer_lr", 1.0),
                    ("opt", "inner_steps", 1), ("opt", "inner_steps", 2), ("opt", "inner_steps", 4),
-                   ("opt", "reset_inner_state", True), ("opt", "reset_inner_state", False)]
+                   ("opt", "reset_inner_state", True), ("opt", "reset_inner_state", False),
+                   *[("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)]]
 SLOW_FAST_INVALID = [("opt", "outer_lr", 2.0), ("opt", "outer_lr", -0.1), ("opt", "outer_lr", math.nan),
                      ("opt", "outer_lr", "0.5"), ("opt", "inner_steps", 0), ("opt", "inner_steps", -1),
                      ("opt", "inner_steps", 2.5), ("opt", "inner_steps", True),
-                     ("opt", "anneal_steps", 0), ("opt", "reset_inner_state", 1)]
+                     ("opt", "anneal_steps", 0), ("opt", "reset_inner_state", 1),
+                     ("opt", "tasks_per_outer_step", 0), ("opt", "tasks_per_outer_step", 1.0)]
 UNPAIRED = [("opt", "outer_lr_final", 0.0, "go together"), ("opt", "anneal_steps", 2, "go together")]
-REPTILE_VALID = [("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)]
-REPTILE_INVALID = [("opt", "tasks_per_outer_step", 0), ("opt", "tasks_per_outer_step", 1.0)]
 
 
 def surgery_options(target: str, gradvac: bool) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
@@ -270,16 +270,16 @@ SPECS: dict[str, Spec] = {
         conflicting=[("opt", "anneal_steps", None, "go together"), ("opt", "outer_lr_final", None, "go together")]),
     "sequential_reptile_bn": Spec("bn", _sr_bn, SLOW_FAST_VALID + LR, SLOW_FAST_INVALID + BASE_INVALID,
                                   slow_fast=True, buffers=True, conflicting=UNPAIRED),
-    "reptile": Spec("bn", _reptile, SLOW_FAST_VALID + REPTILE_VALID + LR,
-                    SLOW_FAST_INVALID + REPTILE_INVALID + BASE_INVALID, slow_fast=True, buffers=True,
+    "reptile": Spec("bn", _reptile, SLOW_FAST_VALID + LR,
+                    SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True, buffers=True,
                     conflicting=UNPAIRED),
-    "reptile_batched": Spec("mlp", _reptile_batched, SLOW_FAST_VALID + REPTILE_VALID + LR,
-                            SLOW_FAST_INVALID + REPTILE_INVALID + BASE_INVALID, slow_fast=True,
+    "reptile_batched": Spec("mlp", _reptile_batched, SLOW_FAST_VALID + LR,
+                            SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True,
                             conflicting=UNPAIRED),
     # with an outer optimizer its lr is the outer step size: outer_lr is not an option to set
     "reptile_outer_optimizer": Spec("heads", _reptile_outer_opt,
-                                    [v for v in SLOW_FAST_VALID if v[1] != "outer_lr"] + REPTILE_VALID + LR,
-                                    SLOW_FAST_INVALID + REPTILE_INVALID + BASE_INVALID, slow_fast=True,
+                                    [v for v in SLOW_FAST_VALID if v[1] != "outer_lr"] + LR,
+                                    SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True,
                                     conflicting=UNPAIRED + [("opt", "outer_lr", 0.5, "outer_optimizer")]),
     "pcgrad": Spec("heads", _pcgrad, _sv + LR, _si + BASE_INVALID),
     "gradvac": Spec("mlp", _gradvac, _gv + LR, _gi + BASE_INVALID),

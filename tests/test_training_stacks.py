@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import metaopt
-from _stacks import (METHODS, REPTILE_FAMILY, TASKS, Net, batch, loss_of, make_opt, method_state,
-                     one_loop_step, torch_style_step)
+from _stacks import (METHODS, REPTILE_FAMILY, TASKS, Net, backward_the_torch_way, batch, loss_of,
+                     make_opt, method_state, one_loop_step, scaler_step, torch_style_step,
+                     torch_way_step)
 
 STEPS = 7   # past the outer steps of both Reptile set-ups and of the composition
 
@@ -184,10 +185,7 @@ def test_clip_grad_norm_between_backward_and_step_clips_this_steps_update(name):
     for s in range(3):
         wanted = opt.next_tasks()
         losses = {t: loss_of(model, t, batch(s, t)) for t in wanted}
-        if name == "sequential_reptile":
-            losses[wanted[0]].backward()
-        else:
-            opt.backward(losses)
+        backward_the_torch_way(name, opt, losses)
         update = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         norm = torch.linalg.vector_norm(torch.cat([u.reshape(-1) for u in update]))
         assert norm > 0.5   # the clip acts
@@ -204,17 +202,8 @@ def test_clip_grad_norm_between_backward_and_step_clips_this_steps_update(name):
 
 # ---------------------------------------------------------------- 5. GradScaler
 def _scaler_step(name, opt, model, step, scaler, extra=None, dtype=torch.float32):
-    wanted = opt.next_tasks()
-    losses = {t: loss_of(model, t, batch(step, t, dtype=dtype), extra=extra) for t in wanted}
-    if name in REPTILE_FAMILY:
-        scaler.scale(losses[wanted[0]]).backward()
-    else:
-        opt.backward(losses, grad_scaler=scaler)
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e6)
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad()
+    losses = {t: loss_of(model, t, batch(step, t, dtype=dtype), extra=extra) for t in opt.next_tasks()}
+    scaler_step(name, opt, model, losses, scaler, max_norm=1e6)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -285,15 +274,7 @@ def test_fp16_autocast_with_grad_scaler_trains(name):
             losses = {t: loss_of(model, t, batch(0, t, dtype=torch.float32)) for t in wanted}
         if first is None:
             first = float(sum(v.detach() for v in losses.values()))
-        if name in REPTILE_FAMILY:
-            scaler.scale(losses[wanted[0]]).backward()
-        else:
-            opt.backward(losses, grad_scaler=scaler)
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
+        scaler_step(name, opt, model, losses, scaler, max_norm=10.0)
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     assert opt.step_count >= 10
     with torch.no_grad():
@@ -314,12 +295,7 @@ def test_bf16_autocast_both_recipes_agree(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             wanted = ob.next_tasks()
             losses = {t: loss_of(b, t, batch(s, t, dtype=torch.float32)) for t in wanted}
-        if name in REPTILE_FAMILY:
-            losses[wanted[0]].backward()
-        else:
-            ob.backward(losses)
-        ob.step()
-        ob.zero_grad()
+        torch_way_step(name, ob, losses)
         oref.step({t: loss_of(ref, t, batch(s, t, dtype=torch.float32)) for t in oref.next_tasks()})
     _assert_same(_params(a), _params(b))
     assert any(not torch.equal(x, y) for x, y in zip(_params(a), _params(ref)))   # bf16 did run
