@@ -18,6 +18,7 @@ Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 from . import aggregation, data, functional, interpolation, jacobian, schedules
 from .base import MultiTaskOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from .diagnostics import GradientDiagnostics, gradient_diagnostics
 from .gradnorm import GradNorm
 from .gradvac import GradVac
@@ -47,6 +48,7 @@ __all__ = [
     "gradient_diagnostics",
     "jacobian",
     "load_checkpoint",
+    "load_distributed_checkpoint",
     "MultiTaskOptimizer",
     "Reptile",
     "SequentialReptile",
@@ -58,5 +60,6 @@ __all__ = [
     "interpolation",
     "register_kernel",
     "save_checkpoint",
+    "save_distributed_checkpoint",
     "schedules",
 ]

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._distributed import Reduce
 from .functional import FlatBuffer, is_packed, pack_parameters, unique_tensors
 from .layout import Layout
 
@@ -313,27 +314,52 @@ class Interpolator:
         return DEFAULT_CPU_BLOCK if device.type == "cpu" else None
 
     # ----------------------------------------------------------------- operations
-    def _lerp_then_restart(self, into: str, source: str, weight: float) -> None:
+    def _lerp_then_restart(self, into: str, source: str, weight: float,
+                           pending: list[list[tuple[int, int, Callable[[], None]]]] | None = None
+                           ) -> None:
         """``into ← into + weight·(source − into)`` per group, then ``θ ← φ``.
 
         ``into`` names the slow weights (``"slow"``) or the accumulator (``"acc"``); ``source``
         the fast weights (``"fast"``) or the accumulator. The re-sync always writes θ from φ.
+        ``pending`` (from :meth:`_start_reduce`): per group, the accumulator's buckets still
+        being reduced; on the flat paths each bucket is interpolated as soon as its reduction
+        completes, while the later ones are still in flight.
         """
-        for g in self._groups:
+        for gi, g in enumerate(self._groups):
             dst_flat, dst_views = g.accumulator() if into == "acc" else (g.slow, g.slow_views)
             path, fast_flat = self._choose(g)
+            buckets = pending[gi] if pending is not None else [(0, g.slow.numel(), _done)]
             if path in ("flat", "kernel"):
                 assert fast_flat is not None
                 src = g.accumulator()[0] if source == "acc" else fast_flat
-                if path == "kernel":
-                    _KERNELS[g.slow.device.type](dst_flat, src, weight, fast_flat, g.slow)
-                else:
-                    _blocked(dst_flat, src, weight, fast_flat, g.slow, self._block(g.slow.device))
+                for a, b, finish in buckets:
+                    finish()
+                    if path == "kernel":
+                        _KERNELS[g.slow.device.type](dst_flat[a:b], src[a:b], weight,
+                                                     fast_flat[a:b], g.slow[a:b])
+                    else:
+                        _blocked(dst_flat[a:b], src[a:b], weight, fast_flat[a:b], g.slow[a:b],
+                                 self._block(g.slow.device))
             else:  # "foreach" or "reference": the functional form, tensor by tensor
+                for _, _, finish in buckets:
+                    finish()
                 src_views = g.accumulator()[1] if source == "acc" else g.fast
                 fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
                 interpolate_(dst_views, src_views, weight, sync=False, method=fn)
                 _copy(g.fast, g.slow_views, fn)
+
+    def _start_reduce(self, reduce: Reduce, bucket: int | None
+                      ) -> list[list[tuple[int, int, Callable[[], None]]]]:
+        """Start ``reduce`` on the accumulator of every group, in buckets of at most ``bucket``
+        elements (``None``: one per group), all before waiting for any."""
+        out = []
+        for g in self._groups:
+            acc = g.accumulator()[0]
+            n = acc.numel()
+            step = n if bucket is None else max(1, int(bucket))
+            out.append([(a, min(n, a + step), reduce(acc[a:min(n, a + step)]))
+                        for a in range(0, n, step)])
+        return out
 
     @torch.no_grad()
     def interpolate(self, weight: float) -> None:
@@ -356,10 +382,31 @@ class Interpolator:
         self._lerp_then_restart("acc", "fast", 1.0 / count)
 
     @torch.no_grad()
-    def interpolate_accumulated(self, weight: float) -> None:
-        """φ ← φ + weight·(mean θ − φ) from :meth:`accumulate`, then θ ← φ."""
+    def interpolate_accumulated(self, weight: float, *, reduce: Reduce | None = None,
+                                bucket: int | None = None) -> None:
+        """φ ← φ + weight·(mean θ − φ) from :meth:`accumulate`, then θ ← φ.
+
+        With ``reduce`` (local trajectories: :func:`metaopt._distributed.averaging`), the mean
+        is first reduced over the ranks, in buckets of ``bucket`` elements (default one per
+        buffer); each bucket is interpolated as soon as it arrives, overlapping the rest of the
+        communication."""
         _check_weight(weight)
-        self._lerp_then_restart("slow", "acc", weight)
+        pending = None if reduce is None else self._start_reduce(reduce, bucket)
+        self._lerp_then_restart("slow", "acc", weight, pending)
+
+    @torch.no_grad()
+    def reduce_accumulated(self, reduce: Reduce, bucket: int | None = None) -> None:
+        """Apply ``reduce`` to the accumulated mean (every bucket started before any is waited
+        for), e.g. average it over the ranks before :meth:`accumulated_pseudo_gradient`."""
+        for buckets in self._start_reduce(reduce, bucket):
+            for _, _, finish in buckets:
+                finish()
+
+    @property
+    def accumulator_bytes(self) -> int:
+        """Bytes of the accumulated mean (what local trajectories all-reduce per outer step)."""
+        return sum(g.accumulator()[0].numel() * g.slow.element_size() for g in self._groups
+                   if g.acc is not None)
 
     @torch.no_grad()
     def sync_fast(self) -> None:
@@ -482,6 +529,10 @@ def _copy(dst: Sequence[Tensor], src: Sequence[Tensor], method: str) -> None:
 
 def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return Layout.of(like).views(flat)
+
+
+def _done() -> None:
+    """Nothing to wait for."""
 
 
 def _check_weight(weight: float) -> None:

@@ -9,6 +9,7 @@ step; that lives in the subclasses.
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .interpolation import Interpolator, Method
@@ -48,7 +50,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             only then does η = 1 equal plain training.
         tasks_per_outer_step: n, the trajectories averaged per outer step, each starting from
             φ: ``φ ← φ + η(mean_i θ_K^(i) − φ)`` (batched Reptile's meta-batch; for Sequential
-            Reptile, n mixed-task trajectories). Default 1.
+            Reptile, n mixed-task trajectories). Default 1. Trajectory i of every outer step
+            carries the wrapped torch optimizer's per-parameter state (Adam's moments) of
+            trajectory i of the previous one, as n workers would (DiLoCo keeps one inner
+            optimizer per worker), so that one process with n trajectories computes what
+            ``local_trajectories`` on n ranks computes; the n states cost n times the memory.
         schedule, task_sizes, temperature: the task schedule (:mod:`metaopt.schedules`): a name
             (``"uniform"``, ``"proportional"``, ``"temperature"``, ``"round_robin"``,
             ``"without_replacement"``) or a list of task names to cycle through.
@@ -61,6 +67,29 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             dtype), as views, so the outer step is one fused pass (:mod:`metaopt.interpolation`).
             Packing is redone if something re-allocates them (``model.to()``, a deepcopy).
         interpolation: ``"auto"``, ``"flat"``, ``"foreach"`` or ``"reference"``.
+        local_trajectories: under ``torch.distributed``, each rank runs its own trajectory of
+            ``inner_steps`` steps without communicating, drawing its tasks from its own stream
+            (seeded by :func:`metaopt._distributed.rank_seed` from ``seed`` and the rank, so
+            every rank still mixes all tasks), and at the outer step the ranks average their
+            fast weights with one all-reduce of the packed buffer: W ranks act as
+            ``tasks_per_outer_step = W`` trajectories (times ``tasks_per_outer_step`` per rank).
+            DiLoCo's structure (Douillard et al. 2023, arXiv 2311.08105) with plain outer SGD at
+            lr η; η = 1 is local SGD with period K (torch's ``PostLocalSGDOptimizer``). The model
+            must *not* be wrapped in ``DistributedDataParallel`` (or every inner step must run
+            under ``ddp.no_sync()``): the first step checks it. Needs ``init_process_group``
+            before the optimizer is built, and identical parameters on every rank (checked at
+            the first step). Default ``False`` (under DDP: data-parallel, nothing communicated
+            here). See docs/scaling.md.
+        process_group: the ranks whose trajectories are averaged (default: all), with
+            ``local_trajectories``.
+        verify_ranks: with ``local_trajectories``, compare a bit-exact checksum of the slow
+            weights across the ranks at every outer step (one small ``all_gather_object``)
+            and raise if they differ. Default ``False`` (a debugging aid).
+        bucket_elements: with ``local_trajectories``, all-reduce in buckets of this many
+            elements, each interpolated as soon as it arrives while the later ones are in
+            flight. Default ``None``: one all-reduce per packed buffer.
+        timeout: with ``local_trajectories``, seconds to wait for the outer step's all-reduce
+            before raising (default: the process group's timeout).
 
     Construction order: build the model, move or cast it, load pretrained weights into it,
     *then* build the optimizer, which takes φ from the parameters. A later change made outside
@@ -78,6 +107,8 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     outer_lr_final = Option(optional_fraction)
     anneal_steps = Option(optional_positive_int)
     reset_inner_state = Option(flag)
+    verify_ranks = Option(flag)
+    bucket_elements = Option(optional_positive_int)
 
     # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
     _composable = True
@@ -92,7 +123,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                  task_sizes: Sequence[float] | Mapping[str, float] | None = None,
                  temperature: float = 1.0, buffers: nn.Module | None = None,
                  flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
-                 allow_unused: bool = False) -> None:
+                 allow_unused: bool = False, local_trajectories: bool = False,
+                 process_group: Any = None, verify_ranks: bool = False,
+                 bucket_elements: int | None = None, timeout: float | None = None) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer) and not self._composable:
             raise TypeError(
@@ -139,10 +172,58 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             if not isinstance(self.outer_optimizer, Optimizer):
                 raise TypeError(f"{name}: outer_optimizer must return a torch.optim.Optimizer")
         self._check_outer_options()
+        self.verify_ranks = verify_ranks
+        self.bucket_elements = bucket_elements
+        self.timeout = timeout
+        self._local_group = self._local_setup(local_trajectories, process_group)
         self._inner_count = 0   # inner steps into the current trajectory
         self._trajectory = 0    # trajectories into the current outer step (batched Reptile)
+        self._slot = 0          # whose inner-optimizer state is live (= _trajectory mod n)
+        self._slots: dict[int, Any] = {}   # the other trajectories' states (batched Reptile)
         self._outer_count = 0
         self._record_versions()
+
+    def _local_setup(self, local: bool, group: Any) -> Any:
+        """Validate the local-trajectory options; returns the group (``None`` when off) and
+        seeds this rank's task stream."""
+        name = type(self).__name__
+        flag(local, "local_trajectories", name)
+        if self.timeout is not None and not (isinstance(self.timeout, (int, float))
+                                             and not isinstance(self.timeout, bool)
+                                             and self.timeout > 0):
+            raise ValueError(f"{name}: timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not local:
+            if group is not None:
+                raise ValueError(
+                    f"{name}: process_group is the group of local trajectories; pass "
+                    "local_trajectories=True (under DistributedDataParallel nothing is "
+                    "communicated here: DDP averages the gradients)"
+                )
+            return None
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                f"{name}: local_trajectories=True needs torch.distributed: call "
+                "torch.distributed.init_process_group(...) before building the optimizer"
+            )
+        if isinstance(group, str):
+            raise ValueError(f"{name}: process_group must be a process group or None, got {group!r}")
+        group = dist.group.WORLD if group is None else group
+        inner_group = getattr(self.inner, "process_group", _distributed.LOCAL)
+        if self.inner is not None and not (isinstance(inner_group, str)
+                                           and inner_group == _distributed.LOCAL):
+            raise ValueError(
+                f"{name}: with local_trajectories=True the wrapped {type(self.inner).__name__} "
+                "would average its per-task gradients over the ranks at every step; build it "
+                "with process_group='local' so that each trajectory stays on its rank"
+            )
+        self.generator.manual_seed(_distributed.rank_seed(self.seed, dist.get_rank(group)))
+        return group
+
+    @property
+    def local_trajectories(self) -> bool:
+        """Whether each rank runs its own trajectory (set at construction)."""
+        return self._local_group is not None
 
     # ------------------------------------------------------------------ public read-outs
     @property
@@ -205,8 +286,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self.engine.reset_slow()
         self._inner_count = 0
         self._trajectory = 0
+        self._use_slot(0)
         self.schedule.restart()
         self._record_versions()
+        self._ranks_checked = False   # local trajectories: the next step compares φ across ranks
 
     def accept_parameter_changes(self) -> None:
         """Keep φ and continue the trajectory from the parameters as they are now, after they
@@ -252,9 +335,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         # version counters restart in a copy: carry which parameters had changed, not the counts
         state = super().__getstate__()
         state["_versions"] = [p._version != v for p, v in zip(self._param_list, self._versions)]
+        if state.get("_local_group") is not None:   # a process group does not pickle
+            state["_local_group"] = _distributed.LOCAL
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("_local_group"), str):   # a copy averages over all ranks
+            dist = torch.distributed
+            state = dict(state, _local_group=dist.group.WORLD if dist.is_available()
+                         and dist.is_initialized() else None)
         super().__setstate__(state)
         self._versions = [-1 if changed else p._version
                           for p, changed in zip(self._param_list, state["_versions"])]
@@ -345,13 +434,19 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     @torch.no_grad()
     def _end_trajectory(self) -> bool:
         n = self.tasks_per_outer_step
-        batched = n > 1 or self._trajectory > 1
+        group = self._local_group
+        batched = n > 1 or self._trajectory > 1 or group is not None
         if batched:
             self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
+            self._use_slot(self._trajectory % n)
             if self._trajectory < n:
                 return False
         self._trajectory = 0
+        average = None if group is None else _distributed.averaging(
+            group, self.timeout, f"{type(self).__name__}: outer step {self._outer_count + 1}")
         if self.outer_optimizer is not None:
+            if average is not None:
+                self.engine.reduce_accumulated(average, self.bucket_elements)
             pseudo = self.engine.accumulated_pseudo_gradient() if batched else self.engine.pseudo_gradient()
             for buf, g in zip(self.engine.slow_buffers, pseudo):
                 buf.grad = g
@@ -360,14 +455,108 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 buf.grad = None
             self.engine.sync_fast()
         elif batched:
-            self.engine.interpolate_accumulated(self.current_outer_lr())
+            self.engine.interpolate_accumulated(self.current_outer_lr(), reduce=average,
+                                                bucket=self.bucket_elements)
         else:
             self.engine.interpolate(self.current_outer_lr())
         if self.reset_inner_state:
             self.base_optimizer.state.clear()
+            self._slots.clear()
         self.schedule.restart()
         self._outer_count += 1
+        if group is not None and self.verify_ranks:
+            self._compare_ranks(group, with_grads=False)
         return True
+
+    def _use_slot(self, slot: int) -> None:
+        """Make trajectory ``slot``'s inner-optimizer state the live one (batched Reptile)."""
+        if slot == self._slot:
+            return
+        base = self.base_optimizer
+        self._slots[self._slot] = base.state
+        base.state = self._slots.pop(slot, None) or defaultdict(dict)
+        self._slot = slot
+
+    def _slots_state(self) -> dict[int, Any]:
+        """The parked trajectories' states, keyed like ``torch.optim``'s (parameter index)."""
+        index = {id(p): i for i, p in enumerate(self._param_list)}
+        return {slot: {index[id(p)]: dict(v) for p, v in st.items() if id(p) in index}
+                for slot, st in self._slots.items() if st}
+
+    def _load_slots(self, saved: Mapping[int, Any]) -> dict[int, Any]:
+        """States to park from :meth:`_slots_state`'s form; values cast as torch.optim casts
+        them (floating tensors to the parameter's dtype and device; ``step`` kept)."""
+        out: dict[int, Any] = {}
+        for slot, st in saved.items():
+            live: defaultdict[Tensor, Any] = defaultdict(dict)
+            for i, values in st.items():
+                p = self._param_list[i]
+                live[p] = {k: (v.to(p.device, p.dtype) if k != "step" and v.is_floating_point()
+                               else v).clone() if isinstance(v, Tensor) else v
+                           for k, v in values.items()}
+            out[int(slot)] = live
+        return out
+
+    # ------------------------------------------------------------------ local trajectories
+    def _check_ranks(self) -> None:
+        if self._local_group is None:
+            super()._check_ranks()
+        elif not self._ranks_checked:
+            self._compare_ranks(self._local_group, with_grads=True)
+            self._ranks_checked = True
+
+    def _compare_ranks(self, group: Any, *, with_grads: bool) -> None:
+        """Local trajectories: every rank is at the same point of the same run (options,
+        counters, slow weights bit for bit), on its own task stream and, at the first step,
+        with its own gradients (bit-identical gradients on every rank mean DDP averaged them,
+        or every rank was fed the same batches). One ``all_gather_object`` of a few numbers."""
+        name = type(self).__name__
+        where = f"{name}.step" if with_grads else f"{name}: outer step {self._outer_count}"
+        config = (name, self.tasks, self.inner_steps, self.tasks_per_outer_step, self.outer_lr,
+                  self.outer_lr_final, self.anneal_steps, self.outer_optimizer is not None,
+                  self._outer_count, self._inner_count, self._trajectory)
+        grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
+        mine = (config, _distributed.checksum(self.engine.slow_buffers),
+                _distributed.checksum(grads) if grads else None,
+                _distributed.fingerprint(self.generator.get_state()))
+        ranks = _distributed.gather(mine, group, where)
+        differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
+        if differ:
+            raise ValueError(
+                f"{where}: rank(s) {differ} run with other options or are at another step than "
+                f"rank 0 ({ranks[differ[0]][0]} vs {ranks[0][0]}): build the optimizer with the "
+                "same options on every rank, and resume every rank from the same checkpoint "
+                "(metaopt.load_distributed_checkpoint). Nothing was updated" if with_grads else
+                f"{where}: rank(s) {differ} disagree with rank 0 on the options or counters")
+        differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
+        if differ:
+            if not with_grads:
+                raise RuntimeError(
+                    f"{where}: the slow weights of rank(s) {differ} are no longer bit-identical to "
+                    "rank 0's (verify_ranks=True). Something changed them on some ranks only "
+                    "(a write outside the optimizer, a load on one rank)"
+                )
+            raise ValueError(
+                f"{where}: the slow weights (the parameters when the optimizer was built, or "
+                f"as last loaded) of rank(s) {differ} differ from rank 0's: build the model "
+                "from the same seed on every rank (or broadcast rank 0's parameters) before "
+                "building the optimizer, and load the same checkpoint. Nothing was updated"
+            )
+        if len(ranks) > 1 and len({v[3] for v in ranks}) < len(ranks):
+            raise ValueError(
+                f"{where}: two ranks hold the same task stream, so their trajectories would "
+                "repeat each other; each rank must load its own state "
+                "(metaopt.load_distributed_checkpoint). Nothing was updated"
+            )
+        if with_grads and len(ranks) > 1 and ranks[0][2] is not None \
+                and all(v[2] == ranks[0][2] for v in ranks):
+            raise ValueError(
+                f"{where}: the gradients are bit-identical on every rank at the first step of "
+                "local trajectories: the model is wrapped in DistributedDataParallel, which "
+                "averages gradients at every step (use the model itself, or run each inner step "
+                "under ddp.no_sync()), or every rank is fed the same batches (give each rank its "
+                "own data). Nothing was updated"
+            )
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
@@ -378,6 +567,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             "engine": self.engine.state_dict(),
             "schedule": self.schedule.state_dict(),
             "outer_optimizer": None if self.outer_optimizer is None else self.outer_optimizer.state_dict(),
+            "inner_slots": self._slots_state(),
         }
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
@@ -391,6 +581,14 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             v = state.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}.load_state_dict: saved {key} {v!r} is not an int >= 0")
+        slots = state.get("inner_slots", {})
+        if not isinstance(slots, Mapping) or any(
+                isinstance(k, bool) or not isinstance(k, int) or k < 0 or not isinstance(v, Mapping)
+                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._param_list)
+                       or not isinstance(vals, Mapping) for i, vals in v.items())
+                for k, v in slots.items()):
+            raise ValueError(f"{name}.load_state_dict: saved inner_slots are not per-trajectory "
+                             "optimizer states keyed by parameter index")
         engine = state.get("engine")
         if not isinstance(engine, Mapping):
             raise ValueError(f"{name}.load_state_dict: the saved state has no slow weights")
@@ -405,6 +603,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._inner_count = int(state["inner_count"])
         self._trajectory = int(state["trajectory"])
         self._outer_count = int(state["outer_count"])
+        self._slots = self._load_slots(state.get("inner_slots", {}))
+        self._slot = self._trajectory
 
     def _after_load(self) -> None:
         self._record_versions()
+        self._ranks_checked = False   # local trajectories: compare the loaded state across ranks

@@ -1,0 +1,189 @@
+"""Local trajectories (``local_trajectories=True``) on 2 and 4 gloo ranks, spawned with a
+deadline: W ranks equal one process running W trajectories per outer step on the same batches
+(float64, 1e-9); η = 1 equals torch's own local SGD (``PostLocalSGDOptimizer`` +
+``PeriodicModelAverager``); an outer Nesterov optimizer (DiLoCo's) equals its single-process
+counterpart; each rank mixes all tasks on its own stream (sharding tasks across ranks would be
+per-task Reptile, shown here too); wrong set-ups are refused with nothing moved."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import _local_worker as w
+import metaopt
+from _stacks import TASKS, Net, loss_of
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+DEADLINE_S = 240
+RUNS = [
+    ("equivalence", {}),
+    ("equivalence", {"recipe": "torch", "bucket_elements": 5}),
+    ("local_sgd", {"recipe": "torch_zero"}),
+    ("diloco", {}),
+    ("sharded", {}),
+    ("ddp_wrapped", {}),
+    ("different_init", {}),
+    ("verify", {}),
+    ("composed", {}),
+]
+WORLDS = {2: RUNS, 4: RUNS[:4]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, args: tuple, deadline_s: float = DEADLINE_S) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` spawned processes; fail (and kill them) past the
+    deadline, so that a hang can never stall CI."""
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = {}
+    for world, runs in WORLDS.items():
+        d = str(tmp_path_factory.mktemp(f"local{world}"))
+        spawn(w.run, world, (world, runs, _free_port(), d))
+        ranks = [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+        out[world] = {i: [rk[i] for rk in ranks] for i in range(len(runs))}
+    return out
+
+
+def _ok(res):
+    for r in res:
+        assert "crash" not in r, r.get("crash")
+    return res
+
+
+def single_process(world: int, tasks: list[list[str]], kind: str, **options):
+    """One process, ``world`` trajectories per outer step: trajectory r of each outer step runs
+    the tasks and batches that rank r ran."""
+    order = [t for o in range(w.OUTER) for r in range(world) for t in tasks[r][o * w.K:(o + 1) * w.K]]
+    model = Net()
+    inner = w.sgd if kind == "local_sgd" else w.adam
+    outer = {"outer_optimizer": w.nesterov} if kind == "diloco" else {
+        "outer_lr": 1.0 if kind == "local_sgd" else 0.5}
+    opt = metaopt.SequentialReptile(inner(list(model.parameters())), tasks=TASKS, inner_steps=w.K,
+                                    tasks_per_outer_step=world, schedule=order, allow_unused=True,
+                                    **outer, **options)
+    for o in range(w.OUTER):
+        for r in range(world):
+            for k in range(w.K):
+                (task,) = opt.next_tasks()
+                opt.step({task: loss_of(model, task, w.rank_batch(r, o * w.K + k, task))})
+    return model, opt
+
+
+def _close(a, b, atol=1e-9):
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0.0, atol=atol)
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+@pytest.mark.parametrize("index", [0, 1, 3])
+def test_w_ranks_equal_one_process_with_w_trajectories(results, world, index):
+    name, options = RUNS[index]
+    ranks = _ok(results[world][index])
+    for r in ranks[1:]:   # the slow weights (and, at an outer step, θ) bit-identical on every rank
+        assert all(torch.equal(a, b) for a, b in zip(r["slow"], ranks[0]["slow"]))
+        assert all(torch.equal(a, b) for a, b in zip(r["params"], ranks[0]["params"]))
+    assert ranks[0]["outer"] == w.OUTER
+    model, opt = single_process(world, [r["tasks"] for r in ranks], name)
+    _close(ranks[0]["params"], list(model.parameters()))
+    _close(ranks[0]["slow"], opt.slow_weights)
+    assert opt.outer_step_count == w.OUTER
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_outer_lr_one_is_torchs_local_sgd(results, world):
+    for r in _ok(results[world][2]):
+        _close(r["params"], r["oracle"], atol=1e-12)
+    ranks = results[world][2]
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["params"], ranks[-1]["params"]))
+
+
+@pytest.mark.parametrize("world", sorted(WORLDS))
+def test_each_rank_mixes_all_tasks_on_its_own_stream(results, world):
+    ranks = _ok(results[world][0])
+    streams = [r["tasks"] for r in ranks]
+    assert len({tuple(s) for s in streams}) == world          # independent trajectories
+    for s in streams:                                          # each mixes tasks within a trajectory
+        trajectories = [s[o * w.K:(o + 1) * w.K] for o in range(w.OUTER)]
+        assert any(len(set(t)) > 1 for t in trajectories)
+    # the streams are those of the documented per-rank seeds: uniform over all tasks
+    for rank, s in enumerate(streams):
+        g = torch.Generator().manual_seed(metaopt._distributed.rank_seed(w.SEED, rank))
+        longer = [TASKS[int(torch.randint(len(TASKS), (1,), generator=g))] for _ in range(600)]
+        assert s == longer[:len(s)]
+        assert all(150 < longer.count(t) < 250 for t in TASKS)
+
+
+def test_sharding_tasks_over_ranks_is_per_task_reptile(results):
+    ranks = _ok(results[2][4])
+    assert [set(r["tasks"]) for r in ranks] == [{"a"}, {"b"}]
+    # = Reptile with two trajectories per outer step, one task each ...
+    model = Net()
+    opt = metaopt.Reptile(w.adam(list(model.parameters())), tasks=TASKS, inner_steps=w.K,
+                          outer_lr=0.5, tasks_per_outer_step=2, schedule=["a", "b"],
+                          allow_unused=True)
+    for o in range(w.OUTER):
+        for r in range(2):
+            for k in range(w.K):
+                (task,) = opt.next_tasks()
+                assert task == TASKS[r]
+                opt.step({task: loss_of(model, task, w.rank_batch(r, o * w.K + k, task))})
+    _close(ranks[0]["params"], list(model.parameters()))
+    # ... which is not what the default (mixed trajectories) computes
+    assert not all(torch.allclose(a, b) for a, b in zip(ranks[0]["params"], results[2][0][0]["params"]))
+
+
+def test_a_model_wrapped_in_ddp_is_refused_with_nothing_moved(results):
+    for r in _ok(results[2][5]):
+        assert r["error"] and "DistributedDataParallel" in r["error"], r
+        assert not r["moved"] and r["step_count"] == 0
+
+
+def test_different_parameters_on_the_ranks_are_refused(results):
+    for r in _ok(results[2][6]):
+        assert r["error"] and "slow weights" in r["error"] and "same seed" in r["error"], r
+        assert r["step_count"] == 0
+
+
+def test_verify_ranks_catches_slow_weights_that_diverged(results):
+    for r in _ok(results[2][7]):
+        assert r["error"] and "no longer bit-identical" in r["error"], r
+        assert r["outer"] == 2   # the outer step after the write on one rank
+
+
+def test_composed_local_trajectories(results):
+    ranks = _ok(results[2][8])
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["slow"], ranks[1]["slow"]))
+    assert ranks[0]["outer"] == w.OUTER
+    assert "process_group='local'" in ranks[0]["unwrapped_error"]
+
+
+def test_local_trajectories_need_torch_distributed():
+    model = Net()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        metaopt.SequentialReptile(w.adam(model.parameters()), tasks=TASKS, local_trajectories=True)
+    with pytest.raises(ValueError, match="local_trajectories=True"):
+        metaopt.SequentialReptile(w.adam(model.parameters()), tasks=TASKS, process_group=object())
