@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,3 +47,20 @@ def test_toy_benchmark_draws_every_method(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "toy.png").stat().st_size > 10_000
     for name in ("MTL (sum)", "Sequential Reptile", "Reptile", "PCGrad", "GradVac", "GradNorm"):
         assert name in out
+
+
+def _torchrun(*args: str) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(EXAMPLES / "distributed.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+@pytest.mark.parametrize("mode", ["local", "ddp"])
+def test_distributed_example_runs_under_torchrun_and_resumes(tmp_path, mode):
+    """examples/distributed.py as the README runs it (torchrun, 2 CPU ranks, gloo), then again
+    from its checkpoint: the second run starts where the first stopped."""
+    ckpt = str(tmp_path / "run.ckpt")
+    first = _torchrun("--mode", mode, "--steps", "40", "--inner-steps", "10", "--checkpoint", ckpt)
+    assert f"{mode}: 2 ranks (gloo), 4 outer steps from step 0" in first
+    again = _torchrun("--mode", mode, "--steps", "60", "--inner-steps", "10", "--checkpoint", ckpt)
+    assert f"{mode}: 2 ranks (gloo), 6 outer steps from step 40" in again

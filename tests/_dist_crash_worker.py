@@ -1,0 +1,62 @@
+"""One rank of the distributed crash test (test_distributed_checkpoint.py): local-trajectory
+Sequential Reptile that saves a distributed checkpoint every ``EVERY`` steps (mid-trajectory as
+well as at outer steps), optionally resuming from it, optionally SIGKILL-ing itself at a step.
+Writes its final parameters, or the error it stopped with, for the parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import metaopt  # noqa: E402
+from _local_worker import adam, rank_batch  # noqa: E402
+from _stacks import TASKS, Net, loss_of  # noqa: E402
+
+STEPS = 14
+EVERY = 2
+TIMEOUT_S = 20
+
+
+def run(rank: int, world: int, port: int, out: str, ckpt: str, kill_at: int | None,
+        resume: bool) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        model = Net()
+        opt = metaopt.SequentialReptile(adam(list(model.parameters())), tasks=TASKS, inner_steps=3,
+                                        outer_lr=0.5, local_trajectories=True, allow_unused=True,
+                                        seed=3, verify_ranks=True)
+        start = 0
+        if resume:
+            state = metaopt.load_distributed_checkpoint(ckpt)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start = state["step"]
+        for s in range(start, STEPS):
+            (task,) = opt.next_tasks()
+            loss_of(model, task, rank_batch(rank, s, task)).backward()
+            opt.step()
+            opt.zero_grad()
+            if (s + 1) % EVERY == 0:
+                metaopt.save_distributed_checkpoint(
+                    ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": s + 1})
+            if s == kill_at and rank == world - 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+        torch.save({"params": [p.detach().clone() for p in model.parameters()], "start": start},
+                   os.path.join(out, f"rank{rank}.pt"))
+    except Exception as err:
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(f"{err}\n{traceback.format_exc()}")
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

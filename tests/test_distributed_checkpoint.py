@@ -1,0 +1,109 @@
+"""Distributed checkpoints with local trajectories on 2 gloo ranks: rank 0 writes every rank's
+state with metaopt.save_checkpoint, every rank loads its own part, and the run continues bit
+for bit. One rank is SIGKILLed mid-run: the survivor stops with a clear error within the process
+group's timeout (no hang), and a restart of every rank from the last checkpoint ends exactly
+where an uninterrupted run ends. Also: the refusals of load_distributed_checkpoint."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import time
+
+import pytest
+import torch
+
+import _dist_crash_worker as cw
+import metaopt
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+DEADLINE_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: str, ckpt: str, kill_at: int | None = None, resume: bool = False) -> list[int | None]:
+    """Both ranks as plain spawned processes (so that one dying does not take the other down
+    with it, as torch.multiprocessing's join would); killed past the deadline."""
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=cw.run, args=(r, 2, port, out, ckpt, kill_at, resume)) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        assert not any(p.is_alive() for p in procs), f"the ranks did not finish within {DEADLINE_S} s"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return [p.exitcode for p in procs]
+
+
+def _params(out: str, rank: int) -> dict:
+    return torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True)
+
+
+def test_sigkill_one_rank_then_restart_all_resumes_bit_exactly(tmp_path):
+    whole, crash = tmp_path / "whole", tmp_path / "crash"
+    whole.mkdir()
+    crash.mkdir()
+    assert launch(str(whole), str(whole / "run.ckpt")) == [0, 0]
+
+    ckpt = str(crash / "run.ckpt")
+    t0 = time.monotonic()
+    codes = launch(str(crash), ckpt, kill_at=8)
+    assert codes[1] == -9                       # SIGKILL
+    assert codes[0] == 1                        # the survivor stopped with an error ...
+    assert time.monotonic() - t0 < DEADLINE_S   # ... instead of hanging
+    message = (crash / "error0.txt").read_text()
+    assert "Another rank has probably died" in message and "checkpoint" in message, message
+    assert not (crash / "rank0.pt").exists()
+
+    saved = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]
+    assert saved["world_size"] == 2 and saved["ranks"][0]["step"] == 8
+    assert launch(str(crash), ckpt, resume=True) == [0, 0]
+    for rank in range(2):
+        resumed, reference = _params(str(crash), rank), _params(str(whole), rank)
+        assert resumed["start"] == 8
+        assert all(torch.equal(a, b) for a, b in zip(resumed["params"], reference["params"]))
+
+
+def _single_rank_group(tmp_path):
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
+                                             world_size=1)
+
+
+def test_load_refuses_other_world_sizes_and_plain_checkpoints(tmp_path):
+    _single_rank_group(tmp_path)
+    try:
+        path = str(tmp_path / "one.ckpt")
+        metaopt.save_distributed_checkpoint(path, {"step": 3, "w": torch.ones(2)})
+        assert metaopt.load_distributed_checkpoint(path)["step"] == 3
+        metaopt.save_checkpoint(path, {"metaopt_ranks": {"world_size": 2, "ranks": [{}, {}]}})
+        with pytest.raises(metaopt.CheckpointError, match="written by 2 ranks, this run has 1"):
+            metaopt.load_distributed_checkpoint(path)
+        metaopt.save_checkpoint(path, {"step": 3})
+        with pytest.raises(metaopt.CheckpointError, match="not a distributed checkpoint"):
+            metaopt.load_distributed_checkpoint(path)
+        with pytest.raises(TypeError, match="mapping"):
+            metaopt.save_distributed_checkpoint(path, [1, 2])
+        with pytest.raises(TypeError):   # a value the weights-only loader refuses: nothing written
+            metaopt.save_distributed_checkpoint(path, {"f": object()})
+        assert metaopt.load_checkpoint(path) == {"step": 3}
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_checkpoints_need_torch_distributed(tmp_path):
+    with pytest.raises(RuntimeError, match="not initialized"):
+        metaopt.save_distributed_checkpoint(str(tmp_path / "x"), {"step": 1})
