@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -22,19 +23,21 @@ from _stacks import TASKS, Net, loss_of  # noqa: E402
 
 STEPS = 14
 EVERY = 2
-TIMEOUT_S = 20
+TIMEOUT_S = 20          # the process group's
+STALL_TIMEOUT_S = 2     # the optimizer's own (timeout=), for the stalled-rank case
 
 
-def run(rank: int, world: int, port: int, out: str, ckpt: str, kill_at: int | None,
-        resume: bool) -> None:
+def run(rank: int, world: int, init: str, out: str, ckpt: str, kill_at: int | None,
+        resume: bool, stall_at: int | None = None) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=init, rank=rank,
                             world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         model = Net()
         opt = metaopt.SequentialReptile(adam(list(model.parameters())), tasks=TASKS, inner_steps=3,
                                         outer_lr=0.5, local_trajectories=True, allow_unused=True,
-                                        seed=3, verify_ranks=True)
+                                        seed=3, verify_ranks=True,
+                                        timeout=None if stall_at is None else STALL_TIMEOUT_S)
         start = 0
         if resume:
             state = metaopt.load_distributed_checkpoint(ckpt)
@@ -46,11 +49,13 @@ def run(rank: int, world: int, port: int, out: str, ckpt: str, kill_at: int | No
             loss_of(model, task, rank_batch(rank, s, task)).backward()
             opt.step()
             opt.zero_grad()
-            if (s + 1) % EVERY == 0:
+            if (s + 1) % EVERY == 0 and stall_at is None:
                 metaopt.save_distributed_checkpoint(
                     ckpt, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": s + 1})
             if s == kill_at and rank == world - 1:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if s == stall_at and rank == world - 1:   # alive, but late for the outer step
+                time.sleep(3 * STALL_TIMEOUT_S)
         torch.save({"params": [p.detach().clone() for p in model.parameters()], "start": start},
                    os.path.join(out, f"rank{rank}.pt"))
     except Exception as err:

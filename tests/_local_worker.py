@@ -43,8 +43,12 @@ def nesterov(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.7, momentum=0.9, nesterov=True)
 
 
-def build(kind: str, model: Net, **options: Any) -> metaopt.SequentialReptile:
+def build(kind: str, model: Net, **options: Any) -> metaopt.SlowFastOptimizer:
     inner = sgd if kind == "local_sgd" else adam
+    if kind == "reptile":
+        return metaopt.Reptile(inner(list(model.parameters())), tasks=TASKS, inner_steps=K,
+                               outer_lr=0.5, local_trajectories=True, allow_unused=True,
+                               seed=SEED, **options)
     if kind == "local_sgd":
         options.setdefault("outer_lr", 1.0)
     elif kind == "diloco":
@@ -56,7 +60,7 @@ def build(kind: str, model: Net, **options: Any) -> metaopt.SequentialReptile:
                                      **options)
 
 
-def train(rank: int, model: torch.nn.Module, opt: metaopt.SequentialReptile, recipe: str,
+def train(rank: int, model: torch.nn.Module, opt: metaopt.SlowFastOptimizer, recipe: str,
           steps: int = STEPS, after: Any = None) -> list[str]:
     drawn = []
     if recipe == "torch_zero":   # every parameter keeps a (zero) gradient: see local_sgd
@@ -65,7 +69,8 @@ def train(rank: int, model: torch.nn.Module, opt: metaopt.SequentialReptile, rec
     for s in range(steps):
         (task,) = opt.next_tasks()
         drawn.append(task)
-        loss = loss_of(model, task, rank_batch(rank, s, task))
+        dtype = next(model.parameters()).dtype
+        loss = loss_of(model, task, tuple(t.to(dtype) for t in rank_batch(rank, s, task)))
         if recipe.startswith("torch"):
             loss.backward()
             opt.step()
@@ -77,7 +82,7 @@ def train(rank: int, model: torch.nn.Module, opt: metaopt.SequentialReptile, rec
     return drawn
 
 
-def snapshot(model: torch.nn.Module, opt: metaopt.SequentialReptile) -> dict[str, Any]:
+def snapshot(model: torch.nn.Module, opt: metaopt.SlowFastOptimizer) -> dict[str, Any]:
     return {"params": [p.detach().clone() for p in model.parameters()],
             "slow": [w.clone() for w in opt.slow_weights],
             "outer": opt.outer_step_count}
@@ -85,7 +90,7 @@ def snapshot(model: torch.nn.Module, opt: metaopt.SequentialReptile) -> dict[str
 
 def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[str, Any]:
     recipe = options.pop("recipe", "one_loop")
-    if name in ("equivalence", "diloco", "local_sgd"):
+    if name in ("equivalence", "diloco", "local_sgd", "reptile"):
         model = Net()
         opt = build(name, model, **options)
         out = {"tasks": train(rank, model, opt, recipe)} | snapshot(model, opt)
@@ -125,6 +130,22 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
             moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
             return {"error": str(err), "moved": moved, "step_count": opt.step_count}
         return {"error": None}
+    if name == "ddp_no_sync":   # DDP's gradient sync off for every inner step: as unwrapped
+        model = Net()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = build("equivalence", model)
+        for s in range(STEPS):
+            (task,) = opt.next_tasks()
+            with ddp.no_sync():
+                loss_of(ddp, task, rank_batch(rank, s, task)).backward()
+            opt.step()
+            opt.zero_grad()
+        return snapshot(model, opt)
+    if name == "bf16":
+        model = Net(dtype=torch.bfloat16)
+        opt = build("equivalence", model)
+        train(rank, model, opt, recipe)
+        return snapshot(model, opt) | {"dtypes": [str(w.dtype) for w in opt.slow_weights]}
     if name == "different_init":
         model = Net(seed=rank)
         opt = build(name, model)
@@ -164,9 +185,9 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
     raise KeyError(name)
 
 
-def run(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], port: int, out: str) -> None:
+def run(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], init: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group("gloo", init_method=init, rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     results = []
     try:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 import time
 
 import pytest
 import torch
 
 import _dist_crash_worker as cw
+from _spawn import file_store
 import metaopt
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
@@ -22,18 +22,13 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 DEADLINE_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(out: str, ckpt: str, kill_at: int | None = None, resume: bool = False) -> list[int | None]:
+def launch(out: str, ckpt: str, kill_at: int | None = None, resume: bool = False,
+           stall_at: int | None = None) -> list[int | None]:
     """Both ranks as plain spawned processes (so that one dying does not take the other down
     with it, as torch.multiprocessing's join would); killed past the deadline."""
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=cw.run, args=(r, 2, port, out, ckpt, kill_at, resume)) for r in range(2)]
+    store = file_store(out)
+    procs = [ctx.Process(target=cw.run, args=(r, 2, store, out, ckpt, kill_at, resume, stall_at)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + DEADLINE_S
@@ -75,6 +70,19 @@ def test_sigkill_one_rank_then_restart_all_resumes_bit_exactly(tmp_path):
         resumed, reference = _params(str(crash), rank), _params(str(whole), rank)
         assert resumed["start"] == 8
         assert all(torch.equal(a, b) for a, b in zip(resumed["params"], reference["params"]))
+
+
+def test_a_stalled_rank_times_the_outer_step_out_with_a_clear_error(tmp_path):
+    """A rank that is alive but does not arrive: the others wait ``timeout`` seconds (the
+    optimizer's option) at the outer step's all-reduce, then raise instead of hanging."""
+    t0 = time.monotonic()
+    codes = launch(str(tmp_path), str(tmp_path / "x.ckpt"), stall_at=1)
+    elapsed = time.monotonic() - t0
+    assert codes == [1, 1], codes   # the late rank then finds the others gone: an error too
+    message = (tmp_path / "error0.txt").read_text()
+    assert "SequentialReptile: outer step 1: a collective failed or timed out" in message, message
+    assert "Restart every rank from the last checkpoint" in message
+    assert elapsed < 3 * cw.STALL_TIMEOUT_S + 30
 
 
 def _single_rank_group(tmp_path):

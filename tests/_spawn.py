@@ -1,0 +1,33 @@
+"""Starting test ranks: a fresh rendezvous file per run (no TCP port to race for) and a
+deadline, so that a hang can never stall CI."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+import torch.multiprocessing as mp
+
+DEADLINE_S = 240
+
+
+def file_store(directory: str) -> str:
+    """A fresh rendezvous file (no TCP port to race for)."""
+    return "file://" + os.path.join(directory, f"store-{uuid.uuid4().hex}")
+
+
+def spawn(fn, world: int, args: tuple, deadline_s: float = DEADLINE_S) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` spawned processes; fail (and kill them) past the
+    deadline, so that a hang can never stall CI."""
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the ranks did not finish within {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
