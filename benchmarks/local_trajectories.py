@@ -16,6 +16,10 @@ barrier per round. The mean training loss of the last round is printed too: the 
 different algorithms (DDP averages gradients of W batches per step; local trajectories average
 W trajectories per outer step), so this is a cost comparison, not a quality one.
 
+Then the outer step alone, on a 2048 x 2048 layer (P ~ 4.2M): one all-reduce of the packed
+buffer against buckets (``bucket_elements``) whose interpolation runs while the later buckets
+are still in flight.
+
     python benchmarks/local_trajectories.py              # 1,000 inner steps, K = 100, P ~ 0.53M
 """
 
@@ -25,6 +29,7 @@ import argparse
 import os
 import pickle
 import socket
+import statistics
 import sys
 import time
 from datetime import timedelta
@@ -156,6 +161,39 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     dist.destroy_process_group()
 
 
+def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """The outer step alone (inner_steps=1, lr 0): one all-reduce against buckets whose
+    interpolation overlaps the rest of the communication."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    variants = {"one all-reduce": None, "buckets of 2^20": 1 << 20, "buckets of 2^18": 1 << 18}
+    runs = {}
+    for name, bucket in variants.items():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(args.outer_width, args.outer_width)
+        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.0), tasks=["a"],
+                                        inner_steps=1, outer_lr=0.5, local_trajectories=True,
+                                        bucket_elements=bucket)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1.0 + rank)
+        runs[name] = opt
+    times: dict[str, list[float]] = {n: [] for n in variants}
+    names = list(variants)
+    for r in range(args.repeats + 1):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            dist.barrier()
+            t0 = time.perf_counter()
+            runs[n].step()
+            if r:   # the first round checks the ranks (one all_gather_object): not timed
+                times[n].append(time.perf_counter() - t0)
+    if rank == 0:
+        P = args.outer_width * (args.outer_width + 1)
+        torch.save({"times": times, "P": P}, out)
+    dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000, help="inner steps per run")
@@ -164,6 +202,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--outer-width", type=int, default=2048,
+                    help="width of the linear layer timed alone in the outer-step comparison")
+    ap.add_argument("--repeats", type=int, default=15, help="rounds of the outer-step comparison")
     args = ap.parse_args()
     if args.steps % args.inner_steps:
         ap.error("--steps must be a multiple of --inner-steps")
@@ -184,6 +225,20 @@ def main() -> None:
     a, b = MODES
     print(f"  bytes  DDP / local: {res['bytes'][a] / res['bytes'][b]:.1f}x")
     print(f"  wall   DDP / local: {res['wall'][a] / res['wall'][b]:.2f}x")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_outer_rank, args=(2, port, args, out), nprocs=2, join=True)
+    res = torch.load(out)
+    os.remove(out)
+    times = res["times"]
+    print(f"outer step alone (all-reduce + interpolation), P = {res['P']:,}; median of "
+          f"{args.repeats} rotated rounds:")
+    first = next(iter(times))
+    for n, v in times.items():
+        ratio = statistics.median(x / y for x, y in zip(v, times[first]))
+        print(f"  {n:18s} {statistics.median(v) * 1e3:8.2f} ms   {ratio:.3f}x of {first} (paired)")
 
 
 if __name__ == "__main__":

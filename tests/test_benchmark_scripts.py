@@ -17,7 +17,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
                      "--batch", "4", "--threads", "1"], "SequentialReptile, torch way"),
     ("ddp.py", ["--tasks", "3", "--width", "16", "--repeats", "1"], "one all-reduce of the T rows"),
     # bytes are counted, not timed: K times fewer with local trajectories
-    ("local_trajectories.py", ["--steps", "20", "--inner-steps", "5", "--width", "16"],
+    ("local_trajectories.py", ["--steps", "20", "--inner-steps", "5", "--width", "16",
+                               "--outer-width", "16", "--repeats", "1"],
      "bytes  DDP / local: 5.0x"),
 ])
 def test_timing_script_runs(script, args, expect):

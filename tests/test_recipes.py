@@ -1,5 +1,6 @@
 """Every code block of docs/recipes.md runs, in order, in one namespace (as a reader would run
-them); the DDP block is launched on 2 gloo ranks with a deadline."""
+them); the blocks that define a ``worker`` (DDP, local trajectories) are launched on 2 gloo
+ranks with a deadline."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_the_page_has_the_recipes_the_issue_names():
     titles = {_title(b) for b in BLOCKS}
     for needed in ("Gradient clipping", "Gradient accumulation", "fp16 with `GradScaler`",
                    "bf16 autocast", "`torch.compile`", "DistributedDataParallel",
-                   "The Hugging Face `Trainer`", "Frozen parameters"):
+                   "The Hugging Face `Trainer`", "Frozen parameters", "Local trajectories"):
         assert needed in titles
 
 
@@ -44,28 +45,29 @@ def test_every_recipe_runs(tmp_path):
         title = _title(block)
         if title == "The Hugging Face `Trainer`":
             pytest.importorskip("transformers")
-        if title == "DistributedDataParallel":
+        if "def worker(rank, world_size, port)" in block:
             # spawned ranks import the worker from a module: the set-up and this block
-            module = tmp_path / "ddp_recipe.py"
+            name = f"recipe_worker_{BLOCKS.index(block)}"
+            module = tmp_path / f"{name}.py"
             module.write_text(setup + "\n" + block)
             sys.path.insert(0, str(tmp_path))
             try:
-                spec = importlib.util.spec_from_file_location("ddp_recipe", module)
+                spec = importlib.util.spec_from_file_location(name, module)
                 ddp_recipe = importlib.util.module_from_spec(spec)
-                sys.modules["ddp_recipe"] = ddp_recipe
+                sys.modules[name] = ddp_recipe
                 spec.loader.exec_module(ddp_recipe)
                 ctx = mp.start_processes(ddp_recipe.worker, args=(2, _free_port()), nprocs=2,
                                          join=False, start_method="spawn")
                 deadline = time.monotonic() + 120
                 try:
                     while not ctx.join(timeout=1.0):
-                        assert time.monotonic() < deadline, "the DDP recipe did not finish in 120 s"
+                        assert time.monotonic() < deadline, f"{title} did not finish in 120 s"
                 finally:
                     for p in ctx.processes:
                         if p.is_alive():
                             p.kill()
             finally:
                 sys.path.remove(str(tmp_path))
-                sys.modules.pop("ddp_recipe", None)
+                sys.modules.pop(name, None)
             continue
         exec(compile(block, f"docs/recipes.md: {title}", "exec"), namespace)
