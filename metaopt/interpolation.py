@@ -116,6 +116,18 @@ class _Group:
             raise RuntimeError("Interpolator: nothing was accumulated")
         return self.acc, self.acc_views
 
+    def __getstate__(self) -> dict[str, object]:
+        # pickle writes every tensor with its own storage, so views would come back as copies
+        # of the buffers they view: keep the buffers and rebuild the views from them
+        state = dict(self.__dict__)
+        state["slow_views"] = state["acc_views"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.slow_views = self.views(self.slow)
+        self.acc_views = None if self.acc is None else self.views(self.acc)
+
     def fast_flat(self) -> Tensor | None:
         if self.packed is not None and self.packed.intact():
             return self.packed.buffer

@@ -140,3 +140,21 @@ def test_state_loaded_in_memory_does_not_alias_the_source(build):
             if isinstance(t, torch.Tensor):
                 assert torch.equal(t, theirs["metaopt"][key]["state"][k][name])
                 assert t.data_ptr() != theirs["metaopt"][key]["state"][k][name].data_ptr()
+
+
+def test_plain_pickle_keeps_the_slow_weights_views_of_their_buffer():
+    """Plain pickle (unlike torch.save and deepcopy) writes every tensor with its own storage,
+    so the engine's views of φ came back as copies of the slow buffer: the outer step then moved
+    the buffer while ``slow_weights`` and ``state_dict()`` kept reporting the old φ."""
+    import pickle
+    data = make_data()
+    model = make_model(0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
+                                    inner_steps=2, outer_lr=0.5, seed=0)
+    run(opt, model, data, 1)
+    copy_model, copy_opt = pickle.loads(pickle.dumps((model, opt)))
+    run(copy_opt, copy_model, data, 3)          # one outer step in the copy
+    for p, phi in zip(copy_model.parameters(), copy_opt.slow_weights):
+        assert torch.equal(p, phi)              # θ ← φ just happened
+    saved = copy_opt.state_dict()["metaopt"]["engine"]["slow"]
+    assert all(torch.equal(saved[f"p{i}"], phi) for i, phi in enumerate(copy_opt.slow_weights))

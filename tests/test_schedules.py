@@ -196,3 +196,79 @@ def test_batched_sequential_reptile_averages_its_trajectories():
     for p, v, a, b in zip(model.parameters(), phi, *ends):
         torch.testing.assert_close(p.detach(), v + 0.5 * ((a + b) / 2 - v), rtol=1e-12, atol=1e-14)
     assert opt.outer_step_count == 1
+
+
+def _batched_adam(model):
+    import metaopt
+    return metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05),
+                                     tasks=list("abc"), inner_steps=2, outer_lr=0.5,
+                                     tasks_per_outer_step=2, seed=4)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return {t: torch.randn(8, 3, generator=g, dtype=torch.float64) for t in "abc"}
+
+
+def test_batched_trajectories_each_carry_their_own_adam_state():
+    """Trajectory i of every outer step continues the Adam moments of trajectory i of the
+    previous one, as n workers would: checked over 3 outer steps against two plain Adam
+    optimizers on two copies of the model, each restarted from φ at every outer step."""
+    data = _data()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1).double()
+    workers = [torch.nn.Linear(3, 1).double() for _ in range(2)]
+    adams = [torch.optim.Adam(w.parameters(), lr=0.05) for w in workers]
+    phi = [p.detach().clone() for p in model.parameters()]
+    opt = _batched_adam(model)
+    plan = [w[0] for w in opt.planned_tasks(12)]
+    for t in plan:
+        opt.step({t: model(data[t]).pow(2).mean()})
+    for o in range(3):
+        ends = []
+        for i, (ref, adam) in enumerate(zip(workers, adams)):
+            with torch.no_grad():
+                for p, v in zip(ref.parameters(), phi):
+                    p.copy_(v)
+            for t in plan[4 * o + 2 * i: 4 * o + 2 * i + 2]:
+                adam.zero_grad()
+                ref(data[t]).pow(2).mean().backward()
+                adam.step()
+            ends.append([p.detach().clone() for p in ref.parameters()])
+        phi = [v + 0.5 * ((a + b) / 2 - v) for v, a, b in zip(phi, *ends)]
+    for p, v in zip(model.parameters(), phi):
+        torch.testing.assert_close(p.detach(), v, rtol=0.0, atol=1e-12)
+    assert opt.outer_step_count == 3
+
+
+@pytest.mark.parametrize("how", ["state_dict", "deepcopy", "pickle"])
+def test_a_parked_trajectory_state_survives_a_resume_mid_outer_step(how):
+    """Saved after the first trajectory of an outer step (its Adam state parked, the second
+    trajectory's live), the copy continues exactly as the original."""
+    import copy
+    import pickle
+    data = _data()
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            (t,) = opt.next_tasks()
+            opt.step({t: model(data[t]).pow(2).mean()})
+
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1).double()
+    opt = _batched_adam(model)
+    run(model, opt, 6)   # outer step 1 done, trajectory 1 of outer step 2 done (its state parked)
+    if how == "state_dict":
+        torch.manual_seed(1)
+        model2 = torch.nn.Linear(3, 1).double()
+        opt2 = _batched_adam(model2)
+        model2.load_state_dict(model.state_dict())
+        opt2.load_state_dict(opt.state_dict())
+    else:
+        twin = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+        model2, opt2 = twin
+    run(model, opt, 6)
+    run(model2, opt2, 6)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(opt.slow_weights, opt2.slow_weights))
