@@ -9,13 +9,14 @@ ranks themselves, with one collective, before combining them.
 With local trajectories (:class:`metaopt.SlowFastOptimizer`'s ``local_trajectories=True``) each
 rank runs its own trajectory without communicating, draws its tasks from a stream derived from
 the seed and its rank (:func:`rank_seed`), and the ranks average their fast weights once per
-outer step (:func:`averaging`, :func:`wait`). :func:`checksum` summarises tensors bit
-for bit, so that ranks can compare their slow weights cheaply.
+outer step (:func:`averaging`). :func:`checksum` digests tensors bit for bit, so that ranks can
+compare their slow weights cheaply (:func:`gather_digests`). Every collective here is waited
+for with a timeout (:func:`wait`), so a dead or late rank gives an error, not a hang.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -25,7 +26,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["LOCAL", "Reduce", "average_", "averaging", "check_same_on_ranks", "checksum",
-           "default_group", "gather", "rank_seed", "wait", "world_size"]
+           "default_group", "digest", "fingerprint", "gather_digests", "rank_seed", "wait",
+           "world_size"]
 
 LOCAL = "local"
 """``process_group=LOCAL``: this rank alone, no collective (a per-task method inside a local
@@ -52,26 +54,47 @@ def world_size(group: Any) -> int:
     return torch.distributed.get_world_size(group)
 
 
-def average_(tensor: Tensor, group: Any) -> Tensor:
-    """``tensor`` ← its mean over the ranks of ``group``, in place (SUM then divide: gloo has
-    no AVG)."""
-    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
-    tensor.div_(world_size(group))
+def _device(group: Any) -> torch.device:
+    """Where this backend's collectives want their tensors (NCCL: the current GPU)."""
+    if torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def average_(tensor: Tensor, group: Any, timeout: float | None = None,
+             where: str = "metaopt") -> Tensor:
+    """``tensor`` ← its mean over the ranks of ``group``, in place, waiting for it."""
+    averaging(group, timeout, where)(tensor)()
     return tensor
 
 
-def fingerprint(generator_state: Tensor, *values: Any) -> tuple[Any, ...]:
-    """A small, process-independent summary of a schedule's state (Python's ``hash`` is
-    salted per process, so a CRC of the generator's bytes is used)."""
-    return (zlib.crc32(bytes(generator_state.numpy())), *values)
+def digest(value: Any) -> int:
+    """A 63-bit digest of ``repr(value)`` (BLAKE2b; Python's ``hash`` is salted per process)."""
+    raw = hashlib.blake2b(repr(value).encode(), digest_size=8).digest()
+    return int.from_bytes(raw, "little") >> 1
+
+
+def fingerprint(generator_state: Tensor, *values: Any) -> int:
+    """A small, process-independent summary of a schedule's state."""
+    return digest((bytes(generator_state.numpy()), values))
+
+
+def gather_digests(values: Sequence[int], group: Any, timeout: float | None,
+                   where: str) -> list[list[int]]:
+    """Every rank's ``values`` (a few 63-bit ints, as many on every rank): one ``all_gather``
+    of an int64 tensor, waited for at most ``timeout`` seconds (:func:`wait`)."""
+    mine = torch.tensor(list(values), dtype=torch.int64, device=_device(group))
+    out = [torch.empty_like(mine) for _ in range(world_size(group))]
+    work = torch.distributed.all_gather(out, mine, group=group, async_op=True)
+    wait(work, timeout, where, moved=False)
+    return [t.tolist() for t in out]
 
 
 def check_same_on_ranks(value: Any, group: Any, where: str) -> None:
     """Raise on every rank if ``value`` differs between the ranks of ``group``."""
-    gathered: list[Any] = [None] * world_size(group)
-    torch.distributed.all_gather_object(gathered, value, group=group)
-    if any(v != gathered[0] for v in gathered):
-        differ = [r for r, v in enumerate(gathered) if v != gathered[0]]
+    ranks = gather_digests([digest(value)], group, None, where)
+    differ = [r for r, v in enumerate(ranks) if v != ranks[0]]
+    if differ:
         raise ValueError(
             f"{where}: the task schedule differs between ranks (rank(s) {differ} disagree with "
             "rank 0): every rank must draw the same tasks. Build the optimizer with the same seed "
@@ -89,27 +112,41 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 _CHUNK = 1 << 22
+_WEIGHTS: dict[torch.device, Tensor] = {}
 
 
-def checksum(tensors: Sequence[Tensor]) -> tuple[Any, ...]:
-    """A bit-exact summary of ``tensors``: per tensor its dtype, size, and integer sums of its
-    bits (16 bits at a time: plain, and weighted by position mod 65,521, so that moved values
-    count), computed on the tensor's device in chunks of 4M words without overflow. Equal
-    tensors give equal summaries on every rank (integer sums do not depend on the reduction
-    order); NaNs compare like any other bits."""
-    out: list[Any] = []
+def _weights(device: torch.device) -> Tensor:
+    """Fixed pseudo-random weights in [1, 2**15), one per position of a chunk (the same on
+    every rank and every run: a seeded CPU generator), cached per device."""
+    if device not in _WEIGHTS:
+        g = torch.Generator().manual_seed(0x5EED)
+        _WEIGHTS[device] = torch.randint(1, 1 << 15, (_CHUNK,), generator=g,
+                                         dtype=torch.int64).to(device)
+    return _WEIGHTS[device]
+
+
+def checksum(tensors: Sequence[Tensor]) -> int:
+    """A digest of the bits of ``tensors`` (with their dtypes and shapes), for comparing them
+    across ranks without moving them. Per chunk of 4M 16-bit words, the words' low and high
+    bytes are summed, plainly and weighted by fixed pseudo-random weights, on the tensor's
+    device and without overflow; the per-chunk sums are digested in order on the host. A
+    changed, moved or swapped byte changes a weighted sum unless the weights cancel for that
+    pattern (odds about 2**-15 for each of the two weighted sums). NaNs and -0.0 compare like
+    any other bits."""
+    parts: list[Any] = []
     for t in tensors:
         flat = t.detach().contiguous().reshape(-1)
-        bits = flat.view(torch.uint8) if flat.element_size() == 1 else \
-            flat.view(torch.int16 if flat.element_size() == 2 else torch.int32)
-        sums = torch.zeros(4, dtype=torch.int64, device=t.device)
-        for start in range(0, bits.numel(), _CHUNK):
-            v = bits[start:start + _CHUNK].to(torch.int64)
-            w = torch.arange(start, start + v.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
-            lo, hi = v & 0xFFFF, v >> 16   # each below 2**16 in magnitude
-            sums += torch.stack([lo.sum(), hi.sum(), (lo * w).sum(), (hi * w).sum()])
-        out.append((str(t.dtype), t.numel(), *sums.tolist()))
-    return tuple(out)
+        words = flat.view(torch.uint8) if flat.element_size() == 1 else flat.view(torch.int16)
+        w = _weights(t.device)
+        sums = []
+        for start in range(0, words.numel(), _CHUNK):
+            v = words[start:start + _CHUNK].to(torch.int64)
+            lo, hi = v & 0xFF, v >> 8   # |each| < 2**8: sums of 2**22 terms stay below 2**45
+            k = w[:v.numel()]
+            sums.append(torch.stack([lo.sum(), hi.sum(), (lo * k).sum(), (hi * k).sum()]))
+        parts.append((str(t.dtype), tuple(t.shape),
+                      torch.stack(sums).tolist() if sums else []))
+    return digest(parts)
 
 
 Reduce = Callable[[Tensor], Callable[[], None]]
@@ -133,32 +170,21 @@ def averaging(group: Any, timeout: float | None, where: str) -> Reduce:
     return start
 
 
-def wait(work: Any, timeout: float | None, where: str) -> None:
+def wait(work: Any, timeout: float | None, where: str, *, moved: bool = True) -> None:
     """Wait for a collective, at most ``timeout`` seconds (``None``: the process group's own
     timeout, set by ``init_process_group(timeout=...)``); a failure or a timeout raises a
-    ``RuntimeError`` that says what to do."""
+    ``RuntimeError`` that says what to do. ``moved``: whether the caller's state has already
+    moved (then it is incomplete, and says so)."""
     try:
         if timeout is None:
             work.wait()
         else:
             work.wait(timedelta(seconds=timeout))
     except RuntimeError as err:
+        state = ("this rank's optimizer state is now incomplete" if moved
+                 else "nothing was updated")
         raise RuntimeError(
             f"{where}: a collective failed or timed out ({err}). Another rank has probably died, "
-            "or stopped at a different step; this rank's optimizer state is now incomplete. "
-            "Restart every rank from the last checkpoint (metaopt.load_distributed_checkpoint)"
+            f"or stopped at a different step; {state}. Restart every rank from the last "
+            "checkpoint (metaopt.load_distributed_checkpoint)"
         ) from err
-
-
-def gather(value: Any, group: Any, where: str) -> list[Any]:
-    """``value`` from every rank of ``group`` (``all_gather_object``), with the error of
-    :func:`wait` when a rank is missing."""
-    gathered: list[Any] = [None] * world_size(group)
-    try:
-        torch.distributed.all_gather_object(gathered, value, group=group)
-    except RuntimeError as err:
-        raise RuntimeError(
-            f"{where}: the ranks could not exchange their state ({err}). Another rank has "
-            "probably died or is at a different step; restart every rank from the last checkpoint"
-        ) from err
-    return gathered

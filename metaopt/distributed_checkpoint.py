@@ -28,11 +28,13 @@ Example (on every rank)::
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from . import _distributed
 from .checkpoint import CheckpointError, MapLocation, load_checkpoint, save_checkpoint
 
 __all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint"]
@@ -69,40 +71,59 @@ def _collective(fn: Any, where: str, *args: Any, **kwargs: Any) -> None:
 
 
 def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *,
-                                group: Any = None) -> None:
+                                group: Any = None, timeout: float | None = None) -> None:
     """Every rank calls this with its own ``state`` (a mapping as for
     :func:`metaopt.save_checkpoint`); rank 0 of ``group`` (default: all ranks) writes all of
     them to ``path``, atomically, and every rank returns once the file is complete, or raises
-    the same error (a bad value on any rank, a failed write).
+    (a bad state on any rank, a failed write: the same failure on every rank, and the previous
+    checkpoint is left in place).
 
     Args:
         path: the checkpoint file, as seen by rank 0 (a shared file system for several hosts).
         state: this rank's state, e.g. ``{"model": model.state_dict(), "optimizer":
             opt.state_dict(), "step": step}``.
         group: the process group (default: all ranks).
+        timeout: seconds to wait for the other ranks to arrive (default: the process group's
+            timeout); the transfer itself runs under the process group's timeout.
+
+    Rank 0 holds every rank's state in memory while it writes (under NCCL the transfer also
+    stages each rank's pickled state on rank 0's GPU): W times one state.
     """
     where = "save_distributed_checkpoint"
     dist = torch.distributed
     group = _group(group, where)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"{where}: state must be a mapping, got {type(state).__name__}")
-    mine = _to_cpu(dict(state))
+    root = dist.get_global_rank(group, 0)
+    problem = None
+    payload = b""
+    try:   # everything that can fail on this rank alone, before the ranks exchange anything
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        payload = pickle.dumps(_to_cpu(dict(state)))
+    except Exception as err:
+        problem = err
+    flags = _distributed.gather_digests([int(problem is not None)], group, timeout, where)
+    failed = [r for r, (f,) in enumerate(flags) if f]
+    if failed:
+        if problem is not None:
+            problem.add_note(f"{where}: on rank {rank}; nothing was written")
+            raise problem
+        raise RuntimeError(f"{where}: the state of rank(s) {failed} could not be prepared; "
+                           "nothing was written")
     gathered: list[Any] | None = [None] * size if rank == 0 else None
-    _collective(dist.gather_object, where, mine, gathered, dst=dist.get_global_rank(group, 0),
-                group=group)
+    _collective(dist.gather_object, where, payload, gathered, dst=root, group=group)
     outcome: list[Any] = [None]
+    error: Exception | None = None
     if rank == 0:
         assert gathered is not None
         try:
-            save_checkpoint(path, {_KEY: {"world_size": size, "ranks": gathered}})
+            save_checkpoint(path, {_KEY: {"world_size": size,
+                                          "ranks": [pickle.loads(b) for b in gathered]}})
         except Exception as err:   # reported on every rank, then raised here as it is
-            outcome = [f"{type(err).__name__}: {err}"]
-            _collective(dist.broadcast_object_list, where, outcome,
-                        src=dist.get_global_rank(group, 0), group=group)
-            raise
-    _collective(dist.broadcast_object_list, where, outcome, src=dist.get_global_rank(group, 0),
-                group=group)
+            outcome, error = [f"{type(err).__name__}: {err}"], err
+    _collective(dist.broadcast_object_list, where, outcome, src=root, group=group)
+    if error is not None:
+        raise error
     if outcome[0] is not None:
         raise RuntimeError(f"{where}: rank 0 could not write the checkpoint: {outcome[0]}")
 

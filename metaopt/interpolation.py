@@ -64,7 +64,8 @@ def register_kernel(device_type: str, kernel: Kernel | None) -> None:
 
     ``"auto"`` uses it for packed parameters on that device. The kernel must compute exactly
     ``dst ← dst + w·(src − dst)`` then ``fast ← copy_from`` (when ``fast`` is given), and is
-    checked against the reference path by the test suite's helpers.
+    checked against the reference path by the test suite's helpers. With local trajectories
+    and ``bucket_elements``, it is called on slices of the flat buffers, at any offset.
     """
     if kernel is None:
         _KERNELS.pop(device_type, None)

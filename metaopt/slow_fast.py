@@ -12,7 +12,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -82,9 +82,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             here). See docs/scaling.md.
         process_group: the ranks whose trajectories are averaged (default: all), with
             ``local_trajectories``.
-        verify_ranks: with ``local_trajectories``, compare a bit-exact checksum of the slow
-            weights across the ranks at every outer step (one small ``all_gather_object``)
-            and raise if they differ. Default ``False`` (a debugging aid).
+        verify_ranks: with ``local_trajectories``, compare a digest of the slow weights' bits
+            across the ranks before every outer step (one all-gather of four integers) and
+            refuse the step, with nothing moved, if they differ. Default ``False`` (a
+            debugging aid: the digest reads φ once on its device).
         bucket_elements: with ``local_trajectories``, all-reduce in buckets of this many
             elements, each interpolated as soon as it arrives while the later ones are in
             flight. Default ``None``: one all-reduce per packed buffer.
@@ -107,8 +108,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     outer_lr_final = Option(optional_fraction)
     anneal_steps = Option(optional_positive_int)
     reset_inner_state = Option(flag)
-    verify_ranks = Option(flag)
-    bucket_elements = Option(optional_positive_int)
 
     # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
     _composable = True
@@ -172,8 +171,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             if not isinstance(self.outer_optimizer, Optimizer):
                 raise TypeError(f"{name}: outer_optimizer must return a torch.optim.Optimizer")
         self._check_outer_options()
-        self.verify_ranks = verify_ranks
-        self.bucket_elements = bucket_elements
+        # fixed at construction: they decide which collectives run, which must match on all ranks
+        self._verify_ranks = flag(verify_ranks, "verify_ranks", name)
+        self._bucket_elements = optional_positive_int(bucket_elements, "bucket_elements", name)
         self.timeout = timeout
         self._local_group = self._local_setup(local_trajectories, process_group)
         self._inner_count = 0   # inner steps into the current trajectory
@@ -224,6 +224,16 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def local_trajectories(self) -> bool:
         """Whether each rank runs its own trajectory (set at construction)."""
         return self._local_group is not None
+
+    @property
+    def verify_ranks(self) -> bool:
+        """Whether the slow weights are compared across ranks before every outer step."""
+        return self._verify_ranks
+
+    @property
+    def bucket_elements(self) -> int | None:
+        """Elements per all-reduce bucket of the outer step (``None``: one per buffer)."""
+        return self._bucket_elements
 
     # ------------------------------------------------------------------ public read-outs
     @property
@@ -340,10 +350,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state.get("_local_group"), str):   # a copy averages over all ranks
+        # a copy of a local-trajectory optimizer averages over the default group (a process
+        # group does not pickle); without torch.distributed, its next step raises
+        if isinstance(state.get("_local_group"), str):
             dist = torch.distributed
-            state = dict(state, _local_group=dist.group.WORLD if dist.is_available()
-                         and dist.is_initialized() else None)
+            if dist.is_available() and dist.is_initialized():
+                state = dict(state, _local_group=dist.group.WORLD)
         super().__setstate__(state)
         self._versions = [-1 if changed else p._version
                           for p, changed in zip(self._param_list, state["_versions"])]
@@ -358,6 +370,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _prepare(self) -> None:
         super()._prepare()
         name = type(self).__name__
+        if isinstance(self._local_group, str):
+            raise RuntimeError(
+                f"{name}.step: this is a copy of an optimizer with local_trajectories=True, made "
+                "where torch.distributed is not initialized; copy it after init_process_group "
+                "(a copy averages over the default group). Nothing was updated"
+            )
         changed = self._changed_params()
         if changed:
             raise ValueError(
@@ -438,10 +456,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         batched = n > 1 or self._trajectory > 1 or group is not None
         if batched:
             self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
-            self._use_slot(self._trajectory % n)
             if self._trajectory < n:
+                self._use_slot(self._trajectory)
                 return False
         self._trajectory = 0
+        self._use_slot(0)
+        for slot in [k for k in self._slots if k >= n]:   # n was lowered: no such trajectory
+            del self._slots[slot]
         average = None if group is None else _distributed.averaging(
             group, self.timeout, f"{type(self).__name__}: outer step {self._outer_count + 1}")
         if self.outer_optimizer is not None:
@@ -464,8 +485,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             self._slots.clear()
         self.schedule.restart()
         self._outer_count += 1
-        if group is not None and self.verify_ranks:
-            self._compare_ranks(group, with_grads=False)
         return True
 
     def _use_slot(self, slot: int) -> None:
@@ -484,26 +503,37 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 for slot, st in self._slots.items() if st}
 
     def _load_slots(self, saved: Mapping[int, Any]) -> dict[int, Any]:
-        """States to park from :meth:`_slots_state`'s form; values cast as torch.optim casts
-        them (floating tensors to the parameter's dtype and device; ``step`` kept)."""
+        """States to park from :meth:`_slots_state`'s form, each value placed by torch.optim's
+        own rule for a loaded state (``Optimizer._process_value_according_to_param_policy``:
+        floating tensors to the parameter's dtype and device, ``step`` kept unless the group is
+        fused or capturable), and copied."""
+        groups = self.base_optimizer.state_dict()["param_groups"]
+        place = Optimizer._process_value_according_to_param_policy
         out: dict[int, Any] = {}
         for slot, st in saved.items():
             live: defaultdict[Tensor, Any] = defaultdict(dict)
             for i, values in st.items():
                 p = self._param_list[i]
-                live[p] = {k: (v.to(p.device, p.dtype) if k != "step" and v.is_floating_point()
-                               else v).clone() if isinstance(v, Tensor) else v
+                live[p] = {k: place(p, v, i, groups, k).clone() if isinstance(v, Tensor) else v
                            for k, v in values.items()}
             out[int(slot)] = live
         return out
 
     # ------------------------------------------------------------------ local trajectories
     def _check_ranks(self) -> None:
-        if self._local_group is None:
+        group = self._local_group
+        if group is None:
             super()._check_ranks()
         elif not self._ranks_checked:
-            self._compare_ranks(self._local_group, with_grads=True)
+            self._compare_ranks(group, with_grads=True)
             self._ranks_checked = True
+        elif self._verify_ranks and self._ends_outer_step():
+            self._compare_ranks(group, with_grads=False)
+
+    def _ends_outer_step(self) -> bool:
+        """Whether the coming step ends an outer step (φ moves)."""
+        return (self._inner_count + 1 >= self.inner_steps
+                and self._trajectory + 1 >= self.tasks_per_outer_step)
 
     def _compare_ranks(self, group: Any, *, with_grads: bool) -> None:
         """Local trajectories: every rank is at the same point of the same run (options,
@@ -511,52 +541,50 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         with its own gradients (bit-identical gradients on every rank mean DDP averaged them,
         or every rank was fed the same batches). One ``all_gather_object`` of a few numbers."""
         name = type(self).__name__
-        where = f"{name}.step" if with_grads else f"{name}: outer step {self._outer_count}"
+        where = f"{name}.step" if with_grads else \
+            f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"
         config = (name, self.tasks, self.inner_steps, self.tasks_per_outer_step, self.outer_lr,
                   self.outer_lr_final, self.anneal_steps, self.outer_optimizer is not None,
+                  self.reset_inner_state, self._bucket_elements, self._verify_ranks,
                   self._outer_count, self._inner_count, self._trajectory)
         grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
-        mine = (config, _distributed.checksum(self.engine.slow_buffers),
-                _distributed.checksum(grads) if grads else None,
+        mine = (_distributed.digest(config), _distributed.checksum(self.engine.slow_buffers),
+                _distributed.checksum(grads) if grads else -1,
                 _distributed.fingerprint(self.generator.get_state()))
-        ranks = _distributed.gather(mine, group, where)
+        ranks = _distributed.gather_digests(mine, group, self.timeout, where)
+
+        def refuse(problem: str, fix: str) -> NoReturn:
+            # before anything moves: at the first step, and before an outer step (verify_ranks)
+            kind = ValueError if with_grads else RuntimeError
+            raise kind(f"{where}: {problem}: {fix}. Nothing was updated")
+
         differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
         if differ:
-            raise ValueError(
-                f"{where}: rank(s) {differ} run with other options or are at another step than "
-                f"rank 0 ({ranks[differ[0]][0]} vs {ranks[0][0]}): build the optimizer with the "
-                "same options on every rank, and resume every rank from the same checkpoint "
-                "(metaopt.load_distributed_checkpoint). Nothing was updated" if with_grads else
-                f"{where}: rank(s) {differ} disagree with rank 0 on the options or counters")
+            refuse(f"rank(s) {differ} run with other options or are at another step than rank 0 "
+                   f"(this rank: {config})",
+                   "build the optimizer with the same options on every rank, and resume every "
+                   "rank from the same checkpoint (metaopt.load_distributed_checkpoint)")
         differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
+        if differ and with_grads:
+            refuse(f"the slow weights (the parameters when the optimizer was built, or as last "
+                   f"loaded) of rank(s) {differ} differ from rank 0's",
+                   "build the model from the same seed on every rank (or broadcast rank 0's "
+                   "parameters) before building the optimizer, and load the same checkpoint")
         if differ:
-            if not with_grads:
-                raise RuntimeError(
-                    f"{where}: the slow weights of rank(s) {differ} are no longer bit-identical to "
-                    "rank 0's (verify_ranks=True). Something changed them on some ranks only "
-                    "(a write outside the optimizer, a load on one rank)"
-                )
-            raise ValueError(
-                f"{where}: the slow weights (the parameters when the optimizer was built, or "
-                f"as last loaded) of rank(s) {differ} differ from rank 0's: build the model "
-                "from the same seed on every rank (or broadcast rank 0's parameters) before "
-                "building the optimizer, and load the same checkpoint. Nothing was updated"
-            )
+            refuse(f"the slow weights of rank(s) {differ} are no longer bit-identical to rank 0's",
+                   "something changed them on some ranks only (a write outside the optimizer, "
+                   "a load on one rank); restart every rank from the last checkpoint")
         if len(ranks) > 1 and len({v[3] for v in ranks}) < len(ranks):
-            raise ValueError(
-                f"{where}: two ranks hold the same task stream, so their trajectories would "
-                "repeat each other; each rank must load its own state "
-                "(metaopt.load_distributed_checkpoint). Nothing was updated"
-            )
-        if with_grads and len(ranks) > 1 and ranks[0][2] is not None \
+            refuse("two ranks hold the same task stream, so their trajectories would repeat "
+                   "each other", "each rank must load its own state "
+                   "(metaopt.load_distributed_checkpoint)")
+        if with_grads and len(ranks) > 1 and ranks[0][2] != -1 \
                 and all(v[2] == ranks[0][2] for v in ranks):
-            raise ValueError(
-                f"{where}: the gradients are bit-identical on every rank at the first step of "
-                "local trajectories: the model is wrapped in DistributedDataParallel, which "
-                "averages gradients at every step (use the model itself, or run each inner step "
-                "under ddp.no_sync()), or every rank is fed the same batches (give each rank its "
-                "own data). Nothing was updated"
-            )
+            refuse("the gradients are bit-identical on every rank at the first step of local "
+                   "trajectories", "the model is wrapped in DistributedDataParallel, which "
+                   "averages gradients at every step (use the model itself, or run each inner "
+                   "step under ddp.no_sync()), or every rank is fed the same batches (give each "
+                   "rank its own data)")
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
@@ -589,6 +617,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 for k, v in slots.items()):
             raise ValueError(f"{name}.load_state_dict: saved inner_slots are not per-trajectory "
                              "optimizer states keyed by parameter index")
+        if state.get("trajectory") in slots:
+            raise ValueError(f"{name}.load_state_dict: saved inner_slots hold a parked state for "
+                             f"the live trajectory {state.get('trajectory')}")
         engine = state.get("engine")
         if not isinstance(engine, Mapping):
             raise ValueError(f"{name}.load_state_dict: the saved state has no slow weights")

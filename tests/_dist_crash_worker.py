@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import metaopt  # noqa: E402
 from _local_worker import adam, rank_batch  # noqa: E402
+from _spawn import leave  # noqa: E402
 from _stacks import TASKS, Net, loss_of  # noqa: E402
 
 STEPS = 14
@@ -28,7 +29,7 @@ STALL_TIMEOUT_S = 2     # the optimizer's own (timeout=), for the stalled-rank c
 
 
 def run(rank: int, world: int, init: str, out: str, ckpt: str, kill_at: int | None,
-        resume: bool, stall_at: int | None = None) -> None:
+        resume: bool, stall_at: int | None = None, verify: bool = True) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank,
                             world_size=world, timeout=timedelta(seconds=TIMEOUT_S))
@@ -36,7 +37,7 @@ def run(rank: int, world: int, init: str, out: str, ckpt: str, kill_at: int | No
         model = Net()
         opt = metaopt.SequentialReptile(adam(list(model.parameters())), tasks=TASKS, inner_steps=3,
                                         outer_lr=0.5, local_trajectories=True, allow_unused=True,
-                                        seed=3, verify_ranks=True,
+                                        seed=3, verify_ranks=verify,
                                         timeout=None if stall_at is None else STALL_TIMEOUT_S)
         start = 0
         if resume:
@@ -61,7 +62,26 @@ def run(rank: int, world: int, init: str, out: str, ckpt: str, kill_at: int | No
     except Exception as err:
         with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
             f.write(f"{err}\n{traceback.format_exc()}")
-        raise SystemExit(1) from None
+        leave(1)   # a peer is gone: no collective clean-up
+    dist.destroy_process_group()
+    leave(0)
+
+
+def bad_state(rank: int, world: int, init: str, out: str, ckpt: str) -> None:
+    """A good checkpoint, then one where the last rank hands in a state that cannot be
+    written: every rank must raise, and the good checkpoint stay in place."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=TIMEOUT_S))
+    try:
+        metaopt.save_distributed_checkpoint(ckpt, {"step": 1, "rank": rank})
+        bad = [1, 2] if rank == world - 1 else {"step": 2, "rank": rank}
+        try:
+            metaopt.save_distributed_checkpoint(ckpt, bad)   # type: ignore[arg-type]
+            message = "no error"
+        except Exception as err:
+            message = f"{type(err).__name__}: {err}"
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(message)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    leave(0)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 import metaopt  # noqa: E402
+from _spawn import leave  # noqa: E402
 from _stacks import TASKS, Net, batch, loss_of  # noqa: E402
 
 K = 3            # inner steps per trajectory
@@ -146,6 +147,22 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
         opt = build("equivalence", model)
         train(rank, model, opt, recipe)
         return snapshot(model, opt) | {"dtypes": [str(w.dtype) for w in opt.slow_weights]}
+    if name in ("other_options", "other_buckets", "same_stream"):
+        model = Net()
+        differ = {"other_options": {"outer_lr": 0.5 + 0.1 * rank},
+                  "other_buckets": {"bucket_elements": None if rank == 0 else 3}}
+        opt = build("equivalence", model, **differ.get(name, {}))
+        if name == "same_stream":   # every rank loads rank 0's state (its task stream too)
+            state = [opt.state_dict()]
+            dist.broadcast_object_list(state, src=0)
+            opt.load_state_dict(state[0])
+        before = [p.detach().clone() for p in model.parameters()]
+        try:
+            train(rank, model, opt, recipe, steps=1)
+        except ValueError as err:
+            moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            return {"error": str(err), "step_count": opt.step_count, "moved": moved}
+        return {"error": None}
     if name == "different_init":
         model = Net(seed=rank)
         opt = build(name, model)
@@ -161,10 +178,17 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
         def perturb(s: int) -> None:
             if s == K + 1 and rank == world - 1:   # something writes φ on one rank only
                 opt.slow_weights[0].add_(1e-3)
+        before: list[torch.Tensor] = []
+
+        def perturb_then_snapshot(s: int) -> None:
+            perturb(s)
+            before[:] = [p.detach().clone() for p in model.parameters()]
         try:
-            train(rank, model, opt, recipe, after=perturb)
+            train(rank, model, opt, recipe, after=perturb_then_snapshot)
         except RuntimeError as err:
-            return {"error": str(err), "outer": opt.outer_step_count}
+            moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+            return {"error": str(err), "outer": opt.outer_step_count, "moved": moved,
+                    "step_count": opt.step_count}
         return {"error": None}
     if name == "composed":
         model = Net()
@@ -199,3 +223,4 @@ def run(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], init: str
     finally:
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
+    leave(0)

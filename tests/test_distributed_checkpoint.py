@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import _dist_crash_worker as cw
-from _spawn import file_store
+from _spawn import file_store, spawn
 import metaopt
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
@@ -23,12 +23,12 @@ DEADLINE_S = 120
 
 
 def launch(out: str, ckpt: str, kill_at: int | None = None, resume: bool = False,
-           stall_at: int | None = None) -> list[int | None]:
+           stall_at: int | None = None, verify: bool = True) -> list[int | None]:
     """Both ranks as plain spawned processes (so that one dying does not take the other down
     with it, as torch.multiprocessing's join would); killed past the deadline."""
     ctx = multiprocessing.get_context("spawn")
     store = file_store(out)
-    procs = [ctx.Process(target=cw.run, args=(r, 2, store, out, ckpt, kill_at, resume, stall_at)) for r in range(2)]
+    procs = [ctx.Process(target=cw.run, args=(r, 2, store, out, ckpt, kill_at, resume, stall_at, verify)) for r in range(2)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + DEADLINE_S
@@ -72,16 +72,23 @@ def test_sigkill_one_rank_then_restart_all_resumes_bit_exactly(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(resumed["params"], reference["params"]))
 
 
-def test_a_stalled_rank_times_the_outer_step_out_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_stalled_rank_times_the_outer_step_out_with_a_clear_error(tmp_path, verify):
     """A rank that is alive but does not arrive: the others wait ``timeout`` seconds (the
-    optimizer's option) at the outer step's all-reduce, then raise instead of hanging."""
+    optimizer's option) at the outer step, then raise instead of hanging: at verify_ranks'
+    comparison before anything moves, or else at the all-reduce itself."""
     t0 = time.monotonic()
-    codes = launch(str(tmp_path), str(tmp_path / "x.ckpt"), stall_at=1)
+    codes = launch(str(tmp_path), str(tmp_path / "x.ckpt"), stall_at=1, verify=verify)
     elapsed = time.monotonic() - t0
     assert codes == [1, 1], codes   # the late rank then finds the others gone: an error too
     message = (tmp_path / "error0.txt").read_text()
-    assert "SequentialReptile: outer step 1: a collective failed or timed out" in message, message
-    assert "Restart every rank from the last checkpoint" in message
+    if verify:
+        assert "SequentialReptile.step (before outer step 1, verify_ranks=True): a collective " \
+               "failed or timed out" in message, message
+        assert "nothing was updated. Restart every rank from the last checkpoint" in message
+    else:
+        assert "SequentialReptile: outer step 1: a collective failed or timed out" in message, message
+        assert "state is now incomplete. Restart every rank from the last checkpoint" in message
     assert elapsed < 3 * cw.STALL_TIMEOUT_S + 30
 
 
@@ -115,3 +122,14 @@ def test_load_refuses_other_world_sizes_and_plain_checkpoints(tmp_path):
 def test_distributed_checkpoints_need_torch_distributed(tmp_path):
     with pytest.raises(RuntimeError, match="not initialized"):
         metaopt.save_distributed_checkpoint(str(tmp_path / "x"), {"step": 1})
+
+
+def test_a_bad_state_on_one_rank_fails_the_save_on_every_rank(tmp_path):
+    ckpt = str(tmp_path / "run.ckpt")
+    spawn(cw.bad_state, 2, (2, file_store(str(tmp_path)), str(tmp_path), ckpt), deadline_s=DEADLINE_S)
+    mine, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
+    assert mine.startswith("TypeError: state must be a mapping"), mine
+    assert other.startswith("RuntimeError: save_distributed_checkpoint: the state of rank(s) [1] "
+                            "could not be prepared; nothing was written"), other
+    saved = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]["ranks"]
+    assert [s["step"] for s in saved] == [1, 1] and [s["rank"] for s in saved] == [0, 1]

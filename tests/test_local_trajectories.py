@@ -32,6 +32,9 @@ RUNS = [
     ("reptile", {}),
     ("ddp_no_sync", {}),
     ("bf16", {}),
+    ("other_options", {}),
+    ("same_stream", {}),
+    ("other_buckets", {}),
 ]
 WORLDS = {2: RUNS, 4: RUNS[:4] + [RUNS[9]]}
 INDEX = {2: list(range(len(RUNS))), 4: [0, 1, 2, 3, 9]}
@@ -155,7 +158,9 @@ def test_different_parameters_on_the_ranks_are_refused(results):
 def test_verify_ranks_catches_slow_weights_that_diverged(results):
     for r in _ok(results[2][7]):
         assert r["error"] and "no longer bit-identical" in r["error"], r
-        assert r["outer"] == 2   # the outer step after the write on one rank
+        assert "Nothing was updated" in r["error"]
+        # refused before the outer step after the write on one rank, with nothing moved
+        assert r["outer"] == 1 and r["step_count"] == 2 * w.K - 1 and not r["moved"]
 
 
 def test_composed_local_trajectories(results):
@@ -199,3 +204,37 @@ def test_half_precision_averages_a_float32_master(results):
     assert all(p.dtype == torch.bfloat16 for p in ranks[0]["params"])
     for p, s in zip(ranks[0]["params"], ranks[0]["slow"]):   # θ = φ rounded, after the outer step
         assert torch.equal(p, s.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("index, expect", [(12, "run with other options"),
+                                           (13, "the same task stream"),
+                                           (14, "run with other options")])
+def test_ranks_out_of_step_are_refused_with_nothing_moved(results, index, expect):
+    for r in _ok(results[2][index]):
+        assert r["error"] and expect in r["error"] and "Nothing was updated" in r["error"], r
+        assert r["step_count"] == 0 and not r["moved"]
+
+
+def test_checksum_tells_apart_what_ranks_could_get_wrong():
+    from metaopt._distributed import checksum
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 65521 + 5, generator=g)
+    same = x.clone()
+    assert checksum([x]) == checksum([same])
+    bits = x.view(torch.int32).clone()
+    bits[10:13] += torch.tensor([1, -2, 1], dtype=torch.int32)   # ulp-sized, sums to zero
+    assert checksum([x]) != checksum([bits.view(torch.float32)])
+    swapped = x.clone()
+    swapped[[0, 65521]] = swapped[[65521, 0]]
+    assert checksum([x]) != checksum([swapped])
+    assert checksum([torch.ones(2, 3)]) != checksum([torch.ones(3, 2)])
+    assert checksum([x]) != checksum([x.double()])
+    assert checksum([torch.tensor([0.0])]) != checksum([torch.tensor([-0.0])])
+    nan = torch.tensor([float("nan"), 1.0])
+    assert checksum([nan]) == checksum([nan.clone()])
+    assert checksum([x[::2]]) == checksum([x[::2].contiguous()])    # values, not layout
+    for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.uint8):
+        a = (x * 10).to(dtype)
+        b = a.clone()
+        b.view(torch.uint8)[7] ^= 1                                    # one bit
+        assert checksum([a]) != checksum([b])

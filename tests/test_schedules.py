@@ -272,3 +272,43 @@ def test_a_parked_trajectory_state_survives_a_resume_mid_outer_step(how):
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(opt.slow_weights, opt2.slow_weights))
+
+
+def test_lowering_tasks_per_outer_step_mid_outer_step_keeps_one_state_per_trajectory():
+    """n lowered from 3 to 2 after the third trajectory started: that trajectory ends the
+    outer step, its state is dropped (there is no trajectory 2 any more), and the next outer
+    step's trajectories 0 and 1 continue the states of trajectories 0 and 1; a resume
+    continues identically."""
+    import metaopt
+    data = _data()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(3, 1).double()
+    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05),
+                                    tasks=list("abc"), inner_steps=2, outer_lr=0.5,
+                                    tasks_per_outer_step=3, seed=4)
+
+    def run(model, opt, steps):
+        for _ in range(steps):
+            (t,) = opt.next_tasks()
+            opt.step({t: model(data[t]).pow(2).mean()})
+
+    run(model, opt, 5)                      # trajectories 0, 1 done; trajectory 2 half-way
+    states = {i: {id(p): v["exp_avg"].clone() for p, v in st.items()} for i, st in opt._slots.items()}
+    opt.tasks_per_outer_step = 2
+    run(model, opt, 1)                      # ends trajectory 2 and the outer step
+    assert opt.outer_step_count == 1 and set(opt._slots) == {1}
+    live = {id(p): v["exp_avg"] for p, v in opt.state.items()}
+    assert all(torch.equal(live[k], v) for k, v in states[0].items())   # trajectory 0's state
+    import copy
+    saved_model, saved_opt = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    run(model, opt, 6)
+    torch.manual_seed(1)
+    model2 = torch.nn.Linear(3, 1).double()
+    opt2 = metaopt.SequentialReptile(torch.optim.Adam(model2.parameters(), lr=0.05),
+                                     tasks=list("abc"), inner_steps=2, outer_lr=0.5,
+                                     tasks_per_outer_step=3, seed=4)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    assert opt2.tasks_per_outer_step == 2
+    run(model2, opt2, 6)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
