@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import _ddp_worker
-from _stacks import METHODS, REPTILE_FAMILY, Net, batch, loss_of, make_opt
+from _spawn import spawn
+from _stacks import METHODS, Net, batch, loss_of, make_opt
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -34,17 +33,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    ctx = mp.start_processes(_ddp_worker.run, args=(RUNS, _free_port(), out), nprocs=2,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP ranks did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn(_ddp_worker.run, 2, (RUNS, _free_port(), out), deadline_s=DEADLINE_S)
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
 
 

@@ -8,11 +8,11 @@ import importlib.util
 import re
 import socket
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
+
+from _spawn import spawn
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
@@ -56,16 +56,7 @@ def test_every_recipe_runs(tmp_path):
                 ddp_recipe = importlib.util.module_from_spec(spec)
                 sys.modules[name] = ddp_recipe
                 spec.loader.exec_module(ddp_recipe)
-                ctx = mp.start_processes(ddp_recipe.worker, args=(2, _free_port()), nprocs=2,
-                                         join=False, start_method="spawn")
-                deadline = time.monotonic() + 120
-                try:
-                    while not ctx.join(timeout=1.0):
-                        assert time.monotonic() < deadline, f"{title} did not finish in 120 s"
-                finally:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.kill()
+                spawn(ddp_recipe.worker, 2, (2, _free_port()), deadline_s=120)
             finally:
                 sys.path.remove(str(tmp_path))
                 sys.modules.pop(name, None)
