@@ -7,7 +7,7 @@ trajectories, over the same inner steps, measured side by side in one run.
 * local trajectories: ``SequentialReptile(..., local_trajectories=True)`` on the bare model; one
   all-reduce of the packed fast weights per outer step (counted around
   ``torch.distributed.all_reduce``). Both check the ranks at the first step with one small
-  ``all_gather_object``, reported apart as its pickled size.
+  ``all_gather`` of digests, reported apart.
 
 Bytes are the payloads handed to the collectives (a ring all-reduce puts 2(W-1)/W times that
 on each rank's link). The two runs alternate in rounds of one outer step each, so that load on
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import socket
 import statistics
 import sys
@@ -70,7 +69,7 @@ class _Counter:
     def __init__(self) -> None:
         self.bytes = 0        # all-reduce payloads
         self.calls = 0
-        self.check_bytes = 0  # the first step's all_gather_object (pickled size)
+        self.check_bytes = 0  # the first step's all_gather of digests
 
 
 
@@ -115,7 +114,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         torch.optim.AdamW(local.parameters(), lr=1e-3), tasks=tasks, inner_steps=args.inner_steps,
         outer_lr=0.5, allow_unused=True, seed=0, local_trajectories=True))
 
-    real_all_reduce, real_gather = dist.all_reduce, dist.all_gather_object
+    real_all_reduce, real_gather = dist.all_reduce, dist.all_gather
     active: list[_Counter] = []
 
     def all_reduce(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
@@ -124,12 +123,12 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             active[0].calls += 1
         return real_all_reduce(tensor, *a, **k)
 
-    def all_gather_object(out_list: list[Any], obj: Any, *a: Any, **k: Any) -> Any:
+    def all_gather(out_list: list[torch.Tensor], tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
         if active:
-            active[0].check_bytes += len(pickle.dumps(obj))
-        return real_gather(out_list, obj, *a, **k)
+            active[0].check_bytes += tensor.numel() * tensor.element_size()
+        return real_gather(out_list, tensor, *a, **k)
 
-    dist.all_reduce, dist.all_gather_object = all_reduce, all_gather_object   # type: ignore[assignment]
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather   # type: ignore[assignment]
     wall = {m: 0.0 for m in MODES}
     last: dict[str, list[float]] = {m: [] for m in MODES}
     rounds = args.steps // args.inner_steps
@@ -150,7 +149,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                     last[mode].append(value.item())
             wall[mode] += time.perf_counter() - t0
             active.clear()
-    dist.all_reduce, dist.all_gather_object = real_all_reduce, real_gather   # type: ignore[assignment]
+    dist.all_reduce, dist.all_gather = real_all_reduce, real_gather   # type: ignore[assignment]
     if rank == 0:
         P = sum(p.numel() for p in local.parameters())
         torch.save({"wall": wall, "bytes": {m: c.bytes for m, c in counters.items()},
@@ -186,7 +185,7 @@ def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out:
             dist.barrier()
             t0 = time.perf_counter()
             runs[n].step()
-            if r:   # the first round checks the ranks (one all_gather_object): not timed
+            if r:   # the first round checks the ranks (one all_gather of digests): not timed
                 times[n].append(time.perf_counter() - t0)
     if rank == 0:
         P = args.outer_width * (args.outer_width + 1)
