@@ -25,6 +25,7 @@ from .gradvac import GradVac
 from .mtl import MTL
 from .pcgrad import PCGrad
 from .surgery import GradientSurgery
+from .weighted import Weighted
 from .interpolation import Interpolator, interpolate_, register_kernel
 from .report import StepReport
 from .reptile import Reptile
@@ -55,6 +56,7 @@ __all__ = [
     "SlowFastOptimizer",
     "StepReport",
     "TaskSchedule",
+    "Weighted",
     "functional",
     "interpolate_",
     "interpolation",

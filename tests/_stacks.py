@@ -53,6 +53,14 @@ def make_opt(name: str, model: Net, seed: int = 0) -> metaopt.MultiTaskOptimizer
     if name == "sequential_reptile_gradvac":
         return metaopt.SequentialReptile(metaopt.GradVac(_adam(p), tasks=TASKS, beta=0.5, seed=seed),
                                          inner_steps=2, outer_lr=0.5, seed=seed)
+    if name == "weighted_upgrad":   # a TorchJD Gramian weighting through metaopt's interface
+        from torchjd.aggregation import UPGradWeighting
+        return metaopt.Weighted(_adam(p), weighting=UPGradWeighting(), tasks=TASKS, seed=seed)
+    if name == "sequential_reptile_weighted":
+        from torchjd.aggregation import MGDAWeighting
+        return metaopt.SequentialReptile(
+            metaopt.Weighted(_adam(p), weighting=MGDAWeighting(), tasks=TASKS, seed=seed),
+            inner_steps=2, outer_lr=0.5, seed=seed)
     if name == "gradnorm_pcgrad":
         return metaopt.GradNorm(metaopt.PCGrad(_adam(p), tasks=TASKS, seed=seed), layer=enc, seed=seed)
     raise KeyError(name)
@@ -60,6 +68,11 @@ def make_opt(name: str, model: Net, seed: int = 0) -> metaopt.MultiTaskOptimizer
 
 METHODS = ["sequential_reptile", "reptile", "mtl", "pcgrad", "gradvac", "gradnorm",
            "sequential_reptile_gradvac", "gradnorm_pcgrad"]
+try:   # TorchJD's weightings through metaopt.Weighted, where the optional extra is installed
+    import torchjd.aggregation  # noqa: F401
+    METHODS += ["weighted_upgrad", "sequential_reptile_weighted"]
+except ImportError:
+    pass
 
 
 def batch(step: int, task: str, n: int = 8, dtype: torch.dtype = torch.float64

@@ -88,7 +88,8 @@ def test_per_task_rows_cross_the_ranks_in_one_collective_per_backward(results, n
     """PCGrad/GradVac average their T rows with one all_reduce per backward, not one per task;
     GradNorm adds one for its layer rows; the Reptile family and MTL leave it to DDP."""
     expected = {"sequential_reptile": 0, "reptile": 0, "mtl": 0, "pcgrad": 1, "gradvac": 1,
-                "gradnorm": 1, "sequential_reptile_gradvac": 1, "gradnorm_pcgrad": 2}[name]
+                "gradnorm": 1, "sequential_reptile_gradvac": 1, "gradnorm_pcgrad": 2,
+                "weighted_upgrad": 1, "sequential_reptile_weighted": 1}[name]
     for recipe in RECIPES:
         calls = results[0][(name, recipe, 0, 0)]["all_reduce_calls"]
         assert calls == expected * _ddp_worker.STEPS
