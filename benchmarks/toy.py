@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("benchmarks/toy.py needs matplotlib: pip install 'metaopt[bench]'") from None
+        raise SystemExit("benchmarks/toy.py needs matplotlib: pip install 'metaopt-torch[bench]'") from None
 
     start = (0.0, 3.0)
     total = lambda th: sum(task_loss(th, i) for i in range(3))  # noqa: E731

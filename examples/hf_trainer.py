@@ -7,7 +7,7 @@ optimizer, passed through ``optimizers=(opt, scheduler)``, and the data side,
 :class:`metaopt.data.ScheduledTaskDataset`, whose batches follow the optimizer's task schedule
 and carry a ``task_id`` that the model routes to the task's head.
 
-    pip install 'metaopt[hf]'      # transformers and accelerate
+    pip install 'metaopt-torch[hf]'      # transformers and accelerate
     python examples/hf_trainer.py  # about 10 s on a laptop CPU
 
 ``run(...)`` is also what the tests call; they check that the Trainer's final parameters equal a
@@ -32,7 +32,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as err:   # the optional extra
-        raise SystemExit("this example needs the 'hf' extra: pip install 'metaopt[hf]'") from err
+        raise SystemExit("this example needs the 'hf' extra: pip install 'metaopt-torch[hf]'") from err
     return transformers
 
 

