@@ -26,6 +26,8 @@ from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
 
+_WORLD = "world"   # local trajectories over the default group, looked up at each use
+
 
 class SlowFastOptimizer(MultiTaskOptimizer):
     """Base of :class:`~metaopt.Reptile` and :class:`~metaopt.SequentialReptile` (see those).
@@ -208,7 +210,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             )
         if isinstance(group, str):
             raise ValueError(f"{name}: process_group must be a process group or None, got {group!r}")
-        group = dist.group.WORLD if group is None else group
+        # the default group is looked up at each use, not held: a ProcessGroup kept alive past
+        # destroy_process_group() is destroyed at interpreter exit, where gloo can abort
+        group = _WORLD if group is None or group is dist.group.WORLD else group
         inner_group = getattr(self.inner, "process_group", _distributed.LOCAL)
         if self.inner is not None and not (isinstance(inner_group, str)
                                            and inner_group == _distributed.LOCAL):
@@ -217,8 +221,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 "would average its per-task gradients over the ranks at every step; build it "
                 "with process_group='local' so that each trajectory stays on its rank"
             )
-        self.generator.manual_seed(_distributed.rank_seed(self.seed, dist.get_rank(group)))
+        self.generator.manual_seed(_distributed.rank_seed(
+            self.seed, dist.get_rank(None if isinstance(group, str) else group)))
         return group
+
+    def _group(self) -> Any:
+        """The process group of the local trajectories (``None`` when off)."""
+        return torch.distributed.group.WORLD if isinstance(self._local_group, str) else self._local_group
 
     @property
     def local_trajectories(self) -> bool:
@@ -345,17 +354,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         # version counters restart in a copy: carry which parameters had changed, not the counts
         state = super().__getstate__()
         state["_versions"] = [p._version != v for p, v in zip(self._param_list, self._versions)]
-        if state.get("_local_group") is not None:   # a process group does not pickle
-            state["_local_group"] = _distributed.LOCAL
+        if state.get("_local_group") is not None:   # a process group does not pickle: a copy
+            state["_local_group"] = _WORLD            # averages over the default group
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a copy of a local-trajectory optimizer averages over the default group (a process
-        # group does not pickle); without torch.distributed, its next step raises
-        if isinstance(state.get("_local_group"), str):
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
-                state = dict(state, _local_group=dist.group.WORLD)
         super().__setstate__(state)
         self._versions = [-1 if changed else p._version
                           for p, changed in zip(self._param_list, state["_versions"])]
@@ -370,11 +373,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _prepare(self) -> None:
         super()._prepare()
         name = type(self).__name__
-        if isinstance(self._local_group, str):
+        if isinstance(self._local_group, str) and not torch.distributed.is_initialized():
             raise RuntimeError(
-                f"{name}.step: this is a copy of an optimizer with local_trajectories=True, made "
-                "where torch.distributed is not initialized; copy it after init_process_group "
-                "(a copy averages over the default group). Nothing was updated"
+                f"{name}.step: local_trajectories=True, but torch.distributed is not initialized "
+                "(any more, or not yet where this copy was made); call init_process_group "
+                "first. Nothing was updated"
             )
         changed = self._changed_params()
         if changed:
@@ -452,7 +455,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     @torch.no_grad()
     def _end_trajectory(self) -> bool:
         n = self.tasks_per_outer_step
-        group = self._local_group
+        group = self._group()
         batched = n > 1 or self._trajectory > 1 or group is not None
         if batched:
             self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
@@ -521,7 +524,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     # ------------------------------------------------------------------ local trajectories
     def _check_ranks(self) -> None:
-        group = self._local_group
+        group = self._group()
         if group is None:
             super()._check_ranks()
         elif not self._ranks_checked:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+from _spawn import leave  # noqa: E402
 from _stacks import REPTILE_FAMILY, Net, batch, loss_of, make_opt, torch_way_step  # noqa: E402
 
 WORLD = 2
@@ -79,3 +80,4 @@ def run(rank: int, runs: list[tuple[str, str, int, int]], port: int, out: str) -
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    leave(0)

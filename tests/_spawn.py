@@ -43,3 +43,11 @@ def leave(code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def run_and_leave(rank: int, module: str, function: str, *args: object) -> None:
+    """``module.function(rank, *args)`` in a spawned rank, then :func:`leave` (for workers that
+    are not test code, such as the recipes' ``worker``); an exception propagates as usual."""
+    import importlib
+    getattr(importlib.import_module(module), function)(rank, *args)
+    leave(0)

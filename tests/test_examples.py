@@ -49,10 +49,22 @@ def test_toy_benchmark_draws_every_method(tmp_path, capsys, monkeypatch):
         assert name in out
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(*args: str) -> str:
+    """Run the example under torchrun. gloo sometimes aborts a rank at interpreter exit, after
+    the script has finished and destroyed its process group (about 1 run in 20 on this 2-core
+    machine, with or without metaopt's collectives; pytorch/pytorch#179291 describes the
+    mechanism): such a run counts when rank 0 printed its final line; every other failure
+    fails the test."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(EXAMPLES / "distributed.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=True).stdout
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if run.returncode != 0:
+        assert TEARDOWN_ABORT in run.stderr and "outer steps from step" in run.stdout, \
+            run.stderr[-3000:]
+    return run.stdout
 
 
 @pytest.mark.parametrize("mode", ["local", "ddp"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _spawn import spawn
+from _spawn import run_and_leave, spawn
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
@@ -56,7 +56,7 @@ def test_every_recipe_runs(tmp_path):
                 ddp_recipe = importlib.util.module_from_spec(spec)
                 sys.modules[name] = ddp_recipe
                 spec.loader.exec_module(ddp_recipe)
-                spawn(ddp_recipe.worker, 2, (2, _free_port()), deadline_s=120)
+                spawn(run_and_leave, 2, (name, "worker", 2, _free_port()), deadline_s=120)
             finally:
                 sys.path.remove(str(tmp_path))
                 sys.modules.pop(name, None)
