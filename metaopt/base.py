@@ -1,6 +1,6 @@
 """The one interface every metaopt optimizer shares.
 
-Two ways to drive it (DESIGN.md section 3). The torch way, which every training stack expects
+Two ways to drive it (docs/design.md). The torch way, which every training stack expects
 (DDP, ``GradScaler``, clipping, accumulation, the Hugging Face Trainer)::
 
     (task,) = opt.next_tasks()          # Reptile family: which task the next batch comes from

@@ -1,6 +1,6 @@
 """Per-task gradients of a list of parameters, as the rows of one (T, P) matrix.
 
-This is the "per-task grads" layer of DESIGN.md (section 2): it turns T scalar losses into the
+This is the "per-task grads" layer (docs/design.md): it turns T scalar losses into the
 Jacobian ``J`` that :mod:`metaopt.aggregation` reduces to one update. Row ``t`` of ``J`` is the
 gradient of ``losses[t]`` with respect to ``params``, each parameter flattened and the pieces
 concatenated in order (:func:`parameter_slices` gives each parameter's columns).

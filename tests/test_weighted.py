@@ -33,13 +33,20 @@ def _jacobian(enc, losses):
 
 
 def _pairs():
-    out = [("UPGrad", A.UPGradWeighting(), A.UPGrad()), ("MGDA", A.MGDAWeighting(), A.MGDA()),
-           ("DualProj", A.DualProjWeighting(), A.DualProj()), ("IMTLG", A.IMTLGWeighting(), A.IMTLG()),
-           ("AlignedMTL", A.AlignedMTLWeighting(), A.AlignedMTL())]
-    try:
-        out.append(("CAGrad", A.CAGradWeighting(c=0.5), A.CAGrad(c=0.5)))
-    except ImportError:   # CAGrad needs TorchJD's cagrad extra (cvxpy)
-        pass
+    """(name, weighting, aggregator) for the weightings whose solvers are installed (the bench
+    extra installs them all: quadprog for UPGrad and DualProj, cvxpy for CAGrad)."""
+    makers = [("UPGrad", lambda: (A.UPGradWeighting(), A.UPGrad())),
+              ("MGDA", lambda: (A.MGDAWeighting(), A.MGDA())),
+              ("DualProj", lambda: (A.DualProjWeighting(), A.DualProj())),
+              ("IMTLG", lambda: (A.IMTLGWeighting(), A.IMTLG())),
+              ("AlignedMTL", lambda: (A.AlignedMTLWeighting(), A.AlignedMTL())),
+              ("CAGrad", lambda: (A.CAGradWeighting(c=0.5), A.CAGrad(c=0.5)))]
+    out = []
+    for name, make in makers:
+        try:
+            out.append((name, *make()))
+        except ImportError:
+            pass
     return out
 
 

@@ -1,6 +1,6 @@
 """Aggregation layer: pure functions of a T×P matrix of per-task gradients.
 
-Data flow of one step (see DESIGN.md, section 2)::
+Data flow of one step (see docs/design.md)::
 
     J (T, P) --gramian--> G (T, T) --*_weights--> w (T,) --aggregate--> update = wᵀJ (P,)
 
