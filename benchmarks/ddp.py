@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import machine  # noqa: E402
+from _timing import free_port, leave_rank, machine  # noqa: E402
 
 import metaopt  # noqa: E402
 
@@ -119,15 +118,7 @@ def _rank(rank: int, world: int, port: int, T: int, width: int, repeats: int, ou
     if rank == 0:
         torch.save(times, out)
     dist.destroy_process_group()
-    _leave()
-
-
-def _leave() -> None:
-    """End the rank without interpreter finalization, its results written: gloo sometimes
-    aborts a process at exit after destroy_process_group ("terminate called without an
-    active exception", about 1 run in 20 here; pytorch/pytorch#179291)."""
-    sys.stdout.flush()
-    os._exit(0)
+    leave_rank()
 
 
 def main() -> None:
@@ -136,9 +127,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=12)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"metaopt_ddp_{os.getpid()}.pt")
     mp.spawn(_rank, args=(2, port, args.tasks, args.width, args.repeats, out), nprocs=2, join=True)
     times = torch.load(out)

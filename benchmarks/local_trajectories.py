@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -42,7 +41,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import machine  # noqa: E402
+from _timing import free_port, leave_rank, machine  # noqa: E402
 
 import metaopt  # noqa: E402
 
@@ -158,7 +157,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                     "loss": {m: sum(v) / len(v) for m, v in last.items()}, "P": P,
                     "outer": runs[MODES[1]][1].outer_step_count}, out)
     dist.destroy_process_group()
-    _leave()
+    leave_rank()
 
 
 def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -192,15 +191,7 @@ def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out:
         P = args.outer_width * (args.outer_width + 1)
         torch.save({"times": times, "P": P}, out)
     dist.destroy_process_group()
-    _leave()
-
-
-def _leave() -> None:
-    """End the rank without interpreter finalization, its results written: gloo sometimes
-    aborts a process at exit after destroy_process_group ("terminate called without an
-    active exception", about 1 run in 20 here; pytorch/pytorch#179291)."""
-    sys.stdout.flush()
-    os._exit(0)
+    leave_rank()
 
 
 def main() -> None:
@@ -217,9 +208,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps % args.inner_steps:
         ap.error("--steps must be a multiple of --inner-steps")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = str(Path(os.environ.get("TMPDIR", "/tmp")) / f"metaopt_local_{os.getpid()}.pt")
     mp.spawn(_rank, args=(2, port, args, out), nprocs=2, join=True)
     res = torch.load(out)
@@ -235,9 +224,7 @@ def main() -> None:
     print(f"  bytes  DDP / local: {res['bytes'][a] / res['bytes'][b]:.1f}x")
     print(f"  wall   DDP / local: {res['wall'][a] / res['wall'][b]:.2f}x")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_outer_rank, args=(2, port, args, out), nprocs=2, join=True)
     res = torch.load(out)
     os.remove(out)
