@@ -15,7 +15,7 @@ or by the one loop, ``report = opt.step(losses)``.
 Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 """
 
-from . import aggregation, data, functional, interpolation, jacobian, schedules
+from . import aggregation, data, functional, interpolation, jacobian, maml, schedules
 from .base import MultiTaskOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
@@ -50,6 +50,7 @@ __all__ = [
     "jacobian",
     "load_checkpoint",
     "load_distributed_checkpoint",
+    "maml",
     "MultiTaskOptimizer",
     "Reptile",
     "SequentialReptile",
