@@ -20,6 +20,8 @@ Then the outer step alone, on a 2048 x 2048 layer (P ~ 4.2M): one all-reduce of 
 buffer against buckets (``bucket_elements``) whose interpolation runs while the later buckets
 are still in flight.
 
+Last, the on-paper prediction of docs/scaling.md (arithmetic, no measurement).
+
     python benchmarks/local_trajectories.py              # 1,000 inner steps, K = 100, P ~ 0.53M
 """
 
@@ -194,6 +196,24 @@ def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out:
     leave_rank()
 
 
+def predict() -> None:
+    """docs/scaling.md's figures on paper: a ring all-reduce moves 2(W-1)/W of the payload
+    through each rank's link; DDP does one per inner step, local trajectories one per outer
+    step. Link rates are assumptions (leads from datasheets), not measurements."""
+    P, W, bytes_per = 178e6, 8, 4                     # mBERT-base, 8 GPUs, float32
+    traffic = 2 * (W - 1) / W * P * bytes_per
+    links = {"NVLink (360 GB/s)": 360e9, "100 Gb/s Ethernet (11.25 GB/s)": 11.25e9}
+    print(f"on paper: P = 178M float32 on {W} ranks, {traffic / 1e9:.3f} GB per rank per all-reduce")
+    for name, rate in links.items():
+        one = traffic / rate
+        print(f"  {name:32s} one all-reduce {one * 1e3:7.1f} ms; per outer step at K = 100: "
+              f"DDP {100 * one:7.2f} s, local {one:.4f} s; at K = 1,000: DDP {1000 * one:7.1f} s, "
+              f"local {one:.4f} s")
+    flops = 6 * 85e6 * 32 * 128                       # non-embedding parameters x tokens
+    print(f"  compute per inner step (batch 32 x 128 tokens): {flops / 1e12:.1f} TFLOP, "
+          f"{flops / 400e12 * 1e3:.1f} ms at 400 TFLOP/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=1000, help="inner steps per run")
@@ -235,6 +255,7 @@ def main() -> None:
     for n, v in times.items():
         ratio = statistics.median(x / y for x, y in zip(v, times[first]))
         print(f"  {n:18s} {statistics.median(v) * 1e3:8.2f} ms   {ratio:.3f}x of {first} (paired)")
+    predict()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["LOCAL", "Reduce", "average_", "averaging", "check_same_on_ranks", "checksum",
-           "default_group", "digest", "fingerprint", "gather_digests", "rank_seed", "wait",
-           "world_size"]
+           "collective_failed", "default_group", "digest", "fingerprint", "gather_digests",
+           "rank_seed", "wait", "world_size"]
 
 LOCAL = "local"
 """``process_group=LOCAL``: this rank alone, no collective (a per-task method inside a local
@@ -181,10 +181,15 @@ def wait(work: Any, timeout: float | None, where: str, *, moved: bool = True) ->
         else:
             work.wait(timedelta(seconds=timeout))
     except RuntimeError as err:
-        state = ("this rank's optimizer state is now incomplete" if moved
-                 else "nothing was updated")
-        raise RuntimeError(
-            f"{where}: a collective failed or timed out ({err}). Another rank has probably died, "
-            f"or stopped at a different step; {state}. Restart every rank from the last "
-            "checkpoint (metaopt.load_distributed_checkpoint)"
-        ) from err
+        raise collective_failed(where, err, "this rank's optimizer state is now incomplete"
+                                if moved else "nothing was updated") from err
+
+
+def collective_failed(where: str, err: BaseException, state: str) -> RuntimeError:
+    """The error for a collective that failed or timed out: what probably happened, what
+    ``state`` this rank is left in, and what to do."""
+    return RuntimeError(
+        f"{where}: a collective failed or timed out ({err}). Another rank has probably died, "
+        f"or stopped at a different step; {state}. Restart every rank from the last "
+        "checkpoint (metaopt.load_distributed_checkpoint)"
+    )

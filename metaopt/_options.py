@@ -85,6 +85,16 @@ def non_negative(value: Any, name: str, where: str) -> float:
     return v
 
 
+def optional_positive(value: Any, name: str, where: str) -> float | None:
+    """``None`` or a finite number > 0."""
+    if value is None:
+        return None
+    v = _number(value, name, where, "a finite number > 0 or None")
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"{where}: {name} must be a finite number > 0 or None, got {value}")
+    return v
+
+
 def positive_int(value: Any, name: str, where: str) -> int:
     """An int >= 1 (bools rejected)."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -68,14 +68,15 @@ def _check_tasks(tasks: Iterable[str] | None, where: str) -> tuple[str, ...]:
     return out
 
 
-def _copied(value: Any) -> Any:
-    """``value`` with every tensor in it cloned (containers rebuilt, other leaves shared)."""
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor in it (mappings, lists and tuples
+    rebuilt; other leaves shared), e.g. a state dict cloned or moved to the CPU."""
     if isinstance(value, Tensor):
-        return value.clone()
+        return fn(value)
     if isinstance(value, Mapping):
-        return {k: _copied(v) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copied(v) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     return value
 
 
@@ -85,7 +86,7 @@ def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None
     dict taken in memory from another optimizer would otherwise alias that optimizer's state:
     both would then step the same buffers. Every torch optimizer metaopt holds (the wrapped one,
     an outer optimizer, GradNorm's weight optimizer) is loaded through this."""
-    optimizer.load_state_dict(_copied(state))
+    optimizer.load_state_dict(map_tensors(state, Tensor.clone))
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> Tensor:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from . import _distributed
+from .base import map_tensors
 from .checkpoint import CheckpointError, MapLocation, load_checkpoint, save_checkpoint
 
 __all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint"]
@@ -50,24 +51,12 @@ def _group(group: Any, where: str) -> Any:
     return dist.group.WORLD if group is None else group
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, Mapping):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 def _collective(fn: Any, where: str, *args: Any, **kwargs: Any) -> None:
     try:
         fn(*args, **kwargs)
     except RuntimeError as err:
-        raise RuntimeError(
-            f"{where}: a collective failed or timed out ({err}). Another rank has probably died; "
-            "the checkpoint on disk is the last complete one. Restart every rank and load it"
-        ) from err
+        raise _distributed.collective_failed(
+            where, err, "the checkpoint on disk is the last complete one") from err
 
 
 def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *,
@@ -99,7 +88,7 @@ def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str
     try:   # everything that can fail on this rank alone, before the ranks exchange anything
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
-        payload = pickle.dumps(_to_cpu(dict(state)))
+        payload = pickle.dumps(map_tensors(dict(state), lambda t: t.detach().cpu()))
     except Exception as err:
         problem = err
     flags = _distributed.gather_digests([int(problem is not None)], group, timeout, where)

@@ -415,12 +415,6 @@ class Interpolator:
             for _, _, finish in buckets:
                 finish()
 
-    @property
-    def accumulator_bytes(self) -> int:
-        """Bytes of the accumulated mean (what local trajectories all-reduce per outer step)."""
-        return sum(g.accumulator()[0].numel() * g.slow.element_size() for g in self._groups
-                   if g.acc is not None)
-
     @torch.no_grad()
     def sync_fast(self) -> None:
         """θ ← φ."""

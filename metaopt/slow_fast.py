@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _distributed
-from ._options import Option, flag, optional_fraction, optional_positive_int, positive_int
+from ._options import (Option, flag, optional_fraction, optional_positive, optional_positive_int,
+                       positive_int)
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .interpolation import Interpolator, Method
 from .schedules import ScheduleName, TaskSchedule
@@ -110,6 +111,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     outer_lr_final = Option(optional_fraction)
     anneal_steps = Option(optional_positive_int)
     reset_inner_state = Option(flag)
+    timeout = Option(optional_positive)
 
     # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
     _composable = True
@@ -180,7 +182,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._local_group = self._local_setup(local_trajectories, process_group)
         self._inner_count = 0   # inner steps into the current trajectory
         self._trajectory = 0    # trajectories into the current outer step (batched Reptile)
-        self._slot = 0          # whose inner-optimizer state is live (= _trajectory mod n)
+        self._slot = 0          # the trajectory whose inner-optimizer state is live
         self._slots: dict[int, Any] = {}   # the other trajectories' states (batched Reptile)
         self._outer_count = 0
         self._record_versions()
@@ -190,10 +192,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         seeds this rank's task stream."""
         name = type(self).__name__
         flag(local, "local_trajectories", name)
-        if self.timeout is not None and not (isinstance(self.timeout, (int, float))
-                                             and not isinstance(self.timeout, bool)
-                                             and self.timeout > 0):
-            raise ValueError(f"{name}: timeout must be a number of seconds > 0, got {self.timeout!r}")
         if not local:
             if group is not None:
                 raise ValueError(
@@ -542,7 +540,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         """Local trajectories: every rank is at the same point of the same run (options,
         counters, slow weights bit for bit), on its own task stream and, at the first step,
         with its own gradients (bit-identical gradients on every rank mean DDP averaged them,
-        or every rank was fed the same batches). One ``all_gather_object`` of a few numbers."""
+        or every rank was fed the same batches). One all-gather of four digests."""
         name = type(self).__name__
         where = f"{name}.step" if with_grads else \
             f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"

@@ -169,12 +169,14 @@ BASE_INVALID = [("opt", "allow_unused", "yes")]
 SLOW_FAST_VALID = [("opt", "outer_lr", 0.0), ("opt", "outer_lr", 0.3), ("opt", "outer_lr", 1.0),
                    ("opt", "inner_steps", 1), ("opt", "inner_steps", 2), ("opt", "inner_steps", 4),
                    ("opt", "reset_inner_state", True), ("opt", "reset_inner_state", False),
-                   *[("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)]]
+                   *[("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)],
+                   ("opt", "timeout", 30.0), ("opt", "timeout", None)]
 SLOW_FAST_INVALID = [("opt", "outer_lr", 2.0), ("opt", "outer_lr", -0.1), ("opt", "outer_lr", math.nan),
                      ("opt", "outer_lr", "0.5"), ("opt", "inner_steps", 0), ("opt", "inner_steps", -1),
                      ("opt", "inner_steps", 2.5), ("opt", "inner_steps", True),
                      ("opt", "anneal_steps", 0), ("opt", "reset_inner_state", 1),
-                     ("opt", "tasks_per_outer_step", 0), ("opt", "tasks_per_outer_step", 1.0)]
+                     ("opt", "tasks_per_outer_step", 0), ("opt", "tasks_per_outer_step", 1.0),
+                     ("opt", "timeout", 0), ("opt", "timeout", math.inf), ("opt", "timeout", "5")]
 UNPAIRED = [("opt", "outer_lr_final", 0.0, "go together"), ("opt", "anneal_steps", 2, "go together")]
 
 
