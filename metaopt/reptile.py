@@ -27,10 +27,11 @@ class Reptile(SlowFastOptimizer):
             steps need several tasks, contradicts one task per trajectory and is refused).
         tasks: task names.
         tasks_per_outer_step: trajectories averaged per outer step (meta-batch size), >= 1.
-        Other options, and their defaults, as in :class:`~metaopt.slow_fast.SlowFastOptimizer`
-        (``local_trajectories=True`` runs one trajectory per rank: docs/scaling.md).
-        ``outer_lr`` defaults to 0.1, ``inner_steps`` to 1000 (the Sequential Reptile paper's
-        values, kept equal so the two are compared at the same settings).
+
+    Other options, and their defaults, are those of :class:`~metaopt.SlowFastOptimizer`
+    (``local_trajectories=True`` runs one trajectory per rank: docs/scaling.md).
+    ``outer_lr`` defaults to 0.1, ``inner_steps`` to 1000 (the Sequential Reptile paper's
+    values, kept equal so the two are compared at the same settings).
 
     Example:
         >>> import torch, metaopt
