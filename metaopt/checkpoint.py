@@ -127,8 +127,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     SequentialLR).
 
     The write goes to a temporary file beside ``path``, is flushed and ``fsync``-ed, renamed onto
-    ``path`` with :func:`os.replace`, and the directory is ``fsync``-ed (see the module notes).
-    If any of that fails, the temporary file is removed and ``path`` is left as it was.
+    ``path`` with :func:`os.replace`, and the directory is ``fsync``-ed (why that is crash-safe:
+    docs/checkpoints.md). If any of that fails, the temporary file is removed and ``path`` is
+    left as it was.
 
     Example:
         >>> import os, tempfile, torch, metaopt

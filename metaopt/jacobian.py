@@ -151,12 +151,18 @@ def reached_parameters(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Te
     reached when its gradient edge appears in the loss's graph, whether or not the gradient
     that flows there happens to be zero.
 
-    :returns: (T, len(params)) bool tensor on CPU.
+    Args:
+        losses: T scalar losses.
+        params: the parameters, as for :func:`task_gradients`.
 
-    >>> a = torch.ones(2, requires_grad=True); b = torch.ones(1, requires_grad=True)
-    >>> reached_parameters([a.sum(), (a * b).sum()], [a, b])
-    tensor([[ True, False],
-            [ True,  True]])
+    Returns:
+        (T, len(params)) bool tensor on CPU.
+
+    Example:
+        >>> a = torch.ones(2, requires_grad=True); b = torch.ones(1, requires_grad=True)
+        >>> reached_parameters([a.sum(), (a * b).sum()], [a, b])
+        tensor([[ True, False],
+                [ True,  True]])
     """
     where = "reached_parameters"
     ps = _check_params(params, where)
@@ -365,23 +371,27 @@ def task_gradients(
 ) -> Tensor:
     """Per-task gradients: row ``t`` is the flattened gradient of ``losses[t]`` w.r.t. ``params``.
 
-    :param losses: T scalar losses.
-    :param params: the parameters (each appears once; all on one device). Their gradients are
-        flattened and concatenated in this order (see :func:`parameter_slices`).
-    :param out: optional preallocated (T, P) buffer to fill (it is returned); by default a new
-        tensor of the params' promoted dtype.
-    :param retain_graph: keep the graphs alive after the call. Needed when losses share part of
-        their graph (a common trunk). The loop path otherwise frees each task's graph as soon as
-        its row is written; the batched path always keeps the graph until the losses are
-        released (it must stay walkable for the loop fallback).
-    :param batched: one vmapped backward pass over the stacked losses instead of T passes
-        (falls back to the loop, with a ``RuntimeWarning``, when vmap fails).
-    :returns: the (T, P) matrix; parameters a loss does not reach are zeros in its row (use
+    Args:
+        losses: T scalar losses.
+        params: the parameters (each appears once; all on one device). Their gradients are
+            flattened and concatenated in this order (see :func:`parameter_slices`).
+        out: optional preallocated (T, P) buffer to fill (it is returned); by default a new
+            tensor of the params' promoted dtype.
+        retain_graph: keep the graphs alive after the call. Needed when losses share part of
+            their graph (a common trunk). The loop path otherwise frees each task's graph as
+            soon as its row is written; the batched path always keeps the graph until the
+            losses are released (it must stay walkable for the loop fallback).
+        batched: one vmapped backward pass over the stacked losses instead of T passes
+            (falls back to the loop, with a ``RuntimeWarning``, when vmap fails).
+
+    Returns:
+        the (T, P) matrix; parameters a loss does not reach are zeros in its row (use
         :func:`task_jacobian` to tell those apart from zero gradients).
 
-    >>> x = torch.tensor([1.0, -1.0], requires_grad=True)
-    >>> task_gradients([x.pow(2).sum(), x.sum()], [x])
-    tensor([[ 2., -2.],
-            [ 1.,  1.]])
+    Example:
+        >>> x = torch.tensor([1.0, -1.0], requires_grad=True)
+        >>> task_gradients([x.pow(2).sum(), x.sum()], [x])
+        tensor([[ 2., -2.],
+                [ 1.,  1.]])
     """
     return _compute(losses, params, out, retain_graph, batched, False, "task_gradients").matrix

@@ -24,7 +24,7 @@ FENCE = re.compile(r"^(`{3,})([^\n`]*)\n(.*?)^\1\s*$", flags=re.S | re.M)
 # fence languages a page may use: run (python), shown (shell, text), or Sphinx directives
 SHOWN = {"sh", "bash", "console", "text", "toml", "ini"}
 DIRECTIVES = {"{toctree}", "{eval-rst}", "{include}", "{code-block}", "{math}", "{note}",
-              "{warning}", "{list-table}"}
+              "{warning}", "{list-table}", "{image}", "{figure}"}
 
 
 def _blocks(page: Path) -> list[tuple[str, str]]:
@@ -73,3 +73,28 @@ def test_every_code_block_runs(page, tmp_path, monkeypatch):
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{_id(page)}: block {i + 1}", "exec"), namespace)
+
+
+ROOT = DOCS.parent
+SOURCES = sorted([*(ROOT / "metaopt").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
+                  *(ROOT / "examples").glob("*.py"), ROOT / "README.md"])
+
+
+def test_docstrings_use_one_style():
+    """Google style (``Args:``, ``Returns:``, ``Raises:``, ``Example:``), read by napoleon: no
+    Sphinx field lists, which napoleon would pass through as a second style."""
+    field = re.compile(r"^\s*:(param|type|returns?|rtype|raises?)\b", flags=re.M)
+    for path in (ROOT / "metaopt").rglob("*.py"):
+        hits = [m.group(0).strip() for m in field.finditer(path.read_text())]
+        assert not hits, f"{path.relative_to(ROOT)}: Sphinx field lists {hits[:3]}"
+
+
+def test_references_to_documents_resolve_in_the_repository():
+    """Docstrings, scripts and the README cite pages that exist here, never a design document
+    kept outside the repository."""
+    cited = re.compile(r"\b(?:docs|benchmarks|examples)/[\w./-]*\.(?:md|py)\b")
+    for path in SOURCES:
+        text = path.read_text()
+        assert "DESIGN.md" not in text, f"{path.relative_to(ROOT)} cites DESIGN.md (docs/design.md)"
+        for ref in cited.findall(text):
+            assert (ROOT / ref).exists(), f"{path.relative_to(ROOT)} cites {ref}, which is missing"

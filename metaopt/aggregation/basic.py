@@ -24,11 +24,15 @@ _CHUNK_ELEMENTS = 1 << 18
 def sum_weights(G: Tensor) -> Tensor:
     """Weights of the plain sum of task gradients: all ones.
 
-    :param G: (..., T, T) Gramian (only its shape, dtype and device are used).
-    :returns: (..., T) tensor of ones.
+    Args:
+        G: (..., T, T) Gramian (only its shape, dtype and device are used).
 
-    >>> sum_weights(torch.eye(3))
-    tensor([1., 1., 1.])
+    Returns:
+        (..., T) tensor of ones.
+
+    Example:
+        >>> sum_weights(torch.eye(3))
+        tensor([1., 1., 1.])
     """
     check_gramian_shape(G, "sum_weights")
     return torch.ones(G.shape[:-1], dtype=G.dtype, device=G.device)
@@ -37,11 +41,15 @@ def sum_weights(G: Tensor) -> Tensor:
 def mean_weights(G: Tensor) -> Tensor:
     """Weights of the mean of task gradients: all ``1 / T``.
 
-    :param G: (..., T, T) Gramian (only its shape, dtype and device are used).
-    :returns: (..., T) tensor filled with ``1 / T``.
+    Args:
+        G: (..., T, T) Gramian (only its shape, dtype and device are used).
 
-    >>> mean_weights(torch.eye(4))
-    tensor([0.2500, 0.2500, 0.2500, 0.2500])
+    Returns:
+        (..., T) tensor filled with ``1 / T``.
+
+    Example:
+        >>> mean_weights(torch.eye(4))
+        tensor([0.2500, 0.2500, 0.2500, 0.2500])
     """
     T = check_gramian_shape(G, "mean_weights")
     return torch.full(G.shape[:-1], 1.0 / T, dtype=G.dtype, device=G.device)
@@ -62,20 +70,24 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
     optimizer can reuse one buffer (a fresh multi-megabyte allocation is page-faulted in on every
     call on CPU).
 
-    :param jacobian: (..., T, P) per-task gradients.
-    :param weights: (..., T) weights (same leading dims as ``jacobian``).
-    :param out: optional (..., P) tensor of ``jacobian``'s dtype and device to write into.
-    :returns: the (..., P) update (``out`` itself when given).
+    Args:
+        jacobian: (..., T, P) per-task gradients.
+        weights: (..., T) weights (same leading dims as ``jacobian``).
+        out: optional (..., P) tensor of ``jacobian``'s dtype and device to write into.
 
-    >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    >>> buf = torch.empty(2)
-    >>> aggregate(J, torch.tensor([2.0, 3.0]), out=buf) is buf
-    True
-    >>> buf
-    tensor([2., 3.])
-    >>> aggregate(torch.tensor([[1e-21, 0.0], [0.0, 2.0]]),
-    ...           torch.tensor([1.3e39, 1.0], dtype=torch.float64))
-    tensor([1.3000e+18, 2.0000e+00])
+    Returns:
+        the (..., P) update (``out`` itself when given).
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> buf = torch.empty(2)
+        >>> aggregate(J, torch.tensor([2.0, 3.0]), out=buf) is buf
+        True
+        >>> buf
+        tensor([2., 3.])
+        >>> aggregate(torch.tensor([[1e-21, 0.0], [0.0, 2.0]]),
+        ...           torch.tensor([1.3e39, 1.0], dtype=torch.float64))
+        tensor([1.3000e+18, 2.0000e+00])
     """
     where = "aggregate"
     check_matrix(jacobian, "jacobian", where)

@@ -108,31 +108,37 @@ def gradvac_weights(
     from the ``sqrt(1 - t²)`` floor), so on a float64 ``G`` the weights are finite for nonzero
     norms from about 1e-140 to 1e140: any float32 gradients, when ``G`` is accumulated in float64
     (``gramian(J, dtype=torch.float64)``, as :func:`gradvac` does). The cancellation test
-    follows ``G``'s precision (module notes): on a float32 ``G`` of antiparallel rows the
-    targets are the float64 ones to float32 precision, not noise; the update there is good to
-    about ``sqrt(eps)`` = 3e-4 of the rows (the sine of a cosine at -1 amplifies ``G``'s
-    rounding), so accumulate ``G`` in float64 for the float64 answer.
+    follows ``G``'s precision (the ``tau`` rule in the docstring of the
+    ``metaopt.aggregation.gradvac`` module): on a float32 ``G`` of antiparallel rows the targets
+    are the float64 ones to float32 precision, not noise; the update there is good to about
+    ``sqrt(eps)`` = 3e-4 of the rows (the sine of a cosine at -1 amplifies ``G``'s rounding),
+    so accumulate ``G`` in float64 for the float64 answer.
 
-    :param G: (..., T, T) Gramian; each leading index is a parameter group with its own targets
-        (the paper's per-layer variants).
-    :param order: (T, T-1) integer tensor shared by all groups, or one per group; row ``i``
-        lists the other tasks in the order task ``i`` visits them (see ``random_order``).
-    :param targets: (..., T, T) EMA cosine targets ``t_ij`` in [-1, 1] (start with zeros); the
-        diagonal is unused.
-    :param beta: EMA rate in [0, 1]; the paper uses small values such as 1e-2.
-    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
-    :param validate: check finiteness of ``G``, the ``order`` rows and the target range (one
-        host sync). Turn off only for inputs known to be valid.
-    :returns: ``(w, new_targets)``: (..., T) weights in ``G``'s dtype, (..., T, T) targets in
-        ``targets``' dtype.
+    Args:
+        G: (..., T, T) Gramian; each leading index is a parameter group with its own targets
+            (the paper's per-layer variants).
+        order: (T, T-1) integer tensor shared by all groups, or one per group; row ``i``
+            lists the other tasks in the order task ``i`` visits them (see
+            :func:`~metaopt.aggregation.random_order`).
+        targets: (..., T, T) EMA cosine targets ``t_ij`` in [-1, 1] (start with zeros); the
+            diagonal is unused.
+        beta: EMA rate in [0, 1]; the paper uses small values such as 1e-2.
+        reduction: ``"sum"`` (paper, default) or ``"mean"``.
+        validate: check finiteness of ``G``, the ``order`` rows and the target range (one
+            host sync). Turn off only for inputs known to be valid.
 
-    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
-    >>> w, t = gradvac_weights(G, torch.tensor([[1], [0]]), torch.zeros(2, 2), beta=0.5)
-    >>> w  # beta=0, or targets at 0 as here, gives the PCGrad weights
-    tensor([2.0000, 1.5000])
-    >>> t
-    tensor([[ 0.0000, -0.3536],
-            [-0.3536,  0.0000]])
+    Returns:
+        ``(w, new_targets)``, the (..., T) weights in ``G``'s dtype and the (..., T, T) targets
+        in ``targets``' dtype.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
+        >>> w, t = gradvac_weights(G, torch.tensor([[1], [0]]), torch.zeros(2, 2), beta=0.5)
+        >>> w  # beta=0, or targets at 0 as here, gives the PCGrad weights
+        tensor([2.0000, 1.5000])
+        >>> t
+        tensor([[ 0.0000, -0.3536],
+                [-0.3536,  0.0000]])
     """
     where = "gradvac_weights"
     T = check_gramian_shape(G, where)
@@ -217,20 +223,24 @@ def gradvac(
     (8.5e37), which every update with an entry beyond float32's maximum does. For a float64
     ``J``: rows of norm 1e-140 to 1e140.
 
-    :param jacobian: (T, P) per-task gradients, or (..., T, P) groups with their own targets
-        (sharing one order).
-    :param targets: (..., T, T) EMA targets (zeros at the first step).
-    :param beta: EMA rate in [0, 1].
-    :param generator: source of the random visiting order.
-    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
-    :param out: optional (..., P) buffer for the update.
-    :returns: ``(update, weights, new_targets)``: the update in ``J``'s dtype, the weights in
-        the Gramian's (float64), the targets in ``targets``' dtype.
+    Args:
+        jacobian: (T, P) per-task gradients, or (..., T, P) groups with their own targets
+            (sharing one order).
+        targets: (..., T, T) EMA targets (zeros at the first step).
+        beta: EMA rate in [0, 1].
+        generator: source of the random visiting order.
+        reduction: ``"sum"`` (paper, default) or ``"mean"``.
+        out: optional (..., P) buffer for the update.
 
-    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
-    >>> update, w, t = gradvac(J, targets=torch.zeros(2, 2), beta=0.0)
-    >>> update  # PCGrad's, whatever the order for two tasks
-    tensor([0.5000, 1.5000])
+    Returns:
+        ``(update, weights, new_targets)``, the update in ``J``'s dtype, the weights in the
+        Gramian's (float64) and the targets in ``targets``' dtype.
+
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> update, w, t = gradvac(J, targets=torch.zeros(2, 2), beta=0.0)
+        >>> update  # PCGrad's, whatever the order for two tasks
+        tensor([0.5000, 1.5000])
     """
     order, G = _order_and_gramian(jacobian, reduction, generator, "gradvac")
     check_targets_shape(targets, G, "gradvac")

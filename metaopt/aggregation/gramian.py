@@ -46,16 +46,20 @@ def gramian(jacobian: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
     *any* finite float32 gradients is finite, does not underflow, and is accurate to float64
     rounding: exactly antiparallel float32 rows cancel to about 1e-16 of their size, not 1e-7.
 
-    :param jacobian: (..., T, P) floating tensor, row ``t`` = flattened gradient of task ``t``.
-    :param dtype: floating dtype to accumulate in (default: see above).
-    :returns: (..., T, T) tensor of ``dtype``.
+    Args:
+        jacobian: (..., T, P) floating tensor, row ``t`` = flattened gradient of task ``t``.
+        dtype: floating dtype to accumulate in (default: see above).
 
-    >>> gramian(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
-    tensor([[25.,  4.],
-            [ 4.,  1.]])
-    >>> gramian(torch.tensor([[1e20, 0.0], [-1e-25, 1e-25]]), dtype=torch.float64)
-    tensor([[ 1.0000e+40, -1.0000e-05],
-            [-1.0000e-05,  2.0000e-50]], dtype=torch.float64)
+    Returns:
+        (..., T, T) tensor of ``dtype``.
+
+    Example:
+        >>> gramian(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([[25.,  4.],
+                [ 4.,  1.]])
+        >>> gramian(torch.tensor([[1e20, 0.0], [-1e-25, 1e-25]]), dtype=torch.float64)
+        tensor([[ 1.0000e+40, -1.0000e-05],
+                [-1.0000e-05,  2.0000e-50]], dtype=torch.float64)
     """
     check_matrix(jacobian, "jacobian", "gramian")
     J = jacobian
@@ -91,14 +95,18 @@ def cosine_from_gramian(G: Tensor, eps: float = 0.0) -> Tensor:
     included; every other task has ``C[i, i] = 1``. Divisions are done one norm at a time so
     neither tiny (1e-10) nor huge (1e15) gradients underflow or overflow the product of norms.
 
-    :param G: (..., T, T) Gramian.
-    :param eps: norms at or below this value count as zero (absolute, in gradient units).
-    :returns: (..., T, T) tensor of ``G``'s dtype.
+    Args:
+        G: (..., T, T) Gramian.
+        eps: norms at or below this value count as zero (absolute, in gradient units).
 
-    >>> cosine_from_gramian(torch.tensor([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
-    tensor([[ 1., -1.,  0.],
-            [-1.,  1.,  0.],
-            [ 0.,  0.,  0.]])
+    Returns:
+        (..., T, T) tensor of ``G``'s dtype.
+
+    Example:
+        >>> cosine_from_gramian(torch.tensor([[4.0, -2.0, 0.0], [-2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+        tensor([[ 1., -1.,  0.],
+                [-1.,  1.,  0.],
+                [ 0.,  0.,  0.]])
     """
     check_gramian_shape(G, "cosine_from_gramian")
     if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -119,11 +127,15 @@ def conflict_fraction(G: Tensor) -> Tensor:
     Computed on ``G``'s device without a host synchronisation. With fewer than two tasks the
     fraction is 0.
 
-    :param G: (..., T, T) Gramian.
-    :returns: tensor of shape ``G.shape[:-2]`` (0-dim for one Gramian), ``G``'s dtype.
+    Args:
+        G: (..., T, T) Gramian.
 
-    >>> conflict_fraction(torch.tensor([[1.0, -1.0, 2.0], [-1.0, 1.0, 0.0], [2.0, 0.0, 1.0]]))
-    tensor(0.3333)
+    Returns:
+        tensor of shape ``G.shape[:-2]`` (0-dim for one Gramian), ``G``'s dtype.
+
+    Example:
+        >>> conflict_fraction(torch.tensor([[1.0, -1.0, 2.0], [-1.0, 1.0, 0.0], [2.0, 0.0, 1.0]]))
+        tensor(0.3333)
     """
     T = check_gramian_shape(G, "conflict_fraction")
     upper = torch.ones(T, T, dtype=torch.bool, device=G.device).triu(diagonal=1)

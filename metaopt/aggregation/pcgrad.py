@@ -66,15 +66,19 @@ def random_order(
     row (argsort of uniform keys, with task ``i``'s own key pushed last). The global RNG is
     never touched.
 
-    :param num_tasks: T >= 1.
-    :param generator: the ``torch.Generator`` to draw from (its device is used for the draw).
-    :param device: where to put the result (default: the generator's device).
-    :returns: (T, T-1) int64 tensor.
+    Args:
+        num_tasks: T >= 1.
+        generator: the ``torch.Generator`` to draw from (its device is used for the draw).
+        device: where to put the result (default: the generator's device).
 
-    >>> random_order(3, torch.Generator().manual_seed(0))
-    tensor([[2, 1],
-            [2, 0],
-            [0, 1]])
+    Returns:
+        (T, T-1) int64 tensor.
+
+    Example:
+        >>> random_order(3, torch.Generator().manual_seed(0))
+        tensor([[2, 1],
+                [2, 0],
+                [0, 1]])
     """
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"random_order: num_tasks must be an int >= 1, got {num_tasks!r}")
@@ -179,17 +183,21 @@ def pcgrad_weights(
     ``G`` itself overflows above norms of 1.8e19. The weights are computed from a detached
     ``G``: they are constants for autograd.
 
-    :param G: (..., T, T) Gramian; leading dims are independent groups.
-    :param order: (T, T-1) integer tensor (or one per leading index of ``G``); row ``i`` lists
-        the other tasks in the order task ``i`` visits them (see :func:`random_order`).
-    :param reduction: ``"sum"`` (paper, default) or ``"mean"`` (divide by T).
-    :param validate: check that ``G`` is finite and each row of ``order`` is a permutation of
-        the other tasks (one host sync). Turn off only for inputs known to be valid.
-    :returns: (..., T) weights in ``G``'s dtype and device.
+    Args:
+        G: (..., T, T) Gramian; leading dims are independent groups.
+        order: (T, T-1) integer tensor (or one per leading index of ``G``); row ``i`` lists
+            the other tasks in the order task ``i`` visits them (see :func:`random_order`).
+        reduction: ``"sum"`` (paper, default) or ``"mean"`` (divide by T).
+        validate: check that ``G`` is finite and each row of ``order`` is a permutation of
+            the other tasks (one host sync). Turn off only for inputs known to be valid.
 
-    >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
-    >>> pcgrad_weights(G, torch.tensor([[1], [0]]))
-    tensor([2.0000, 1.5000])
+    Returns:
+        (..., T) weights in ``G``'s dtype and device.
+
+    Example:
+        >>> G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]])
+        >>> pcgrad_weights(G, torch.tensor([[1], [0]]))
+        tensor([2.0000, 1.5000])
     """
     where = "pcgrad_weights"
     T = check_gramian_shape(G, where)
@@ -232,16 +240,20 @@ def pcgrad(
     (8.5e37), which every update with an entry beyond float32's maximum does. For a float64
     ``J``: rows of norm 1e-150 to 1e150.
 
-    :param jacobian: (T, P) per-task gradients, or (..., T, P) groups sharing one order.
-    :param generator: source of the random visiting order.
-    :param reduction: ``"sum"`` (paper, default) or ``"mean"``.
-    :param out: optional (..., P) buffer for the update (see :func:`aggregate`).
-    :returns: ``(update, weights)`` of shapes (..., P) and (..., T); the update in ``J``'s
+    Args:
+        jacobian: (T, P) per-task gradients, or (..., T, P) groups sharing one order.
+        generator: source of the random visiting order.
+        reduction: ``"sum"`` (paper, default) or ``"mean"``.
+        out: optional (..., P) buffer for the update (see :func:`aggregate`).
+
+    Returns:
+        ``(update, weights)`` of shapes (..., P) and (..., T); the update in ``J``'s
         dtype, the weights in the Gramian's (float64), where they are always representable.
 
-    >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
-    >>> pcgrad(J, generator=torch.Generator().manual_seed(0), reduction="mean")[0]
-    tensor([0.2500, 0.7500])
+    Example:
+        >>> J = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+        >>> pcgrad(J, generator=torch.Generator().manual_seed(0), reduction="mean")[0]
+        tensor([0.2500, 0.7500])
     """
     order, G = _order_and_gramian(jacobian, reduction, generator, "pcgrad")
     w = pcgrad_weights(G, order, reduction, validate=False)  # the order is valid by construction
