@@ -11,7 +11,7 @@ Run::
     python benchmarks/aggregation.py --quick    # P in {1e5, 1e6}, fewer repeats
     python benchmarks/aggregation.py --baseline ../old-checkout   # before / after, see below
 
-TorchJD is optional (``pip install torchjd`` or the ``bench`` extra); without it only
+TorchJD is optional (the ``bench`` extra: ``pip install 'metaopt-torch[bench]'``); without it only
 metaopt's timings are printed.
 
 ``--baseline DIR`` loads a second copy of metaopt from the checkout ``DIR`` (for instance a
@@ -295,7 +295,7 @@ def main() -> None:
     tjd_text = tjd_version or "not installed"
     print(f"# torch {torch.__version__}, torchjd {tjd_text}, Python {platform.python_version()}")
     if tjd is None:
-        print("# torchjd is not installed: `pip install torchjd` (or the `bench` extra) to compare")
+        print("# torchjd is not installed: pip install 'metaopt-torch[bench]' to compare")
     print("# median ms per call; ratio = torchjd / metaopt (higher: metaopt faster)")
     print()
     header = (

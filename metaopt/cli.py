@@ -1,5 +1,5 @@
 """The ``metaopt`` command: ``metaopt info`` reports what this machine offers; ``metaopt toy`` and
-``metaopt benchmark`` run the scripts of a source checkout.
+``metaopt benchmark`` run the scripts of a source checkout::
 
     $ metaopt info
     $ metaopt toy --steps 200
@@ -25,7 +25,11 @@ from metaopt.interpolation import _KERNELS
 __all__ = ["info", "main"]
 
 _OPTIONAL = {"bench": ("torchjd", "matplotlib", "tqdm"), "hf": ("transformers", "accelerate"),
-             "test": ("pytest", "hypothesis", "mypy")}
+             "test": ("pytest", "hypothesis", "mypy", "ruff")}
+# What the checkout's scripts import from the bench extra (import names): a script that stops on
+# one of these missing is reported with the install command instead of a bare traceback.
+_BENCH_MODULES = frozenset({"torchjd", "qpsolvers", "quadprog", "tqdm", "matplotlib", "babel",
+                            "gflanguages", "safetensors", "tokenizers"})
 
 
 def _version(dist: str) -> str:
@@ -73,14 +77,23 @@ def _checkout_script(relative: str) -> Path:
     return script
 
 
-def _run(script: Path, argv: Sequence[str]) -> int:
+def _run(script: Path, argv: Sequence[str], relative: str) -> int:
     sys.path.insert(0, str(script.parent))
     saved = sys.argv
     sys.argv = [str(script), *argv]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit_:
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 1
+        if isinstance(exit_.code, str):   # the script's own message (e.g. a missing extra)
+            print(exit_.code, file=sys.stderr)
+            return 1
+        return int(exit_.code or 0)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing not in _BENCH_MODULES:
+            raise
+        raise SystemExit(f"metaopt: {relative} needs {missing}, from the bench "
+                         "extra: pip install 'metaopt-torch[bench]'") from err
     finally:
         sys.argv = saved
     return 0
@@ -103,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key:22s} {value}")
         return 0
     script = {"toy": "benchmarks/toy.py", "benchmark": "benchmarks/multilingual/run.py"}[args.command]
-    return _run(_checkout_script(script), rest)
+    return _run(_checkout_script(script), rest, script)
 
 
 if __name__ == "__main__":
