@@ -34,7 +34,7 @@ class GradVac(GradientSurgery):
         beta: EMA rate β in [0, 1]. Default 0.01: the value public re-implementations that follow
             the paper use (check the paper's appendix; LibMTL's default is 0.5).
         groups: ``"all"`` (one group, default), ``"parameter"`` (each shared tensor its own
-            group, the paper's finer granularities), or a list of lists of shared parameters.
+            group, a finer granularity in the spirit of the paper's per-layer variants), or a list of lists of shared parameters.
             Each group has its own Gramian and targets.
         reduction: ``"sum"`` (default) or ``"mean"`` of the corrected gradients.
         shared, retain_graph, batched, process_group, seed, allow_unused: see

@@ -24,7 +24,8 @@ class MTL(MultiTaskOptimizer):
     (Plain training with one *sampled* task per step is ``SequentialReptile(..., outer_lr=1)``.)
 
     Args:
-        optimizer: the torch optimizer (or a metaopt optimizer, e.g. wrapped by GradNorm).
+        optimizer: the torch optimizer (a metaopt optimizer is refused with ``TypeError``; MTL
+            itself can be wrapped, e.g. by :class:`~metaopt.GradNorm`).
         tasks: task names.
         reduction: ``"sum"`` (default) or ``"mean"``.
         seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.

@@ -42,16 +42,18 @@ class Weighted(GradientSurgery):
     Any callable from a (T, T) Gramian to T weights qualifies, in particular TorchJD's Gramian
     weightings (``UPGradWeighting``, ``MGDAWeighting``, ``CAGradWeighting``, ``DualProjWeighting``,
     ``IMTLGWeighting``, ``AlignedMTLWeighting``, ...; Quinton & Rey, arXiv 2406.16232); then
-    ``w @ J`` is exactly what TorchJD's aggregator of the same name returns for J (tested).
+    ``w @ J`` is what TorchJD's aggregator of the same name returns for J (tested in float64 to
+    1e-12).
 
     Refused with a clear error: TorchJD weightings that read the Jacobian itself (ExcessMTL,
     MoDo, SDMGrad, and the constant/mean/sum/random ones, which TorchJD also classes so), and
     stateful ones (their state would move on a step that never runs, and is not in
-    ``state_dict``). Gramians are not batched: the weighting is called once per parameter
-    group with one (T, T) float64 Gramian. Anything random in the weighting (TorchJD's
-    ``PCGradWeighting`` draws from the global RNG) draws from a global RNG seeded from this
-    optimizer's own generator, inside ``torch.random.fork_rng()``, so runs are reproducible and
-    the caller's global RNG is untouched.
+    ``state_dict``). Gramians are not batched: at every backward the weighting is called once
+    for each parameter group, with that group's (T, T) float64 Gramian. Anything random in the
+    weighting (TorchJD's ``PCGradWeighting`` draws from the global RNG) draws from the global
+    CPU generator reseeded from this optimizer's own generator, inside
+    ``torch.random.fork_rng(devices=[])``, so runs are reproducible and neither the caller's CPU
+    RNG nor any CUDA generator is touched.
 
     Args:
         optimizer: the torch optimizer that applies the combined gradient.
@@ -103,8 +105,10 @@ class Weighted(GradientSurgery):
         T = G.shape[-1]
         seed = int(torch.randint(2**62, (1,), generator=self.generator).item())
         out = []
+        # fork_rng(devices=[]) saves and restores only the CPU generator, so only that one is
+        # reseeded: torch.manual_seed would also reseed every CUDA generator for good.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.random.default_generator.manual_seed(seed)
             for g in G:   # one (T, T) Gramian per parameter group: not batched
                 w = self.weighting(g)
                 if not isinstance(w, Tensor) or w.shape != (T,):

@@ -117,6 +117,25 @@ def test_random_weightings_draw_from_the_optimizers_generator():
     assert all(torch.equal(a, b) for a, b in zip(torchjd, run(0, A.PCGradWeighting())))
 
 
+def test_random_weightings_never_reseed_the_cuda_generators(monkeypatch):
+    """fork_rng(devices=[]) restores only the CPU generator, so Weighted must reseed only that
+    one: torch.manual_seed would also reseed every CUDA generator, for good (checked without a
+    GPU by recording the call torch.manual_seed makes)."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    torch.manual_seed(7)
+    assert reseeded == [7]           # the recorder sees what torch.manual_seed does
+    enc, losses = _setup()           # seeds the model's initialisation
+    opt = metaopt.Weighted(torch.optim.SGD(enc.parameters(), lr=0.1),
+                           weighting=lambda G: torch.rand(3, dtype=G.dtype), tasks=TASKS)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    weights = [opt.step(losses()).weights for _ in range(3)]
+    assert reseeded == []
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(weights[0], weights[1])    # the weighting did draw
+
+
 def test_one_call_per_parameter_group_never_a_batch():
     calls = []
 
