@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metaopt.aggregation import (  # noqa: E402
+from metaopt.aggregation import (
     aggregate,
     gradvac,
     gradvac_weights,
@@ -244,10 +244,12 @@ def compare(baseline: str, tasks: list[int], sizes: list[int], quick: bool, beta
                 agg = pkg.aggregation
                 state = {"t": torch.zeros(T, T, dtype=torch.float64)}
 
-                def pc(agg: ModuleType = agg) -> None:
+                def pc(agg: ModuleType = agg, J: torch.Tensor = J, gen: torch.Generator = gen,
+                       buf: torch.Tensor = buf) -> None:
                     agg.pcgrad(J, generator=gen, out=buf)
 
-                def gv(agg: ModuleType = agg, state: dict[str, torch.Tensor] = state) -> None:
+                def gv(agg: ModuleType = agg, state: dict[str, torch.Tensor] = state, J: torch.Tensor = J,
+                       gen: torch.Generator = gen, buf: torch.Tensor = buf) -> None:
                     _, _, state["t"] = agg.gradvac(J, targets=state["t"], beta=beta,
                                                    generator=gen, out=buf)
                 variants[f"{tag} pc"], variants[f"{tag} gv"] = pc, gv

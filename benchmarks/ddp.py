@@ -30,9 +30,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import free_port, leave_rank, machine  # noqa: E402
+import metaopt
 
-import metaopt  # noqa: E402
+from _timing import free_port, leave_rank, machine
 
 BUCKET = 25 * 2 ** 20 // 4   # DDP's default bucket, in float32 elements
 

@@ -12,17 +12,17 @@ per path, the median time, the effective bandwidth (4 passes) and the ratio to t
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine, median_time  # noqa: E402
+from metaopt.functional import pack_parameters
+from metaopt.interpolation import Interpolator
 
-from metaopt.functional import pack_parameters  # noqa: E402
-from metaopt.interpolation import Interpolator  # noqa: E402
+from _timing import machine, median_time
 
 
 def mbert_shapes(scale: int = 1) -> list[tuple[int, ...]]:

@@ -43,9 +43,9 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import free_port, leave_rank, machine  # noqa: E402
+import metaopt
 
-import metaopt  # noqa: E402
+from _timing import free_port, leave_rank, machine
 
 MODES = ("DDP (data-parallel)", "local trajectories")
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine  # noqa: E402
+import metaopt
+from metaopt.base import _all_finite
+from metaopt.jacobian import compiled_graph, reaches_any
 
-import metaopt  # noqa: E402
-from metaopt.base import _all_finite  # noqa: E402
-from metaopt.jacobian import compiled_graph, reaches_any  # noqa: E402
+from _timing import machine
 
 TASKS = [f"t{i}" for i in range(9)]
 

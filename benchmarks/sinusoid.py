@@ -32,10 +32,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import machine  # noqa: E402
+import metaopt
+from metaopt import maml
 
-import metaopt  # noqa: E402
-from metaopt import maml  # noqa: E402
+from _timing import machine
 
 METHODS = ("MAML", "first-order MAML", "Reptile", "Sequential Reptile")
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from quickstart import make_tasks
 
 import metaopt
-from quickstart import make_tasks
 
 TASKS = ["ar", "bn", "fi"]
 

@@ -18,20 +18,20 @@ Flagship: :class:`SequentialReptile` (Lee et al., ICLR 2022).
 from . import aggregation, data, functional, interpolation, jacobian, maml, schedules
 from .base import MultiTaskOptimizer
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from .diagnostics import GradientDiagnostics, gradient_diagnostics
+from .distributed_checkpoint import load_distributed_checkpoint, save_distributed_checkpoint
 from .gradnorm import GradNorm
 from .gradvac import GradVac
+from .interpolation import Interpolator, interpolate_, register_kernel
 from .mtl import MTL
 from .pcgrad import PCGrad
-from .surgery import GradientSurgery
-from .weighted import Weighted
-from .interpolation import Interpolator, interpolate_, register_kernel
 from .report import StepReport
 from .reptile import Reptile
 from .schedules import TaskSchedule
 from .sequential_reptile import SequentialReptile
 from .slow_fast import SlowFastOptimizer
+from .surgery import GradientSurgery
+from .weighted import Weighted
 
 __version__ = "0.1.0"
 

@@ -552,7 +552,7 @@ class MultiTaskOptimizer(Optimizer):
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 keep = torch.stack([g.ne(0).any() for g in grads]).tolist()
-                for p, g, k in zip([p for p in params if p.grad is not None], grads, keep):
+                for p, k in zip([p for p in params if p.grad is not None], keep):
                     if not k:
                         p.grad = None
 

@@ -59,7 +59,7 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable, Mapping
-from typing import IO, Any, Literal, Union
+from typing import IO, Any, Literal
 
 import torch
 
@@ -84,7 +84,7 @@ _TEMP_MARK = ".metaopt-tmp."
 _MAX_NAME_IN_TEMP = 100   # keep temporary names under the usual 255-byte limit
 
 Reason = Literal["torn", "checksum", "not_checkpoint", "version", "unsafe", "undecodable"]
-MapLocation = Union[None, str, torch.device, dict[str, str], Callable[[Any, str], Any]]
+MapLocation = None | str | torch.device | dict[str, str] | Callable[[Any, str], Any]
 
 
 class CheckpointError(ValueError):

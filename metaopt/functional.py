@@ -210,7 +210,7 @@ def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
             source = torch.empty(0, dtype=dtype, device=device).set_(
                 ps[0].untyped_storage(), lo, (hi - lo,), (1,))
             buffer[base : base + hi - lo].copy_(source)
-        for ps, lo, hi, base in layout:
+        for ps, lo, _hi, base in layout:
             for p in ps:
                 p.data = buffer.as_strided(p.shape, p.stride(), base + int(p.storage_offset()) - lo)
         out.append(_flat_of(members, buffer))

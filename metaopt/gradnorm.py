@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._options import Option, non_negative
 from ._distributed import average_, default_group
+from ._options import Option, non_negative
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .functional import unique_tensors
 

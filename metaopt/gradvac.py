@@ -9,10 +9,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregation import gradvac_weights, random_order
 from ._options import Option
 from ._options import beta as beta_option
 from ._options import reduction as reduction_option
+from .aggregation import gradvac_weights, random_order
 from .surgery import GradientSurgery
 
 __all__ = ["GradVac"]

@@ -8,9 +8,9 @@ from typing import Any, Literal
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .aggregation import pcgrad_weights, random_order
 from ._options import Option
 from ._options import reduction as reduction_option
+from .aggregation import pcgrad_weights, random_order
 from .surgery import GradientSurgery
 
 __all__ = ["PCGrad"]

@@ -19,8 +19,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import _distributed
-from ._options import (Option, flag, optional_fraction, optional_positive, optional_positive_int,
-                       positive_int)
+from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer, load_optimizer_state
 from .interpolation import Interpolator, Method
 from .schedules import ScheduleName, TaskSchedule

@@ -17,8 +17,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import metaopt  # noqa: E402
 from _local_worker import adam, rank_batch  # noqa: E402
+
+import metaopt  # noqa: E402
+
 from _spawn import leave  # noqa: E402
 from _stacks import TASKS, Net, loss_of  # noqa: E402
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 
 import metaopt  # noqa: E402
+
 from _spawn import leave  # noqa: E402
 from _stacks import TASKS, Net, batch, loss_of  # noqa: E402
 

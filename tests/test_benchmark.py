@@ -26,16 +26,17 @@ if _missing:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import metaopt  # noqa: E402
 from multilingual import run as bench_run  # noqa: E402
-from multilingual.analysis import Analysis, paired, _interp, _relation  # noqa: E402
+from multilingual.analysis import Analysis, _interp, _relation, paired  # noqa: E402
 from multilingual.cache import DiskCache  # noqa: E402
-from multilingual.check_encoder import golden_error, packed_error, padding_error, TOLERANCE  # noqa: E402
+from multilingual.check_encoder import TOLERANCE, golden_error, packed_error, padding_error  # noqa: E402
 from multilingual.config import ALL_METHODS, DEFAULT, SMOKE  # noqa: E402
 from multilingual.counting import BackwardCounter  # noqa: E402
 from multilingual.encoder import load_pretrained, load_tokenizer  # noqa: E402
 from multilingual.evaluate import evaluation_weights  # noqa: E402
 from multilingual.system import LoadMeter  # noqa: E402
+
+import metaopt  # noqa: E402
 
 
 # ---------------------------------------------------------------------- end to end

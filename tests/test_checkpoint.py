@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
-
 import _crash_worker
 import conftest
-import metaopt
+import pytest
+import torch
 from conftest import TASKS, make_data, make_model, task_loss
+
+import metaopt
 from metaopt import checkpoint as ckpt_module
 from metaopt.checkpoint import HEADER_SIZE, _temp_files
 
@@ -464,7 +464,7 @@ def test_torch_lr_scheduler_state_dicts_round_trip(tmp_path, make):
                                     tasks=TASKS, inner_steps=2, seed=0)
     sched = make(opt)
     data = make_data()
-    for i in range(3):
+    for _ in range(3):
         opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             sched.step(1.0)   # a plateau: its counters move

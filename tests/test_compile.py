@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import metaopt
+
 from _stacks import TASKS, batch
 
 STEPS = 6

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import socket
 
+import _ddp_worker
 import pytest
 import torch
 
-import _ddp_worker
 from _spawn import spawn
 from _stacks import METHODS, Net, batch, loss_of, make_opt
 

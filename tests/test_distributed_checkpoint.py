@@ -10,12 +10,13 @@ import multiprocessing
 import os
 import time
 
+import _dist_crash_worker as cw
 import pytest
 import torch
 
-import _dist_crash_worker as cw
-from _spawn import file_store, spawn
 import metaopt
+
+from _spawn import file_store, spawn
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import TASKS, make_data, make_model, task_loss
 
 import metaopt
-from conftest import TASKS, make_data, make_model, task_loss
 
 
 def snapshot(model, opt):

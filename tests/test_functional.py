@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
 from metaopt import functional as F
-from conftest import make_model
 
 
 def test_pack_parameters_makes_views_and_keeps_values():

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import copy
 import io
-import pickle
 import math
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -42,6 +42,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import LONG, TASKS, make_model
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -54,8 +55,8 @@ from hypothesis.stateful import (
 )
 
 import metaopt
+
 from _snapshot import assert_same, assert_unchanged, snapshot
-from conftest import LONG, TASKS, make_model
 
 # ---------------------------------------------------------------- budget
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TASKS, make_data, make_model, task_loss
 
 import metaopt
 from metaopt import functional as F
-from conftest import TASKS, make_data, make_model, task_loss
 
 
 def run(opt, model, data, steps):

@@ -12,12 +12,13 @@ import pickle
 
 import pytest
 import torch
+from conftest import TASKS, make_data, make_model, params_of, task_loss
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metaopt
+
 from _snapshot import assert_unchanged, snapshot
-from conftest import TASKS, make_data, make_model, params_of, task_loss
 
 
 def run(opt, model, data, steps, loss=task_loss):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 
+import _local_worker as w
 import pytest
 import torch
 
-import _local_worker as w
-from _spawn import file_store, spawn
 import metaopt
+
+from _spawn import file_store, spawn
 from _stacks import TASKS, Net, loss_of
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

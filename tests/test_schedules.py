@@ -126,7 +126,7 @@ def test_a_given_order_is_followed_and_cycled_and_resumes():
     opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
                                     inner_steps=3, schedule=order)
     seen = []
-    for i in range(6):
+    for _ in range(6):
         (t,) = opt.next_tasks()
         seen.append(t)
         opt.step({t: model(torch.ones(1, 2)).sum()})

@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from conftest import TASKS, make_data, make_model, params_of, task_loss
 from hypothesis import given
 from hypothesis import strategies as st
 
 import metaopt
-from conftest import TASKS, make_data, make_model, params_of, task_loss
 
 
 def run(opt, model, data, steps):

@@ -65,7 +65,7 @@ def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
     report = opt.step(losses_of(model, data, opt.next_tasks()))
 
     rshared = list(ref.enc.parameters())
-    J = torch.stack([flat_grads(l, rshared) for l in losses_of(ref, data, TASKS).values()])
+    J = torch.stack([flat_grads(loss, rshared) for loss in losses_of(ref, data, TASKS).values()])
     order = random_order(3, torch.Generator().manual_seed(3))
     # the class accumulates the Gramian in float64 and reports the float64 weights
     w = pcgrad_weights(gramian(J, dtype=torch.float64), order, reduction)
@@ -85,7 +85,7 @@ def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
 def test_shared_detection_excludes_heads_from_projection():
     """Default shared=None must give the same result as naming the encoder explicitly."""
     out = [
-        trained_params(lambda m: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, seed=1,
+        trained_params(lambda m, explicit=explicit: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, seed=1,
                                                 **({"shared": m.enc.parameters()} if explicit else {})),
                        3, seed=4)
         for explicit in (False, True)
@@ -112,7 +112,7 @@ def test_head_leak_is_impossible():
 def test_gradvac_beta_zero_equals_pcgrad(seed):
     data = batches(seed=seed)
     results = [
-        trained_params(lambda m: cls(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, seed=seed, **kw),
+        trained_params(lambda m, cls=cls, kw=kw: cls(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, seed=seed, **kw),
                        3, seed=seed, data=data)
         for cls, kw in ((metaopt.PCGrad, {}), (metaopt.GradVac, {"beta": 0.0}))
     ]
@@ -130,7 +130,7 @@ def test_gradvac_class_tracks_targets_like_the_pure_function():
     targets = torch.zeros(3, 3, dtype=torch.float64)
     for _ in range(3):
         opt.step(losses_of(model, data, TASKS))
-        J = torch.stack([flat_grads(l, list(ref.enc.parameters())) for l in losses_of(ref, data, TASKS).values()])
+        J = torch.stack([flat_grads(loss, list(ref.enc.parameters())) for loss in losses_of(ref, data, TASKS).values()])
         _, targets = gradvac_weights(gramian(J, dtype=torch.float64), random_order(3, g), targets, 0.3)
     torch.testing.assert_close(opt.targets[0], targets.double())
     assert (opt.targets[0] != 0).any()
@@ -190,8 +190,8 @@ def test_gradvac_state_for_other_tasks_is_refused():
 
 def test_batched_jacobian_path_equals_loop():
     out = [
-        trained_params(lambda m: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS,
-                                                 beta=0.1, batched=batched, seed=0), 2, seed=3)
+        trained_params(lambda m, batched=batched: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1),
+                                                 tasks=TASKS, beta=0.1, batched=batched, seed=0), 2, seed=3)
         for batched in (False, True)
     ]
     for a, b in zip(*out):
@@ -279,8 +279,9 @@ def test_gradnorm_balances_gradient_norms():
 def test_gradnorm_state_dict_keeps_weights_and_initial_losses():
     data = batches()
     model = MultiHead()
-    mk = lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-                                    layer=m.enc[0].parameters())
+    def mk(m):
+        return metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+                                layer=m.enc[0].parameters())
     opt = mk(model)
     for _ in range(3):
         opt.step(losses_of(model, data, TASKS))
@@ -407,7 +408,8 @@ def test_non_finite_task_gradient_names_the_task_and_changes_nothing(make):
 
 def test_constructor_errors():
     model = MultiHead()
-    sgd = lambda: torch.optim.SGD(model.parameters(), lr=0.1)
+    def sgd():
+        return torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="shared is empty"):
         metaopt.PCGrad(sgd(), tasks=TASKS, shared=[])
     with pytest.raises(ValueError, match="not parameters of the wrapped"):
@@ -602,7 +604,7 @@ def test_gradvac_class_under_deterministic_algorithms(deterministic, groups):
         targets = torch.zeros(opt.targets.shape, dtype=torch.float64)
         for _ in range(3):
             shared = list(ref.enc.parameters())
-            J = torch.stack([flat_grads(l, shared) for l in losses_of(ref, data, TASKS).values()])
+            J = torch.stack([flat_grads(loss, shared) for loss in losses_of(ref, data, TASKS).values()])
             if groups == "parameter":
                 cols = torch.split(J, [p.numel() for p in shared], dim=1)
             else:

@@ -9,9 +9,22 @@ import pytest
 import torch
 
 import metaopt
-from _stacks import (METHODS, REPTILE_FAMILY, TASKS, Net, backward_the_torch_way, batch, loss_of,
-                     make_opt, method_state, one_loop_step, scaler_step, torch_style_step,
-                     torch_way_step)
+
+from _stacks import (
+    METHODS,
+    REPTILE_FAMILY,
+    TASKS,
+    Net,
+    backward_the_torch_way,
+    batch,
+    loss_of,
+    make_opt,
+    method_state,
+    one_loop_step,
+    scaler_step,
+    torch_style_step,
+    torch_way_step,
+)
 
 STEPS = 7   # past the outer steps of both Reptile set-ups and of the composition
 
@@ -268,7 +281,7 @@ def test_fp16_autocast_with_grad_scaler_trains(name):
     opt = make_opt(name, model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
     first = None
-    for s in range(12):
+    for _ in range(12):
         with torch.autocast("cpu", dtype=torch.float16):
             wanted = opt.next_tasks()
             losses = {t: loss_of(model, t, batch(0, t, dtype=torch.float32)) for t in wanted}

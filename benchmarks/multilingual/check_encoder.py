@@ -22,12 +22,11 @@ if not __package__:  # run as a script: make the package importable (PEP 366)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     __package__ = "multilingual"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from .encoder import Layer, MiniLM, Tokenizer, build_scratch, cosine, load_pretrained, \
-    load_tokenizer, pack  # noqa: E402
+from .encoder import Layer, MiniLM, Tokenizer, build_scratch, cosine, load_pretrained, load_tokenizer, pack
 
 GOLDEN_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 GOLDEN = torch.tensor([[1.0, 0.6660, 0.1046], [0.6660, 1.0, 0.1411], [0.1046, 0.1411, 1.0]])

@@ -40,7 +40,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 from babel import Locale, UnknownLocaleError
 
@@ -128,7 +128,7 @@ def _english_city(tz: str, english: Locale) -> str:
     return entry.get("city") or tz.split("/")[-1].replace("_", " ")
 
 
-@lru_cache(maxsize=None)
+@cache
 def entity_names(code: str) -> tuple[Entity, ...]:
     """All filtered names of language ``code``, sorted by (label, name) so the result does not
     depend on dict order.

@@ -38,8 +38,8 @@ Parameters: 22.57M in the encoder, of which the word-embedding matrix is 11.72M
 
 from __future__ import annotations
 
-import importlib.util
 import copy
+import importlib.util
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass

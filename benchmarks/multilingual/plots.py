@@ -10,11 +10,11 @@ import matplotlib
 import matplotlib.ticker
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from .analysis import SR, Analysis  # noqa: E402
-from .methods import METHODS  # noqa: E402
+from .analysis import SR, Analysis
+from .methods import METHODS
 
 COLORS = {
     "scratch": "#9e9e9e", "linear-probe": "#bcbd22", "stl": "#393b79", "mtl": "#1f77b4",

@@ -20,8 +20,15 @@ from torch import Tensor
 from .cache import DiskCache
 from .config import Config
 from .data import CATEGORIES, EntitySuite, build_entity_suite
-from .encoder import MiniLM, TopClassifier, Tokenizer, build_scratch, load_pretrained, \
-    load_tokenizer, model_dir
+from .encoder import (
+    MiniLM,
+    Tokenizer,
+    TopClassifier,
+    build_scratch,
+    load_pretrained,
+    load_tokenizer,
+    model_dir,
+)
 from .features import SplitFeatures, StateBank, cached_bank
 from .forgetting import LID_LANGUAGES, LidProbe
 

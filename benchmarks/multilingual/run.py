@@ -26,19 +26,19 @@ if not __package__:  # run as a script: make the package importable (PEP 366), a
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "multilingual"
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from .analysis import Analysis  # noqa: E402
-from .cache import DiskCache, default_cache_dir  # noqa: E402
-from .config import ALL_METHODS, PRESETS, SUITES, Config, with_overrides  # noqa: E402
-from .data import check_language  # noqa: E402
-from .methods import METHODS  # noqa: E402
-from .plots import all_figures  # noqa: E402
-from .prepare import Bench, build_suites  # noqa: E402
-from .report import markdown, reference_numbers, write_json  # noqa: E402
-from .system import load_average, machine, versions  # noqa: E402
-from .train import Trainer, warm_up  # noqa: E402
+from .analysis import Analysis
+from .cache import DiskCache, default_cache_dir
+from .config import ALL_METHODS, PRESETS, SUITES, Config, with_overrides
+from .data import check_language
+from .methods import METHODS
+from .plots import all_figures
+from .prepare import Bench, build_suites
+from .report import markdown, reference_numbers, write_json
+from .system import load_average, machine, versions
+from .train import Trainer, warm_up
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
