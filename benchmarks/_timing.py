@@ -21,8 +21,9 @@ def sync(device: torch.device | str = "cpu") -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], object], *, repeat: int = 15, warmup: int = 3,
-                device: torch.device | str = "cpu") -> float:
+def median_time(
+    fn: Callable[[], object], *, repeat: int = 15, warmup: int = 3, device: torch.device | str = "cpu"
+) -> float:
     """Median wall time of ``fn`` in seconds, after ``warmup`` untimed calls."""
     for _ in range(warmup):
         fn()
@@ -46,8 +47,10 @@ def machine() -> str:
                     break
     except OSError:
         pass
-    return (f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
-            f"python {platform.python_version()}")
+    return (
+        f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+        f"python {platform.python_version()}"
+    )
 
 
 def free_port() -> int:

@@ -18,8 +18,8 @@ metaopt's timings are printed.
 ``git worktree`` of the previous commit) and times it side by side with this checkout's,
 interleaved in one process, instead of the TorchJD table: ``pcgrad`` and ``gradvac`` for each
 T and P, then one ``PCGrad.step`` / ``GradVac.step`` on a model with a shared 1000×1000 layer
-(P = 1.0e6) and T heads (T = 9, or ``--surgery-tasks``), both as a whole (nine backward passes included) and with the
-Jacobian already computed (only the aggregation, the checks and the SGD step).
+(P = 1.0e6) and T heads (T = 9, or ``--surgery-tasks``), both as a whole (nine backward passes
+included) and with the Jacobian already computed (only the aggregation, the checks and the SGD step).
 """
 
 from __future__ import annotations
@@ -89,9 +89,7 @@ def bench_cell(T: int, P: int, repeats: int, beta: float) -> dict[str, float]:
         pcgrad(J, generator=gen)
 
     def mo_gradvac() -> None:
-        _, _, state["targets"] = gradvac(
-            J, targets=state["targets"], beta=beta, generator=gen, out=out
-        )
+        _, _, state["targets"] = gradvac(J, targets=state["targets"], beta=beta, generator=gen, out=out)
 
     def mo_pc_weights() -> None:
         pcgrad_weights(G, random_order(T, gen))
@@ -151,8 +149,7 @@ def load_checkout(path: str, name: str) -> ModuleType:
     return module
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, seed: int
-                ) -> dict[str, list[float]]:
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, seed: int) -> dict[str, list[float]]:
     """Seconds of every call, the variants in a fresh random order on every repeat."""
     for fn in variants.values():  # warm-up
         fn()
@@ -169,12 +166,14 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, seed: i
 def paired(times: dict[str, list[float]], new: str, old: str) -> str:
     """Median of new/old over the repeats (each pair ran in the same repeat), and both medians."""
     ratio = statistics.median(a / b for a, b in zip(times[new], times[old]))
-    return (f"{statistics.median(times[old]) * 1e3:.2f} | {statistics.median(times[new]) * 1e3:.2f} "
-            f"| {ratio:.3f}")
+    return (
+        f"{statistics.median(times[old]) * 1e3:.2f} | {statistics.median(times[new]) * 1e3:.2f} | {ratio:.3f}"
+    )
 
 
-def surgery_variants(pkg: ModuleType, tag: str, T: int, width: int, beta: float
-                     ) -> dict[str, Callable[[], object]]:
+def surgery_variants(
+    pkg: ModuleType, tag: str, T: int, width: int, beta: float
+) -> dict[str, Callable[[], object]]:
     """One full step and one step on a precomputed Jacobian, for PCGrad and GradVac of ``pkg``."""
     out: dict[str, Callable[[], object]] = {}
     gen = torch.Generator().manual_seed(1)
@@ -187,13 +186,12 @@ def surgery_variants(pkg: ModuleType, tag: str, T: int, width: int, beta: float
         heads = torch.nn.ModuleList(torch.nn.Linear(width, 1) for _ in range(T))
         params = [*enc.parameters(), *heads.parameters()]
         kw = {"beta": beta} if method == "GradVac" else {}
-        opt = getattr(pkg, method)(torch.optim.SGD(params, lr=1e-6), tasks=tasks,
-                                   shared=enc.parameters(), seed=0, **kw)
+        opt = getattr(pkg, method)(
+            torch.optim.SGD(params, lr=1e-6), tasks=tasks, shared=enc.parameters(), seed=0, **kw
+        )
 
-        def losses(enc: torch.nn.Module = enc, heads: torch.nn.ModuleList = heads
-                   ) -> dict[str, torch.Tensor]:
-            return {t: torch.nn.functional.mse_loss(heads[i](enc(xs[i])), ys[i])
-                    for i, t in enumerate(tasks)}
+        def losses(enc: torch.nn.Module = enc, heads: torch.nn.ModuleList = heads) -> dict[str, torch.Tensor]:
+            return {t: torch.nn.functional.mse_loss(heads[i](enc(xs[i])), ys[i]) for i, t in enumerate(tasks)}
 
         out[f"{tag} {method} step"] = lambda opt=opt, losses=losses: opt.step(losses())
         # the same step on a fixed Jacobian: this package's task_jacobian, replaced for this
@@ -210,23 +208,32 @@ def surgery_variants(pkg: ModuleType, tag: str, T: int, width: int, beta: float
         real = module.task_jacobian
         cheap = {t: sum(p.sum() for p in params) * 0.0 for t in tasks}
 
-        def fixed_step(opt: object = opt, J: torch.Tensor = J, reached: torch.Tensor = reached,
-                       module: ModuleType = module, real: Callable[..., object] = real,
-                       result: type = result, cheap: dict[str, torch.Tensor] = cheap) -> None:
+        def fixed_step(
+            opt: object = opt,
+            J: torch.Tensor = J,
+            reached: torch.Tensor = reached,
+            module: ModuleType = module,
+            real: Callable[..., object] = real,
+            result: type = result,
+            cheap: dict[str, torch.Tensor] = cheap,
+        ) -> None:
             def fill(losses: object, params: object, *, out: torch.Tensor, **kw: object) -> object:
                 out.copy_(J)
                 return result(out, reached)
+
             module.task_jacobian = fill
             try:
                 opt.step(cheap)  # type: ignore[attr-defined]
             finally:
                 module.task_jacobian = real
+
         out[f"{tag} {method} aggregation"] = fixed_step
     return out
 
 
-def compare(baseline: str, tasks: list[int], sizes: list[int], quick: bool, beta: float,
-            surgery_tasks: list[int]) -> None:
+def compare(
+    baseline: str, tasks: list[int], sizes: list[int], quick: bool, beta: float, surgery_tasks: list[int]
+) -> None:
     """Before / after: the checkout at ``baseline`` against this one, interleaved."""
     old = load_checkout(baseline, "metaopt_baseline")
     new = load_checkout(str(Path(__file__).resolve().parents[1]), "metaopt_current")
@@ -244,32 +251,49 @@ def compare(baseline: str, tasks: list[int], sizes: list[int], quick: bool, beta
                 agg = pkg.aggregation
                 state = {"t": torch.zeros(T, T, dtype=torch.float64)}
 
-                def pc(agg: ModuleType = agg, J: torch.Tensor = J, gen: torch.Generator = gen,
-                       buf: torch.Tensor = buf) -> None:
+                def pc(
+                    agg: ModuleType = agg,
+                    J: torch.Tensor = J,
+                    gen: torch.Generator = gen,
+                    buf: torch.Tensor = buf,
+                ) -> None:
                     agg.pcgrad(J, generator=gen, out=buf)
 
-                def gv(agg: ModuleType = agg, state: dict[str, torch.Tensor] = state, J: torch.Tensor = J,
-                       gen: torch.Generator = gen, buf: torch.Tensor = buf) -> None:
-                    _, _, state["t"] = agg.gradvac(J, targets=state["t"], beta=beta,
-                                                   generator=gen, out=buf)
+                def gv(
+                    agg: ModuleType = agg,
+                    state: dict[str, torch.Tensor] = state,
+                    J: torch.Tensor = J,
+                    gen: torch.Generator = gen,
+                    buf: torch.Tensor = buf,
+                ) -> None:
+                    _, _, state["t"] = agg.gradvac(J, targets=state["t"], beta=beta, generator=gen, out=buf)
+
                 variants[f"{tag} pc"], variants[f"{tag} gv"] = pc, gv
             big = T * P >= 10**7
             times = interleaved(variants, 7 if big else (11 if quick else 21), T * P)
-            print(f"| {T} | {P:.0e} | {paired(times, 'new pc', 'old pc')} "
-                  f"| {paired(times, 'new gv', 'old gv')} |", flush=True)
+            print(
+                f"| {T} | {P:.0e} | {paired(times, 'new pc', 'old pc')} "
+                f"| {paired(times, 'new gv', 'old gv')} |",
+                flush=True,
+            )
     width = 1000
     P = width * width + width
     print(f"\nSurgery step, shared P = {P:.2e} (+ T heads), SGD:\n")
     print("| T | step | before | after | after/before |")
     print("|---|---|---|---|---|")
     for T in surgery_tasks:
-        variants = {**surgery_variants(old, "old", T, width, beta),
-                    **surgery_variants(new, "new", T, width, beta)}
+        variants = {
+            **surgery_variants(old, "old", T, width, beta),
+            **surgery_variants(new, "new", T, width, beta),
+        }
         times = interleaved(variants, 9 if quick else 25, 7)
         for method in ("PCGrad", "GradVac"):
             for part in ("step", "aggregation"):
-                print(f"| {T} | {method} {part} "
-                      f"| {paired(times, f'new {method} {part}', f'old {method} {part}')} |", flush=True)
+                print(
+                    f"| {T} | {method} {part} "
+                    f"| {paired(times, f'new {method} {part}', f'old {method} {part}')} |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -279,10 +303,16 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="*", default=[2, 8, 40])
     parser.add_argument("--sizes", type=float, nargs="*", default=None)
     parser.add_argument("--beta", type=float, default=0.01, help="GradVac EMA rate")
-    parser.add_argument("--baseline", default=None,
-                        help="checkout of metaopt to compare with, before / after (see above)")
-    parser.add_argument("--surgery-tasks", type=int, nargs="*", default=[9],
-                        help="T of the surgery-step model with --baseline")
+    parser.add_argument(
+        "--baseline", default=None, help="checkout of metaopt to compare with, before / after (see above)"
+    )
+    parser.add_argument(
+        "--surgery-tasks",
+        type=int,
+        nargs="*",
+        default=[9],
+        help="T of the surgery-step model with --baseline",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(p) for p in (args.sizes or ([1e5, 1e6] if args.quick else [1e5, 1e6, 1e7]))]

@@ -34,7 +34,7 @@ import metaopt
 
 from _timing import free_port, leave_rank, machine
 
-BUCKET = 25 * 2 ** 20 // 4   # DDP's default bucket, in float32 elements
+BUCKET = 25 * 2**20 // 4  # DDP's default bucket, in float32 elements
 
 
 class _Model(torch.nn.Module):
@@ -76,12 +76,13 @@ def _rank(rank: int, world: int, port: int, T: int, width: int, repeats: int, ou
     def t_collectives() -> None:
         for f in flat:
             for start in range(0, P, BUCKET):
-                dist.all_reduce(f[start:start + BUCKET])
+                dist.all_reduce(f[start : start + BUCKET])
 
     m_pc = _model(width, T)
     ddp_pc = torch.nn.parallel.DistributedDataParallel(m_pc)
-    opt = metaopt.PCGrad(torch.optim.AdamW(m_pc.parameters(), lr=1e-4), tasks=tasks,
-                         shared=m_pc.enc.parameters())
+    opt = metaopt.PCGrad(
+        torch.optim.AdamW(m_pc.parameters(), lr=1e-4), tasks=tasks, shared=m_pc.enc.parameters()
+    )
 
     def pcgrad_step() -> None:
         opt.backward({t: loss(ddp_pc, i) for i, t in enumerate(tasks)})
@@ -100,16 +101,18 @@ def _rank(rank: int, world: int, port: int, T: int, width: int, repeats: int, ou
             kept.append([p.grad.clone() for p in m_t.enc.parameters()])
         adamw.step()
 
-    variants = {"one all-reduce of the T rows": one_collective,
-                "T bucketed all-reduces (T DDP backwards' volume)": t_collectives,
-                "PCGrad step on DDP (opt.backward + step)": pcgrad_step,
-                "T DDP backward passes + AdamW step": t_backwards}
+    variants = {
+        "one all-reduce of the T rows": one_collective,
+        "T bucketed all-reduces (T DDP backwards' volume)": t_collectives,
+        "PCGrad step on DDP (opt.backward + step)": pcgrad_step,
+        "T DDP backward passes + AdamW step": t_backwards,
+    }
     names = list(variants)
     for fn in variants.values():
         fn()
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             dist.barrier()
             t0 = time.perf_counter()
@@ -133,8 +136,10 @@ def main() -> None:
     times = torch.load(out)
     os.remove(out)
     P = args.width * args.width + args.width
-    print(f"2 gloo ranks on one machine, 1 thread each; T = {args.tasks}, shared P = {P:.3g}; "
-          f"{args.repeats} rotated repeats")
+    print(
+        f"2 gloo ranks on one machine, 1 thread each; T = {args.tasks}, shared P = {P:.3g}; "
+        f"{args.repeats} rotated repeats"
+    )
     print(f"machine: {machine()}")
     med = {n: statistics.median(v) for n, v in times.items()}
     for n, v in med.items():

@@ -30,17 +30,19 @@ def mbert_shapes(scale: int = 1) -> list[tuple[int, ...]]:
     h, vocab, inter = 768 // scale, 119547 // scale, 3072 // scale
     shapes: list[tuple[int, ...]] = [(vocab, h), (512, h), (2, h), (h,), (h,)]
     for _ in range(12):
-        shapes += [(h, h), (h,)] * 4                 # q, k, v, attention output
-        shapes += [(h,), (h,)]                       # attention LayerNorm
+        shapes += [(h, h), (h,)] * 4  # q, k, v, attention output
+        shapes += [(h,), (h,)]  # attention LayerNorm
         shapes += [(inter, h), (inter,), (h, inter), (h,)]
-        shapes += [(h,), (h,)]                       # output LayerNorm
-    shapes += [(h, h), (h,)]                         # pooler
+        shapes += [(h,), (h,)]  # output LayerNorm
+    shapes += [(h, h), (h,)]  # pooler
     return shapes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scale", type=int, default=None, help="divide hidden and vocab sizes (default 1 on GPU, 3 on CPU)")
+    ap.add_argument(
+        "--scale", type=int, default=None, help="divide hidden and vocab sizes (default 1 on GPU, 3 on CPU)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=15)
@@ -59,7 +61,7 @@ def main() -> None:
     n = sum(torch.Size(s).numel() for s in shapes)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     master = 4 if dtype in (torch.float16, torch.bfloat16) else itemsize
-    nbytes = 2 * n * itemsize + 2 * n * master           # read θ, φ; write φ, θ
+    nbytes = 2 * n * itemsize + 2 * n * master  # read θ, φ; write φ, θ
     print(f"{len(shapes)} tensors, {n / 1e6:.1f}M parameters ({args.dtype}), device {device}")
     print(f"machine: {machine()}")
 
@@ -68,8 +70,10 @@ def main() -> None:
     t_copy = median_time(lambda: dst.copy_(src), repeat=args.repeat, device=device)
     copy_bw = 2 * n * 4 / t_copy
     floor = nbytes / copy_bw
-    print(f"copy_ of {n * 4 / 1e6:.0f} MB: {t_copy * 1e3:.2f} ms = {copy_bw / 1e9:.1f} GB/s "
-          f"(read+write); floor for the outer step = {floor * 1e3:.2f} ms\n")
+    print(
+        f"copy_ of {n * 4 / 1e6:.0f} MB: {t_copy * 1e3:.2f} ms = {copy_bw / 1e9:.1f} GB/s "
+        f"(read+write); floor for the outer step = {floor * 1e3:.2f} ms\n"
+    )
 
     rows = []
     variants = [

@@ -56,8 +56,9 @@ class _Model(torch.nn.Module):
     def __init__(self, width: int, T: int) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.enc = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(),
-                                       torch.nn.Linear(width, width), torch.nn.Tanh())
+        self.enc = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh()
+        )
         self.heads = torch.nn.ModuleList(torch.nn.Linear(width, 1) for _ in range(T))
 
     def forward(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -68,10 +69,9 @@ class _Counter:
     """Payload bytes handed to collectives."""
 
     def __init__(self) -> None:
-        self.bytes = 0        # all-reduce payloads
+        self.bytes = 0  # all-reduce payloads
         self.calls = 0
         self.check_bytes = 0  # the first step's all_gather of digests
-
 
 
 def _ddp_hook(state: _Counter, bucket: Any) -> Any:
@@ -83,8 +83,11 @@ def _ddp_hook(state: _Counter, bucket: Any) -> Any:
 
 
 # DDP checks the hook's annotations as objects (this module's are strings)
-_ddp_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket,
-                             "return": torch.futures.Future[torch.Tensor]}
+_ddp_hook.__annotations__ = {
+    "state": object,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -94,8 +97,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     T = args.tasks
     tasks = [f"t{i}" for i in range(T)]
     g = torch.Generator().manual_seed(1 + rank)
-    data = [(torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 1, generator=g))
-            for _ in range(T)]
+    data = [
+        (torch.randn(args.batch, args.width, generator=g), torch.randn(args.batch, 1, generator=g))
+        for _ in range(T)
+    ]
 
     def loss(model: torch.nn.Module, task: str) -> torch.Tensor:
         i = tasks.index(task)
@@ -107,19 +112,36 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     base = _Model(args.width, T)
     ddp = torch.nn.parallel.DistributedDataParallel(base, find_unused_parameters=True)
     ddp.register_comm_hook(counters[MODES[0]], _ddp_hook)
-    runs[MODES[0]] = (ddp, metaopt.SequentialReptile(
-        torch.optim.AdamW(base.parameters(), lr=1e-3), tasks=tasks, inner_steps=args.inner_steps,
-        outer_lr=0.5, allow_unused=True, seed=0))
+    runs[MODES[0]] = (
+        ddp,
+        metaopt.SequentialReptile(
+            torch.optim.AdamW(base.parameters(), lr=1e-3),
+            tasks=tasks,
+            inner_steps=args.inner_steps,
+            outer_lr=0.5,
+            allow_unused=True,
+            seed=0,
+        ),
+    )
     local = _Model(args.width, T)
-    runs[MODES[1]] = (local, metaopt.SequentialReptile(
-        torch.optim.AdamW(local.parameters(), lr=1e-3), tasks=tasks, inner_steps=args.inner_steps,
-        outer_lr=0.5, allow_unused=True, seed=0, local_trajectories=True))
+    runs[MODES[1]] = (
+        local,
+        metaopt.SequentialReptile(
+            torch.optim.AdamW(local.parameters(), lr=1e-3),
+            tasks=tasks,
+            inner_steps=args.inner_steps,
+            outer_lr=0.5,
+            allow_unused=True,
+            seed=0,
+            local_trajectories=True,
+        ),
+    )
 
     real_all_reduce, real_gather = dist.all_reduce, dist.all_gather
     active: list[_Counter] = []
 
     def all_reduce(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
-        if active and active[0] is counters[MODES[1]]:   # DDP's hook counts its own
+        if active and active[0] is counters[MODES[1]]:  # DDP's hook counts its own
             active[0].bytes += tensor.numel() * tensor.element_size()
             active[0].calls += 1
         return real_all_reduce(tensor, *a, **k)
@@ -129,7 +151,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
             active[0].check_bytes += tensor.numel() * tensor.element_size()
         return real_gather(out_list, tensor, *a, **k)
 
-    dist.all_reduce, dist.all_gather = all_reduce, all_gather   # type: ignore[assignment]
+    dist.all_reduce, dist.all_gather = all_reduce, all_gather  # type: ignore[assignment]
     wall = {m: 0.0 for m in MODES}
     last: dict[str, list[float]] = {m: [] for m in MODES}
     rounds = args.steps // args.inner_steps
@@ -137,7 +159,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         order = MODES if r % 2 == 0 else MODES[::-1]
         for mode in order:
             model, opt = runs[mode]
-            real_all_reduce(torch.zeros(1))   # a barrier that is not counted
+            real_all_reduce(torch.zeros(1))  # a barrier that is not counted
             active.append(counters[mode])
             t0 = time.perf_counter()
             for _ in range(args.inner_steps):
@@ -150,14 +172,21 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                     last[mode].append(value.item())
             wall[mode] += time.perf_counter() - t0
             active.clear()
-    dist.all_reduce, dist.all_gather = real_all_reduce, real_gather   # type: ignore[assignment]
+    dist.all_reduce, dist.all_gather = real_all_reduce, real_gather  # type: ignore[assignment]
     if rank == 0:
         P = sum(p.numel() for p in local.parameters())
-        torch.save({"wall": wall, "bytes": {m: c.bytes for m, c in counters.items()},
-                    "check": {m: c.check_bytes for m, c in counters.items()},
-                    "calls": {m: c.calls for m, c in counters.items()},
-                    "loss": {m: sum(v) / len(v) for m, v in last.items()}, "P": P,
-                    "outer": runs[MODES[1]][1].outer_step_count}, out)
+        torch.save(
+            {
+                "wall": wall,
+                "bytes": {m: c.bytes for m, c in counters.items()},
+                "check": {m: c.check_bytes for m, c in counters.items()},
+                "calls": {m: c.calls for m, c in counters.items()},
+                "loss": {m: sum(v) / len(v) for m, v in last.items()},
+                "P": P,
+                "outer": runs[MODES[1]][1].outer_step_count,
+            },
+            out,
+        )
     dist.destroy_process_group()
     leave_rank()
 
@@ -173,21 +202,26 @@ def _outer_rank(rank: int, world: int, port: int, args: argparse.Namespace, out:
     for name, bucket in variants.items():
         torch.manual_seed(0)
         model = torch.nn.Linear(args.outer_width, args.outer_width)
-        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.0), tasks=["a"],
-                                        inner_steps=1, outer_lr=0.5, local_trajectories=True,
-                                        bucket_elements=bucket)
+        opt = metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            tasks=["a"],
+            inner_steps=1,
+            outer_lr=0.5,
+            local_trajectories=True,
+            bucket_elements=bucket,
+        )
         for p in model.parameters():
             p.grad = torch.full_like(p, 1.0 + rank)
         runs[name] = opt
     times: dict[str, list[float]] = {n: [] for n in variants}
     names = list(variants)
     for r in range(args.repeats + 1):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             dist.barrier()
             t0 = time.perf_counter()
             runs[n].step()
-            if r:   # the first round checks the ranks (one all_gather of digests): not timed
+            if r:  # the first round checks the ranks (one all_gather of digests): not timed
                 times[n].append(time.perf_counter() - t0)
     if rank == 0:
         P = args.outer_width * (args.outer_width + 1)
@@ -200,18 +234,22 @@ def predict() -> None:
     """docs/scaling.md's figures on paper: a ring all-reduce moves 2(W-1)/W of the payload
     through each rank's link; DDP does one per inner step, local trajectories one per outer
     step. Link rates are assumptions (leads from datasheets), not measurements."""
-    P, W, bytes_per = 178e6, 8, 4                     # mBERT-base, 8 GPUs, float32
+    P, W, bytes_per = 178e6, 8, 4  # mBERT-base, 8 GPUs, float32
     traffic = 2 * (W - 1) / W * P * bytes_per
     links = {"NVLink (360 GB/s)": 360e9, "100 Gb/s Ethernet (11.25 GB/s)": 11.25e9}
     print(f"on paper: P = 178M float32 on {W} ranks, {traffic / 1e9:.3f} GB per rank per all-reduce")
     for name, rate in links.items():
         one = traffic / rate
-        print(f"  {name:32s} one all-reduce {one * 1e3:7.1f} ms; per outer step at K = 100: "
-              f"DDP {100 * one:7.2f} s, local {one:.4f} s; at K = 1,000: DDP {1000 * one:7.1f} s, "
-              f"local {one:.4f} s")
-    flops = 6 * 85e6 * 32 * 128                       # non-embedding parameters x tokens
-    print(f"  compute per inner step (batch 32 x 128 tokens): {flops / 1e12:.1f} TFLOP, "
-          f"{flops / 400e12 * 1e3:.1f} ms at 400 TFLOP/s")
+        print(
+            f"  {name:32s} one all-reduce {one * 1e3:7.1f} ms; per outer step at K = 100: "
+            f"DDP {100 * one:7.2f} s, local {one:.4f} s; at K = 1,000: DDP {1000 * one:7.1f} s, "
+            f"local {one:.4f} s"
+        )
+    flops = 6 * 85e6 * 32 * 128  # non-embedding parameters x tokens
+    print(
+        f"  compute per inner step (batch 32 x 128 tokens): {flops / 1e12:.1f} TFLOP, "
+        f"{flops / 400e12 * 1e3:.1f} ms at 400 TFLOP/s"
+    )
 
 
 def main() -> None:
@@ -222,8 +260,12 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    ap.add_argument("--outer-width", type=int, default=2048,
-                    help="width of the linear layer timed alone in the outer-step comparison")
+    ap.add_argument(
+        "--outer-width",
+        type=int,
+        default=2048,
+        help="width of the linear layer timed alone in the outer-step comparison",
+    )
     ap.add_argument("--repeats", type=int, default=15, help="rounds of the outer-step comparison")
     args = ap.parse_args()
     if args.steps % args.inner_steps:
@@ -233,13 +275,17 @@ def main() -> None:
     mp.spawn(_rank, args=(2, port, args, out), nprocs=2, join=True)
     res = torch.load(out)
     os.remove(out)
-    print(f"2 gloo ranks on one machine, {args.threads} thread(s) each; {args.steps} inner steps, "
-          f"K = {args.inner_steps}, T = {args.tasks}, P = {res['P']:,} float32 parameters")
+    print(
+        f"2 gloo ranks on one machine, {args.threads} thread(s) each; {args.steps} inner steps, "
+        f"K = {args.inner_steps}, T = {args.tasks}, P = {res['P']:,} float32 parameters"
+    )
     print(f"machine: {machine()}")
     for m in MODES:
-        print(f"  {m:22s} {res['bytes'][m]:>14,d} bytes in {res['calls'][m]:5d} all-reduces "
-              f"(+ {res['check'][m]} bytes checked at step 1)   {res['wall'][m]:7.2f} s   "
-              f"last-round loss {res['loss'][m]:.4f}")
+        print(
+            f"  {m:22s} {res['bytes'][m]:>14,d} bytes in {res['calls'][m]:5d} all-reduces "
+            f"(+ {res['check'][m]} bytes checked at step 1)   {res['wall'][m]:7.2f} s   "
+            f"last-round loss {res['loss'][m]:.4f}"
+        )
     a, b = MODES
     print(f"  bytes  DDP / local: {res['bytes'][a] / res['bytes'][b]:.1f}x")
     print(f"  wall   DDP / local: {res['wall'][a] / res['wall'][b]:.2f}x")
@@ -249,8 +295,10 @@ def main() -> None:
     res = torch.load(out)
     os.remove(out)
     times = res["times"]
-    print(f"outer step alone (all-reduce + interpolation), P = {res['P']:,}; median of "
-          f"{args.repeats} rotated rounds:")
+    print(
+        f"outer step alone (all-reduce + interpolation), P = {res['P']:,}; median of "
+        f"{args.repeats} rotated rounds:"
+    )
     first = next(iter(times))
     for n, v in times.items():
         ratio = statistics.median(x / y for x, y in zip(v, times[first]))

@@ -36,11 +36,13 @@ TASKS = [f"t{i}" for i in range(9)]
 def make_model(d: int, layers: int, vocab: int) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
-    return nn.ModuleDict({
-        "emb": nn.Embedding(vocab, d),
-        "enc": nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
-        "head": nn.Linear(d, 5),
-    })
+    return nn.ModuleDict(
+        {
+            "emb": nn.Embedding(vocab, d),
+            "enc": nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+            "head": nn.Linear(d, 5),
+        }
+    )
 
 
 def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -62,8 +64,10 @@ def main() -> None:
     k = args.inner_steps
     g = torch.Generator().manual_seed(0)
     vocab = 4000
-    batches = [(torch.randint(vocab, (args.batch, 16), generator=g),
-                torch.randint(5, (args.batch,), generator=g)) for _ in range(k)]
+    batches = [
+        (torch.randint(vocab, (args.batch, 16), generator=g), torch.randint(5, (args.batch,), generator=g))
+        for _ in range(k)
+    ]
 
     bare_model = make_model(args.d, args.layers, vocab)
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
@@ -71,9 +75,14 @@ def main() -> None:
 
     def sequential_reptile(flatten: bool) -> tuple[nn.Module, metaopt.SequentialReptile]:
         model = make_model(args.d, args.layers, vocab)
-        return model, metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                                tasks=TASKS, inner_steps=k, outer_lr=0.1, seed=0,
-                                                flatten=flatten)
+        return model, metaopt.SequentialReptile(
+            torch.optim.AdamW(model.parameters(), lr=1e-4),
+            tasks=TASKS,
+            inner_steps=k,
+            outer_lr=0.1,
+            seed=0,
+            flatten=flatten,
+        )
 
     torch_model, torch_opt = sequential_reptile(True)
     loop_model, loop_opt = sequential_reptile(True)
@@ -90,12 +99,13 @@ def main() -> None:
     def torch_way(model: nn.Module, opt: metaopt.SequentialReptile) -> Callable[[], float]:
         def block() -> float:
             t0 = time.perf_counter()
-            for b in batches:   # one full outer step: K inner steps and the interpolation
+            for b in batches:  # one full outer step: K inner steps and the interpolation
                 opt.next_tasks()
                 opt.zero_grad()
                 loss_of(model, b).backward()
                 opt.step()
             return (time.perf_counter() - t0) / k
+
         return block
 
     def one_loop_block() -> float:
@@ -112,23 +122,27 @@ def main() -> None:
         "SequentialReptile, torch way, flatten=False": torch_way(unpacked_model, unpacked_opt),
     }
     names = list(variants)
-    for fn in variants.values():   # warm-up
+    for fn in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(args.blocks):   # rotate the order: the later ones of a round ran slower here
-        order = names[i % len(names):] + names[:i % len(names)]
+    for i in range(args.blocks):  # rotate the order: the later ones of a round ran slower here
+        order = names[i % len(names) :] + names[: i % len(names)]
         for n in order:
             times[n].append(variants[n]())
     base = statistics.median(times["bare AdamW"])
-    print(f"model: {n_params / 1e6:.2f}M params, batch {args.batch}x16 tokens; K = {k}; "
-          f"{args.blocks} blocks of {k} steps per variant")
+    print(
+        f"model: {n_params / 1e6:.2f}M params, batch {args.batch}x16 tokens; K = {k}; "
+        f"{args.blocks} blocks of {k} steps per variant"
+    )
     print(f"machine: {machine()}")
     for n in names:
         t = statistics.median(times[n])
         line = f"{n:45s} {t * 1e3:8.2f} ms / inner step"
         if n != "bare AdamW":
             paired = statistics.median([y / x - 1 for x, y in zip(times["bare AdamW"], times[n])])
-            line += f"   overhead {100 * (t / base - 1):+6.2f} % (median of paired blocks {100 * paired:+.2f} %)"
+            line += (
+                f"   overhead {100 * (t / base - 1):+6.2f} % (median of paired blocks {100 * paired:+.2f} %)"
+            )
         print(line)
 
     # The end-to-end difference sits within run-to-run noise on a shared machine, so also time
@@ -142,7 +156,10 @@ def main() -> None:
     n = 2000
     parts = {
         "loss structure checks (one loop)": lambda: sr_opt._check_losses({wanted[0]: loss}, wanted, "step"),
-        "reach and compiled-graph checks (one loop)": lambda: (reaches_any(loss, params), compiled_graph(loss)),
+        "reach and compiled-graph checks (one loop)": lambda: (
+            reaches_any(loss, params),
+            compiled_graph(loss),
+        ),
         "finite gradients (1 sync)": lambda: bool(_all_finite(grads)),
         "parameter-set check": sr_opt._sync_params,
         "external-change check": sr_opt._changed_params,

@@ -73,23 +73,34 @@ def train(method: str, seed: int, args: argparse.Namespace) -> nn.Module:
             batch = []
             for t in torch.randint(args.pool, (args.meta_batch,), generator=pick).tolist():
                 batch.append((*tasks.batch(t, args.shots), *tasks.batch(t, args.shots)))
-            loss = maml.meta_loss(model, batch, _mse, inner=maml.SGD(lr=args.inner_lr),
-                                  steps=args.inner_steps, first_order=method != "MAML")
+            loss = maml.meta_loss(
+                model,
+                batch,
+                _mse,
+                inner=maml.SGD(lr=args.inner_lr),
+                steps=args.inner_steps,
+                first_order=method != "MAML",
+            )
             outer.zero_grad()
             loss.backward()
             outer.step()
         return model
     cls = metaopt.Reptile if method == "Reptile" else metaopt.SequentialReptile
-    opt = cls(torch.optim.SGD(model.parameters(), lr=args.inner_lr), tasks=names,
-              inner_steps=args.inner_steps, outer_lr=args.eta,
-              tasks_per_outer_step=args.meta_batch, seed=seed)
+    opt = cls(
+        torch.optim.SGD(model.parameters(), lr=args.inner_lr),
+        tasks=names,
+        inner_steps=args.inner_steps,
+        outer_lr=args.eta,
+        tasks_per_outer_step=args.meta_batch,
+        seed=seed,
+    )
     for _ in range(args.iterations * args.meta_batch * args.inner_steps):
         (t,) = opt.next_tasks()
         x, y = tasks.batch(int(t), args.shots)
         _mse(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    with torch.no_grad():   # evaluate from φ
+    with torch.no_grad():  # evaluate from φ
         for p, phi in zip(model.parameters(), opt.slow_weights):
             p.copy_(phi)
     return model
@@ -102,9 +113,15 @@ def evaluate(model: nn.Module, seed: int, args: argparse.Namespace) -> float:
     total = 0.0
     for t in range(args.eval_tasks):
         x, y = tasks.batch(t, args.shots)
-        adapted = maml.adapt(model, params, lambda out, y=y: _mse(out, y), x,
-                             inner=maml.SGD(lr=args.inner_lr), steps=args.inner_steps,
-                             first_order=True)
+        adapted = maml.adapt(
+            model,
+            params,
+            lambda out, y=y: _mse(out, y),
+            x,
+            inner=maml.SGD(lr=args.inner_lr),
+            steps=args.inner_steps,
+            first_order=True,
+        )
         xt, yt = tasks.batch(t, 100)
         with torch.no_grad():
             total += float(_mse(torch.func.functional_call(model, adapted, (xt,)), yt))
@@ -126,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     budget = args.iterations * args.meta_batch * args.inner_steps
-    print(f"sinusoid regression, {args.shots}-shot; each method: {budget:,} inner SGD steps "
-          f"({args.iterations} outer steps x {args.meta_batch} tasks x {args.inner_steps}); "
-          f"{args.seeds} seeds; post-adaptation MSE after {args.inner_steps} steps on "
-          f"{args.eval_tasks} new tasks")
+    print(
+        f"sinusoid regression, {args.shots}-shot; each method: {budget:,} inner SGD steps "
+        f"({args.iterations} outer steps x {args.meta_batch} tasks x {args.inner_steps}); "
+        f"{args.seeds} seeds; post-adaptation MSE after {args.inner_steps} steps on "
+        f"{args.eval_tasks} new tasks"
+    )
     print(f"machine: {machine()}")
     baseline = statistics.mean(evaluate(_net(s), s, args) for s in range(args.seeds))
     print(f"  {'no meta-training':20s} MSE {baseline:7.3f}")
@@ -137,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         scores = [evaluate(train(method, s, args), s, args) for s in range(args.seeds)]
         spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        print(f"  {method:20s} MSE {statistics.mean(scores):7.3f} ± {spread:.3f}   "
-              f"(seeds: {', '.join(f'{v:.3f}' for v in scores)})   {time.perf_counter() - t0:6.1f} s")
+        print(
+            f"  {method:20s} MSE {statistics.mean(scores):7.3f} ± {spread:.3f}   "
+            f"(seeds: {', '.join(f'{v:.3f}' for v in scores)})   {time.perf_counter() - t0:6.1f} s"
+        )
 
 
 if __name__ == "__main__":

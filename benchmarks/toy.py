@@ -18,8 +18,11 @@ import torch
 import metaopt
 
 CENTERS = torch.tensor([[2.0, 0.0], [-1.0, 1.8], [-1.0, -1.8]])
-SCALES = [torch.tensor([[1.0, 0.0], [0.0, 8.0]]), torch.tensor([[6.0, 2.0], [2.0, 1.0]]),
-          torch.tensor([[3.0, -2.0], [-2.0, 2.0]])]
+SCALES = [
+    torch.tensor([[1.0, 0.0], [0.0, 8.0]]),
+    torch.tensor([[6.0, 2.0], [2.0, 1.0]]),
+    torch.tensor([[3.0, -2.0], [-2.0, 2.0]]),
+]
 TASKS = ["a", "b", "c"]
 
 
@@ -38,9 +41,15 @@ def methods(lr: float) -> dict[str, object]:
     sgd = lambda m: torch.optim.SGD(m.parameters(), lr=lr)  # noqa: E731
     return {
         "MTL (sum)": lambda m: metaopt.MTL(sgd(m), tasks=TASKS),
-        "sampled MTL (SeqReptile η=1)": lambda m: metaopt.SequentialReptile(sgd(m), tasks=TASKS, inner_steps=10, outer_lr=1.0, seed=0),
-        "Sequential Reptile (η=0.1, K=10)": lambda m: metaopt.SequentialReptile(sgd(m), tasks=TASKS, inner_steps=10, outer_lr=0.1, seed=0),
-        "Reptile (η=0.1, K=10)": lambda m: metaopt.Reptile(sgd(m), tasks=TASKS, inner_steps=10, outer_lr=0.1, seed=0),
+        "sampled MTL (SeqReptile η=1)": lambda m: metaopt.SequentialReptile(
+            sgd(m), tasks=TASKS, inner_steps=10, outer_lr=1.0, seed=0
+        ),
+        "Sequential Reptile (η=0.1, K=10)": lambda m: metaopt.SequentialReptile(
+            sgd(m), tasks=TASKS, inner_steps=10, outer_lr=0.1, seed=0
+        ),
+        "Reptile (η=0.1, K=10)": lambda m: metaopt.Reptile(
+            sgd(m), tasks=TASKS, inner_steps=10, outer_lr=0.1, seed=0
+        ),
         "PCGrad": lambda m: metaopt.PCGrad(sgd(m), tasks=TASKS, seed=0),
         "GradVac (β=0.1)": lambda m: metaopt.GradVac(sgd(m), tasks=TASKS, beta=0.1, seed=0),
         "GradNorm (α=1.5)": lambda m: metaopt.GradNorm(metaopt.MTL(sgd(m), tasks=TASKS), layer=[m.theta]),
@@ -67,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -66,14 +66,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    torch.manual_seed(0)   # the same initial parameters on every rank
+    torch.manual_seed(0)  # the same initial parameters on every rank
     model = Model().to(device)
     local = args.mode == "local"
-    net: torch.nn.Module = model if local else torch.nn.parallel.DistributedDataParallel(
-        model, find_unused_parameters=True)   # one head per step: the other heads are unused
-    opt = metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS,
-                                    inner_steps=args.inner_steps, outer_lr=0.5, seed=0,
-                                    allow_unused=True, local_trajectories=local)
+    net: torch.nn.Module = (
+        model if local else torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    )  # one head per step: the other heads are unused
+    opt = metaopt.SequentialReptile(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        tasks=TASKS,
+        inner_steps=args.inner_steps,
+        outer_lr=0.5,
+        seed=0,
+        allow_unused=True,
+        local_trajectories=local,
+    )
     start = 0
     if args.checkpoint and os.path.exists(args.checkpoint):
         state = metaopt.load_distributed_checkpoint(args.checkpoint, map_location=device)
@@ -88,17 +95,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         opt.zero_grad()
         if report.outer_update and args.checkpoint:
             metaopt.save_distributed_checkpoint(
-                args.checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                  "step": step + 1})
+                args.checkpoint,
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1},
+            )
     losses = {}
-    with torch.no_grad(), opt.use_slow_weights():   # evaluate at φ on held-out batches
+    with torch.no_grad(), opt.use_slow_weights():  # evaluate at φ on held-out batches
         for t in TASKS:
             x, y = batch(t, 99, 10_000, device)
             losses[t] = torch.nn.functional.mse_loss(model(x, t), y).item()
     if rank == 0:
-        print(f"{args.mode}: {dist.get_world_size()} ranks ({dist.get_backend()}), "
-              f"{opt.outer_step_count} outer steps from step {start}; held-out loss at the slow "
-              "weights " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items()))
+        print(
+            f"{args.mode}: {dist.get_world_size()} ranks ({dist.get_backend()}), "
+            f"{opt.outer_step_count} outer steps from step {start}; held-out loss at the slow "
+            "weights " + ", ".join(f"{t} {v:.4f}" for t, v in losses.items())
+        )
     dist.destroy_process_group()
     return losses
 

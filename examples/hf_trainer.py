@@ -24,14 +24,14 @@ from torch import nn
 
 import metaopt
 
-TASKS = {"parity": 2, "majority": 2, "last_mod3": 3}   # task: number of classes
+TASKS = {"parity": 2, "majority": 2, "last_mod3": 3}  # task: number of classes
 VOCAB, LENGTH = 64, 12
 
 
 def _transformers() -> Any:
     try:
         import transformers
-    except ImportError as err:   # the optional extra
+    except ImportError as err:  # the optional extra
         raise SystemExit("this example needs the 'hf' extra: pip install 'metaopt-torch[hf]'") from err
     return transformers
 
@@ -44,15 +44,26 @@ class MultiHeadBert(nn.Module):
         super().__init__()
         tf = _transformers()
         torch.manual_seed(seed)
-        config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                               num_attention_heads=2, intermediate_size=64,
-                               max_position_embeddings=LENGTH, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0)
+        config = tf.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=LENGTH,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
         self.encoder = tf.BertModel(config, add_pooling_layer=False)
         self.heads = nn.ModuleList(nn.Linear(32, n) for n in TASKS.values())
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                task_id: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        task_id: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         task = int(task_id[0])
         if bool((task_id != task).any()):
             raise ValueError("a batch mixes tasks: build it from metaopt.data.ScheduledTaskDataset")
@@ -73,37 +84,60 @@ def make_datasets(n: int = 64, seed: int = 0) -> dict[str, list[dict[str, torch.
             labels = ((ids < VOCAB // 2).sum(1) > LENGTH // 2).long()
         else:
             labels = ids[:, -1] % 3
-        out[task] = [{"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long),
-                      "labels": labels[i]} for i in range(n)]
+        out[task] = [
+            {"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)
+        ]
     return out
 
 
-def build(seed: int = 0, steps: int = 150) -> tuple[MultiHeadBert, metaopt.SequentialReptile,
-                                                   torch.optim.lr_scheduler.LRScheduler]:
+def build(
+    seed: int = 0, steps: int = 150
+) -> tuple[MultiHeadBert, metaopt.SequentialReptile, torch.optim.lr_scheduler.LRScheduler]:
     model = MultiHeadBert(seed)
     opt = metaopt.SequentialReptile(
-        torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01), tasks=list(TASKS),
-        inner_steps=5, outer_lr=0.5, schedule="without_replacement", seed=seed,
-        allow_unused=True,   # two of the three heads are idle at every step
+        torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01),
+        tasks=list(TASKS),
+        inner_steps=5,
+        outer_lr=0.5,
+        schedule="without_replacement",
+        seed=seed,
+        allow_unused=True,  # two of the three heads are idle at every step
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (steps + 1))
     return model, opt, scheduler
 
 
-def run(steps: int = 150, batch_size: int = 8, seed: int = 0) -> tuple[MultiHeadBert, metaopt.SequentialReptile]:
+def run(
+    steps: int = 150, batch_size: int = 8, seed: int = 0
+) -> tuple[MultiHeadBert, metaopt.SequentialReptile]:
     tf = _transformers()
     model, opt, scheduler = build(seed, steps)
-    stream = metaopt.data.ScheduledTaskDataset(opt, make_datasets(seed=seed), batch_size=batch_size,
-                                               steps=steps, seed=seed)
+    stream = metaopt.data.ScheduledTaskDataset(
+        opt, make_datasets(seed=seed), batch_size=batch_size, steps=steps, seed=seed
+    )
     with tempfile.TemporaryDirectory() as out:
         args = tf.TrainingArguments(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size,
-            max_grad_norm=1.0, use_cpu=True, seed=seed, report_to=[], save_strategy="no",
-            logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-            remove_unused_columns=False,   # keep task_id
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            max_grad_norm=1.0,
+            use_cpu=True,
+            seed=seed,
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,  # keep task_id
         )
-        trainer = tf.Trainer(model=model, args=args, train_dataset=stream,
-                             data_collator=tf.default_data_collator, optimizers=(opt, scheduler))
+        trainer = tf.Trainer(
+            model=model,
+            args=args,
+            train_dataset=stream,
+            data_collator=tf.default_data_collator,
+            optimizers=(opt, scheduler),
+        )
         trainer.train()
     return model, opt
 

@@ -36,7 +36,11 @@ def main(steps: int = 600) -> None:
     # allow_unused: each step reaches only its own task's head
     opt = metaopt.SequentialReptile(
         torch.optim.AdamW(model.parameters(), lr=3e-3),
-        tasks=list(data), inner_steps=20, outer_lr=0.5, seed=0, allow_unused=True,
+        tasks=list(data),
+        inner_steps=20,
+        outer_lr=0.5,
+        seed=0,
+        allow_unused=True,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     batch = torch.Generator().manual_seed(1)
@@ -53,7 +57,7 @@ def main(steps: int = 600) -> None:
 
     print(f"initial per-task MSE       {report_losses()}")
     for step in range(1, steps + 1):
-        wanted = opt.next_tasks()                       # the optimizer owns the task schedule
+        wanted = opt.next_tasks()  # the optimizer owns the task schedule
         report = opt.step({t: loss_fn(t) for t in wanted})  # the one loop: backward, then step
         sched.step()
         if report.outer_update and opt.outer_step_count % 6 == 0:

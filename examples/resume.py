@@ -29,8 +29,9 @@ def batch(task: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def build() -> tuple[torch.nn.Module, metaopt.SequentialReptile, torch.optim.lr_scheduler.LRScheduler]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS,
-                                    inner_steps=4, outer_lr=0.3, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS, inner_steps=4, outer_lr=0.3, seed=0
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
     return model, opt, sched
 
@@ -41,7 +42,7 @@ def train(path: str, steps: int, stop_at: int | None = None) -> torch.nn.Module:
     start = 0
     if os.path.exists(path):
         state = metaopt.load_checkpoint(path)
-        model.load_state_dict(state["model"])          # the model first, then the optimizer
+        model.load_state_dict(state["model"])  # the model first, then the optimizer
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
@@ -53,8 +54,15 @@ def train(path: str, steps: int, stop_at: int | None = None) -> torch.nn.Module:
         opt.step({task: torch.nn.functional.mse_loss(model(x), y)})
         sched.step()
         if (step + 1) % 5 == 0:
-            metaopt.save_checkpoint(path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                           "scheduler": sched.state_dict(), "step": step + 1})
+            metaopt.save_checkpoint(
+                path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step + 1,
+                },
+            )
     return model
 
 
@@ -62,12 +70,14 @@ def main(steps: int = 30, crash_at: int = 12) -> bool:
     with tempfile.TemporaryDirectory() as d:
         reference = train(os.path.join(d, "uninterrupted.ckpt"), steps)
         path = os.path.join(d, "run.ckpt")
-        train(path, steps, stop_at=crash_at)            # the crash: everything is dropped here
+        train(path, steps, stop_at=crash_at)  # the crash: everything is dropped here
         resumed_from = metaopt.load_checkpoint(path)["step"]
         resumed = train(path, steps)
     same = all(torch.equal(a, b) for a, b in zip(resumed.parameters(), reference.parameters()))
-    print(f"crashed at step {crash_at}, resumed from the checkpoint of step {resumed_from}: "
-          f"final parameters identical to the uninterrupted run: {same}")
+    print(
+        f"crashed at step {crash_at}, resumed from the checkpoint of step {resumed_from}: "
+        f"final parameters identical to the uninterrupted run: {same}"
+    )
     return same
 
 

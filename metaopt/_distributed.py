@@ -25,9 +25,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["LOCAL", "Reduce", "average_", "averaging", "check_same_on_ranks", "checksum",
-           "collective_failed", "default_group", "digest", "fingerprint", "gather_digests",
-           "rank_seed", "wait", "world_size"]
+__all__ = [
+    "LOCAL",
+    "Reduce",
+    "average_",
+    "averaging",
+    "check_same_on_ranks",
+    "checksum",
+    "collective_failed",
+    "default_group",
+    "digest",
+    "fingerprint",
+    "gather_digests",
+    "rank_seed",
+    "wait",
+    "world_size",
+]
 
 LOCAL = "local"
 """``process_group=LOCAL``: this rank alone, no collective (a per-task method inside a local
@@ -61,8 +74,7 @@ def _device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def average_(tensor: Tensor, group: Any, timeout: float | None = None,
-             where: str = "metaopt") -> Tensor:
+def average_(tensor: Tensor, group: Any, timeout: float | None = None, where: str = "metaopt") -> Tensor:
     """``tensor`` ← its mean over the ranks of ``group``, in place, waiting for it."""
     averaging(group, timeout, where)(tensor)()
     return tensor
@@ -79,8 +91,7 @@ def fingerprint(generator_state: Tensor, *values: Any) -> int:
     return digest((bytes(generator_state.numpy()), values))
 
 
-def gather_digests(values: Sequence[int], group: Any, timeout: float | None,
-                   where: str) -> list[list[int]]:
+def gather_digests(values: Sequence[int], group: Any, timeout: float | None, where: str) -> list[list[int]]:
     """Every rank's ``values`` (a few 63-bit ints, as many on every rank): one ``all_gather``
     of an int64 tensor, waited for at most ``timeout`` seconds (:func:`wait`)."""
     mine = torch.tensor(list(values), dtype=torch.int64, device=_device(group))
@@ -120,8 +131,7 @@ def _weights(device: torch.device) -> Tensor:
     every rank and every run: a seeded CPU generator), cached per device."""
     if device not in _WEIGHTS:
         g = torch.Generator().manual_seed(0x5EED)
-        _WEIGHTS[device] = torch.randint(1, 1 << 15, (_CHUNK,), generator=g,
-                                         dtype=torch.int64).to(device)
+        _WEIGHTS[device] = torch.randint(1, 1 << 15, (_CHUNK,), generator=g, dtype=torch.int64).to(device)
     return _WEIGHTS[device]
 
 
@@ -140,12 +150,11 @@ def checksum(tensors: Sequence[Tensor]) -> int:
         w = _weights(t.device)
         sums = []
         for start in range(0, words.numel(), _CHUNK):
-            v = words[start:start + _CHUNK].to(torch.int64)
-            lo, hi = v & 0xFF, v >> 8   # |each| < 2**8: sums of 2**22 terms stay below 2**45
-            k = w[:v.numel()]
+            v = words[start : start + _CHUNK].to(torch.int64)
+            lo, hi = v & 0xFF, v >> 8  # |each| < 2**8: sums of 2**22 terms stay below 2**45
+            k = w[: v.numel()]
             sums.append(torch.stack([lo.sum(), hi.sum(), (lo * k).sum(), (hi * k).sum()]))
-        parts.append((str(t.dtype), tuple(t.shape),
-                      torch.stack(sums).tolist() if sums else []))
+        parts.append((str(t.dtype), tuple(t.shape), torch.stack(sums).tolist() if sums else []))
     return digest(parts)
 
 
@@ -160,13 +169,16 @@ def averaging(group: Any, timeout: float | None, where: str) -> Reduce:
     size = world_size(group)
 
     def start(tensor: Tensor) -> Callable[[], None]:
-        work = torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM,
-                                            group=group, async_op=True)
+        work = torch.distributed.all_reduce(
+            tensor, op=torch.distributed.ReduceOp.SUM, group=group, async_op=True
+        )
 
         def finish() -> None:
             wait(work, timeout, where)
             tensor.div_(size)
+
         return finish
+
     return start
 
 
@@ -181,8 +193,9 @@ def wait(work: Any, timeout: float | None, where: str, *, moved: bool = True) ->
         else:
             work.wait(timedelta(seconds=timeout))
     except RuntimeError as err:
-        raise collective_failed(where, err, "this rank's optimizer state is now incomplete"
-                                if moved else "nothing was updated") from err
+        raise collective_failed(
+            where, err, "this rank's optimizer state is now incomplete" if moved else "nothing was updated"
+        ) from err
 
 
 def collective_failed(where: str, err: BaseException, state: str) -> RuntimeError:

@@ -137,8 +137,14 @@ class MultiTaskOptimizer(Optimizer):
 
     allow_unused = Option(flag)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 seed: int = 0, allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer):
             self.inner: MultiTaskOptimizer | None = optimizer
@@ -168,7 +174,7 @@ class MultiTaskOptimizer(Optimizer):
         self.generator = torch.Generator().manual_seed(seed)
         self._step_count = 0
         self._pending: tuple[str, ...] | None = None
-        self._backward_losses: dict[str, Tensor] | None = None   # a backward() pending
+        self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
         self._ranks_checked = False
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
         self.defaults = base.defaults
@@ -178,8 +184,8 @@ class MultiTaskOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
-        self._patch_step_function()   # torch.optim's step wrapper: hooks and profiler label
-        self._param_list: list[Tensor] = self._collect_params()   # validate now: clear error
+        self._patch_step_function()  # torch.optim's step wrapper: hooks and profiler label
+        self._param_list: list[Tensor] = self._collect_params()  # validate now: clear error
 
     # ------------------------------------------------------------------ torch.optim plumbing
     @property
@@ -207,8 +213,9 @@ class MultiTaskOptimizer(Optimizer):
             4
         """
         if not isinstance(param_group, Mapping):
-            raise TypeError(f"{type(self).__name__}.add_param_group: expected a dict, got "
-                            f"{type(param_group).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}.add_param_group: expected a dict, got {type(param_group).__name__}"
+            )
         group = dict(param_group)
         params = group.get("params")
         group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
@@ -225,7 +232,7 @@ class MultiTaskOptimizer(Optimizer):
         state.pop("_opt_called", None)
         state["generator"] = self.generator.get_state()
         if "process_group" in state:
-            state["process_group"] = None   # does not pickle: a copy uses the default group
+            state["process_group"] = None  # does not pickle: a copy uses the default group
         state["_ranks_checked"] = False
         return state
 
@@ -307,10 +314,14 @@ class MultiTaskOptimizer(Optimizer):
         """
         name = type(self).__name__
         checked = self._check_losses(losses, self.next_tasks(), f"{name}.backward")
-        if grad_scaler is not None and not (callable(getattr(grad_scaler, "scale", None))
-                                            and callable(getattr(grad_scaler, "get_scale", None))):
-            raise TypeError(f"{name}.backward: grad_scaler must be a torch.amp.GradScaler, got "
-                            f"{type(grad_scaler).__name__}")
+        if grad_scaler is not None and not (
+            callable(getattr(grad_scaler, "scale", None))
+            and callable(getattr(grad_scaler, "get_scale", None))
+        ):
+            raise TypeError(
+                f"{name}.backward: grad_scaler must be a torch.amp.GradScaler, got "
+                f"{type(grad_scaler).__name__}"
+            )
         self._prepare()
         self._backward(checked, grad_scaler)
         detached = {t: v.detach() for t, v in checked.items()}
@@ -319,8 +330,11 @@ class MultiTaskOptimizer(Optimizer):
         else:
             self._backward_losses = {t: self._backward_losses[t] + v for t, v in detached.items()}
 
-    def step(self, losses: Mapping[str, Tensor] | None = None,  # type: ignore[override]
-             closure: None = None) -> StepReport:
+    def step(  # type: ignore[override]
+        self,
+        losses: Mapping[str, Tensor] | None = None,
+        closure: None = None,
+    ) -> StepReport:
         """Take one step: from ``.grad`` (``step()``, after ``loss.backward()`` or
         :meth:`backward`), or on ``losses`` (``step(losses)``: :meth:`backward` then ``step()``,
         ``.grad`` replaced).
@@ -343,7 +357,7 @@ class MultiTaskOptimizer(Optimizer):
                 "arguments to apply it, or zero_grad() to drop it"
             )
         params = self._param_list
-        saved = [p.grad for p in params]   # for a refusal; released once the checks have passed
+        saved = [p.grad for p in params]  # for a refusal; released once the checks have passed
         try:
             self.backward(losses)
             return self._take_step(checked=saved.clear)
@@ -394,9 +408,16 @@ class MultiTaskOptimizer(Optimizer):
         group = default_group(getattr(self, "process_group", None))
         if group is not None:
             check_same_on_ranks(
-                fingerprint(self.generator.get_state(), type(self).__name__, self.tasks,
-                            self._step_count, self._pending),
-                group, f"{type(self).__name__}.step")
+                fingerprint(
+                    self.generator.get_state(),
+                    type(self).__name__,
+                    self.tasks,
+                    self._step_count,
+                    self._pending,
+                ),
+                group,
+                f"{type(self).__name__}.step",
+            )
         self._ranks_checked = True
 
     def _take_step(self, checked: Callable[[], None] | None = None) -> StepReport:
@@ -409,7 +430,7 @@ class MultiTaskOptimizer(Optimizer):
         self._check_step()
         # everything is checked: from here on the step moves
         if self.inner is not None:
-            inner_report: StepReport | None = self.inner.step()   # refuses before it moves
+            inner_report: StepReport | None = self.inner.step()  # refuses before it moves
             if checked is not None:
                 checked()
         else:
@@ -422,8 +443,7 @@ class MultiTaskOptimizer(Optimizer):
         losses = self._backward_losses or {}
         self._pending = None
         self._clear_backward()
-        return StepReport(tasks=tasks, losses=losses, step=self._step_count, inner=inner_report,
-                          **fields)
+        return StepReport(tasks=tasks, losses=losses, step=self._step_count, inner=inner_report, **fields)
 
     # ------------------------------------------------------------------ parameters
     def _collect_params(self) -> list[Tensor]:
@@ -458,9 +478,9 @@ class MultiTaskOptimizer(Optimizer):
                 "(opt.add_param_group)"
             )
         if len(current) == len(known):
-            return   # the same parameters, listed twice
+            return  # the same parameters, listed twice
         self._param_list = current
-        self._params_added(current[len(known):])
+        self._params_added(current[len(known) :])
 
     def _params_added(self, new: list[Tensor]) -> None:
         """Hook: ``new`` parameters joined the wrapped optimizer (after those already known)."""
@@ -473,15 +493,14 @@ class MultiTaskOptimizer(Optimizer):
         return f"a parameter of shape {tuple(p.shape)}"
 
     # ------------------------------------------------------------------ validation
-    def _check_losses(self, losses: Mapping[str, Tensor], wanted: Sequence[str],
-                      where: str) -> dict[str, Tensor]:
+    def _check_losses(
+        self, losses: Mapping[str, Tensor], wanted: Sequence[str], where: str
+    ) -> dict[str, Tensor]:
         """Structure of the losses (keys, type, shape, dtype, graph). Their values are checked
         with the gradients at the step, in one host sync (:meth:`_check_grads`)."""
         name = where
         if not isinstance(losses, Mapping):
-            raise TypeError(
-                f"{name}: losses must be a mapping {{task: loss}}, got {type(losses).__name__}"
-            )
+            raise TypeError(f"{name}: losses must be a mapping {{task: loss}}, got {type(losses).__name__}")
         missing = [t for t in wanted if t not in losses]
         extra = [k for k in losses if k not in wanted]
         if missing or extra:
@@ -495,9 +514,7 @@ class MultiTaskOptimizer(Optimizer):
             if not isinstance(v, Tensor):
                 raise TypeError(f"{name}: loss for task {t!r} is a {type(v).__name__}, not a Tensor")
             if v.numel() != 1:
-                raise ValueError(
-                    f"{name}: loss for task {t!r} must be a scalar, got shape {tuple(v.shape)}"
-                )
+                raise ValueError(f"{name}: loss for task {t!r} must be a scalar, got shape {tuple(v.shape)}")
             if not v.is_floating_point():
                 raise ValueError(f"{name}: loss for task {t!r} has dtype {v.dtype}")
             if not v.requires_grad:
@@ -516,7 +533,7 @@ class MultiTaskOptimizer(Optimizer):
     def _check_reach(self, losses: Mapping[str, Tensor], params: Sequence[Tensor], where: str) -> None:
         """Every task's loss reaches some parameter of ``params`` (before anything moves)."""
         tasks = list(losses)
-        if len(tasks) == 1:   # checked after the backward pass, for free
+        if len(tasks) == 1:  # checked after the backward pass, for free
             return
         stray = [t for t, v in losses.items() if not reaches_any(v, params)]
         if stray:
@@ -548,7 +565,7 @@ class MultiTaskOptimizer(Optimizer):
             for p in self._param_list:
                 p.grad = None
         torch.autograd.backward(total, inputs=params)
-        if compiled:   # a compiled region gives unreached parameters zeros: eager gives none
+        if compiled:  # a compiled region gives unreached parameters zeros: eager gives none
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 keep = torch.stack([g.ne(0).any() for g in grads]).tolist()
@@ -594,8 +611,9 @@ class MultiTaskOptimizer(Optimizer):
         if bool(ok):
             return
         if losses and loss_ok is not None and not bool(loss_ok.all()):
-            values = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist())
-                      if not good}
+            values = {
+                t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good
+            }
             raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
         source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
         raise ValueError(
@@ -677,8 +695,9 @@ class MultiTaskOptimizer(Optimizer):
         except (KeyError, TypeError, RuntimeError, ValueError):
             raise ValueError(f"{name}.load_state_dict: the saved generator state is unreadable") from None
         pending = own.get("pending")
-        if pending is not None and (not isinstance(pending, (list, tuple))
-                                    or any(t not in self.tasks for t in pending)):
+        if pending is not None and (
+            not isinstance(pending, (list, tuple)) or any(t not in self.tasks for t in pending)
+        ):
             raise ValueError(f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks")
         options = own.get("options", {})
         if not isinstance(options, Mapping):
@@ -697,7 +716,7 @@ class MultiTaskOptimizer(Optimizer):
 
     def _load_checked(self, own: Mapping[str, Any], inner: Any) -> None:
         for key, value in own.get("options", {}).items():
-            setattr(self, key, value)   # like torch.optim's saved param-group hyper-parameters
+            setattr(self, key, value)  # like torch.optim's saved param-group hyper-parameters
         self._load_extra_state(own)
         if self.inner is None:
             load_optimizer_state(self.optimizer, inner)
@@ -718,7 +737,7 @@ class MultiTaskOptimizer(Optimizer):
                 state_dict = result
         own, inner = self._check_state(state_dict)
         backup = self._own_state_dict()
-        if self.inner is not None:   # composed: the wrapped optimizer validates (and rolls back) its part
+        if self.inner is not None:  # composed: the wrapped optimizer validates (and rolls back) its part
             self.inner.load_state_dict(inner)
         try:
             self._load_checked(own, inner)

@@ -67,7 +67,7 @@ __all__ = ["FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpo
 
 try:
     import fcntl
-except ImportError:   # Windows
+except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 MAGIC = b"\x89metaopt\r\n\x1a\n"
@@ -77,11 +77,11 @@ mode transfers and plain text files are told apart from checkpoints)."""
 FORMAT_VERSION = 1
 """The newest checkpoint format this metaopt writes and reads."""
 
-_HEADER = struct.Struct("<12sIQ32s")   # magic, version, payload length, SHA-256 of the payload
-HEADER_SIZE = _HEADER.size             # 56 bytes
+_HEADER = struct.Struct("<12sIQ32s")  # magic, version, payload length, SHA-256 of the payload
+HEADER_SIZE = _HEADER.size  # 56 bytes
 
 _TEMP_MARK = ".metaopt-tmp."
-_MAX_NAME_IN_TEMP = 100   # keep temporary names under the usual 255-byte limit
+_MAX_NAME_IN_TEMP = 100  # keep temporary names under the usual 255-byte limit
 
 Reason = Literal["torn", "checksum", "not_checkpoint", "version", "unsafe", "undecodable"]
 MapLocation = None | str | torch.device | dict[str, str] | Callable[[Any, str], Any]
@@ -167,8 +167,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     _fsync_directory(directory)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *,
-                    map_location: MapLocation = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: MapLocation = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` and return its ``dict``.
 
     The header is checked (magic, format version, length), then the payload's SHA-256, and only
@@ -203,12 +202,13 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         head = f.read(HEADER_SIZE)
         length = _check_header(target, head, size)
         payload = f.read(length)
-    if len(payload) != length:   # the file shrank while it was read
+    if len(payload) != length:  # the file shrank while it was read
         raise CheckpointError(target, "torn", f"torn: payload ends after {len(payload)} of {length} bytes")
-    digest = head[HEADER_SIZE - 32:]
+    digest = head[HEADER_SIZE - 32 :]
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(
-            target, "checksum",
+            target,
+            "checksum",
             "checksum mismatch: the payload's SHA-256 differs from the one in the header "
             "(the file is corrupted)",
         )
@@ -216,19 +216,22 @@ def load_checkpoint(path: str | os.PathLike[str], *,
         state = _decode(io.BytesIO(payload), map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            target, "unsafe",
+            target,
+            "unsafe",
             f"refused: torch's weights-only unpickler rejects the payload ({_blocked(e)}). "
             "A checkpoint holds only tensors, numbers, strings and plain containers, and "
             "metaopt never runs code from a checkpoint to load anything else",
         ) from e
     except Exception as e:
         raise CheckpointError(
-            target, "undecodable",
+            target,
+            "undecodable",
             f"the payload passed its checksum but torch.load could not decode it: {e}",
         ) from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(
-            target, "undecodable",
+            target,
+            "undecodable",
             f"the payload is a {type(state).__name__}, not a dict with string keys",
         )
     return state
@@ -246,7 +249,7 @@ def _blocked(error: pickle.UnpicklingError) -> str:
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     specific = [ln for ln in lines if "GLOBAL" in ln or ln.startswith(("Unsupported", "Trying to"))]
     line = (specific or lines or [type(error).__name__])[0]
-    return line.split(" Please use", 1)[0]   # not torch's hint to allowlist what was refused
+    return line.split(" Please use", 1)[0]  # not torch's hint to allowlist what was refused
 
 
 def _serialise(value: Any) -> io.BytesIO:
@@ -274,7 +277,7 @@ def _problem(value: Any) -> str | None:
     """Why ``value`` cannot be a checkpoint value, or None if it can."""
     try:
         buf = _serialise(value)
-    except Exception as e:   # torch.save raises what pickle raises: several types
+    except Exception as e:  # torch.save raises what pickle raises: several types
         return f"cannot be serialised by torch.save ({type(e).__name__}: {e})"
     try:
         _check_loadable(buf)
@@ -332,7 +335,7 @@ def _check_header(path: str, head: bytes, size: int) -> int:
                 path, "torn", f"torn: the file is {size} bytes, shorter than the {HEADER_SIZE}-byte header"
             )
         raise CheckpointError(path, "not_checkpoint", _foreign(head))
-    if head[:len(MAGIC)] != MAGIC:
+    if head[: len(MAGIC)] != MAGIC:
         raise CheckpointError(path, "not_checkpoint", _foreign(head))
     if len(head) < HEADER_SIZE:
         raise CheckpointError(
@@ -341,7 +344,8 @@ def _check_header(path: str, head: bytes, size: int) -> int:
     _, version, length, _ = _HEADER.unpack(head)
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            path, "version",
+            path,
+            "version",
             f"written in checkpoint format version {version}, newer than the newest this metaopt "
             f"reads ({FORMAT_VERSION}); upgrade metaopt to load it",
         )
@@ -350,13 +354,15 @@ def _check_header(path: str, head: bytes, size: int) -> int:
     expected = HEADER_SIZE + length
     if size < expected:
         raise CheckpointError(
-            path, "torn",
+            path,
+            "torn",
             f"torn or truncated: the header promises {length} payload bytes, the file holds "
             f"{size - HEADER_SIZE} (an interrupted copy, or a write that bypassed save_checkpoint)",
         )
     if size > expected:
         raise CheckpointError(
-            path, "checksum",
+            path,
+            "checksum",
             f"corrupted: {size - expected} unexpected bytes after the {length}-byte payload",
         )
     return int(length)
@@ -370,7 +376,7 @@ def _foreign(head: bytes) -> str:
     elif not head:
         kind = "it is empty"
     else:
-        kind = f"it starts with {head[:len(MAGIC)]!r}"
+        kind = f"it starts with {head[: len(MAGIC)]!r}"
     return f"not a metaopt checkpoint: no metaopt magic at the start ({kind}); nothing was decoded"
 
 
@@ -433,20 +439,22 @@ def _temp_files(target: str) -> list[str]:
 
 def _pid_alive(pid: int) -> bool:
     if os.name != "posix":
-        return True   # no safe liveness probe (os.kill would terminate the process there)
+        return True  # no safe liveness probe (os.kill would terminate the process there)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True   # exists, belongs to another user
+        return True  # exists, belongs to another user
     return True
 
 
 def _remove_stale_temps(target: str) -> None:
     """Remove temporary files of ``target`` left by dead writers on this host. Files of live
     processes, of other hosts (a shared file system) and of this process are kept."""
-    pattern = re.compile(re.escape(_temp_prefix(target)) + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\Z")
+    pattern = re.compile(
+        re.escape(_temp_prefix(target)) + r"(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]+\Z"
+    )
     host, own = _host(), os.getpid()
     for tmp in _temp_files(target):
         m = pattern.match(os.path.basename(tmp))

@@ -24,12 +24,26 @@ from metaopt.interpolation import _KERNELS
 
 __all__ = ["info", "main"]
 
-_OPTIONAL = {"bench": ("torchjd", "matplotlib", "tqdm"), "hf": ("transformers", "accelerate"),
-             "test": ("pytest", "hypothesis", "mypy", "ruff")}
+_OPTIONAL = {
+    "bench": ("torchjd", "matplotlib", "tqdm"),
+    "hf": ("transformers", "accelerate"),
+    "test": ("pytest", "hypothesis", "mypy", "ruff"),
+}
 # What the checkout's scripts import from the bench extra (import names): a script that stops on
 # one of these missing is reported with the install command instead of a bare traceback.
-_BENCH_MODULES = frozenset({"torchjd", "qpsolvers", "quadprog", "tqdm", "matplotlib", "babel",
-                            "gflanguages", "safetensors", "tokenizers"})
+_BENCH_MODULES = frozenset(
+    {
+        "torchjd",
+        "qpsolvers",
+        "quadprog",
+        "tqdm",
+        "matplotlib",
+        "babel",
+        "gflanguages",
+        "safetensors",
+        "tokenizers",
+    }
+)
 
 
 def _version(dist: str) -> str:
@@ -45,9 +59,15 @@ def info() -> dict[str, object]:
     dist = torch.distributed
     backends = []
     if dist.is_available():
-        backends = [name for name, ok in (("gloo", dist.is_gloo_available()),
-                                          ("nccl", dist.is_nccl_available()),
-                                          ("mpi", dist.is_mpi_available())) if ok]
+        backends = [
+            name
+            for name, ok in (
+                ("gloo", dist.is_gloo_available()),
+                ("nccl", dist.is_nccl_available()),
+                ("mpi", dist.is_mpi_available()),
+            )
+            if ok
+        ]
     cuda = torch.cuda.is_available()
     return {
         "metaopt": metaopt.__version__,
@@ -55,15 +75,23 @@ def info() -> dict[str, object]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": _version("numpy"),
-        "cuda": (f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}"
-                 if cuda else "not available"),
+        "cuda": (
+            f"{torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)}"
+            if cuda
+            else "not available"
+        ),
         "triton": "importable" if importlib.util.find_spec("triton") is not None else "not installed",
         "interpolation paths": "flat, foreach, reference"
-                               + (f"; device kernels: {', '.join(sorted(_KERNELS))}" if _KERNELS else
-                                  "; no device kernel registered (auto uses flat where packed)"),
+        + (
+            f"; device kernels: {', '.join(sorted(_KERNELS))}"
+            if _KERNELS
+            else "; no device kernel registered (auto uses flat where packed)"
+        ),
         "torch.distributed": ", ".join(backends) if backends else "not available",
-        **{f"extra [{extra}]": ", ".join(f"{d} {_version(d)}" for d in dists)
-           for extra, dists in _OPTIONAL.items()},
+        **{
+            f"extra [{extra}]": ", ".join(f"{d} {_version(d)}" for d in dists)
+            for extra, dists in _OPTIONAL.items()
+        },
     }
 
 
@@ -71,9 +99,11 @@ def _checkout_script(relative: str) -> Path:
     root = Path(metaopt.__file__).resolve().parent.parent
     script = root / relative
     if not script.is_file():
-        raise SystemExit(f"metaopt: {relative} is part of the source checkout, not of the installed "
-                         f"package (looked in {root}); run this from a checkout installed with "
-                         "pip install -e .")
+        raise SystemExit(
+            f"metaopt: {relative} is part of the source checkout, not of the installed "
+            f"package (looked in {root}); run this from a checkout installed with "
+            "pip install -e ."
+        )
     return script
 
 
@@ -84,7 +114,7 @@ def _run(script: Path, argv: Sequence[str], relative: str) -> int:
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit_:
-        if isinstance(exit_.code, str):   # the script's own message (e.g. a missing extra)
+        if isinstance(exit_.code, str):  # the script's own message (e.g. a missing extra)
             print(exit_.code, file=sys.stderr)
             return 1
         return int(exit_.code or 0)
@@ -92,8 +122,9 @@ def _run(script: Path, argv: Sequence[str], relative: str) -> int:
         missing = (err.name or "").split(".")[0]
         if missing not in _BENCH_MODULES:
             raise
-        raise SystemExit(f"metaopt: {relative} needs {missing}, from the bench "
-                         "extra: pip install 'metaopt-torch[bench]'") from err
+        raise SystemExit(
+            f"metaopt: {relative} needs {missing}, from the bench extra: pip install 'metaopt-torch[bench]'"
+        ) from err
     finally:
         sys.argv = saved
     return 0
@@ -104,10 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="metaopt", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices, fast paths, distributed backends, extras")
-    sub.add_parser("toy", help="benchmarks/toy.py of a checkout (needs the bench extra)",
-                   add_help=False)
-    sub.add_parser("benchmark", help="the multilingual benchmark of a checkout (bench extra)",
-                   add_help=False)
+    sub.add_parser("toy", help="benchmarks/toy.py of a checkout (needs the bench extra)", add_help=False)
+    sub.add_parser("benchmark", help="the multilingual benchmark of a checkout (bench extra)", add_help=False)
     args, rest = ap.parse_known_args(argv)
     if args.command == "info":
         if rest:

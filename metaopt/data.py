@@ -41,9 +41,9 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
     Step ``s`` (counted from the optimizer's ``step_count`` when iteration starts) gets
     ``micro_batches`` batches of ``batch_size`` examples of the task the optimizer will draw for
     it. Within a task, the examples of step ``s`` are a random subset (without replacement while
-    the task has enough examples), drawn from a generator seeded with ``(seed, s, task)``: a function of the step alone, so a run
-    resumed from a checkpoint (the optimizer's state restored) sees the same batches as an
-    uninterrupted one.
+    the task has enough examples), drawn from a generator seeded with ``(seed, s, task)``: a
+    function of the step alone, so a run resumed from a checkpoint (the optimizer's state
+    restored) sees the same batches as an uninterrupted one.
 
     Args:
         optimizer: a metaopt optimizer whose every step wants one task (the Reptile family:
@@ -68,8 +68,16 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
         1
     """
 
-    def __init__(self, optimizer: MultiTaskOptimizer, datasets: Mapping[str, Sequence[Mapping[str, Any]]],
-                 *, batch_size: int, steps: int, micro_batches: int = 1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        optimizer: MultiTaskOptimizer,
+        datasets: Mapping[str, Sequence[Mapping[str, Any]]],
+        *,
+        batch_size: int,
+        steps: int,
+        micro_batches: int = 1,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         name = "ScheduledTaskDataset"
         if not isinstance(optimizer, MultiTaskOptimizer):
@@ -77,15 +85,18 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
         missing = [t for t in optimizer.tasks if t not in datasets]
         extra = [t for t in datasets if t not in optimizer.tasks]
         if missing or extra:
-            raise ValueError(f"{name}: datasets must be given for exactly the optimizer's tasks "
-                             f"{list(optimizer.tasks)}; missing {missing}, unexpected {extra}")
+            raise ValueError(
+                f"{name}: datasets must be given for exactly the optimizer's tasks "
+                f"{list(optimizer.tasks)}; missing {missing}, unexpected {extra}"
+            )
         for key, value in (("batch_size", batch_size), ("steps", steps), ("micro_batches", micro_batches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: {key} must be an int >= 1, got {value!r}")
         for t in optimizer.tasks:
             if len(datasets[t]) < batch_size:
-                raise ValueError(f"{name}: task {t!r} has {len(datasets[t])} examples, fewer than "
-                                 f"batch_size {batch_size}")
+                raise ValueError(
+                    f"{name}: task {t!r} has {len(datasets[t])} examples, fewer than batch_size {batch_size}"
+                )
         self.optimizer = optimizer
         self.datasets = datasets
         self.batch_size = batch_size

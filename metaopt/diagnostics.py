@@ -33,8 +33,9 @@ class GradientDiagnostics:
     mean_cosine: Tensor
 
 
-def gradient_diagnostics(losses: Mapping[str, Tensor], params: Iterable[Tensor], *,
-                         retain_graph: bool = False) -> GradientDiagnostics:
+def gradient_diagnostics(
+    losses: Mapping[str, Tensor], params: Iterable[Tensor], *, retain_graph: bool = False
+) -> GradientDiagnostics:
     """Cosine matrix and conflict fraction of the task gradients of ``losses`` on ``params``.
 
     Computes one gradient row per task (``torch.autograd.grad``, nothing written into

@@ -46,8 +46,10 @@ _KEY = "metaopt_ranks"
 def _group(group: Any, where: str) -> Any:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"{where}: torch.distributed is not initialized "
-                           "(use metaopt.save_checkpoint / load_checkpoint in a single process)")
+        raise RuntimeError(
+            f"{where}: torch.distributed is not initialized "
+            "(use metaopt.save_checkpoint / load_checkpoint in a single process)"
+        )
     return dist.group.WORLD if group is None else group
 
 
@@ -56,11 +58,13 @@ def _collective(fn: Any, where: str, *args: Any, **kwargs: Any) -> None:
         fn(*args, **kwargs)
     except RuntimeError as err:
         raise _distributed.collective_failed(
-            where, err, "the checkpoint on disk is the last complete one") from err
+            where, err, "the checkpoint on disk is the last complete one"
+        ) from err
 
 
-def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any], *,
-                                group: Any = None, timeout: float | None = None) -> None:
+def save_distributed_checkpoint(
+    path: str | os.PathLike[str], state: Mapping[str, Any], *, group: Any = None, timeout: float | None = None
+) -> None:
     """Every rank calls this with its own ``state`` (a mapping as for
     :func:`metaopt.save_checkpoint`); rank 0 of ``group`` (default: all ranks) writes all of
     them to ``path``, atomically, and every rank returns once the file is complete, or raises
@@ -85,7 +89,7 @@ def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str
     root = dist.get_global_rank(group, 0)
     problem = None
     payload = b""
-    try:   # everything that can fail on this rank alone, before the ranks exchange anything
+    try:  # everything that can fail on this rank alone, before the ranks exchange anything
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
         payload = pickle.dumps(map_tensors(dict(state), lambda t: t.detach().cpu()))
@@ -97,8 +101,9 @@ def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str
         if problem is not None:
             problem.add_note(f"{where}: on rank {rank}; nothing was written")
             raise problem
-        raise RuntimeError(f"{where}: the state of rank(s) {failed} could not be prepared; "
-                           "nothing was written")
+        raise RuntimeError(
+            f"{where}: the state of rank(s) {failed} could not be prepared; nothing was written"
+        )
     gathered: list[Any] | None = [None] * size if rank == 0 else None
     _collective(dist.gather_object, where, payload, gathered, dst=root, group=group)
     outcome: list[Any] = [None]
@@ -106,9 +111,8 @@ def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str
     if rank == 0:
         assert gathered is not None
         try:
-            save_checkpoint(path, {_KEY: {"world_size": size,
-                                          "ranks": [pickle.loads(b) for b in gathered]}})
-        except Exception as err:   # reported on every rank, then raised here as it is
+            save_checkpoint(path, {_KEY: {"world_size": size, "ranks": [pickle.loads(b) for b in gathered]}})
+        except Exception as err:  # reported on every rank, then raised here as it is
             outcome, error = [f"{type(err).__name__}: {err}"], err
     _collective(dist.broadcast_object_list, where, outcome, src=root, group=group)
     if error is not None:
@@ -117,8 +121,9 @@ def save_distributed_checkpoint(path: str | os.PathLike[str], state: Mapping[str
         raise RuntimeError(f"{where}: rank 0 could not write the checkpoint: {outcome[0]}")
 
 
-def load_distributed_checkpoint(path: str | os.PathLike[str], *, group: Any = None,
-                                map_location: MapLocation = None) -> dict[str, Any]:
+def load_distributed_checkpoint(
+    path: str | os.PathLike[str], *, group: Any = None, map_location: MapLocation = None
+) -> dict[str, Any]:
     """This rank's part of a checkpoint written by :func:`save_distributed_checkpoint`; every
     rank reads the file itself (no collective). Raises :class:`metaopt.CheckpointError` for a
     damaged file (see :func:`metaopt.load_checkpoint`), for a single-process checkpoint, and
@@ -133,14 +138,20 @@ def load_distributed_checkpoint(path: str | os.PathLike[str], *, group: Any = No
     target = os.fspath(path)
     saved = loaded.get(_KEY)
     if not isinstance(saved, Mapping) or not isinstance(saved.get("ranks"), list):
-        raise CheckpointError(target, "undecodable",
-                              f"{where}: not a distributed checkpoint (written by "
-                              "metaopt.save_checkpoint? load it with metaopt.load_checkpoint)")
+        raise CheckpointError(
+            target,
+            "undecodable",
+            f"{where}: not a distributed checkpoint (written by "
+            "metaopt.save_checkpoint? load it with metaopt.load_checkpoint)",
+        )
     ranks = saved["ranks"]
     if saved.get("world_size") != size or len(ranks) != size:
-        raise CheckpointError(target, "undecodable",
-                              f"{where}: written by {saved.get('world_size')} ranks, this run has "
-                              f"{size}; restart with the same number of ranks")
+        raise CheckpointError(
+            target,
+            "undecodable",
+            f"{where}: written by {saved.get('world_size')} ranks, this run has "
+            f"{size}; restart with the same number of ranks",
+        )
     part = ranks[rank]
     if not isinstance(part, dict):
         raise CheckpointError(target, "undecodable", f"{where}: rank {rank}'s part is not a dict")

@@ -77,9 +77,12 @@ class FlatBuffer:
         reshaped or cast since)."""
         ptr = self.buffer.untyped_storage().data_ptr()
         return all(
-            p.dtype == self.buffer.dtype and p.device == self.buffer.device
-            and p.untyped_storage().data_ptr() == ptr and p.storage_offset() == o
-            and p.shape == sh and p.stride() == st
+            p.dtype == self.buffer.dtype
+            and p.device == self.buffer.device
+            and p.untyped_storage().data_ptr() == ptr
+            and p.storage_offset() == o
+            and p.shape == sh
+            and p.stride() == st
             for p, o, sh, st in zip(self.params, self.offsets, self.shapes, self.strides)
         )
 
@@ -107,7 +110,8 @@ def _covers(spans: list[tuple[int, int]], total: int) -> bool:
 
 def _flat_of(params: Sequence[Tensor], buffer: Tensor) -> FlatBuffer:
     return FlatBuffer(
-        buffer=buffer, params=tuple(params),
+        buffer=buffer,
+        params=tuple(params),
         offsets=tuple(int(p.storage_offset()) for p in params),
         shapes=tuple(p.shape for p in params),
         strides=tuple(tuple(p.stride()) for p in params),
@@ -125,8 +129,10 @@ def is_packed(params: Sequence[Tensor]) -> FlatBuffer | None:
     first = params[0]
     storage = first.untyped_storage()
     dtype, device = first.dtype, first.device
-    if any(p.dtype != dtype or p.device != device
-           or p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
+    if any(
+        p.dtype != dtype or p.device != device or p.untyped_storage().data_ptr() != storage.data_ptr()
+        for p in params
+    ):
         return None
     if storage.nbytes() % first.element_size():
         return None
@@ -150,10 +156,12 @@ def _segments(members: Sequence[Tensor]) -> list[tuple[list[Tensor], int, int]]:
     by_storage: dict[int, list[int]] = {}
     for i, p in enumerate(members):
         by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(i)
-    segments: list[tuple[int, list[Tensor], int, int]] = []   # (first index, members, lo, hi)
+    segments: list[tuple[int, list[Tensor], int, int]] = []  # (first index, members, lo, hi)
     for indices in by_storage.values():
-        spans = sorted((int(members[i].storage_offset()),
-                        int(members[i].storage_offset()) + _extent(members[i]), i) for i in indices)
+        spans = sorted(
+            (int(members[i].storage_offset()), int(members[i].storage_offset()) + _extent(members[i]), i)
+            for i in indices
+        )
         current: list[int] = []
         lo = hi = 0
         for a, b, i in spans:
@@ -208,7 +216,8 @@ def pack_parameters(params: Iterable[Tensor]) -> list[FlatBuffer]:
         buffer = torch.empty(total, dtype=dtype, device=device)
         for ps, lo, hi, base in layout:
             source = torch.empty(0, dtype=dtype, device=device).set_(
-                ps[0].untyped_storage(), lo, (hi - lo,), (1,))
+                ps[0].untyped_storage(), lo, (hi - lo,), (1,)
+            )
             buffer[base : base + hi - lo].copy_(source)
         for ps, lo, _hi, base in layout:
             for p in ps:
@@ -248,9 +257,7 @@ def vector_to_parameters_dict(vector: Tensor, like: Mapping[str, Tensor]) -> dic
     return dict(zip(like, layout.views(vector)))
 
 
-def functional_forward(
-    module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: Any
-) -> Any:
+def functional_forward(module: nn.Module, params: Mapping[str, Tensor], *args: Any, **kwargs: Any) -> Any:
     """Evaluate ``module(*args, **kwargs)`` with its parameters (and buffers) taken from ``params``.
 
     Names missing from ``params`` fall back to the module's own tensors. A thin wrapper over

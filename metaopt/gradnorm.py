@@ -25,8 +25,11 @@ def _inverse_training_rates(current: Tensor, initial: Tensor) -> Tensor:
     fallen to or below zero gives r_i = 0. With no usable rate at all every r_i is 1.
     """
     known = initial > 0
-    ratio = torch.where(known, (current / initial.where(known, torch.ones_like(initial))).clamp(min=0.0),
-                        torch.zeros_like(current))
+    ratio = torch.where(
+        known,
+        (current / initial.where(known, torch.ones_like(initial))).clamp(min=0.0),
+        torch.zeros_like(current),
+    )
     count = known.sum()
     mean = ratio.sum() / count.clamp(min=1)
     usable = mean > 0
@@ -94,14 +97,22 @@ class GradNorm(MultiTaskOptimizer):
     MIN_WEIGHT = 1e-4
     alpha = Option(non_negative)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 layer: Iterable[Tensor], alpha: float = 1.5,
-                 weight_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 process_group: Any = None, seed: int = 0, allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        layer: Iterable[Tensor],
+        alpha: float = 1.5,
+        weight_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        process_group: Any = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         self.process_group = process_group
-        self._layer_rows: Tensor | None = None   # a backward is pending: per-task rows at W
-        self._step_norms: Tensor | None = None   # the norms the step's checks computed
+        self._layer_rows: Tensor | None = None  # a backward is pending: per-task rows at W
+        self._step_norms: Tensor | None = None  # the norms the step's checks computed
         self._layer_count = 0
         self._scale = 1.0
         name = "GradNorm"
@@ -138,8 +149,10 @@ class GradNorm(MultiTaskOptimizer):
         if not layer:
             raise ValueError("GradNorm.backward: every parameter of the GradNorm layer is frozen")
         if self._layer_rows is not None and len(layer) != self._layer_count:
-            raise ValueError("GradNorm.backward: the GradNorm layer was frozen or unfrozen between "
-                             "backward passes of one step; call step() or zero_grad() first")
+            raise ValueError(
+                "GradNorm.backward: the GradNorm layer was frozen or unfrozen between "
+                "backward passes of one step; call step() or zero_grad() first"
+            )
         self._layer_count = len(layer)
         rows = []
         for t, loss in scaled.items():
@@ -151,8 +164,13 @@ class GradNorm(MultiTaskOptimizer):
                 )
             rows.append(torch.cat([g.reshape(-1) for g in grads]))
         # the T rows and the losses (for the training rates), averaged over the ranks at once
-        layer_rows = torch.cat([torch.stack(rows), torch.stack([v.detach() for v in scaled.values()])
-                                .to(rows[0]).reshape(-1, 1)], dim=1)
+        layer_rows = torch.cat(
+            [
+                torch.stack(rows),
+                torch.stack([v.detach() for v in scaled.values()]).to(rows[0]).reshape(-1, 1),
+            ],
+            dim=1,
+        )
         group = default_group(self.process_group)
         if group is not None:
             average_(layer_rows, group)
@@ -165,8 +183,9 @@ class GradNorm(MultiTaskOptimizer):
             self._layer_rows, self._scale = layer_rows, scale
         else:
             if scale != self._scale:
-                raise ValueError("GradNorm.backward: the loss scale changed between backward "
-                                 "passes of one step")
+                raise ValueError(
+                    "GradNorm.backward: the loss scale changed between backward passes of one step"
+                )
             self._layer_rows = self._layer_rows + layer_rows
 
     def _norms(self) -> Tensor:
@@ -248,8 +267,10 @@ class GradNorm(MultiTaskOptimizer):
                 )
         w, init = state["weights"], state["initial_losses"]
         if not bool((w > 0).all() & w.isfinite().all() & (init >= 0).all() & init.isfinite().all()):
-            raise ValueError("GradNorm.load_state_dict: saved weights must be finite and positive, "
-                             "saved initial losses finite and >= 0")
+            raise ValueError(
+                "GradNorm.load_state_dict: saved weights must be finite and positive, "
+                "saved initial losses finite and >= 0"
+            )
         if not isinstance(state.get("weight_optimizer"), Mapping):
             raise ValueError("GradNorm.load_state_dict: no weight optimizer state saved")
 

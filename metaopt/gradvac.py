@@ -34,8 +34,8 @@ class GradVac(GradientSurgery):
         beta: EMA rate β in [0, 1]. Default 0.01: the value public re-implementations that follow
             the paper use (check the paper's appendix; LibMTL's default is 0.5).
         groups: ``"all"`` (one group, default), ``"parameter"`` (each shared tensor its own
-            group, a finer granularity in the spirit of the paper's per-layer variants), or a list of lists of shared parameters.
-            Each group has its own Gramian and targets.
+            group, a finer granularity in the spirit of the paper's per-layer variants), or a
+            list of lists of shared parameters. Each group has its own Gramian and targets.
         reduction: ``"sum"`` (default) or ``"mean"`` of the corrected gradients.
         shared, retain_graph, batched, process_group, seed, allow_unused: see
             :class:`~metaopt.surgery.GradientSurgery`. With ``groups`` other than ``"all"``,
@@ -61,17 +61,32 @@ class GradVac(GradientSurgery):
     beta = Option(beta_option)
     reduction = Option(reduction_option)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 beta: float = 0.01,
-                 groups: Literal["all", "parameter"] | Sequence[Sequence[Tensor]] = "all",
-                 reduction: Literal["sum", "mean"] = "sum",
-                 shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, process_group: Any = None, seed: int = 0,
-                 allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        beta: float = 0.01,
+        groups: Literal["all", "parameter"] | Sequence[Sequence[Tensor]] = "all",
+        reduction: Literal["sum", "mean"] = "sum",
+        shared: Iterable[Tensor] | None = None,
+        retain_graph: bool = False,
+        batched: bool = False,
+        process_group: Any = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         shared_list = None if shared is None else list(shared)
-        super().__init__(optimizer, tasks=tasks, shared=shared_list, retain_graph=retain_graph,
-                         batched=batched, process_group=process_group, seed=seed,
-                         allow_unused=allow_unused)
+        super().__init__(
+            optimizer,
+            tasks=tasks,
+            shared=shared_list,
+            retain_graph=retain_graph,
+            batched=batched,
+            process_group=process_group,
+            seed=seed,
+            allow_unused=allow_unused,
+        )
         self.beta = beta
         self.reduction = reduction
         # groups as parameters; their columns follow the layout (frozen parameters drop out)
@@ -112,8 +127,9 @@ class GradVac(GradientSurgery):
             return [shared_runs]
         slice_of = {id(p): sl for p, sl in zip(self._params, self._slices)}
         # a group whose parameters are all frozen has no columns (a zero Gramian)
-        return [[slice_of[id(p)] for p in g if id(p) in slice_of] or [slice(0, 0)]
-                for g in self._group_params]
+        return [
+            [slice_of[id(p)] for p in g if id(p) in slice_of] or [slice(0, 0)] for g in self._group_params
+        ]
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
         order = random_order(G.shape[-1], self.generator, device=G.device)
@@ -144,14 +160,17 @@ class GradVac(GradientSurgery):
                 f"tasks unseen by that state: {unseen}"
             )
         targets = state.get("targets")
-        if not isinstance(targets, Tensor) or targets.shape != self.targets.shape \
-                or not targets.is_floating_point():
+        if (
+            not isinstance(targets, Tensor)
+            or targets.shape != self.targets.shape
+            or not targets.is_floating_point()
+        ):
             raise ValueError(
                 f"GradVac.load_state_dict: saved targets have shape "
                 f"{tuple(getattr(targets, 'shape', ()))}, expected {tuple(self.targets.shape)} "
                 "(same groups and tasks)"
             )
-        if not bool((targets.abs() <= 1).all()):   # NaN compares False
+        if not bool((targets.abs() <= 1).all()):  # NaN compares False
             raise ValueError("GradVac.load_state_dict: saved targets must be cosines in [-1, 1]")
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:

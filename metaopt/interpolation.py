@@ -78,8 +78,9 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _blocked(dst: Tensor, src: Tensor, weight: float, fast: Tensor | None, copy_from: Tensor,
-             block: int | None) -> None:
+def _blocked(
+    dst: Tensor, src: Tensor, weight: float, fast: Tensor | None, copy_from: Tensor, block: int | None
+) -> None:
     n = dst.numel()
     step = n if block is None or block <= 0 else block
     cast = src.dtype != dst.dtype
@@ -101,11 +102,11 @@ class _Group:
 
     keys: list[str]
     fast: list[Tensor]
-    dtype: torch.dtype               # of the fast tensors when laid out
+    dtype: torch.dtype  # of the fast tensors when laid out
     packed: FlatBuffer | None
-    slow: Tensor                     # flat, master dtype
+    slow: Tensor  # flat, master dtype
     slow_views: list[Tensor]
-    acc: Tensor | None = None        # flat accumulator (batched Reptile), allocated on demand
+    acc: Tensor | None = None  # flat accumulator (batched Reptile), allocated on demand
     acc_views: list[Tensor] | None = None
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -173,8 +174,14 @@ class Interpolator:
         tensor([0.2500, 0.2500, 0.2500])
     """
 
-    def __init__(self, fast: Sequence[Tensor] | Mapping[str, Tensor], *, method: Method = "auto",
-                 block_size: int | None = None, pack: bool = False) -> None:
+    def __init__(
+        self,
+        fast: Sequence[Tensor] | Mapping[str, Tensor],
+        *,
+        method: Method = "auto",
+        block_size: int | None = None,
+        pack: bool = False,
+    ) -> None:
         if method not in _METHODS:
             raise ValueError(f"Interpolator: method must be one of {_METHODS}, got {method!r}")
         self.method: Method = method
@@ -183,8 +190,9 @@ class Interpolator:
         self._groups: list[_Group] = self._layout(_keyed(fast), previous=None)
 
     # ----------------------------------------------------------------- layout
-    def _layout(self, fast: dict[str, Tensor], previous: list[_Group] | None,
-                keep_buffers: bool = False) -> list[_Group]:
+    def _layout(
+        self, fast: dict[str, Tensor], previous: list[_Group] | None, keep_buffers: bool = False
+    ) -> list[_Group]:
         """Groups for ``fast``, φ taken from ``previous`` by key (cast and moved as needed) or,
         for keys new to it, from θ. Only packing (which keeps every value) happens before the
         last check; ``previous`` is not modified."""
@@ -215,7 +223,7 @@ class Interpolator:
                     "per (device, dtype) (metaopt.functional.pack_parameters, or pack=True)"
                 )
         if self.pack:
-            pack_parameters(list(fast.values()))   # values unchanged; only storage moves
+            pack_parameters(list(fast.values()))  # values unchanged; only storage moves
         groups: list[_Group] = []
         with torch.no_grad():
             for (device, dtype), members in by_key.items():
@@ -226,8 +234,13 @@ class Interpolator:
                 g = _Group(keys, tensors, dtype, packed, slow, [])
                 g.slow_views = g.views(slow)
                 kept = next((o for o in previous or [] if o.signature() == g.signature()), None)
-                if kept is not None:   # same layout: keep the buffers (an outer optimizer holds them)
-                    g.slow, g.slow_views, g.acc, g.acc_views = kept.slow, kept.slow_views, kept.acc, kept.acc_views
+                if kept is not None:  # same layout: keep the buffers (an outer optimizer holds them)
+                    g.slow, g.slow_views, g.acc, g.acc_views = (
+                        kept.slow,
+                        kept.slow_views,
+                        kept.acc,
+                        kept.acc_views,
+                    )
                 elif keep_buffers:
                     raise ValueError(
                         "Interpolator: the fast tensors were cast, moved, reshaped or replaced "
@@ -257,13 +270,15 @@ class Interpolator:
                 return True
             if any(t.dtype != g.dtype or t.device != g.slow.device for t in g.fast):
                 return True
-            if g.packed is None and (self.pack or any(
-                    t.shape != v.shape for t, v in zip(g.fast, g.slow_views))):
+            if g.packed is None and (
+                self.pack or any(t.shape != v.shape for t, v in zip(g.fast, g.slow_views))
+            ):
                 return True
         return False
 
-    def refresh(self, fast: Sequence[Tensor] | Mapping[str, Tensor] | None = None, *,
-                keep_buffers: bool = False) -> bool:
+    def refresh(
+        self, fast: Sequence[Tensor] | Mapping[str, Tensor] | None = None, *, keep_buffers: bool = False
+    ) -> bool:
         """Lay the slow weights out again if the fast tensors changed; returns whether it did.
 
         ``fast`` replaces the tensors (by key: a kept key keeps its φ, a new key takes φ from
@@ -327,9 +342,13 @@ class Interpolator:
         return DEFAULT_CPU_BLOCK if device.type == "cpu" else None
 
     # ----------------------------------------------------------------- operations
-    def _lerp_then_restart(self, into: str, source: str, weight: float,
-                           pending: list[list[tuple[int, int, Callable[[], None]]]] | None = None
-                           ) -> None:
+    def _lerp_then_restart(
+        self,
+        into: str,
+        source: str,
+        weight: float,
+        pending: list[list[tuple[int, int, Callable[[], None]]]] | None = None,
+    ) -> None:
         """``into ← into + weight·(source − into)`` per group, then ``θ ← φ``.
 
         ``into`` names the slow weights (``"slow"``) or the accumulator (``"acc"``); ``source``
@@ -348,11 +367,18 @@ class Interpolator:
                 for a, b, finish in buckets:
                     finish()
                     if path == "kernel":
-                        _KERNELS[g.slow.device.type](dst_flat[a:b], src[a:b], weight,
-                                                     fast_flat[a:b], g.slow[a:b])
+                        _KERNELS[g.slow.device.type](
+                            dst_flat[a:b], src[a:b], weight, fast_flat[a:b], g.slow[a:b]
+                        )
                     else:
-                        _blocked(dst_flat[a:b], src[a:b], weight, fast_flat[a:b], g.slow[a:b],
-                                 self._block(g.slow.device))
+                        _blocked(
+                            dst_flat[a:b],
+                            src[a:b],
+                            weight,
+                            fast_flat[a:b],
+                            g.slow[a:b],
+                            self._block(g.slow.device),
+                        )
             else:  # "foreach" or "reference": the functional form, tensor by tensor
                 for _, _, finish in buckets:
                     finish()
@@ -361,8 +387,9 @@ class Interpolator:
                 interpolate_(dst_views, src_views, weight, sync=False, method=fn)
                 _copy(g.fast, g.slow_views, fn)
 
-    def _start_reduce(self, reduce: Reduce, bucket: int | None
-                      ) -> list[list[tuple[int, int, Callable[[], None]]]]:
+    def _start_reduce(
+        self, reduce: Reduce, bucket: int | None
+    ) -> list[list[tuple[int, int, Callable[[], None]]]]:
         """Start ``reduce`` on the accumulator of every group, in buckets of at most ``bucket``
         elements (``None``: one per group), all before waiting for any."""
         out = []
@@ -370,8 +397,7 @@ class Interpolator:
             acc = g.accumulator()[0]
             n = acc.numel()
             step = n if bucket is None else max(1, int(bucket))
-            out.append([(a, min(n, a + step), reduce(acc[a:min(n, a + step)]))
-                        for a in range(0, n, step)])
+            out.append([(a, min(n, a + step), reduce(acc[a : min(n, a + step)])) for a in range(0, n, step)])
         return out
 
     @torch.no_grad()
@@ -391,12 +417,13 @@ class Interpolator:
                 g.acc = torch.zeros_like(g.slow)
                 g.acc_views = g.views(g.acc)
             elif count == 1:
-                g.acc.zero_()   # lerp with weight 1 from a finite start gives θ exactly
+                g.acc.zero_()  # lerp with weight 1 from a finite start gives θ exactly
         self._lerp_then_restart("acc", "fast", 1.0 / count)
 
     @torch.no_grad()
-    def interpolate_accumulated(self, weight: float, *, reduce: Reduce | None = None,
-                                bucket: int | None = None) -> None:
+    def interpolate_accumulated(
+        self, weight: float, *, reduce: Reduce | None = None, bucket: int | None = None
+    ) -> None:
         """φ ← φ + weight·(mean θ − φ) from :meth:`accumulate`, then θ ← φ.
 
         With ``reduce`` (local trajectories: :func:`metaopt._distributed.averaging`), the mean
@@ -457,8 +484,9 @@ class Interpolator:
     def state_dict(self) -> dict[str, object]:
         """φ (and the accumulator, if any) per key, shaped like each fast tensor: independent
         of the layout, so a state saved with one path or packing loads into any other."""
-        acc = {k: v.clone() for g in self._groups if g.acc_views is not None
-               for k, v in zip(g.keys, g.acc_views)}
+        acc = {
+            k: v.clone() for g in self._groups if g.acc_views is not None for k, v in zip(g.keys, g.acc_views)
+        }
         return {
             "slow": {k: v.clone() for g in self._groups for k, v in zip(g.keys, g.slow_views)},
             "acc": acc or None,
@@ -468,8 +496,9 @@ class Interpolator:
         """Raise ``ValueError`` if :meth:`load_state_dict` would fail on ``state`` (nothing moves)."""
         slow, acc = state.get("slow"), state.get("acc")
         if not isinstance(slow, Mapping):
-            raise ValueError("load_state_dict: no per-tensor slow weights in the saved state "
-                             "(saved by an older metaopt?)")
+            raise ValueError(
+                "load_state_dict: no per-tensor slow weights in the saved state (saved by an older metaopt?)"
+            )
         mine = {k: v for g in self._groups for k, v in zip(g.keys, g.slow_views)}
         for name, saved in (("slow weights", slow), ("accumulator", acc)):
             if saved is None:
@@ -548,8 +577,14 @@ def _check_weight(weight: float) -> None:
 
 
 @torch.no_grad()
-def interpolate_(slow: Sequence[Tensor], fast: Sequence[Tensor], weight: float, *,
-                 sync: bool = True, method: Literal["foreach", "reference"] = "foreach") -> None:
+def interpolate_(
+    slow: Sequence[Tensor],
+    fast: Sequence[Tensor],
+    weight: float,
+    *,
+    sync: bool = True,
+    method: Literal["foreach", "reference"] = "foreach",
+) -> None:
     """Functional form: ``slow ← slow + weight·(fast − slow)`` tensor by tensor, then, if
     ``sync``, ``fast ← slow``. Pass flat buffers as one-element lists to get the flat path.
 

@@ -100,9 +100,7 @@ def _check_params(params: Iterable[Tensor], where: str) -> list[Tensor]:
         seen.add(id(p))
     devices = {p.device for p in ps}
     if len(devices) > 1:
-        raise ValueError(
-            f"{where}: all params must be on one device, got {sorted(map(str, devices))}"
-        )
+        raise ValueError(f"{where}: all params must be on one device, got {sorted(map(str, devices))}")
     return ps
 
 
@@ -118,9 +116,7 @@ def _check_losses(losses: Sequence[Tensor], where: str) -> list[Tensor]:
         if not isinstance(loss, Tensor):
             raise TypeError(f"{where}: losses[{t}] is a {type(loss).__name__}, not a tensor")
         if loss.numel() != 1:
-            raise ValueError(
-                f"{where}: losses[{t}] must be a scalar, got shape {tuple(loss.shape)}"
-            )
+            raise ValueError(f"{where}: losses[{t}] must be a scalar, got shape {tuple(loss.shape)}")
     return [loss.reshape(()) for loss in ls]
 
 
@@ -134,9 +130,7 @@ def _check_out(out: Tensor | None, T: int, P: int, params: list[Tensor], where: 
     if not isinstance(out, Tensor):
         raise TypeError(f"{where}: out must be a tensor, got {type(out).__name__}")
     if tuple(out.shape) != (T, P):
-        raise ValueError(
-            f"{where}: out must have shape (T, P) = ({T}, {P}), got {tuple(out.shape)}"
-        )
+        raise ValueError(f"{where}: out must have shape (T, P) = ({T}, {P}), got {tuple(out.shape)}")
     if out.device != device:
         raise ValueError(f"{where}: out is on {out.device} but params are on {device}")
     if out.requires_grad:
@@ -291,9 +285,7 @@ def _batched(ls: list[Tensor], ps: list[Tensor], J: Tensor) -> None:
     stacked = torch.stack(ls)
     eye = torch.eye(T, dtype=stacked.dtype, device=stacked.device)
     # retain_graph=True so that the loop fallback still has a graph to walk if vmap fails midway.
-    grads = torch.autograd.grad(
-        stacked, ps, eye, retain_graph=True, allow_unused=True, is_grads_batched=True
-    )
+    grads = torch.autograd.grad(stacked, ps, eye, retain_graph=True, allow_unused=True, is_grads_batched=True)
     for g, sl in zip(grads, slices, strict=True):
         if g is None:
             J[:, sl].zero_()

@@ -52,8 +52,9 @@ class InnerOptimizer:
     def init(self, params: Mapping[str, Tensor]) -> Any:
         return None
 
-    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-             state: Any) -> tuple[Params, Any]:
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any
+    ) -> tuple[Params, Any]:
         raise NotImplementedError
 
 
@@ -63,8 +64,9 @@ class SGD(InnerOptimizer):
 
     lr: float
 
-    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-             state: Any) -> tuple[Params, Any]:
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any
+    ) -> tuple[Params, Any]:
         return {k: p - self.lr * grads[k] for k, p in params.items()}, state
 
 
@@ -84,11 +86,15 @@ class Adam(InnerOptimizer):
     weight_decay: float = 0.0
 
     def init(self, params: Mapping[str, Tensor]) -> Any:
-        return {"step": 0, "m": {k: torch.zeros_like(p) for k, p in params.items()},
-                "v": {k: torch.zeros_like(p) for k, p in params.items()}}
+        return {
+            "step": 0,
+            "m": {k: torch.zeros_like(p) for k, p in params.items()},
+            "v": {k: torch.zeros_like(p) for k, p in params.items()},
+        }
 
-    def step(self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor],
-             state: Any) -> tuple[Params, Any]:
+    def step(
+        self, params: Mapping[str, Tensor], grads: Mapping[str, Tensor], state: Any
+    ) -> tuple[Params, Any]:
         b1, b2 = self.betas
         t = state["step"] + 1
         out: Params = {}
@@ -98,15 +104,22 @@ class Adam(InnerOptimizer):
             g = grads[k] + self.weight_decay * p if self.weight_decay else grads[k]
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
-            denom = (v / (1 - b2 ** t)).sqrt() + self.eps
-            out[k] = p - self.lr * (m / (1 - b1 ** t)) / denom
+            denom = (v / (1 - b2**t)).sqrt() + self.eps
+            out[k] = p - self.lr * (m / (1 - b1**t)) / denom
             m_new[k], v_new[k] = m, v
         return out, {"step": t, "m": m_new, "v": v_new}
 
 
-def adapt(model: nn.Module, params: Mapping[str, Tensor], loss: Callable[[Tensor], Tensor],
-          inputs: Any, *, inner: InnerOptimizer, steps: int = 1,
-          first_order: bool = False) -> Params:
+def adapt(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    loss: Callable[[Tensor], Tensor],
+    inputs: Any,
+    *,
+    inner: InnerOptimizer,
+    steps: int = 1,
+    first_order: bool = False,
+) -> Params:
     """``steps`` inner steps of ``inner`` from ``params`` on ``loss(model(inputs))``, evaluated
     with ``functional_call(model, params, inputs)``; returns the adapted parameters, which are
     differentiable functions of ``params`` (to second order unless ``first_order``, where the
@@ -126,8 +139,9 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], loss: Callable[[Tensor
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"adapt: steps must be an int >= 1, got {steps!r}")
     if not isinstance(inner, InnerOptimizer):
-        raise TypeError(f"adapt: inner must be a metaopt.maml.InnerOptimizer (SGD, Adam), got "
-                        f"{type(inner).__name__}")
+        raise TypeError(
+            f"adapt: inner must be a metaopt.maml.InnerOptimizer (SGD, Adam), got {type(inner).__name__}"
+        )
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     current = dict(params)
     if not current:
@@ -142,21 +156,29 @@ def adapt(model: nn.Module, params: Mapping[str, Tensor], loss: Callable[[Tensor
             value = loss(functional_call(model, current, args))
         if not isinstance(value, Tensor) or value.dim() != 0:
             raise ValueError("adapt: loss must return a scalar tensor")
-        grads = torch.autograd.grad(value, [current[k] for k in names],
-                                    create_graph=not first_order, allow_unused=True)
+        grads = torch.autograd.grad(
+            value, [current[k] for k in names], create_graph=not first_order, allow_unused=True
+        )
         if any(g is None for g in grads):
             unused = [k for k, g in zip(names, grads) if g is None]
-            raise ValueError(f"adapt: the loss does not reach parameter(s) {unused[:5]}; pass "
-                             "only the parameters to adapt")
+            raise ValueError(
+                f"adapt: the loss does not reach parameter(s) {unused[:5]}; pass only the parameters to adapt"
+            )
         by_name = {k: g for k, g in zip(names, grads)}
         current, state = inner.step(current, by_name, state)
     return current
 
 
-def meta_loss(model: nn.Module, tasks: Iterable[Sequence[Any]],
-              loss: Callable[[Tensor, Tensor], Tensor], *, inner: InnerOptimizer,
-              steps: int = 1, first_order: bool = False,
-              params: Mapping[str, Tensor] | None = None) -> Tensor:
+def meta_loss(
+    model: nn.Module,
+    tasks: Iterable[Sequence[Any]],
+    loss: Callable[[Tensor, Tensor], Tensor],
+    *,
+    inner: InnerOptimizer,
+    steps: int = 1,
+    first_order: bool = False,
+    params: Mapping[str, Tensor] | None = None,
+) -> Tensor:
     """The MAML objective of a meta-batch: the mean over ``tasks`` of the post-adaptation loss.
     Each task is ``(x_train, y_train, x_test, y_test)``: adapt on the train split
     (:func:`adapt`), evaluate the adapted parameters on the test split. Call ``.backward()``
@@ -169,8 +191,9 @@ def meta_loss(model: nn.Module, tasks: Iterable[Sequence[Any]],
         params: the parameters to adapt (default: every parameter of ``model`` that requires
             grad); the others keep their values.
     """
-    start = dict(params) if params is not None else {
-        k: p for k, p in model.named_parameters() if p.requires_grad}
+    start = (
+        dict(params) if params is not None else {k: p for k, p in model.named_parameters() if p.requires_grad}
+    )
     total: Tensor | None = None
     count = 0
     for task in tasks:
@@ -178,8 +201,8 @@ def meta_loss(model: nn.Module, tasks: Iterable[Sequence[Any]],
 
         def train_loss(out: Tensor, y: Tensor = y_train) -> Tensor:
             return loss(out, y)
-        adapted = adapt(model, start, train_loss, x_train, inner=inner, steps=steps,
-                        first_order=first_order)
+
+        adapted = adapt(model, start, train_loss, x_train, inner=inner, steps=steps, first_order=first_order)
         args = x_test if isinstance(x_test, tuple) else (x_test,)
         value = loss(functional_call(model, adapted, args), y_test)
         total = value if total is None else total + value

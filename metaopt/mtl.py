@@ -42,9 +42,15 @@ class MTL(MultiTaskOptimizer):
 
     reduction = Option(reduction_option)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 reduction: Literal["sum", "mean"] = "sum", seed: int = 0,
-                 allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        reduction: Literal["sum", "mean"] = "sum",
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("MTL: wrap a torch optimizer")
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)

@@ -55,14 +55,29 @@ class PCGrad(GradientSurgery):
 
     reduction = Option(reduction_option)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 reduction: Literal["sum", "mean"] = "sum",
-                 shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, process_group: Any = None, seed: int = 0,
-                 allow_unused: bool = False) -> None:
-        super().__init__(optimizer, tasks=tasks, shared=shared, retain_graph=retain_graph,
-                         batched=batched, process_group=process_group, seed=seed,
-                         allow_unused=allow_unused)
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        reduction: Literal["sum", "mean"] = "sum",
+        shared: Iterable[Tensor] | None = None,
+        retain_graph: bool = False,
+        batched: bool = False,
+        process_group: Any = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            tasks=tasks,
+            shared=shared,
+            retain_graph=retain_graph,
+            batched=batched,
+            process_group=process_group,
+            seed=seed,
+            allow_unused=allow_unused,
+        )
         self.reduction = reduction
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:

@@ -49,7 +49,7 @@ class Reptile(SlowFastOptimizer):
     """
 
     _composable = False
-    _task: str | None = None   # the current trajectory's task
+    _task: str | None = None  # the current trajectory's task
 
     def _draw_tasks(self) -> list[str]:
         if self._inner_count == 0 or self._task is None:

@@ -50,14 +50,21 @@ class TaskSchedule:
         [0, 1, 2]
     """
 
-    def __init__(self, num_tasks: int, kind: str = "uniform", *,
-                 sizes: Sequence[float] | None = None, temperature: float = 1.0,
-                 order: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        num_tasks: int,
+        kind: str = "uniform",
+        *,
+        sizes: Sequence[float] | None = None,
+        temperature: float = 1.0,
+        order: Sequence[int] | None = None,
+    ) -> None:
         if num_tasks < 1:
             raise ValueError(f"TaskSchedule: need at least one task, got {num_tasks}")
         if kind not in _NAMES:
-            raise ValueError(f"TaskSchedule: schedule must be one of {_NAMES[:-1]} or a list of "
-                             f"task names, got {kind!r}")
+            raise ValueError(
+                f"TaskSchedule: schedule must be one of {_NAMES[:-1]} or a list of task names, got {kind!r}"
+            )
         self.num_tasks = num_tasks
         self.kind = kind
         self.temperature = float(temperature)
@@ -66,18 +73,19 @@ class TaskSchedule:
         self._position = 0
         if kind == "order":
             seq = list(order or [])
-            if not seq or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_tasks
-                              for i in seq):
-                raise ValueError(f"TaskSchedule: an order must be a non-empty list of task indices "
-                                 f"below {num_tasks}, got {order!r}")
+            if not seq or any(
+                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_tasks for i in seq
+            ):
+                raise ValueError(
+                    f"TaskSchedule: an order must be a non-empty list of task indices "
+                    f"below {num_tasks}, got {order!r}"
+                )
             self._sequence = seq
         if kind in ("proportional", "temperature"):
             if sizes is None:
                 raise ValueError(f"TaskSchedule: schedule {kind!r} needs task_sizes")
             if len(sizes) != num_tasks:
-                raise ValueError(
-                    f"TaskSchedule: {len(sizes)} task sizes given for {num_tasks} tasks"
-                )
+                raise ValueError(f"TaskSchedule: {len(sizes)} task sizes given for {num_tasks} tasks")
             if any(not (float(n) > 0) for n in sizes):
                 raise ValueError(f"TaskSchedule: task sizes must be positive, got {list(sizes)}")
             if kind == "temperature" and not self.temperature > 0:
@@ -127,9 +135,12 @@ class TaskSchedule:
             raise ValueError(f"load_state_dict: saved schedule is {saved!r}, this one is {self.kind!r}")
         order = state.get("order", [])
         if not isinstance(order, (list, tuple)) or any(
-                isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_tasks for i in order):
-            raise ValueError(f"load_state_dict: saved round-robin order {order!r} is not a list of "
-                             f"task indices below {self.num_tasks}")
+            isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_tasks for i in order
+        ):
+            raise ValueError(
+                f"load_state_dict: saved round-robin order {order!r} is not a list of "
+                f"task indices below {self.num_tasks}"
+            )
         position = state.get("position", 0)
         if isinstance(position, bool) or not isinstance(position, int) or position < 0:
             raise ValueError(f"load_state_dict: saved schedule position {position!r} is not an int >= 0")

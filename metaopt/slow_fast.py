@@ -26,7 +26,7 @@ from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
 
-_WORLD = "world"   # local trajectories over the default group, looked up at each use
+_WORLD = "world"  # local trajectories over the default group, looked up at each use
 
 
 class SlowFastOptimizer(MultiTaskOptimizer):
@@ -115,19 +115,32 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
     _composable = True
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 inner_steps: int = 1000, outer_lr: float | None = None,
-                 tasks_per_outer_step: int = 1,
-                 outer_lr_final: float | None = None, anneal_steps: int | None = None,
-                 outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
-                 reset_inner_state: bool = False,
-                 schedule: ScheduleName | Sequence[str] = "uniform",
-                 task_sizes: Sequence[float] | Mapping[str, float] | None = None,
-                 temperature: float = 1.0, buffers: nn.Module | None = None,
-                 flatten: bool = True, interpolation: Method = "auto", seed: int = 0,
-                 allow_unused: bool = False, local_trajectories: bool = False,
-                 process_group: Any = None, verify_ranks: bool = False,
-                 bucket_elements: int | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        inner_steps: int = 1000,
+        outer_lr: float | None = None,
+        tasks_per_outer_step: int = 1,
+        outer_lr_final: float | None = None,
+        anneal_steps: int | None = None,
+        outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        reset_inner_state: bool = False,
+        schedule: ScheduleName | Sequence[str] = "uniform",
+        task_sizes: Sequence[float] | Mapping[str, float] | None = None,
+        temperature: float = 1.0,
+        buffers: nn.Module | None = None,
+        flatten: bool = True,
+        interpolation: Method = "auto",
+        seed: int = 0,
+        allow_unused: bool = False,
+        local_trajectories: bool = False,
+        process_group: Any = None,
+        verify_ranks: bool = False,
+        bucket_elements: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer) and not self._composable:
             raise TypeError(
@@ -146,8 +159,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self.anneal_steps = anneal_steps
         self.reset_inner_state = reset_inner_state
         if buffers is not None and not isinstance(buffers, nn.Module):
-            raise TypeError(f"{name}: buffers must be the nn.Module whose buffers to interpolate, "
-                            f"got {type(buffers).__name__}")
+            raise TypeError(
+                f"{name}: buffers must be the nn.Module whose buffers to interpolate, "
+                f"got {type(buffers).__name__}"
+            )
         self.buffers = buffers
         if isinstance(task_sizes, Mapping):
             unknown = sorted(set(task_sizes) - set(self.tasks))
@@ -158,15 +173,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 )
             task_sizes = [task_sizes[t] for t in self.tasks]
         if isinstance(schedule, str):
-            self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes,
-                                         temperature=temperature)
+            self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes, temperature=temperature)
         else:
             order = list(schedule)
             unknown = sorted({t for t in order if t not in self.tasks}, key=str)
             if unknown:
                 raise ValueError(f"{name}: the schedule names unknown tasks {unknown}")
-            self.schedule = TaskSchedule(len(self.tasks), "order",
-                                         order=[self.tasks.index(t) for t in order])
+            self.schedule = TaskSchedule(len(self.tasks), "order", order=[self.tasks.index(t) for t in order])
         self.engine = Interpolator(self._fast_tensors(), method=interpolation, pack=bool(flatten))
         self.outer_optimizer: Optimizer | None = None
         if outer_optimizer is not None:
@@ -179,10 +192,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._bucket_elements = optional_positive_int(bucket_elements, "bucket_elements", name)
         self.timeout = timeout
         self._local_group = self._local_setup(local_trajectories, process_group)
-        self._inner_count = 0   # inner steps into the current trajectory
-        self._trajectory = 0    # trajectories into the current outer step (batched Reptile)
-        self._slot = 0          # the trajectory whose inner-optimizer state is live
-        self._slots: dict[int, Any] = {}   # the other trajectories' states (batched Reptile)
+        self._inner_count = 0  # inner steps into the current trajectory
+        self._trajectory = 0  # trajectories into the current outer step (batched Reptile)
+        self._slot = 0  # the trajectory whose inner-optimizer state is live
+        self._slots: dict[int, Any] = {}  # the other trajectories' states (batched Reptile)
         self._outer_count = 0
         self._record_versions()
 
@@ -211,15 +224,17 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         # destroy_process_group() is destroyed at interpreter exit, where gloo can abort
         group = _WORLD if group is None or group is dist.group.WORLD else group
         inner_group = getattr(self.inner, "process_group", _distributed.LOCAL)
-        if self.inner is not None and not (isinstance(inner_group, str)
-                                           and inner_group == _distributed.LOCAL):
+        if self.inner is not None and not (
+            isinstance(inner_group, str) and inner_group == _distributed.LOCAL
+        ):
             raise ValueError(
                 f"{name}: with local_trajectories=True the wrapped {type(self.inner).__name__} "
                 "would average its per-task gradients over the ranks at every step; build it "
                 "with process_group='local' so that each trajectory stays on its rank"
             )
-        self.generator.manual_seed(_distributed.rank_seed(
-            self.seed, dist.get_rank(None if isinstance(group, str) else group)))
+        self.generator.manual_seed(
+            _distributed.rank_seed(self.seed, dist.get_rank(None if isinstance(group, str) else group))
+        )
         return group
 
     def _group(self) -> Any:
@@ -305,7 +320,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._use_slot(0)
         self.schedule.restart()
         self._record_versions()
-        self._ranks_checked = False   # local trajectories: the next step compares φ across ranks
+        self._ranks_checked = False  # local trajectories: the next step compares φ across ranks
 
     def accept_parameter_changes(self) -> None:
         """Keep φ and continue the trajectory from the parameters as they are now, after they
@@ -351,14 +366,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         # version counters restart in a copy: carry which parameters had changed, not the counts
         state = super().__getstate__()
         state["_versions"] = [p._version != v for p, v in zip(self._param_list, self._versions)]
-        if state.get("_local_group") is not None:   # a process group does not pickle: a copy
-            state["_local_group"] = _WORLD            # averages over the default group
+        if state.get("_local_group") is not None:  # a process group does not pickle: a copy
+            state["_local_group"] = _WORLD  # averages over the default group
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._versions = [-1 if changed else p._version
-                          for p, changed in zip(self._param_list, state["_versions"])]
+        self._versions = [
+            -1 if changed else p._version for p, changed in zip(self._param_list, state["_versions"])
+        ]
 
     def _record_versions(self) -> None:
         self._versions = [p._version for p in self._param_list]
@@ -387,7 +403,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 "load the model's state dict before the optimizer's. Nothing was updated"
             )
         self._check_outer_options()
-        if self._inner_count + 1 >= self.inner_steps:   # this step ends a trajectory
+        if self._inner_count + 1 >= self.inner_steps:  # this step ends a trajectory
             self._refresh_engine()
 
     def _params_added(self, new: list[Tensor]) -> None:
@@ -455,16 +471,21 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         group = self._group()
         batched = n > 1 or self._trajectory > 1 or group is not None
         if batched:
-            self.engine.accumulate(self._trajectory)   # θ folded into the mean; θ ← φ
+            self.engine.accumulate(self._trajectory)  # θ folded into the mean; θ ← φ
             if self._trajectory < n:
                 self._use_slot(self._trajectory)
                 return False
         self._trajectory = 0
         self._use_slot(0)
-        for slot in [k for k in self._slots if k >= n]:   # n was lowered: no such trajectory
+        for slot in [k for k in self._slots if k >= n]:  # n was lowered: no such trajectory
             del self._slots[slot]
-        average = None if group is None else _distributed.averaging(
-            group, self.timeout, f"{type(self).__name__}: outer step {self._outer_count + 1}")
+        average = (
+            None
+            if group is None
+            else _distributed.averaging(
+                group, self.timeout, f"{type(self).__name__}: outer step {self._outer_count + 1}"
+            )
+        )
         if self.outer_optimizer is not None:
             if average is not None:
                 self.engine.reduce_accumulated(average, self.bucket_elements)
@@ -476,8 +497,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 buf.grad = None
             self.engine.sync_fast()
         elif batched:
-            self.engine.interpolate_accumulated(self.current_outer_lr(), reduce=average,
-                                                bucket=self.bucket_elements)
+            self.engine.interpolate_accumulated(
+                self.current_outer_lr(), reduce=average, bucket=self.bucket_elements
+            )
         else:
             self.engine.interpolate(self.current_outer_lr())
         if self.reset_inner_state:
@@ -499,8 +521,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _slots_state(self) -> dict[int, Any]:
         """The parked trajectories' states, keyed like ``torch.optim``'s (parameter index)."""
         index = {id(p): i for i, p in enumerate(self._param_list)}
-        return {slot: {index[id(p)]: dict(v) for p, v in st.items() if id(p) in index}
-                for slot, st in self._slots.items() if st}
+        return {
+            slot: {index[id(p)]: dict(v) for p, v in st.items() if id(p) in index}
+            for slot, st in self._slots.items()
+            if st
+        }
 
     def _load_slots(self, saved: Mapping[int, Any]) -> dict[int, Any]:
         """States to park from :meth:`_slots_state`'s form, each value placed by torch.optim's
@@ -514,8 +539,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             live: defaultdict[Tensor, Any] = defaultdict(dict)
             for i, values in st.items():
                 p = self._param_list[i]
-                live[p] = {k: place(p, v, i, groups, k).clone() if isinstance(v, Tensor) else v
-                           for k, v in values.items()}
+                live[p] = {
+                    k: place(p, v, i, groups, k).clone() if isinstance(v, Tensor) else v
+                    for k, v in values.items()
+                }
             out[int(slot)] = live
         return out
 
@@ -532,8 +559,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _ends_outer_step(self) -> bool:
         """Whether the coming step ends an outer step (φ moves)."""
-        return (self._inner_count + 1 >= self.inner_steps
-                and self._trajectory + 1 >= self.tasks_per_outer_step)
+        return self._inner_count + 1 >= self.inner_steps and self._trajectory + 1 >= self.tasks_per_outer_step
 
     def _compare_ranks(self, group: Any, *, with_grads: bool) -> None:
         """Local trajectories: every rank is at the same point of the same run (options,
@@ -541,16 +567,34 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         with its own gradients (bit-identical gradients on every rank mean DDP averaged them,
         or every rank was fed the same batches). One all-gather of four digests."""
         name = type(self).__name__
-        where = f"{name}.step" if with_grads else \
-            f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"
-        config = (name, self.tasks, self.inner_steps, self.tasks_per_outer_step, self.outer_lr,
-                  self.outer_lr_final, self.anneal_steps, self.outer_optimizer is not None,
-                  self.reset_inner_state, self._bucket_elements, self._verify_ranks,
-                  self._outer_count, self._inner_count, self._trajectory)
+        where = (
+            f"{name}.step"
+            if with_grads
+            else f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"
+        )
+        config = (
+            name,
+            self.tasks,
+            self.inner_steps,
+            self.tasks_per_outer_step,
+            self.outer_lr,
+            self.outer_lr_final,
+            self.anneal_steps,
+            self.outer_optimizer is not None,
+            self.reset_inner_state,
+            self._bucket_elements,
+            self._verify_ranks,
+            self._outer_count,
+            self._inner_count,
+            self._trajectory,
+        )
         grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
-        mine = (_distributed.digest(config), _distributed.checksum(self.engine.slow_buffers),
-                _distributed.checksum(grads) if grads else -1,
-                _distributed.fingerprint(self.generator.get_state()))
+        mine = (
+            _distributed.digest(config),
+            _distributed.checksum(self.engine.slow_buffers),
+            _distributed.checksum(grads) if grads else -1,
+            _distributed.fingerprint(self.generator.get_state()),
+        )
         ranks = _distributed.gather_digests(mine, group, self.timeout, where)
 
         def refuse(problem: str, fix: str) -> NoReturn:
@@ -560,31 +604,39 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
         differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
         if differ:
-            refuse(f"rank(s) {differ} run with other options or are at another step than rank 0 "
-                   f"(this rank: {config})",
-                   "build the optimizer with the same options on every rank, and resume every "
-                   "rank from the same checkpoint (metaopt.load_distributed_checkpoint)")
+            refuse(
+                f"rank(s) {differ} run with other options or are at another step than rank 0 "
+                f"(this rank: {config})",
+                "build the optimizer with the same options on every rank, and resume every "
+                "rank from the same checkpoint (metaopt.load_distributed_checkpoint)",
+            )
         differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
         if differ and with_grads:
-            refuse(f"the slow weights (the parameters when the optimizer was built, or as last "
-                   f"loaded) of rank(s) {differ} differ from rank 0's",
-                   "build the model from the same seed on every rank (or broadcast rank 0's "
-                   "parameters) before building the optimizer, and load the same checkpoint")
+            refuse(
+                f"the slow weights (the parameters when the optimizer was built, or as last "
+                f"loaded) of rank(s) {differ} differ from rank 0's",
+                "build the model from the same seed on every rank (or broadcast rank 0's "
+                "parameters) before building the optimizer, and load the same checkpoint",
+            )
         if differ:
-            refuse(f"the slow weights of rank(s) {differ} are no longer bit-identical to rank 0's",
-                   "something changed them on some ranks only (a write outside the optimizer, "
-                   "a load on one rank); restart every rank from the last checkpoint")
+            refuse(
+                f"the slow weights of rank(s) {differ} are no longer bit-identical to rank 0's",
+                "something changed them on some ranks only (a write outside the optimizer, "
+                "a load on one rank); restart every rank from the last checkpoint",
+            )
         if len(ranks) > 1 and len({v[3] for v in ranks}) < len(ranks):
-            refuse("two ranks hold the same task stream, so their trajectories would repeat "
-                   "each other", "each rank must load its own state "
-                   "(metaopt.load_distributed_checkpoint)")
-        if with_grads and len(ranks) > 1 and ranks[0][2] != -1 \
-                and all(v[2] == ranks[0][2] for v in ranks):
-            refuse("the gradients are bit-identical on every rank at the first step of local "
-                   "trajectories", "the model is wrapped in DistributedDataParallel, which "
-                   "averages gradients at every step (use the model itself, or run each inner "
-                   "step under ddp.no_sync()), or every rank is fed the same batches (give each "
-                   "rank its own data)")
+            refuse(
+                "two ranks hold the same task stream, so their trajectories would repeat each other",
+                "each rank must load its own state (metaopt.load_distributed_checkpoint)",
+            )
+        if with_grads and len(ranks) > 1 and ranks[0][2] != -1 and all(v[2] == ranks[0][2] for v in ranks):
+            refuse(
+                "the gradients are bit-identical on every rank at the first step of local trajectories",
+                "the model is wrapped in DistributedDataParallel, which "
+                "averages gradients at every step (use the model itself, or run each inner "
+                "step under ddp.no_sync()), or every rank is fed the same batches (give each "
+                "rank its own data)",
+            )
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict[str, Any]:
@@ -611,15 +663,28 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 raise ValueError(f"{name}.load_state_dict: saved {key} {v!r} is not an int >= 0")
         slots = state.get("inner_slots", {})
         if not isinstance(slots, Mapping) or any(
-                isinstance(k, bool) or not isinstance(k, int) or k < 0 or not isinstance(v, Mapping)
-                or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._param_list)
-                       or not isinstance(vals, Mapping) for i, vals in v.items())
-                for k, v in slots.items()):
-            raise ValueError(f"{name}.load_state_dict: saved inner_slots are not per-trajectory "
-                             "optimizer states keyed by parameter index")
+            isinstance(k, bool)
+            or not isinstance(k, int)
+            or k < 0
+            or not isinstance(v, Mapping)
+            or any(
+                isinstance(i, bool)
+                or not isinstance(i, int)
+                or not 0 <= i < len(self._param_list)
+                or not isinstance(vals, Mapping)
+                for i, vals in v.items()
+            )
+            for k, v in slots.items()
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict: saved inner_slots are not per-trajectory "
+                "optimizer states keyed by parameter index"
+            )
         if state.get("trajectory") in slots:
-            raise ValueError(f"{name}.load_state_dict: saved inner_slots hold a parked state for "
-                             f"the live trajectory {state.get('trajectory')}")
+            raise ValueError(
+                f"{name}.load_state_dict: saved inner_slots hold a parked state for "
+                f"the live trajectory {state.get('trajectory')}"
+            )
         engine = state.get("engine")
         if not isinstance(engine, Mapping):
             raise ValueError(f"{name}.load_state_dict: the saved state has no slow weights")
@@ -639,4 +704,4 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _after_load(self) -> None:
         self._record_versions()
-        self._ranks_checked = False   # local trajectories: compare the loaded state across ranks
+        self._ranks_checked = False  # local trajectories: compare the loaded state across ranks

@@ -72,10 +72,18 @@ class GradientSurgery(MultiTaskOptimizer):
     retain_graph = Option(flag)
     batched = Option(flag)
 
-    def __init__(self, optimizer: Optimizer, *, tasks: Iterable[str] | None = None,
-                 shared: Iterable[Tensor] | None = None, retain_graph: bool = False,
-                 batched: bool = False, process_group: Any = None, seed: int = 0,
-                 allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        tasks: Iterable[str] | None = None,
+        shared: Iterable[Tensor] | None = None,
+        retain_graph: bool = False,
+        batched: bool = False,
+        process_group: Any = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError(
@@ -102,7 +110,7 @@ class GradientSurgery(MultiTaskOptimizer):
         self.process_group = process_group
         self._grad_buffers: list[Tensor] = []
         self._scratch: Tensor | None = None
-        self._rows: int | None = None           # a backward is pending: its rows are in J
+        self._rows: int | None = None  # a backward is pending: its rows are in J
         self._reached: Tensor | None = None
         self._staged: dict[str, Any] | None = None
         self._staged_generator: Tensor | None = None
@@ -121,8 +129,9 @@ class GradientSurgery(MultiTaskOptimizer):
             ordered = list(params)
         else:
             shared_ids = {id(p) for p in self._shared}
-            ordered = [p for p in params if id(p) in shared_ids] + \
-                      [p for p in params if id(p) not in shared_ids]
+            ordered = [p for p in params if id(p) in shared_ids] + [
+                p for p in params if id(p) not in shared_ids
+            ]
         devices = {(p.device, master_dtype(p.dtype)) for p in ordered}
         if len(devices) > 1:
             raise ValueError(
@@ -132,10 +141,10 @@ class GradientSurgery(MultiTaskOptimizer):
         self._params = ordered
         self._slices = parameter_slices(ordered)
         self.num_params = self._slices[-1].stop if ordered else 0
-        self._jacobian: Tensor | None = None   # persistent (T, P) buffer
+        self._jacobian: Tensor | None = None  # persistent (T, P) buffer
 
     def _params_added(self, new: list[Tensor]) -> None:
-        self._lay_out_columns()   # new parameters come after the shared ones: no column moves
+        self._lay_out_columns()  # new parameters come after the shared ones: no column moves
 
     # ------------------------------------------------------------------ hooks for subclasses
     def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
@@ -176,8 +185,11 @@ class GradientSurgery(MultiTaskOptimizer):
         Of two, the one that the current ``.grad`` do not view: a refused step restores the
         previous ``.grad`` untouched (a fresh buffer per step would be page-faulted in each time)."""
         dtype = master_dtype(like.dtype)
-        bufs = [b for b in self._grad_buffers if b.shape == (self.num_params,) and b.dtype == dtype
-                and b.device == like.device]
+        bufs = [
+            b
+            for b in self._grad_buffers
+            if b.shape == (self.num_params,) and b.dtype == dtype and b.device == like.device
+        ]
         while len(bufs) < 2:
             bufs.append(torch.empty(self.num_params, dtype=dtype, device=like.device))
         self._grad_buffers = bufs
@@ -204,8 +216,13 @@ class GradientSurgery(MultiTaskOptimizer):
         first = self._rows is None
         # this backward's rows go into J directly at the first pass of a step, else a scratch
         rows = self._jacobian_buffer(len(names), params[0], scratch=not first)
-        tj = task_jacobian(list(self._scaled(losses, grad_scaler).values()), params, out=rows,
-                           retain_graph=self.retain_graph, batched=self.batched)
+        tj = task_jacobian(
+            list(self._scaled(losses, grad_scaler).values()),
+            params,
+            out=rows,
+            retain_graph=self.retain_graph,
+            batched=self.batched,
+        )
         stray = [t for t, hit in zip(names, tj.reached.any(1).tolist()) if not hit]
         if stray:
             raise ValueError(
@@ -226,7 +243,7 @@ class GradientSurgery(MultiTaskOptimizer):
                 "to aggregate; pass shared= explicitly"
             )
         group = default_group(self.process_group)
-        if group is not None:   # the T rows averaged over the ranks: one collective, before combining
+        if group is not None:  # the T rows averaged over the ranks: one collective, before combining
             average_(rows, group)
         # nothing has moved so far but internal buffers; from here on this backward counts
         J = self._jacobian_buffer(len(names), params[0], scratch=False)
@@ -239,8 +256,12 @@ class GradientSurgery(MultiTaskOptimizer):
         # One Gramian per group, summed over the group's column ranges, accumulated in float64:
         # finite and accurate for any finite float32 gradients (see metaopt.aggregation.gramian).
         cdt = compute_dtype(J)
-        G = torch.stack([sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
-                         for g in groups])
+        G = torch.stack(
+            [
+                sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
+                for g in groups
+            ]
+        )
         # Weights first, checks after, so that one host sync covers them all. The generator's
         # draw is staged (committed by step()); a non-finite G is zeroed for _weights (such a
         # step is refused anyway).
@@ -266,24 +287,30 @@ class GradientSurgery(MultiTaskOptimizer):
         loss_ok = torch.stack(values).isfinite().to(ok.device)
         # the one host sync of the backward pass: losses, each task's gradient, the update's
         # range, split
-        flags = torch.cat([ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])]).tolist()
+        flags = torch.cat(
+            [ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])]
+        ).tolist()
         T = len(names)
         grad = self._grad_buffer(params[0])
         bad = [t for t, good in zip(names, flags[:T]) if not good]
-        bad_loss = {t: float(v) for t, v, good in zip(names, values, flags[T:2 * T]) if not good}
-        flags = flags[:T] + flags[2 * T:]
+        bad_loss = {t: float(v) for t, v, good in zip(names, values, flags[T : 2 * T]) if not good}
+        flags = flags[:T] + flags[2 * T :]
         if bad_loss:
             self._refusal = f"non-finite loss for task(s) {bad_loss}; nothing was updated"
             torch.sum(J, dim=0, out=grad)
         elif bad:
-            self._refusal = (f"non-finite gradient (NaN or inf) for task(s) {bad}; nothing was "
-                             "updated (with a GradScaler, scaler.step(opt) skips such steps)")
-            torch.sum(J, dim=0, out=grad)   # non-finite, as GradScaler must see it
+            self._refusal = (
+                f"non-finite gradient (NaN or inf) for task(s) {bad}; nothing was "
+                "updated (with a GradScaler, scaler.step(opt) skips such steps)"
+            )
+            torch.sum(J, dim=0, out=grad)  # non-finite, as GradScaler must see it
         elif not flags[T]:
             size = max(float(update_bound(weights, G).max()), float(heads))
-            self._refusal = (f"the combined update does not fit {J.dtype}: its norm is bounded by "
-                             f"sum_k |w_k| |g_k| = {size:.3g}, above the {update_limit(J.dtype):.3g} "
-                             "accepted; nothing was updated")
+            self._refusal = (
+                f"the combined update does not fit {J.dtype}: its norm is bounded by "
+                f"sum_k |w_k| |g_k| = {size:.3g}, above the {update_limit(J.dtype):.3g} "
+                "accepted; nothing was updated"
+            )
             grad.fill_(float("inf"))
         else:
             self._refusal = None
@@ -320,7 +347,7 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         if self._refusal is not None:
             raise ValueError(f"{name}.step: {self._refusal}")
-        self._check_unused(self._params)   # unreached parameters were given grad = None
+        self._check_unused(self._params)  # unreached parameters were given grad = None
 
     def _after_step(self) -> dict[str, Any]:
         assert self._staged is not None and self._staged_generator is not None

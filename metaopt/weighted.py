@@ -48,12 +48,12 @@ class Weighted(GradientSurgery):
     Refused with a clear error: TorchJD weightings that read the Jacobian itself (ExcessMTL,
     MoDo, SDMGrad, and the constant/mean/sum/random ones, which TorchJD also classes so), and
     stateful ones (their state would move on a step that never runs, and is not in
-    ``state_dict``). Gramians are not batched: at every backward the weighting is called once
-    for each parameter group, with that group's (T, T) float64 Gramian. Anything random in the
-    weighting (TorchJD's ``PCGradWeighting`` draws from the global RNG) draws from the global
-    CPU generator reseeded from this optimizer's own generator, inside
-    ``torch.random.fork_rng(devices=[])``, so runs are reproducible and neither the caller's CPU
-    RNG nor any CUDA generator is touched.
+    ``state_dict``). Gramians are not batched: at every backward the weighting is called once,
+    with the (T, T) float64 Gramian of all the shared parameters (there is no ``groups``
+    option). Anything random in the weighting (TorchJD's ``PCGradWeighting`` draws from the
+    global RNG) draws from the global CPU generator reseeded from this optimizer's own
+    generator, inside ``torch.random.fork_rng(devices=[])``, so runs are reproducible and
+    neither the caller's CPU RNG nor any CUDA generator is touched.
 
     Args:
         optimizer: the torch optimizer that applies the combined gradient.
@@ -74,14 +74,22 @@ class Weighted(GradientSurgery):
         [0.125, 0.0625]
     """
 
-    def __init__(self, optimizer: Optimizer, *, weighting: Weighting,
-                 tasks: Iterable[str] | None = None, shared: Iterable[Tensor] | None = None,
-                 retain_graph: bool = False, batched: bool = False, process_group: Any = None,
-                 seed: int = 0, allow_unused: bool = False) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        *,
+        weighting: Weighting,
+        tasks: Iterable[str] | None = None,
+        shared: Iterable[Tensor] | None = None,
+        retain_graph: bool = False,
+        batched: bool = False,
+        process_group: Any = None,
+        seed: int = 0,
+        allow_unused: bool = False,
+    ) -> None:
         name = type(self).__name__
         if not callable(weighting):
-            raise TypeError(f"{name}: weighting must be a callable G -> w, got "
-                            f"{type(weighting).__name__}")
+            raise TypeError(f"{name}: weighting must be a callable G -> w, got {type(weighting).__name__}")
         kind = _torchjd_kind(weighting)
         if kind == "matrix":
             raise TypeError(
@@ -95,9 +103,16 @@ class Weighted(GradientSurgery):
                 "on steps that never run (a GradScaler skip, a dropped backward) and is not saved "
                 "in state_dict(); use a stateless weighting"
             )
-        super().__init__(optimizer, tasks=tasks, shared=shared, retain_graph=retain_graph,
-                         batched=batched, process_group=process_group, seed=seed,
-                         allow_unused=allow_unused)
+        super().__init__(
+            optimizer,
+            tasks=tasks,
+            shared=shared,
+            retain_graph=retain_graph,
+            batched=batched,
+            process_group=process_group,
+            seed=seed,
+            allow_unused=allow_unused,
+        )
         self.weighting = weighting
 
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
@@ -109,7 +124,7 @@ class Weighted(GradientSurgery):
         # reseeded: torch.manual_seed would also reseed every CUDA generator for good.
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
-            for g in G:   # one (T, T) Gramian per parameter group: not batched
+            for g in G:  # the base class's one (T, T) Gramian per group; Weighted has one group
                 w = self.weighting(g)
                 if not isinstance(w, Tensor) or w.shape != (T,):
                     raise ValueError(

@@ -24,8 +24,9 @@ EXTREME_SCALES: tuple[float, ...] = (1e-30, 1e-20, 1e-10, 1e-5, 1.0, 1e5, 1e10, 
 ROW_SCALE_EXPONENTS: tuple[int, int] = (-30, 25)
 
 
-def mixed_jacobian(seed: int, exponents: list[int], extra: int = 0, zero_rows: int = 0,
-                   dtype: torch.dtype = torch.float32) -> Tensor:
+def mixed_jacobian(
+    seed: int, exponents: list[int], extra: int = 0, zero_rows: int = 0, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """T = len(exponents) Gaussian rows in P = T + extra dimensions, row k scaled by
     10**exponents[k] (then ``zero_rows`` rows, never all, set to 0). P >= T keeps the rows
     independent, so no projection hangs on the sign of a dot product that is 0 up to rounding."""
@@ -41,8 +42,9 @@ def mixed_jacobian(seed: int, exponents: list[int], extra: int = 0, zero_rows: i
 _exponents = st.one_of(st.sampled_from(ROW_SCALE_EXPONENTS), st.integers(*ROW_SCALE_EXPONENTS))
 
 
-def mixed_jacobians(max_tasks: int = 6, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)
-                    ) -> st.SearchStrategy[Tensor]:
+def mixed_jacobians(
+    max_tasks: int = 6, dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64)
+) -> st.SearchStrategy[Tensor]:
     """Hypothesis strategy for :func:`mixed_jacobian`: each row's scale 1e-30 .. 1e25 (the two
     ends drawn often), 2 to ``max_tasks`` rows, sometimes a zero row."""
     return st.builds(
@@ -106,9 +108,7 @@ def assert_no_conflict_is_plain(agg: Aggregator, J: Tensor, reduction: str = "su
     torch.testing.assert_close(update.double(), expected, rtol=1e-6, atol=1e-6 * _scale(J))
 
 
-def assert_finite_at_extremes(
-    agg: Aggregator, J: Tensor, scales: Sequence[float] = EXTREME_SCALES
-) -> None:
+def assert_finite_at_extremes(agg: Aggregator, J: Tensor, scales: Sequence[float] = EXTREME_SCALES) -> None:
     """Finite output for ``cJ`` with ``c`` from 1e-30 to 1e25 (J may contain zero rows)."""
     for c in scales:
         update, w = agg(J * c)
@@ -131,9 +131,7 @@ def assert_zero_rows_get_plain_weight(agg: Aggregator, J: Tensor, reduction: str
     zero = (J == 0).all(dim=1)
     _, w = agg(J)
     plain = 1.0 if reduction == "sum" else 1.0 / J.shape[0]
-    torch.testing.assert_close(
-        w.double()[zero], torch.full((int(zero.sum()),), plain, dtype=torch.float64)
-    )
+    torch.testing.assert_close(w.double()[zero], torch.full((int(zero.sum()),), plain, dtype=torch.float64))
 
 
 def assert_matches_reference(
@@ -158,8 +156,7 @@ def assert_matches_reference(
     tol_u = (rtol + 4 * (T + 1) * u) * (a @ J.double().abs())
     err_u = (update.double() - ref.update).abs()
     assert (err_u <= tol_u).all(), (
-        f"update differs from the float64 reference by {err_u} (allowed {tol_u}):\n"
-        f"{update}\n{ref.update}"
+        f"update differs from the float64 reference by {err_u} (allowed {tol_u}):\n{update}\n{ref.update}"
     )
     err_w = (weights.double() - ref.weights).abs()
     assert (err_w <= rtol * a).all(), (

@@ -31,7 +31,7 @@ import torch._dynamo  # noqa: F401  (torch.optim imports it on first use: a fork
 
 import metaopt
 
-IMPORTED_BY = os.getpid()   # a forked life sees its forkserver's pid here: the imports were shared
+IMPORTED_BY = os.getpid()  # a forked life sees its forkserver's pid here: the imports were shared
 TASKS = ("a", "b", "c")
 IN, HIDDEN, BATCH = 16, 48, 32
 
@@ -66,7 +66,11 @@ def build(steps: int) -> tuple[Net, metaopt.SequentialReptile, torch.optim.lr_sc
     model = Net()
     opt = metaopt.SequentialReptile(
         torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2),
-        tasks=list(TASKS), inner_steps=5, outer_lr=0.3, seed=0, allow_unused=True,
+        tasks=list(TASKS),
+        inner_steps=5,
+        outer_lr=0.3,
+        seed=0,
+        allow_unused=True,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=1e-4)
     return model, opt, sched
@@ -87,16 +91,16 @@ def main(argv: list[str] | None = None, report: Callable[[str, int], None] | Non
     args = ap.parse_args(argv)
     if report is None and args.progress:
         report = _print_report
-    torch.set_num_threads(1)   # the same reduction order in every process
+    torch.set_num_threads(1)  # the same reduction order in every process
 
     model, opt, sched = build(args.steps)
     pad = padding(args.pad_mb)
     start = 0
     if os.path.exists(args.ckpt):
         state = metaopt.load_checkpoint(args.ckpt)
-        model.load_state_dict(state["model"])        # 1. the model
-        opt.load_state_dict(state["optimizer"])      # 2. the optimizer (refers to the parameters)
-        sched.load_state_dict(state["scheduler"])    # 3. the scheduler (acts on param_groups)
+        model.load_state_dict(state["model"])  # 1. the model
+        opt.load_state_dict(state["optimizer"])  # 2. the optimizer (refers to the parameters)
+        sched.load_state_dict(state["scheduler"])  # 3. the scheduler (acts on param_groups)
         start = int(state["step"])
         if not torch.equal(state["extras"]["pad"], pad):
             raise SystemExit(f"{args.ckpt}: the padding tensor did not round-trip")
@@ -110,21 +114,27 @@ def main(argv: list[str] | None = None, report: Callable[[str, int], None] | Non
         opt.step({task: torch.nn.functional.mse_loss(model(x, task), y)})
         sched.step()
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            metaopt.save_checkpoint(args.ckpt, {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "step": step + 1,
-                "extras": {"pad": pad},
-            })
+            metaopt.save_checkpoint(
+                args.ckpt,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step + 1,
+                    "extras": {"pad": pad},
+                },
+            )
         if report is not None:
             report("step", step + 1)
-    torch.save({
-        "params": [p.detach().clone() for p in model.parameters()],
-        "slow": [s.detach().clone() for s in opt.slow_weights],
-        "resumed_from": start,
-        "train_seconds": time.perf_counter() - t_train,
-    }, args.out)
+    torch.save(
+        {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "slow": [s.detach().clone() for s in opt.slow_weights],
+            "resumed_from": start,
+            "train_seconds": time.perf_counter() - t_train,
+        },
+        args.out,
+    )
 
 
 def life(argv: list[str], conn: Any) -> None:

@@ -75,8 +75,9 @@ def run(rank: int, runs: list[tuple[str, str, int, int]], port: int, out: str) -
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
-        results = {(name, recipe, s0, s1): train(rank, name, recipe, (s0, s1)[rank])
-                   for name, recipe, s0, s1 in runs}
+        results = {
+            (name, recipe, s0, s1): train(rank, name, recipe, (s0, s1)[rank]) for name, recipe, s0, s1 in runs
+        }
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -22,8 +22,8 @@ import metaopt  # noqa: E402
 from _spawn import leave  # noqa: E402
 from _stacks import TASKS, Net, batch, loss_of  # noqa: E402
 
-K = 3            # inner steps per trajectory
-OUTER = 3        # outer steps per run
+K = 3  # inner steps per trajectory
+OUTER = 3  # outer steps per run
 STEPS = K * OUTER
 SEED = 7
 
@@ -48,24 +48,43 @@ def nesterov(params: Any) -> torch.optim.Optimizer:
 def build(kind: str, model: Net, **options: Any) -> metaopt.SlowFastOptimizer:
     inner = sgd if kind == "local_sgd" else adam
     if kind == "reptile":
-        return metaopt.Reptile(inner(list(model.parameters())), tasks=TASKS, inner_steps=K,
-                               outer_lr=0.5, local_trajectories=True, allow_unused=True,
-                               seed=SEED, **options)
+        return metaopt.Reptile(
+            inner(list(model.parameters())),
+            tasks=TASKS,
+            inner_steps=K,
+            outer_lr=0.5,
+            local_trajectories=True,
+            allow_unused=True,
+            seed=SEED,
+            **options,
+        )
     if kind == "local_sgd":
         options.setdefault("outer_lr", 1.0)
     elif kind == "diloco":
         options.setdefault("outer_optimizer", nesterov)
     else:
         options.setdefault("outer_lr", 0.5)
-    return metaopt.SequentialReptile(inner(list(model.parameters())), tasks=TASKS, inner_steps=K,
-                                     local_trajectories=True, allow_unused=True, seed=SEED,
-                                     **options)
+    return metaopt.SequentialReptile(
+        inner(list(model.parameters())),
+        tasks=TASKS,
+        inner_steps=K,
+        local_trajectories=True,
+        allow_unused=True,
+        seed=SEED,
+        **options,
+    )
 
 
-def train(rank: int, model: torch.nn.Module, opt: metaopt.SlowFastOptimizer, recipe: str,
-          steps: int = STEPS, after: Any = None) -> list[str]:
+def train(
+    rank: int,
+    model: torch.nn.Module,
+    opt: metaopt.SlowFastOptimizer,
+    recipe: str,
+    steps: int = STEPS,
+    after: Any = None,
+) -> list[str]:
     drawn = []
-    if recipe == "torch_zero":   # every parameter keeps a (zero) gradient: see local_sgd
+    if recipe == "torch_zero":  # every parameter keeps a (zero) gradient: see local_sgd
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
     for s in range(steps):
@@ -85,9 +104,11 @@ def train(rank: int, model: torch.nn.Module, opt: metaopt.SlowFastOptimizer, rec
 
 
 def snapshot(model: torch.nn.Module, opt: metaopt.SlowFastOptimizer) -> dict[str, Any]:
-    return {"params": [p.detach().clone() for p in model.parameters()],
-            "slow": [w.clone() for w in opt.slow_weights],
-            "outer": opt.outer_step_count}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "slow": [w.clone() for w in opt.slow_weights],
+        "outer": opt.outer_step_count,
+    }
 
 
 def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -96,17 +117,19 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
         model = Net()
         opt = build(name, model, **options)
         out = {"tasks": train(rank, model, opt, recipe)} | snapshot(model, opt)
-        if name == "local_sgd":   # the oracle: torch's local SGD, on the same tasks and batches
+        if name == "local_sgd":  # the oracle: torch's local SGD, on the same tasks and batches
             from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
             from torch.distributed.optim import PostLocalSGDOptimizer
+
             oracle = Net()
             # PeriodicModelAverager averages after its step 0, K, 2K, ... once step >= warmup:
             # warmup K - 1 makes that after the K-th, 2K-th, ... optimizer step, as here. It
             # averages only the parameters that have a .grad (a collective whose size would
             # differ between ranks training different heads), so every parameter keeps a zero
             # gradient in both runs ("torch_zero").
-            torch_opt = PostLocalSGDOptimizer(sgd(oracle.parameters()),
-                                              PeriodicModelAverager(period=K, warmup_steps=K - 1))
+            torch_opt = PostLocalSGDOptimizer(
+                sgd(oracle.parameters()), PeriodicModelAverager(period=K, warmup_steps=K - 1)
+            )
             for p in oracle.parameters():
                 p.grad = torch.zeros_like(p)
             for s, task in enumerate(out["tasks"]):
@@ -115,7 +138,7 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
                 torch_opt.zero_grad(set_to_none=False)
             out["oracle"] = [p.detach().clone() for p in oracle.parameters()]
         return out
-    if name == "sharded":   # each rank's trajectory sees one task only
+    if name == "sharded":  # each rank's trajectory sees one task only
         model = Net()
         opt = build(name, model, schedule=[TASKS[rank % len(TASKS)]])
         return {"tasks": train(rank, model, opt, recipe)} | snapshot(model, opt)
@@ -132,7 +155,7 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
             moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
             return {"error": str(err), "moved": moved, "step_count": opt.step_count}
         return {"error": None}
-    if name == "ddp_no_sync":   # DDP's gradient sync off for every inner step: as unwrapped
+    if name == "ddp_no_sync":  # DDP's gradient sync off for every inner step: as unwrapped
         model = Net()
         ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = build("equivalence", model)
@@ -150,10 +173,12 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
         return snapshot(model, opt) | {"dtypes": [str(w.dtype) for w in opt.slow_weights]}
     if name in ("other_options", "other_buckets", "same_stream"):
         model = Net()
-        differ = {"other_options": {"outer_lr": 0.5 + 0.1 * rank},
-                  "other_buckets": {"bucket_elements": None if rank == 0 else 3}}
+        differ = {
+            "other_options": {"outer_lr": 0.5 + 0.1 * rank},
+            "other_buckets": {"bucket_elements": None if rank == 0 else 3},
+        }
         opt = build("equivalence", model, **differ.get(name, {}))
-        if name == "same_stream":   # every rank loads rank 0's state (its task stream too)
+        if name == "same_stream":  # every rank loads rank 0's state (its task stream too)
             state = [opt.state_dict()]
             dist.broadcast_object_list(state, src=0)
             opt.load_state_dict(state[0])
@@ -177,32 +202,41 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
         opt = build(name, model, verify_ranks=True)
 
         def perturb(s: int) -> None:
-            if s == K + 1 and rank == world - 1:   # something writes φ on one rank only
+            if s == K + 1 and rank == world - 1:  # something writes φ on one rank only
                 opt.slow_weights[0].add_(1e-3)
+
         before: list[torch.Tensor] = []
 
         def perturb_then_snapshot(s: int) -> None:
             perturb(s)
             before[:] = [p.detach().clone() for p in model.parameters()]
+
         try:
             train(rank, model, opt, recipe, after=perturb_then_snapshot)
         except RuntimeError as err:
             moved = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
-            return {"error": str(err), "outer": opt.outer_step_count, "moved": moved,
-                    "step_count": opt.step_count}
+            return {
+                "error": str(err),
+                "outer": opt.outer_step_count,
+                "moved": moved,
+                "step_count": opt.step_count,
+            }
         return {"error": None}
     if name == "composed":
         model = Net()
-        pcgrad = metaopt.PCGrad(adam(list(model.parameters())), tasks=TASKS, seed=SEED,
-                                process_group="local")
-        opt = metaopt.SequentialReptile(pcgrad, inner_steps=K, outer_lr=0.5,
-                                        local_trajectories=True, seed=SEED)
+        pcgrad = metaopt.PCGrad(adam(list(model.parameters())), tasks=TASKS, seed=SEED, process_group="local")
+        opt = metaopt.SequentialReptile(
+            pcgrad, inner_steps=K, outer_lr=0.5, local_trajectories=True, seed=SEED
+        )
         for s in range(STEPS):
             opt.step({t: loss_of(model, t, rank_batch(rank, s, t)) for t in opt.next_tasks()})
         out = snapshot(model, opt)
         try:
-            metaopt.SequentialReptile(metaopt.PCGrad(adam(list(model.parameters())), tasks=TASKS),
-                                      inner_steps=K, local_trajectories=True)
+            metaopt.SequentialReptile(
+                metaopt.PCGrad(adam(list(model.parameters())), tasks=TASKS),
+                inner_steps=K,
+                local_trajectories=True,
+            )
             out["unwrapped_error"] = None
         except ValueError as err:
             out["unwrapped_error"] = str(err)
@@ -212,8 +246,9 @@ def scenario(rank: int, world: int, name: str, options: dict[str, Any]) -> dict[
 
 def run(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], init: str, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
     results = []
     try:
         for name, options in runs:

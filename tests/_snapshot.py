@@ -42,8 +42,11 @@ def _same(a: Any, b: Any, where: str) -> str | None:
         if a.shape != b.shape or a.dtype != b.dtype:
             return f"{where}: {tuple(a.shape)}/{a.dtype} against {tuple(b.shape)}/{b.dtype}"
         if a.is_floating_point():
-            return None if torch.equal(a.isnan(), b.isnan()) and torch.equal(
-                a.nan_to_num(0.0), b.nan_to_num(0.0)) else f"{where}: values differ"
+            return (
+                None
+                if torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+                else f"{where}: values differ"
+            )
         return None if torch.equal(a, b) else f"{where}: values differ"
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):

@@ -49,5 +49,6 @@ def run_and_leave(rank: int, module: str, function: str, *args: object) -> None:
     """``module.function(rank, *args)`` in a spawned rank, then :func:`leave` (for workers that
     are not test code, such as the recipes' ``worker``); an exception propagates as usual."""
     import importlib
+
     getattr(importlib.import_module(module), function)(rank, *args)
     leave(0)

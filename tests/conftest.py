@@ -29,6 +29,7 @@ def pytest_collection_modifyitems(config, items):
         if "long" in item.keywords:
             item.add_marker(skip)
 
+
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 # The whole suite runs under torch.use_deterministic_algorithms(True), as a user's reproducible

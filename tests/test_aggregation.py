@@ -205,9 +205,7 @@ def test_pcgrad_matches_naive_loop(J: Tensor, seed: int, reduction: str) -> None
     beta=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
     reduction=st.sampled_from(["sum", "mean"]),
 )
-def test_gradvac_matches_naive_loop_over_steps(
-    J: Tensor, seed: int, beta: float, reduction: str
-) -> None:
+def test_gradvac_matches_naive_loop_over_steps(J: Tensor, seed: int, beta: float, reduction: str) -> None:
     T = J.shape[0]
     g = _gen(seed)
     targets = torch.zeros(T, T, dtype=F64)
@@ -292,9 +290,7 @@ GOLDEN_PCGRAD_UPDATE = torch.tensor([-1279 / 462, 134 / 231, -701 / 231, 1555 / 
 #   row 2: cos(g2, g0) = -0.402911 < -0.2 -> 0.191542526866148;
 #          cos(g2', g1) = -0.364509 < 0.25 -> 0.765128689981335
 # The new targets are 0.5 t + 0.5 cos for each visited pair.
-GOLDEN_GV_TARGETS_IN = torch.tensor(
-    [[0.0, 0.1, -0.5], [0.0, 0.0, 0.3], [-0.2, 0.25, 0.0]], dtype=F64
-)
+GOLDEN_GV_TARGETS_IN = torch.tensor([[0.0, 0.1, -0.5], [0.0, 0.0, 0.3], [-0.2, 0.25, 0.0]], dtype=F64)
 GOLDEN_GV_W = torch.tensor(
     [
         1 + 0.431047432388528 + 0.191542526866148,
@@ -331,9 +327,7 @@ def test_golden_gradvac() -> None:
     torch.testing.assert_close(aggregate(GOLDEN_J, w), GOLDEN_GV_UPDATE, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(targets, GOLDEN_GV_TARGETS_OUT, rtol=1e-13, atol=1e-13)
     # float32 inputs: same numbers to float32 precision
-    w32, t32 = gradvac_weights(
-        gramian(GOLDEN_J.float()), GOLDEN_ORDER, GOLDEN_GV_TARGETS_IN.float(), 0.5
-    )
+    w32, t32 = gradvac_weights(gramian(GOLDEN_J.float()), GOLDEN_ORDER, GOLDEN_GV_TARGETS_IN.float(), 0.5)
     assert w32.dtype == torch.float32 and t32.dtype == torch.float32
     torch.testing.assert_close(w32.double(), GOLDEN_GV_W, rtol=1e-6, atol=1e-6)
 
@@ -364,14 +358,10 @@ def test_gradvac_compares_before_updating_the_target() -> None:
     # reverse: target 0.7 > cos corrects, and the new target is the pre-correction cosine 0.6).
     J = torch.tensor([[1.0, 0.0], [0.6, 0.8]], dtype=F64)
     order = torch.tensor([[1], [0]])
-    w, t = gradvac_weights(
-        gramian(J), order, torch.tensor([[0.0, 0.5], [0.0, 0.0]], dtype=F64), 1.0
-    )
+    w, t = gradvac_weights(gramian(J), order, torch.tensor([[0.0, 0.5], [0.0, 0.0]], dtype=F64), 1.0)
     torch.testing.assert_close(w, torch.ones(2, dtype=F64))
     torch.testing.assert_close(t[0, 1], torch.tensor(0.6, dtype=F64))
-    w, t = gradvac_weights(
-        gramian(J), order, torch.tensor([[0.0, 0.7], [0.0, 0.0]], dtype=F64), 1.0
-    )
+    w, t = gradvac_weights(gramian(J), order, torch.tensor([[0.0, 0.7], [0.0, 0.0]], dtype=F64), 1.0)
     assert w[1] > 1  # row 0 added a positive multiple of g1
     torch.testing.assert_close(t[0, 1], torch.tensor(0.6, dtype=F64))
 
@@ -456,9 +446,7 @@ def test_gradvac_matches_reference_at_mixed_row_scales(
     if not fresh:
         targets = torch.rand(T, T, generator=_gen(seed + 1), dtype=F64) * 1.8 - 0.9
     order = random_order(T, _gen(seed))
-    update, w, new_targets = gradvac(
-        J, targets=targets, beta=beta, generator=_gen(seed), reduction=reduction
-    )
+    update, w, new_targets = gradvac(J, targets=targets, beta=beta, generator=_gen(seed), reduction=reduction)
     ref = naive_gradvac(J.double(), order, targets, beta, reduction)
     assert_matches_reference(update, w, ref, J)
     torch.testing.assert_close(new_targets, ref.targets, rtol=0, atol=1e-9)
@@ -493,8 +481,7 @@ def test_gramian_in_float64_of_float32_rows_at_any_scale() -> None:
     assert not gramian(J32).isfinite().all()  # the float32 Gramian overflows
     # batched and half inputs take the same chunked path
     Jb = torch.randn(2, 3, 3000, generator=_gen(5)).to(torch.bfloat16)
-    torch.testing.assert_close(gramian(Jb, dtype=F64), Jb.double() @ Jb.double().mT,
-                               rtol=1e-14, atol=1e-12)
+    torch.testing.assert_close(gramian(Jb, dtype=F64), Jb.double() @ Jb.double().mT, rtol=1e-14, atol=1e-12)
     with pytest.raises(ValueError, match="dtype"):
         gramian(J32, dtype=torch.int64)
 
@@ -581,8 +568,7 @@ def test_gradvac_weights_on_a_float32_gramian_cancel_at_float32_precision() -> N
     assert new_targets[0, 2] == targets[0, 2].float() and new_targets[1, 2] == targets[1, 2].float()
     torch.testing.assert_close(new_targets.double(), ref.targets, rtol=0, atol=1e-6)
     # the coefficient of a cosine at -1 is only as good as sqrt(float32 rounding of G)
-    torch.testing.assert_close(aggregate(J, w).double(), ref.update, rtol=0,
-                               atol=1e-3 * float(J.abs().max()))
+    torch.testing.assert_close(aggregate(J, w).double(), ref.update, rtol=0, atol=1e-3 * float(J.abs().max()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -812,9 +798,7 @@ BAD_CALLS = [
     ),
     (
         "gradvac_weights targets range",
-        lambda: gradvac_weights(
-            _G(), random_order(3, _gen()), torch.full((3, 3), 1.5, dtype=F64), 0.5
-        ),
+        lambda: gradvac_weights(_G(), random_order(3, _gen()), torch.full((3, 3), 1.5, dtype=F64), 0.5),
         "targets",
     ),
     (
@@ -826,9 +810,7 @@ BAD_CALLS = [
     ),
     (
         "gradvac_weights reduction",
-        lambda: gradvac_weights(
-            _G(), random_order(3, _gen()), torch.zeros(3, 3, dtype=F64), 0.5, "max"
-        ),
+        lambda: gradvac_weights(_G(), random_order(3, _gen()), torch.zeros(3, 3, dtype=F64), 0.5, "max"),
         "reduction",
     ),
     (
@@ -846,9 +828,7 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "call,match", [(c, m) for _, c, m in BAD_CALLS], ids=[n for n, _, _ in BAD_CALLS]
-)
+@pytest.mark.parametrize("call,match", [(c, m) for _, c, m in BAD_CALLS], ids=[n for n, _, _ in BAD_CALLS])
 def test_invalid_inputs_raise_clear_value_errors(call: Callable[[], object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
@@ -886,7 +866,5 @@ def test_single_task_and_validate_off() -> None:
     ],
 )
 def test_docstring_examples(module: str) -> None:
-    result = doctest.testmod(
-        importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE
-    )
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

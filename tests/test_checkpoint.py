@@ -75,8 +75,9 @@ def assert_same(a, b, where="state"):
 def sample_state():
     model = make_model(0)
     data = make_data()
-    opt = metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.5, seed=3)
+    opt = metaopt.SequentialReptile(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=3
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for _ in range(4):
         opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
@@ -88,9 +89,15 @@ def sample_state():
         "scheduler": sched.state_dict(),
         "step": 4,
         "extras": {
-            "note": "run 7", "loss": 0.25, "none": None, "flags": [True, False], "pair": (1, "a"),
-            "dtype": torch.bfloat16, "half": torch.randn(5, generator=g).to(torch.bfloat16),
-            "ints": torch.arange(6).reshape(2, 3), "view": torch.randn(4, 4, generator=g)[:, 1],
+            "note": "run 7",
+            "loss": 0.25,
+            "none": None,
+            "flags": [True, False],
+            "pair": (1, "a"),
+            "dtype": torch.bfloat16,
+            "half": torch.randn(5, generator=g).to(torch.bfloat16),
+            "ints": torch.arange(6).reshape(2, 3),
+            "view": torch.randn(4, 4, generator=g)[:, 1],
             "empty": torch.zeros(0, 3),
         },
     }
@@ -108,20 +115,22 @@ def test_round_trip_and_the_format_parsed_by_hand(tmp_path):
     assert version == 1 and length == len(raw) - 56 == len(payload)
     assert digest == hashlib.sha256(payload).digest()
     assert_same(torch.load(io.BytesIO(payload), weights_only=True), state)
-    assert sorted(os.listdir(tmp_path)) == ["run.ckpt"]   # no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["run.ckpt"]  # no temporary file left
     # a str path and map_location work too
     out = metaopt.load_checkpoint(str(path), map_location="cpu")
     assert out["model"]["0.weight"].device.type == "cpu"
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")   # quantized: deprecated; nested: prototype
+@pytest.mark.filterwarnings("ignore::UserWarning")  # quantized: deprecated; nested: prototype
 def test_tensor_types_without_meta_kernels_round_trip(tmp_path):
     """save_checkpoint's loadability check decodes on the meta device; quantized and nested
     tensors have no meta kernels there and must not be refused for it."""
     g = torch.Generator().manual_seed(2)
-    state = {"q": torch.quantize_per_tensor(torch.randn(4, generator=g), 0.1, 0, torch.qint8),
-             "nested": torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)]),
-             "sparse": torch.randn(3, 3, generator=g).relu().to_sparse()}
+    state = {
+        "q": torch.quantize_per_tensor(torch.randn(4, generator=g), 0.1, 0, torch.qint8),
+        "nested": torch.nested.nested_tensor([torch.ones(2), torch.arange(3.0)]),
+        "sparse": torch.randn(3, 3, generator=g).relu().to_sparse(),
+    }
     metaopt.save_checkpoint(tmp_path / "c", state)
     got = metaopt.load_checkpoint(tmp_path / "c")
     assert torch.equal(got["q"].int_repr(), state["q"].int_repr()) and got["q"].q_scale() == 0.1
@@ -156,8 +165,12 @@ def test_a_corrupt_byte_is_a_checksum_mismatch_naming_the_file(tmp_path, where):
     path = tmp_path / "c"
     metaopt.save_checkpoint(path, {"w": torch.randn(100, generator=torch.Generator().manual_seed(0))})
     raw = bytearray(path.read_bytes())
-    i = {"payload_start": 56, "payload_middle": (56 + len(raw)) // 2,
-         "payload_end": len(raw) - 1, "digest": 30}[where]
+    i = {
+        "payload_start": 56,
+        "payload_middle": (56 + len(raw)) // 2,
+        "payload_end": len(raw) - 1,
+        "digest": 30,
+    }[where]
     raw[i] ^= 0x01
     path.write_bytes(bytes(raw))
     expect(path, "checksum", "checksum mismatch")
@@ -186,7 +199,7 @@ def test_wrong_magic_and_foreign_files(tmp_path):
     raw[1] = ord("M")
     path.write_bytes(bytes(raw))
     expect(path, "not_checkpoint", "not a metaopt checkpoint")
-    torch.save({"w": torch.ones(5)}, path)   # a plain torch.save file
+    torch.save({"w": torch.ones(5)}, path)  # a plain torch.save file
     expect(path, "not_checkpoint", "not a metaopt checkpoint", "plain torch.save")
     path.write_text("hello, this is a text file with more than fifty-six characters in it\n")
     expect(path, "not_checkpoint", "not a metaopt checkpoint")
@@ -199,7 +212,7 @@ def test_future_and_unknown_format_versions(tmp_path):
     expect(path, "version", "newer", "version 2")
     path.write_bytes(build_file(payload, version=0))
     expect(path, "version", "unknown")
-    path.write_bytes(build_file(payload, version=1))   # the same bytes with version 1 load
+    path.write_bytes(build_file(payload, version=1))  # the same bytes with version 1 load
     assert torch.equal(metaopt.load_checkpoint(path)["w"], torch.ones(2))
 
 
@@ -209,7 +222,7 @@ def test_a_checksummed_payload_that_is_not_a_dict(tmp_path):
     expect(path, "undecodable", "list")
     path.write_bytes(build_file(b"PK\x03\x04 a zip header, then garbage"))
     expect(path, "undecodable", "passed its checksum")
-    path.write_bytes(build_file(b"garbage that is no pickle"))   # refused by the unpickler
+    path.write_bytes(build_file(b"garbage that is no pickle"))  # refused by the unpickler
     expect(path, "unsafe", "weights-only unpickler rejects")
 
 
@@ -241,14 +254,21 @@ class NotAllowed:
         self.x = 1
 
 
-@pytest.mark.parametrize("state,kind,fragment", [
-    ([("model", {})], TypeError, "must be a mapping"),
-    (None, TypeError, "must be a mapping"),
-    ({1: torch.ones(1)}, TypeError, "keys must be strings"),
-    ({"ok": 1, ("a",): 2}, TypeError, "keys must be strings"),
-    ({"ok": 1, "fn": lambda: 0}, TypeError, "state['fn'] cannot be serialised"),
-    ({"ok": 1, "extras": {"obj": NotAllowed()}}, TypeError, "state['extras'] would not load under weights_only"),
-])
+@pytest.mark.parametrize(
+    "state,kind,fragment",
+    [
+        ([("model", {})], TypeError, "must be a mapping"),
+        (None, TypeError, "must be a mapping"),
+        ({1: torch.ones(1)}, TypeError, "keys must be strings"),
+        ({"ok": 1, ("a",): 2}, TypeError, "keys must be strings"),
+        ({"ok": 1, "fn": lambda: 0}, TypeError, "state['fn'] cannot be serialised"),
+        (
+            {"ok": 1, "extras": {"obj": NotAllowed()}},
+            TypeError,
+            "state['extras'] would not load under weights_only",
+        ),
+    ],
+)
 def test_save_validates_state_before_touching_the_disk(tmp_path, state, kind, fragment):
     path = tmp_path / "c"
     metaopt.save_checkpoint(path, {"step": 1})
@@ -256,7 +276,7 @@ def test_save_validates_state_before_touching_the_disk(tmp_path, state, kind, fr
     with pytest.raises(kind) as info:
         metaopt.save_checkpoint(path, state)
     assert fragment in str(info.value)
-    assert "'ok'" not in str(info.value)   # only the culprit is named
+    assert "'ok'" not in str(info.value)  # only the culprit is named
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["c"]
 
 
@@ -271,7 +291,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     seen: list[str] = []
 
     def half_then_fail(fd, data):
-        seen.extend(_temp_files(path))   # the temporary file exists while the payload is written
+        seen.extend(_temp_files(path))  # the temporary file exists while the payload is written
         if len(data) > HEADER_SIZE:
             real_write(fd, bytes(memoryview(data)[: len(data) // 2]))
             if stage == "interrupt":
@@ -294,7 +314,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypat
     if stage in ("payload_write", "interrupt"):
         assert len(seen) == 2 and seen[0].startswith(str(tmp_path / ".c.metaopt-tmp."))
     assert path.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["c"]        # the temporary file was removed
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # the temporary file was removed
     assert_same(metaopt.load_checkpoint(path), old)
 
 
@@ -321,7 +341,7 @@ def test_leftover_temporary_files_are_ignored_and_stale_ones_cleaned(tmp_path):
         for n in names.values():
             (tmp_path / n).write_bytes((tmp_path / "donor").read_bytes())
         (tmp_path / "donor").unlink()
-        with pytest.raises(FileNotFoundError):   # temporary files are never read as the checkpoint
+        with pytest.raises(FileNotFoundError):  # temporary files are never read as the checkpoint
             metaopt.load_checkpoint(path)
         metaopt.save_checkpoint(path, {"step": 1})
         assert metaopt.load_checkpoint(path)["step"] == 1
@@ -330,7 +350,8 @@ def test_leftover_temporary_files_are_ignored_and_stale_ones_cleaned(tmp_path):
         for k in ("live", "own", "other_host", "other_ckpt"):
             assert names[k] in left, k
         assert [os.path.basename(p) for p in _temp_files(path)] == sorted(
-            names[k] for k in ("live", "own", "other_host"))
+            names[k] for k in ("live", "own", "other_host")
+        )
     finally:
         sleeper.kill()
         sleeper.wait(timeout=60)
@@ -364,12 +385,12 @@ def test_a_crafted_pickle_never_runs(tmp_path, kind, packing, monkeypatch):
     assert marker.exists()
     marker.unlink()
     path = tmp_path / "c"
-    if packing == "checksummed_payload":   # an attacker can compute the checksum
+    if packing == "checksummed_payload":  # an attacker can compute the checksum
         path.write_bytes(build_file(payload))
         reason = "unsafe"
     elif packing == "raw_pickle":
         path.write_bytes(pickle.dumps(evil))
-        pickle.loads(path.read_bytes())   # control: it runs under pickle.loads
+        pickle.loads(path.read_bytes())  # control: it runs under pickle.loads
         assert marker.exists()
         marker.unlink()
         reason = "not_checkpoint"
@@ -388,22 +409,35 @@ def test_a_crafted_pickle_never_runs(tmp_path, kind, packing, monkeypatch):
 # ---------------------------------------------------------------------- every optimizer's state
 OPTIMIZERS = {
     "SequentialReptile": lambda m: metaopt.SequentialReptile(
-        torch.optim.AdamW(m.parameters(), lr=1e-2), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=1),
+        torch.optim.AdamW(m.parameters(), lr=1e-2), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=1
+    ),
     "Reptile": lambda m: metaopt.Reptile(
-        torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=1),
+        torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=1
+    ),
     "Reptile_batched": lambda m: metaopt.Reptile(
-        torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, inner_steps=2, outer_lr=0.5,
-        tasks_per_outer_step=2, seed=1),
+        torch.optim.Adam(m.parameters(), lr=1e-2),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=0.5,
+        tasks_per_outer_step=2,
+        seed=1,
+    ),
     "PCGrad": lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, seed=1),
     "GradVac": lambda m: metaopt.GradVac(
-        torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, beta=0.5, seed=1),
+        torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, beta=0.5, seed=1
+    ),
     "GradNorm_MTL": lambda m: metaopt.GradNorm(
         metaopt.MTL(torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS),
-        layer=m[0].parameters(), alpha=1.5),
+        layer=m[0].parameters(),
+        alpha=1.5,
+    ),
     "MTL": lambda m: metaopt.MTL(torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9), tasks=TASKS),
     "SequentialReptile_GradVac": lambda m: metaopt.SequentialReptile(
         metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=1e-2), tasks=TASKS, beta=0.5, seed=2),
-        inner_steps=2, outer_lr=0.5, seed=1),
+        inner_steps=2,
+        outer_lr=0.5,
+        seed=1,
+    ),
 }
 
 
@@ -426,12 +460,16 @@ def test_every_optimizer_resumes_exactly_from_a_checkpoint(tmp_path, name):
 
     model, opt, sched = setup()
     steps(model, opt, sched, 3)
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "step": 3}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": 3,
+    }
     # the claim itself: the raw state dicts load under torch's weights-only unpickler
     torch.load(io.BytesIO(torch_bytes(state)), weights_only=True)
     if name == "Reptile_batched":
-        assert state["optimizer"]["metaopt"]["engine"]["acc"] is not None   # mid outer step
+        assert state["optimizer"]["metaopt"]["engine"]["acc"] is not None  # mid outer step
     path = tmp_path / "c"
     metaopt.save_checkpoint(path, state)
 
@@ -449,25 +487,32 @@ def test_every_optimizer_resumes_exactly_from_a_checkpoint(tmp_path, name):
     assert not torch.equal(next(make_model(0).parameters()), next(model.parameters()))
 
 
-@pytest.mark.parametrize("make", [
-    lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2),
-    lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
-    lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
-    lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o),
-    lambda o: torch.optim.lr_scheduler.SequentialLR(
-        o, [torch.optim.lr_scheduler.LinearLR(o), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
-        milestones=[2]),
-], ids=["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau", "SequentialLR"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2),
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=10),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10),
+        lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o),
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o,
+            [torch.optim.lr_scheduler.LinearLR(o), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+            milestones=[2],
+        ),
+    ],
+    ids=["StepLR", "CosineAnnealingLR", "OneCycleLR", "ReduceLROnPlateau", "SequentialLR"],
+)
 def test_torch_lr_scheduler_state_dicts_round_trip(tmp_path, make):
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                                    tasks=TASKS, inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), tasks=TASKS, inner_steps=2, seed=0
+    )
     sched = make(opt)
     data = make_data()
     for _ in range(3):
         opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
         if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            sched.step(1.0)   # a plateau: its counters move
+            sched.step(1.0)  # a plateau: its counters move
         else:
             sched.step()
     metaopt.save_checkpoint(tmp_path / "c", {"scheduler": sched.state_dict()})
@@ -476,8 +521,18 @@ def test_torch_lr_scheduler_state_dicts_round_trip(tmp_path, make):
 
 # ---------------------------------------------------------------------- SIGKILL
 def worker_args(tmp: Path, name: str, steps: int, pad_mb: float) -> list[str]:
-    return ["--ckpt", str(tmp / f"{name}.ckpt"), "--out", str(tmp / f"{name}.out"),
-            "--steps", str(steps), "--save-every", "1", "--pad-mb", str(pad_mb)]
+    return [
+        "--ckpt",
+        str(tmp / f"{name}.ckpt"),
+        "--out",
+        str(tmp / f"{name}.out"),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "1",
+        "--pad-mb",
+        str(pad_mb),
+    ]
 
 
 def receive(conn, deadline: float):
@@ -491,8 +546,17 @@ def receive(conn, deadline: float):
         return None
 
 
-def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, seed: int,
-              budget_s: float, fresh_final: bool) -> dict:
+def kill_test(
+    tmp: Path,
+    monkeypatch,
+    *,
+    kills: int,
+    steps: int,
+    pad_mb: float,
+    seed: int,
+    budget_s: float,
+    fresh_final: bool,
+) -> dict:
     """An uninterrupted reference run (a fresh ``python tests/_crash_worker.py`` process, run
     concurrently) against a run SIGKILLed ``kills`` times and resumed from its checkpoint each
     time, then completed (by a fresh process if ``fresh_final``, else by one more forked life).
@@ -506,8 +570,9 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
     deadline = t0 + budget_s
     # the forkserver inherits the environment (not sys.path) of this process when it starts:
     # PYTHONPATH makes it import this worktree's metaopt and the worker module
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), str(WORKER.parent),
-                                                      os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(ROOT), str(WORKER.parent), os.environ.get("PYTHONPATH", "")])
+    )
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     env = dict(os.environ)
     rng = random.Random(seed)
@@ -520,13 +585,22 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
     ctx.set_forkserver_preload(["_crash_worker"])
     lives = []
     ref_err = open(tmp / "ref.stderr", "wb")
-    ref = subprocess.Popen([sys.executable, str(WORKER), *worker_args(tmp, "ref", steps, pad_mb)],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=ref_err)
+    ref = subprocess.Popen(
+        [sys.executable, str(WORKER), *worker_args(tmp, "ref", steps, pad_mb)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=ref_err,
+    )
+
     def start_life(expected_start: int):
         """Fork one life; return it and its connection once it reported its start."""
         conn, child_end = ctx.Pipe(duplex=False)
-        life = ctx.Process(target=_crash_worker.life,
-                           args=(worker_args(tmp, "killed", steps, pad_mb), child_end), daemon=True)
+        life = ctx.Process(
+            target=_crash_worker.life,
+            args=(worker_args(tmp, "killed", steps, pad_mb), child_end),
+            daemon=True,
+        )
         life.start()
         lives.append(life)
         child_end.close()
@@ -534,11 +608,11 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
         assert preloaded is not None, f"life failed to start: {life.exitcode}"
         stats["forked"] += 1
         stats["preloaded"] += preloaded[1]
-        assert Path(preloaded[2]).is_relative_to(ROOT), preloaded[2]   # this worktree's metaopt
+        assert Path(preloaded[2]).is_relative_to(ROOT), preloaded[2]  # this worktree's metaopt
         first = receive(conn, deadline)
         stats.setdefault("first_start_s", round(time.monotonic() - t0, 1))
         assert first is not None and first[0] == "start", f"life failed to start: {life.exitcode}"
-        assert first[1] == expected_start   # it resumed from the newest durable checkpoint
+        assert first[1] == expected_start  # it resumed from the newest durable checkpoint
         stats["resumes"] += first[1] > 0
         return life, conn, first[1]
 
@@ -556,10 +630,10 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
             if len(stamps) >= 3:
                 period = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
             time.sleep(rng.uniform(0.0, period))
-            life.kill()   # SIGKILL
+            life.kill()  # SIGKILL
             life.join(timeout=30)
             assert life.exitcode == -signal.SIGKILL, life.exitcode
-            while (msg := receive(conn, deadline)) is not None:   # reports sent before the kill
+            while (msg := receive(conn, deadline)) is not None:  # reports sent before the kill
                 reported = msg[1]
             conn.close()
             stats["kills"] += 1
@@ -572,14 +646,18 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
             assert reported <= saved <= reported + 1, (reported, saved)
             last_durable = saved
         stats["lives_s"] = round(time.monotonic() - t0, 1)
-        if fresh_final:   # a fresh interpreter resumes and completes the run
-            final = subprocess.run([sys.executable, str(WORKER), *worker_args(tmp, "killed", steps, pad_mb),
-                                    "--progress"], cwd=ROOT, env=env, capture_output=True,
-                                   timeout=max(1.0, deadline - time.monotonic()))
+        if fresh_final:  # a fresh interpreter resumes and completes the run
+            final = subprocess.run(
+                [sys.executable, str(WORKER), *worker_args(tmp, "killed", steps, pad_mb), "--progress"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+            )
             assert final.returncode == 0, final.stderr.decode()[-3000:]
             assert final.stdout.decode().startswith(f"start {last_durable}\n")
             stats["resumes"] += last_durable > 0
-        else:             # one more forked life resumes and completes it
+        else:  # one more forked life resumes and completes it
             life, conn, _ = start_life(last_durable)
             while receive(conn, deadline) is not None:
                 pass
@@ -611,25 +689,28 @@ def kill_test(tmp: Path, monkeypatch, *, kills: int, steps: int, pad_mb: float, 
 
 
 def check_kill_stats(stats: dict, kills: int) -> str:
-    summary = (f"SIGKILL test: {stats['kills']} kills, {stats['mid_write']} mid-write (temp file "
-               f"left behind), {stats['resumes']} resumes, bit-exact {stats['bit_exact']}, "
-               f"{stats['wall_s']} s (first life started at {stats['first_start_s']} s, lives done at "
-               f"{stats['lives_s']} s, final run done at {stats['final_done_s']} s)")
+    summary = (
+        f"SIGKILL test: {stats['kills']} kills, {stats['mid_write']} mid-write (temp file "
+        f"left behind), {stats['resumes']} resumes, bit-exact {stats['bit_exact']}, "
+        f"{stats['wall_s']} s (first life started at {stats['first_start_s']} s, lives done at "
+        f"{stats['lives_s']} s, final run done at {stats['final_done_s']} s)"
+    )
     print(summary)
     assert stats["kills"] == kills, summary
     # the lives were forked from a forkserver holding the imports (else each pays seconds)
     assert stats["preloaded"] == stats["forked"] >= kills, summary
-    assert stats["resumes"] == kills, summary   # every life after the first, and the final run
+    assert stats["resumes"] == kills, summary  # every life after the first, and the final run
     assert stats["bit_exact"] and stats["trained"], summary
     assert stats["final_resumed_from"] > 0, summary
-    assert stats["left_over_temps"] == 0, summary   # the last save removed the dead writers' files
+    assert stats["left_over_temps"] == 0, summary  # the last save removed the dead writers' files
     return summary
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL and forkserver are POSIX")
 def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, monkeypatch):
-    stats = kill_test(tmp_path, monkeypatch, kills=5, steps=60, pad_mb=2, seed=0, budget_s=120,
-                      fresh_final=False)
+    stats = kill_test(
+        tmp_path, monkeypatch, kills=5, steps=60, pad_mb=2, seed=0, budget_s=120, fresh_final=False
+    )
     check_kill_stats(stats, 5)
 
 
@@ -637,7 +718,8 @@ def test_sigkill_at_random_moments_resumes_bit_exactly(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL and forkserver are POSIX")
 def test_sigkill_long_profile(tmp_path, monkeypatch):
     assert conftest.LONG
-    stats = kill_test(tmp_path, monkeypatch, kills=100, steps=600, pad_mb=4, seed=1, budget_s=1500,
-                      fresh_final=True)
+    stats = kill_test(
+        tmp_path, monkeypatch, kills=100, steps=600, pad_mb=4, seed=1, budget_s=1500, fresh_final=True
+    )
     summary = check_kill_stats(stats, 100)
     assert stats["mid_write"] >= 1, summary

@@ -11,12 +11,14 @@ from metaopt import cli
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "metaopt", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "metaopt", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_info_reports_versions_paths_backends_and_extras():
     import torch
+
     report = cli.info()
     assert report["torch"] == torch.__version__
     assert report["interpolation paths"].startswith("flat, foreach, reference")
@@ -24,8 +26,15 @@ def test_info_reports_versions_paths_backends_and_extras():
     assert report["cuda"] == "not available" or "device(s)" in report["cuda"]
     out = _run("info")
     assert out.returncode == 0, out.stderr
-    for key in ("metaopt", "torch", "cuda", "triton", "interpolation paths", "torch.distributed",
-                "extra [bench]"):
+    for key in (
+        "metaopt",
+        "torch",
+        "cuda",
+        "triton",
+        "interpolation paths",
+        "torch.distributed",
+        "extra [bench]",
+    ):
         assert any(line.startswith(key) for line in out.stdout.splitlines()), out.stdout
 
 

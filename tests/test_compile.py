@@ -34,8 +34,7 @@ class AllHeads(nn.Module):
 def _opt(name: str, model: AllHeads) -> metaopt.MultiTaskOptimizer:
     adamw = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     if name == "sequential_reptile":
-        return metaopt.SequentialReptile(adamw, tasks=TASKS, inner_steps=3, outer_lr=0.5,
-                                         allow_unused=True)
+        return metaopt.SequentialReptile(adamw, tasks=TASKS, inner_steps=3, outer_lr=0.5, allow_unused=True)
     if name == "pcgrad":
         return metaopt.PCGrad(adamw, tasks=TASKS)
     return metaopt.GradVac(adamw, tasks=TASKS, beta=0.5)

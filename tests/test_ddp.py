@@ -20,8 +20,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 DEADLINE_S = 240
 RECIPES = ["one_loop", "torch"]
-RUNS = [(m, r, 0, 0) for m in METHODS for r in RECIPES] + [("sequential_reptile", "torch", 0, 1),
-                                                           ("pcgrad", "one_loop", 0, 1)]
+RUNS = [(m, r, 0, 0) for m in METHODS for r in RECIPES] + [
+    ("sequential_reptile", "torch", 0, 1),
+    ("pcgrad", "one_loop", 0, 1),
+]
 
 
 def _free_port() -> int:
@@ -87,9 +89,18 @@ def test_ranks_with_different_schedules_are_refused_at_the_first_step(results, k
 def test_per_task_rows_cross_the_ranks_in_one_collective_per_backward(results, name):
     """PCGrad/GradVac average their T rows with one all_reduce per backward, not one per task;
     GradNorm adds one for its layer rows; the Reptile family and MTL leave it to DDP."""
-    expected = {"sequential_reptile": 0, "reptile": 0, "mtl": 0, "pcgrad": 1, "gradvac": 1,
-                "gradnorm": 1, "sequential_reptile_gradvac": 1, "gradnorm_pcgrad": 2,
-                "weighted_upgrad": 1, "sequential_reptile_weighted": 1}[name]
+    expected = {
+        "sequential_reptile": 0,
+        "reptile": 0,
+        "mtl": 0,
+        "pcgrad": 1,
+        "gradvac": 1,
+        "gradnorm": 1,
+        "sequential_reptile_gradvac": 1,
+        "gradnorm_pcgrad": 2,
+        "weighted_upgrad": 1,
+        "sequential_reptile_weighted": 1,
+    }[name]
     for recipe in RECIPES:
         calls = results[0][(name, recipe, 0, 0)]["all_reduce_calls"]
         assert calls == expected * _ddp_worker.STEPS

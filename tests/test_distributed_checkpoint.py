@@ -23,13 +23,22 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 DEADLINE_S = 120
 
 
-def launch(out: str, ckpt: str, kill_at: int | None = None, resume: bool = False,
-           stall_at: int | None = None, verify: bool = True) -> list[int | None]:
+def launch(
+    out: str,
+    ckpt: str,
+    kill_at: int | None = None,
+    resume: bool = False,
+    stall_at: int | None = None,
+    verify: bool = True,
+) -> list[int | None]:
     """Both ranks as plain spawned processes (so that one dying does not take the other down
     with it, as torch.multiprocessing's join would); killed past the deadline."""
     ctx = multiprocessing.get_context("spawn")
     store = file_store(out)
-    procs = [ctx.Process(target=cw.run, args=(r, 2, store, out, ckpt, kill_at, resume, stall_at, verify)) for r in range(2)]
+    procs = [
+        ctx.Process(target=cw.run, args=(r, 2, store, out, ckpt, kill_at, resume, stall_at, verify))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + DEADLINE_S
@@ -57,9 +66,9 @@ def test_sigkill_one_rank_then_restart_all_resumes_bit_exactly(tmp_path):
     ckpt = str(crash / "run.ckpt")
     t0 = time.monotonic()
     codes = launch(str(crash), ckpt, kill_at=8)
-    assert codes[1] == -9                       # SIGKILL
-    assert codes[0] == 1                        # the survivor stopped with an error ...
-    assert time.monotonic() - t0 < DEADLINE_S   # ... instead of hanging
+    assert codes[1] == -9  # SIGKILL
+    assert codes[0] == 1  # the survivor stopped with an error ...
+    assert time.monotonic() - t0 < DEADLINE_S  # ... instead of hanging
     message = (crash / "error0.txt").read_text()
     assert "Another rank has probably died" in message and "checkpoint" in message, message
     assert not (crash / "rank0.pt").exists()
@@ -81,11 +90,13 @@ def test_a_stalled_rank_times_the_outer_step_out_with_a_clear_error(tmp_path, ve
     t0 = time.monotonic()
     codes = launch(str(tmp_path), str(tmp_path / "x.ckpt"), stall_at=1, verify=verify)
     elapsed = time.monotonic() - t0
-    assert codes == [1, 1], codes   # the late rank then finds the others gone: an error too
+    assert codes == [1, 1], codes  # the late rank then finds the others gone: an error too
     message = (tmp_path / "error0.txt").read_text()
     if verify:
-        assert "SequentialReptile.step (before outer step 1, verify_ranks=True): a collective " \
-               "failed or timed out" in message, message
+        assert (
+            "SequentialReptile.step (before outer step 1, verify_ranks=True): a collective "
+            "failed or timed out" in message
+        ), message
         assert "nothing was updated. Restart every rank from the last checkpoint" in message
     else:
         assert "SequentialReptile: outer step 1: a collective failed or timed out" in message, message
@@ -95,8 +106,9 @@ def test_a_stalled_rank_times_the_outer_step_out_with_a_clear_error(tmp_path, ve
 
 def _single_rank_group(tmp_path):
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0,
-                                             world_size=1)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1
+        )
 
 
 def test_load_refuses_other_world_sizes_and_plain_checkpoints(tmp_path):
@@ -113,7 +125,7 @@ def test_load_refuses_other_world_sizes_and_plain_checkpoints(tmp_path):
             metaopt.load_distributed_checkpoint(path)
         with pytest.raises(TypeError, match="mapping"):
             metaopt.save_distributed_checkpoint(path, [1, 2])
-        with pytest.raises(TypeError):   # a value the weights-only loader refuses: nothing written
+        with pytest.raises(TypeError):  # a value the weights-only loader refuses: nothing written
             metaopt.save_distributed_checkpoint(path, {"f": object()})
         assert metaopt.load_checkpoint(path) == {"step": 3}
     finally:
@@ -130,7 +142,9 @@ def test_a_bad_state_on_one_rank_fails_the_save_on_every_rank(tmp_path):
     spawn(cw.bad_state, 2, (2, file_store(str(tmp_path)), str(tmp_path), ckpt), deadline_s=DEADLINE_S)
     mine, other = ((tmp_path / f"error{r}.txt").read_text() for r in (1, 0))
     assert mine.startswith("TypeError: state must be a mapping"), mine
-    assert other.startswith("RuntimeError: save_distributed_checkpoint: the state of rank(s) [1] "
-                            "could not be prepared; nothing was written"), other
+    assert other.startswith(
+        "RuntimeError: save_distributed_checkpoint: the state of rank(s) [1] "
+        "could not be prepared; nothing was written"
+    ), other
     saved = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]["ranks"]
     assert [s["step"] for s in saved] == [1, 1] and [s["rank"] for s in saved] == [0, 1]

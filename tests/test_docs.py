@@ -23,8 +23,18 @@ RUN_ELSEWHERE = {"recipes.md"}
 FENCE = re.compile(r"^(`{3,})([^\n`]*)\n(.*?)^\1\s*$", flags=re.S | re.M)
 # fence languages a page may use: run (python), shown (shell, text), or Sphinx directives
 SHOWN = {"sh", "bash", "console", "text", "toml", "ini"}
-DIRECTIVES = {"{toctree}", "{eval-rst}", "{include}", "{code-block}", "{math}", "{note}",
-              "{warning}", "{list-table}", "{image}", "{figure}"}
+DIRECTIVES = {
+    "{toctree}",
+    "{eval-rst}",
+    "{include}",
+    "{code-block}",
+    "{math}",
+    "{note}",
+    "{warning}",
+    "{list-table}",
+    "{image}",
+    "{figure}",
+}
 
 
 def _blocks(page: Path) -> list[tuple[str, str]]:
@@ -37,9 +47,22 @@ def _id(page: Path) -> str:
 
 def test_site_builds_with_warnings_as_errors(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-         str(DOCS), str(tmp_path / "html")],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            str(DOCS),
+            str(tmp_path / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for page in PAGES:
         html = tmp_path / "html" / page.relative_to(DOCS).with_suffix(".html")
@@ -53,22 +76,23 @@ def test_every_fence_is_run_shown_or_a_directive():
     for page in PAGES:
         for lang, body in _blocks(page):
             head = lang.split()[0] if lang else ""
-            assert head == "python" or head in SHOWN or head in DIRECTIVES, \
+            assert head == "python" or head in SHOWN or head in DIRECTIVES, (
                 f"{_id(page)}: a ```{lang} block is neither run, shown nor a known directive"
+            )
             if head == "{code-block}":
-                assert "python" not in lang or re.search(r":caption:.*not run here", body), \
+                assert "python" not in lang or re.search(r":caption:.*not run here", body), (
                     f"{_id(page)}: a python code-block that is not run must say why in its caption"
+                )
 
 
 def _python(page: Path) -> list[str]:
     return [body for lang, body in _blocks(page) if lang == "python"]
 
 
-@pytest.mark.parametrize(
-    "page", [p for p in PAGES if p.name not in RUN_ELSEWHERE and _python(p)], ids=_id)
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name not in RUN_ELSEWHERE and _python(p)], ids=_id)
 def test_every_code_block_runs(page, tmp_path, monkeypatch):
     blocks = _python(page)
-    monkeypatch.chdir(tmp_path)      # files a page writes go to a scratch directory
+    monkeypatch.chdir(tmp_path)  # files a page writes go to a scratch directory
     monkeypatch.setenv("PYTHONHASHSEED", os.environ.get("PYTHONHASHSEED", "0"))
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for i, block in enumerate(blocks):
@@ -76,8 +100,14 @@ def test_every_code_block_runs(page, tmp_path, monkeypatch):
 
 
 ROOT = DOCS.parent
-SOURCES = sorted([*(ROOT / "metaopt").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
-                  *(ROOT / "examples").glob("*.py"), ROOT / "README.md"])
+SOURCES = sorted(
+    [
+        *(ROOT / "metaopt").rglob("*.py"),
+        *(ROOT / "benchmarks").rglob("*.py"),
+        *(ROOT / "examples").glob("*.py"),
+        ROOT / "README.md",
+    ]
+)
 
 
 def test_docstrings_use_one_style():

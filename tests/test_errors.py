@@ -12,7 +12,7 @@ import metaopt
 
 
 def snapshot(model, opt):
-    pending = opt.next_tasks()   # draw first: the pending draw is part of the state
+    pending = opt.next_tasks()  # draw first: the pending draw is part of the state
     return (
         [p.detach().clone() for p in model.parameters()],
         [None if p.grad is None else p.grad.clone() for p in model.parameters()],
@@ -41,7 +41,7 @@ def trained_opt(cls=metaopt.SequentialReptile, **kw):
     data = make_data()
     model = make_model(0)
     opt = cls(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=3, seed=0, **kw)
-    for _ in range(2):   # some optimizer state exists
+    for _ in range(2):  # some optimizer state exists
         opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
     return model, opt, data
 
@@ -92,8 +92,7 @@ def test_parameter_not_reached_by_loss():
     torch.manual_seed(0)
     body, head_a, head_b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
     params = [*body.parameters(), *head_a.parameters(), *head_b.parameters()]
-    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.1), tasks=["a", "b"],
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.1), tasks=["a", "b"], inner_steps=2, seed=0)
     heads = {"a": head_a, "b": head_b}
     x = torch.randn(8, 4)
     before = [p.detach().clone() for p in params]
@@ -104,8 +103,9 @@ def test_parameter_not_reached_by_loss():
         assert torch.equal(p, q)
     assert opt.step_count == 0
     # task heads are fine with allow_unused=True: the other head keeps grad None and is untouched
-    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.1), tasks=["a", "b"],
-                                    inner_steps=5, seed=0, allow_unused=True)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(params, lr=0.1), tasks=["a", "b"], inner_steps=5, seed=0, allow_unused=True
+    )
     (task,) = opt.next_tasks()
     other = "b" if task == "a" else "a"
     other_before = [p.detach().clone() for p in heads[other].parameters()]
@@ -117,33 +117,37 @@ def test_parameter_not_reached_by_loss():
 def test_loss_reaching_no_parameter():
     model = make_model(0)
     stranger = torch.nn.Linear(4, 1)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"],
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"], inner_steps=2, seed=0
+    )
     with pytest.raises(ValueError, match="reach none"):
         opt.step({"a": stranger(torch.randn(3, 4)).sum()})
     assert opt.step_count == 0
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    ({"tasks": []}, ValueError, "empty"),
-    ({"tasks": None}, ValueError, "tasks must be given"),
-    ({"tasks": "ar"}, TypeError, "list of names"),
-    ({"tasks": ["a", "a"]}, ValueError, "duplicate"),
-    ({"tasks": ["a", 3]}, TypeError, "strings"),
-    ({"inner_steps": 0}, ValueError, "inner_steps must be >= 1"),
-    ({"inner_steps": 2.5}, TypeError, "inner_steps must be an int"),
-    ({"outer_lr": 1.5}, ValueError, r"outer_lr must be in \[0, 1\]"),
-    ({"outer_lr": -0.1}, ValueError, r"outer_lr must be in \[0, 1\]"),
-    ({"outer_lr": float("nan")}, ValueError, r"outer_lr must be in \[0, 1\]"),
-    ({"outer_lr_final": 0.0}, ValueError, "go together"),
-    ({"outer_lr_final": 0.0, "anneal_steps": 0}, ValueError, "anneal_steps"),
-    ({"outer_lr": 0.1, "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.1)}, ValueError, "either"),
-    ({"schedule": "zipf"}, ValueError, "schedule must be one of"),
-    ({"schedule": "proportional"}, ValueError, "task_sizes"),
-    ({"schedule": "proportional", "task_sizes": {"ar": 1}}, ValueError, "every task"),
-    ({"interpolation": "magic"}, ValueError, "method must be one of"),
-    ({"seed": "x"}, TypeError, "seed"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"tasks": []}, ValueError, "empty"),
+        ({"tasks": None}, ValueError, "tasks must be given"),
+        ({"tasks": "ar"}, TypeError, "list of names"),
+        ({"tasks": ["a", "a"]}, ValueError, "duplicate"),
+        ({"tasks": ["a", 3]}, TypeError, "strings"),
+        ({"inner_steps": 0}, ValueError, "inner_steps must be >= 1"),
+        ({"inner_steps": 2.5}, TypeError, "inner_steps must be an int"),
+        ({"outer_lr": 1.5}, ValueError, r"outer_lr must be in \[0, 1\]"),
+        ({"outer_lr": -0.1}, ValueError, r"outer_lr must be in \[0, 1\]"),
+        ({"outer_lr": float("nan")}, ValueError, r"outer_lr must be in \[0, 1\]"),
+        ({"outer_lr_final": 0.0}, ValueError, "go together"),
+        ({"outer_lr_final": 0.0, "anneal_steps": 0}, ValueError, "anneal_steps"),
+        ({"outer_lr": 0.1, "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.1)}, ValueError, "either"),
+        ({"schedule": "zipf"}, ValueError, "schedule must be one of"),
+        ({"schedule": "proportional"}, ValueError, "task_sizes"),
+        ({"schedule": "proportional", "task_sizes": {"ar": 1}}, ValueError, "every task"),
+        ({"interpolation": "magic"}, ValueError, "method must be one of"),
+        ({"seed": "x"}, TypeError, "seed"),
+    ],
+)
 def test_constructor_validation(kw, exc, match):
     model = make_model(0)
     kw = {"tasks": TASKS, **kw}
@@ -167,7 +171,9 @@ def test_load_state_dict_validation():
     other = metaopt.Reptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=3)
     with pytest.raises(ValueError, match="saved by SequentialReptile"):
         other.load_state_dict(opt.state_dict())
-    diff = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=["x"], inner_steps=3)
+    diff = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.01), tasks=["x"], inner_steps=3
+    )
     with pytest.raises(ValueError, match="saved tasks"):
         diff.load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="not a metaopt state dict"):

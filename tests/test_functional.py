@@ -49,12 +49,12 @@ def test_pack_groups_by_dtype():
 def test_is_packed_needs_one_storage_covered_without_gaps():
     buf = torch.randn(10)
     assert F.is_packed([buf[:4], buf[4:]]) is not None
-    assert F.is_packed([buf[:4], buf[5:]]) is None             # a gap
-    assert F.is_packed([buf[:4]]) is None                      # part of the storage
-    assert F.is_packed([buf.view(2, 5)[:, :2]]) is None        # strided, leaves elements out
-    assert F.is_packed([buf[:4], torch.randn(6)]) is None      # two storages
-    assert F.is_packed([buf.view(2, 5).t()]) is not None       # strided, covers it all
-    assert F.is_packed([buf, buf[2:5]]) is not None            # overlapping views
+    assert F.is_packed([buf[:4], buf[5:]]) is None  # a gap
+    assert F.is_packed([buf[:4]]) is None  # part of the storage
+    assert F.is_packed([buf.view(2, 5)[:, :2]]) is None  # strided, leaves elements out
+    assert F.is_packed([buf[:4], torch.randn(6)]) is None  # two storages
+    assert F.is_packed([buf.view(2, 5).t()]) is not None  # strided, covers it all
+    assert F.is_packed([buf, buf[2:5]]) is not None  # overlapping views
 
 
 def test_packing_keeps_storage_sharing_and_strides():
@@ -63,10 +63,10 @@ def test_packing_keeps_storage_sharing_and_strides():
     g = torch.Generator().manual_seed(3)
     base = torch.nn.Parameter(torch.randn(6, generator=g))
     alias = torch.nn.Parameter(torch.zeros(6))
-    alias.data = base.data                                   # same storage, another Parameter
+    alias.data = base.data  # same storage, another Parameter
     window = torch.nn.Parameter(torch.zeros(3))
-    window.data = base.data[2:5]                             # overlaps both
-    strided = torch.nn.Parameter(torch.randn(3, 2, generator=g).t())   # non-contiguous
+    window.data = base.data[2:5]  # overlaps both
+    strided = torch.nn.Parameter(torch.randn(3, 2, generator=g).t())  # non-contiguous
     other = torch.nn.Parameter(torch.randn(4, generator=g))
     params = [other, base, strided, alias, window]
     before = [p.detach().clone() for p in params]
@@ -75,15 +75,17 @@ def test_packing_keeps_storage_sharing_and_strides():
         assert torch.equal(p, b)
         assert p.untyped_storage().data_ptr() == flat.buffer.untyped_storage().data_ptr()
     assert strided.stride() == (1, 2)
-    assert flat.buffer.numel() == 4 + 6 + 6                 # each shared element stored once
+    assert flat.buffer.numel() == 4 + 6 + 6  # each shared element stored once
     with torch.no_grad():
         base.add_(1.0)
     assert torch.equal(alias, base) and torch.equal(window, base[2:5])
     assert flat.intact() and F.is_packed(params) is not None
 
 
-@given(sizes=st.lists(st.lists(st.integers(1, 4), max_size=3).map(tuple), min_size=1, max_size=5),
-       seed=st.integers(0, 999))
+@given(
+    sizes=st.lists(st.lists(st.integers(1, 4), max_size=3).map(tuple), min_size=1, max_size=5),
+    seed=st.integers(0, 999),
+)
 def test_vector_dict_round_trip(sizes, seed):
     g = torch.Generator().manual_seed(seed)
     params = {f"p{i}": torch.randn(s, generator=g) for i, s in enumerate(sizes)}

@@ -12,9 +12,10 @@ drives a (model, optimizer) pair through random sequences of
   nothing else moving), valid ones, and ones valid alone that contradict the other options (the
   next step must be refused, changing nothing);
 * state_dict round trips (in memory, or through ``torch.save``/``torch.load(weights_only=True)``)
-  into a fresh model and optimizer built with another seed (the model's state first), ``copy.deepcopy`` and pickle round trips
-  of ``(model, opt)``: the copy and the original then take the same 1-3 steps on the same data
-  and must agree bit for bit (parameters, ``.grad``, buffers, ``state_dict``, pending draw);
+  into a fresh model and optimizer built with another seed (the model's state first),
+  ``copy.deepcopy`` and pickle round trips of ``(model, opt)``: the copy and the original then
+  take the same 1-3 steps on the same data and must agree bit for bit (parameters, ``.grad``,
+  buffers, ``state_dict``, pending draw);
 * parameter re-allocation (``p.data = p.data.clone()``, which breaks packing): the pair must
   keep producing bit for bit what an untouched twin produces;
 * ``use_slow_weights()`` blocks (Reptile family): the block sees φ, and everything is restored.
@@ -61,18 +62,30 @@ from _snapshot import assert_same, assert_unchanged, snapshot
 # ---------------------------------------------------------------- budget
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 if LONG:
-    SETTINGS = settings(max_examples=40, stateful_step_count=50, deadline=None, derandomize=False,
-                        database=None, suppress_health_check=SLOW)
+    SETTINGS = settings(
+        max_examples=40,
+        stateful_step_count=50,
+        deadline=None,
+        derandomize=False,
+        database=None,
+        suppress_health_check=SLOW,
+    )
     MIN_STEPS = 10_000
 else:
-    SETTINGS = settings(max_examples=10, stateful_step_count=10, deadline=None, derandomize=True,
-                        database=None, suppress_health_check=SLOW)
+    SETTINGS = settings(
+        max_examples=10,
+        stateful_step_count=10,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=SLOW,
+    )
     MIN_STEPS = 200
 
 # ---------------------------------------------------------------- counters (printed at the end)
 STATS: Counter[str] = Counter()
 PER_SPEC: dict[str, Counter[str]] = {}
-FINISHED: dict[str, float] = {}       # spec name -> wall seconds of its fuzz test
+FINISHED: dict[str, float] = {}  # spec name -> wall seconds of its fuzz test
 VIOLATIONS: list[str] = []
 
 
@@ -100,14 +113,15 @@ class Heads(torch.nn.Module):
 
 def bn_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
-                               torch.nn.Linear(6, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    )
 
 
 MODELS: dict[str, Callable[[int], torch.nn.Module]] = {
-    "mlp": make_model,       # conftest's Linear-Tanh-Linear, every parameter shared
+    "mlp": make_model,  # conftest's Linear-Tanh-Linear, every parameter shared
     "heads": Heads,
-    "bn": bn_model,          # BatchNorm: floating buffers (running statistics)
+    "bn": bn_model,  # BatchNorm: floating buffers (running statistics)
 }
 
 
@@ -167,24 +181,53 @@ class Spec:
 
 LR = [("group", "lr", 0.01), ("group", "lr", 0.05)]
 BASE_INVALID = [("opt", "allow_unused", "yes")]
-SLOW_FAST_VALID = [("opt", "outer_lr", 0.0), ("opt", "outer_lr", 0.3), ("opt", "outer_lr", 1.0),
-                   ("opt", "inner_steps", 1), ("opt", "inner_steps", 2), ("opt", "inner_steps", 4),
-                   ("opt", "reset_inner_state", True), ("opt", "reset_inner_state", False),
-                   *[("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)],
-                   ("opt", "timeout", 30.0), ("opt", "timeout", None)]
-SLOW_FAST_INVALID = [("opt", "outer_lr", 2.0), ("opt", "outer_lr", -0.1), ("opt", "outer_lr", math.nan),
-                     ("opt", "outer_lr", "0.5"), ("opt", "inner_steps", 0), ("opt", "inner_steps", -1),
-                     ("opt", "inner_steps", 2.5), ("opt", "inner_steps", True),
-                     ("opt", "anneal_steps", 0), ("opt", "reset_inner_state", 1),
-                     ("opt", "tasks_per_outer_step", 0), ("opt", "tasks_per_outer_step", 1.0),
-                     ("opt", "timeout", 0), ("opt", "timeout", math.inf), ("opt", "timeout", "5")]
+SLOW_FAST_VALID = [
+    ("opt", "outer_lr", 0.0),
+    ("opt", "outer_lr", 0.3),
+    ("opt", "outer_lr", 1.0),
+    ("opt", "inner_steps", 1),
+    ("opt", "inner_steps", 2),
+    ("opt", "inner_steps", 4),
+    ("opt", "reset_inner_state", True),
+    ("opt", "reset_inner_state", False),
+    *[("opt", "tasks_per_outer_step", n) for n in (1, 2, 3)],
+    ("opt", "timeout", 30.0),
+    ("opt", "timeout", None),
+]
+SLOW_FAST_INVALID = [
+    ("opt", "outer_lr", 2.0),
+    ("opt", "outer_lr", -0.1),
+    ("opt", "outer_lr", math.nan),
+    ("opt", "outer_lr", "0.5"),
+    ("opt", "inner_steps", 0),
+    ("opt", "inner_steps", -1),
+    ("opt", "inner_steps", 2.5),
+    ("opt", "inner_steps", True),
+    ("opt", "anneal_steps", 0),
+    ("opt", "reset_inner_state", 1),
+    ("opt", "tasks_per_outer_step", 0),
+    ("opt", "tasks_per_outer_step", 1.0),
+    ("opt", "timeout", 0),
+    ("opt", "timeout", math.inf),
+    ("opt", "timeout", "5"),
+]
 UNPAIRED = [("opt", "outer_lr_final", 0.0, "go together"), ("opt", "anneal_steps", 2, "go together")]
 
 
-def surgery_options(target: str, gradvac: bool) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
-    valid: list[tuple[str, str, Any]] = [(target, "reduction", "sum"), (target, "reduction", "mean"),
-             (target, "retain_graph", True), (target, "retain_graph", False)]
-    invalid: list[tuple[str, str, Any]] = [(target, "reduction", "max"), (target, "reduction", None), (target, "batched", "no")]
+def surgery_options(
+    target: str, gradvac: bool
+) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
+    valid: list[tuple[str, str, Any]] = [
+        (target, "reduction", "sum"),
+        (target, "reduction", "mean"),
+        (target, "retain_graph", True),
+        (target, "retain_graph", False),
+    ]
+    invalid: list[tuple[str, str, Any]] = [
+        (target, "reduction", "max"),
+        (target, "reduction", None),
+        (target, "batched", "no"),
+    ]
     if gradvac:
         valid += [(target, "beta", b) for b in (0.0, 0.1, 0.5, 1.0)]
         invalid += [(target, "beta", 1.5), (target, "beta", -0.1), (target, "beta", math.nan)]
@@ -192,31 +235,65 @@ def surgery_options(target: str, gradvac: bool) -> tuple[list[tuple[str, str, An
 
 
 GRADNORM_VALID = [("opt", "alpha", a) for a in (0.0, 0.5, 1.5, 3.0)]
-GRADNORM_INVALID = [("opt", "alpha", -1.0), ("opt", "alpha", math.inf), ("opt", "alpha", math.nan),
-                    ("opt", "alpha", "1")]
+GRADNORM_INVALID = [
+    ("opt", "alpha", -1.0),
+    ("opt", "alpha", math.inf),
+    ("opt", "alpha", math.nan),
+    ("opt", "alpha", "1"),
+]
 
 
 def _sr(m, s):
-    return metaopt.SequentialReptile(torch.optim.Adam(m.parameters(), lr=0.02), tasks=TASKS,
-                                     inner_steps=3, outer_lr=0.5, outer_lr_final=0.1, anneal_steps=4,
-                                     flatten=True, interpolation="flat", seed=s, allow_unused=True)
+    return metaopt.SequentialReptile(
+        torch.optim.Adam(m.parameters(), lr=0.02),
+        tasks=TASKS,
+        inner_steps=3,
+        outer_lr=0.5,
+        outer_lr_final=0.1,
+        anneal_steps=4,
+        flatten=True,
+        interpolation="flat",
+        seed=s,
+        allow_unused=True,
+    )
 
 
 def _sr_bn(m, s):
-    return metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), tasks=TASKS,
-                                     inner_steps=2, outer_lr=0.4, buffers=m, flatten=True, seed=s)
+    return metaopt.SequentialReptile(
+        torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=0.4,
+        buffers=m,
+        flatten=True,
+        seed=s,
+    )
 
 
 def _reptile(m, s):
-    return metaopt.Reptile(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5), tasks=TASKS,
-                           inner_steps=2, outer_lr=0.5, buffers=m, flatten=False,
-                           interpolation="foreach", seed=s)
+    return metaopt.Reptile(
+        torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=0.5,
+        buffers=m,
+        flatten=False,
+        interpolation="foreach",
+        seed=s,
+    )
 
 
 def _reptile_batched(m, s):
-    return metaopt.Reptile(torch.optim.Adam(m.parameters(), lr=0.02), tasks=TASKS, inner_steps=2,
-                           tasks_per_outer_step=2, outer_lr=0.6, flatten=False,
-                           interpolation="reference", seed=s)
+    return metaopt.Reptile(
+        torch.optim.Adam(m.parameters(), lr=0.02),
+        tasks=TASKS,
+        inner_steps=2,
+        tasks_per_outer_step=2,
+        outer_lr=0.6,
+        flatten=False,
+        interpolation="reference",
+        seed=s,
+    )
 
 
 def _outer_sgd(p):
@@ -224,9 +301,17 @@ def _outer_sgd(p):
 
 
 def _reptile_outer_opt(m, s):
-    return metaopt.Reptile(torch.optim.SGD(m.parameters(), lr=0.05), tasks=TASKS, inner_steps=2,
-                           tasks_per_outer_step=2, outer_optimizer=_outer_sgd, flatten=True,
-                           interpolation="foreach", seed=s, allow_unused=True)
+    return metaopt.Reptile(
+        torch.optim.SGD(m.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=2,
+        tasks_per_outer_step=2,
+        outer_optimizer=_outer_sgd,
+        flatten=True,
+        interpolation="foreach",
+        seed=s,
+        allow_unused=True,
+    )
 
 
 def _pcgrad(m, s):
@@ -238,13 +323,24 @@ def _gradvac(m, s):
 
 
 def _gradvac_parameter(m, s):
-    return metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.02), tasks=TASKS, beta=0.5,
-                           groups="parameter", shared=m.enc.parameters(), reduction="mean", seed=s)
+    return metaopt.GradVac(
+        torch.optim.Adam(m.parameters(), lr=0.02),
+        tasks=TASKS,
+        beta=0.5,
+        groups="parameter",
+        shared=m.enc.parameters(),
+        reduction="mean",
+        seed=s,
+    )
 
 
 def _gradnorm_mtl(m, s):
-    return metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.02), tasks=TASKS, seed=s),
-                            layer=m.enc[0].parameters(), alpha=1.5, seed=s)
+    return metaopt.GradNorm(
+        metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.02), tasks=TASKS, seed=s),
+        layer=m.enc[0].parameters(),
+        alpha=1.5,
+        seed=s,
+    )
 
 
 def _mtl(m, s):
@@ -254,13 +350,21 @@ def _mtl(m, s):
 def _sr_gradvac(m, s):
     return metaopt.SequentialReptile(
         metaopt.GradVac(torch.optim.AdamW(m.parameters(), lr=0.02), tasks=TASKS, beta=0.2, seed=s),
-        inner_steps=2, outer_lr=0.5, flatten=True, interpolation="auto", seed=s)
+        inner_steps=2,
+        outer_lr=0.5,
+        flatten=True,
+        interpolation="auto",
+        seed=s,
+    )
 
 
 def _gradnorm_pcgrad(m, s):
     return metaopt.GradNorm(
         metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5), tasks=TASKS, seed=s),
-        layer=m[2].parameters(), alpha=0.5, seed=s)
+        layer=m[2].parameters(),
+        alpha=0.5,
+        seed=s,
+    )
 
 
 _sv, _si = surgery_options("opt", gradvac=False)
@@ -268,36 +372,78 @@ _gv, _gi = surgery_options("opt", gradvac=True)
 _iv, _ii = surgery_options("inner", gradvac=True)
 _pv, _pi = surgery_options("inner", gradvac=False)
 SPECS: dict[str, Spec] = {
-    "sequential_reptile": Spec("heads", _sr, SLOW_FAST_VALID + LR + [
-        ("opt", "anneal_steps", 2), ("opt", "outer_lr_final", 0.0)],
-        SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True,
-        conflicting=[("opt", "anneal_steps", None, "go together"), ("opt", "outer_lr_final", None, "go together")]),
-    "sequential_reptile_bn": Spec("bn", _sr_bn, SLOW_FAST_VALID + LR, SLOW_FAST_INVALID + BASE_INVALID,
-                                  slow_fast=True, buffers=True, conflicting=UNPAIRED),
-    "reptile": Spec("bn", _reptile, SLOW_FAST_VALID + LR,
-                    SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True, buffers=True,
-                    conflicting=UNPAIRED),
-    "reptile_batched": Spec("mlp", _reptile_batched, SLOW_FAST_VALID + LR,
-                            SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True,
-                            conflicting=UNPAIRED),
+    "sequential_reptile": Spec(
+        "heads",
+        _sr,
+        SLOW_FAST_VALID + LR + [("opt", "anneal_steps", 2), ("opt", "outer_lr_final", 0.0)],
+        SLOW_FAST_INVALID + BASE_INVALID,
+        slow_fast=True,
+        conflicting=[
+            ("opt", "anneal_steps", None, "go together"),
+            ("opt", "outer_lr_final", None, "go together"),
+        ],
+    ),
+    "sequential_reptile_bn": Spec(
+        "bn",
+        _sr_bn,
+        SLOW_FAST_VALID + LR,
+        SLOW_FAST_INVALID + BASE_INVALID,
+        slow_fast=True,
+        buffers=True,
+        conflicting=UNPAIRED,
+    ),
+    "reptile": Spec(
+        "bn",
+        _reptile,
+        SLOW_FAST_VALID + LR,
+        SLOW_FAST_INVALID + BASE_INVALID,
+        slow_fast=True,
+        buffers=True,
+        conflicting=UNPAIRED,
+    ),
+    "reptile_batched": Spec(
+        "mlp",
+        _reptile_batched,
+        SLOW_FAST_VALID + LR,
+        SLOW_FAST_INVALID + BASE_INVALID,
+        slow_fast=True,
+        conflicting=UNPAIRED,
+    ),
     # with an outer optimizer its lr is the outer step size: outer_lr is not an option to set
-    "reptile_outer_optimizer": Spec("heads", _reptile_outer_opt,
-                                    [v for v in SLOW_FAST_VALID if v[1] != "outer_lr"] + LR,
-                                    SLOW_FAST_INVALID + BASE_INVALID, slow_fast=True,
-                                    conflicting=UNPAIRED + [("opt", "outer_lr", 0.5, "outer_optimizer")]),
+    "reptile_outer_optimizer": Spec(
+        "heads",
+        _reptile_outer_opt,
+        [v for v in SLOW_FAST_VALID if v[1] != "outer_lr"] + LR,
+        SLOW_FAST_INVALID + BASE_INVALID,
+        slow_fast=True,
+        conflicting=UNPAIRED + [("opt", "outer_lr", 0.5, "outer_optimizer")],
+    ),
     "pcgrad": Spec("heads", _pcgrad, _sv + LR, _si + BASE_INVALID),
     "gradvac": Spec("mlp", _gradvac, _gv + LR, _gi + BASE_INVALID),
     "gradvac_parameter_groups": Spec("heads", _gradvac_parameter, _gv + LR, _gi + BASE_INVALID),
-    "gradnorm_mtl": Spec("heads", _gradnorm_mtl,
-                         GRADNORM_VALID + [("inner", "reduction", "sum"), ("inner", "reduction", "mean")] + LR,
-                         GRADNORM_INVALID + [("inner", "reduction", "max")] + BASE_INVALID),
-    "mtl": Spec("bn", _mtl, [("opt", "reduction", "sum"), ("opt", "reduction", "mean")] + LR,
-                [("opt", "reduction", "max"), ("opt", "reduction", 1)] + BASE_INVALID),
-    "sequential_reptile_gradvac": Spec("heads", _sr_gradvac, SLOW_FAST_VALID + _iv + LR,
-                                       SLOW_FAST_INVALID + _ii + BASE_INVALID, slow_fast=True,
-                                       conflicting=UNPAIRED),
-    "gradnorm_pcgrad": Spec("mlp", _gradnorm_pcgrad, GRADNORM_VALID + _pv + LR,
-                            GRADNORM_INVALID + _pi + BASE_INVALID),
+    "gradnorm_mtl": Spec(
+        "heads",
+        _gradnorm_mtl,
+        GRADNORM_VALID + [("inner", "reduction", "sum"), ("inner", "reduction", "mean")] + LR,
+        GRADNORM_INVALID + [("inner", "reduction", "max")] + BASE_INVALID,
+    ),
+    "mtl": Spec(
+        "bn",
+        _mtl,
+        [("opt", "reduction", "sum"), ("opt", "reduction", "mean")] + LR,
+        [("opt", "reduction", "max"), ("opt", "reduction", 1)] + BASE_INVALID,
+    ),
+    "sequential_reptile_gradvac": Spec(
+        "heads",
+        _sr_gradvac,
+        SLOW_FAST_VALID + _iv + LR,
+        SLOW_FAST_INVALID + _ii + BASE_INVALID,
+        slow_fast=True,
+        conflicting=UNPAIRED,
+    ),
+    "gradnorm_pcgrad": Spec(
+        "mlp", _gradnorm_pcgrad, GRADNORM_VALID + _pv + LR, GRADNORM_INVALID + _pi + BASE_INVALID
+    ),
 }
 
 
@@ -378,11 +524,13 @@ def _set(level: int, key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
             return False
         levels[level][key] = value
         return True
+
     return corrupt
 
 
 def _first_of(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
     """Set the first entry of the mapping ``key`` (at whichever level has it) to ``value``."""
+
     def corrupt(state: dict[str, Any]) -> bool:
         for level in _levels(state):
             if key in level:
@@ -393,6 +541,7 @@ def _first_of(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
                     level[key] = value
                 return True
         return False
+
     return corrupt
 
 
@@ -408,8 +557,11 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
     "pending": (_set(0, "pending", ["zz"]), ValueError, "pending"),
     "slow_weight_shape": (_first_of("engine", torch.zeros(3)), ValueError, "shape"),
     "gradnorm_weights": (_first_of("weights", -torch.ones(len(TASKS))), ValueError, "positive"),
-    "gradvac_targets": (_first_of("targets", torch.zeros(1, 1, 1, dtype=torch.float64)), ValueError,
-                        "targets have shape"),
+    "gradvac_targets": (
+        _first_of("targets", torch.zeros(1, 1, 1, dtype=torch.float64)),
+        ValueError,
+        "targets have shape",
+    ),
     "meta_tensor": (_meta_tensor, (NotImplementedError, RuntimeError), None),
 }
 
@@ -428,8 +580,8 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.model: torch.nn.Module
         self.opt: Any
         self.seed = 0
-        self.accepted = 0                            # steps the current pair has taken
-        self.options: dict[tuple[str, str], Any] = {}   # valid assignments made so far
+        self.accepted = 0  # steps the current pair has taken
+        self.options: dict[tuple[str, str], Any] = {}  # valid assignments made so far
         self.stranger = MODELS[self.spec.model](99)
 
     # ------------------------------------------------------------ helpers
@@ -449,10 +601,11 @@ class OptimizerMachine(RuleBasedStateMachine):
         order = list(reversed(wanted)) if reverse else wanted
         return {t: task_loss(self.spec.model, model, t, batch) for t in order}
 
-    def take_step(self, model, opt, batch: int, reverse: bool = False, twin: bool = False,
-                  torch_way: bool = False) -> None:
+    def take_step(
+        self, model, opt, batch: int, reverse: bool = False, twin: bool = False, torch_way: bool = False
+    ) -> None:
         wanted = opt.next_tasks()
-        if torch_way:   # opt.backward(losses); opt.step(); opt.zero_grad()
+        if torch_way:  # opt.backward(losses); opt.step(); opt.zero_grad()
             opt.backward(self.losses(model, opt, batch, reverse))
             report = opt.step()
             opt.zero_grad()
@@ -461,7 +614,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             report = opt.step(self.losses(model, opt, batch, reverse))
         count(self.name, "twin_steps" if twin else "steps")
         assert list(report.tasks) == wanted
-        if self.spec.slow_fast and report.outer_update:   # θ ← φ, bit for bit
+        if self.spec.slow_fast and report.outer_update:  # θ ← φ, bit for bit
             fast = self.fast_tensors(model)
             assert len(fast) == len(opt.slow_weights)
             for i, (p, phi) in enumerate(zip(fast, opt.slow_weights)):
@@ -479,7 +632,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             buf.seek(0)
             saved = torch.load(buf, weights_only=True)
         model, opt = self.spec.make(seed)
-        for (where, attr), value in self.options.items():   # options are code, not state
+        for (where, attr), value in self.options.items():  # options are code, not state
             setattr(self.target(opt, where), attr, value)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
@@ -490,7 +643,9 @@ class OptimizerMachine(RuleBasedStateMachine):
         Continue with ``keep`` ("other" or "self")."""
         model, opt = other
         # .grad is not state: a copied Parameter drops it (torch) and the next step replaces it
-        assert_same({**snapshot(self.model, self.opt), "grads": None}, {**snapshot(model, opt), "grads": None})
+        assert_same(
+            {**snapshot(self.model, self.opt), "grads": None}, {**snapshot(model, opt), "grads": None}
+        )
         for b in steps:
             self.take_step(self.model, self.opt, b)
             self.take_step(model, opt, b, twin=True)
@@ -516,7 +671,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         """backward(losses) (once, or accumulated twice), then zero_grad() instead of step():
         nothing but .grad moved, and zero_grad leaves no trace."""
         parts = [self.losses(self.model, self.opt, batch) for _ in range(1 + twice)]
-        before = snapshot(self.model, self.opt)   # after the forward passes (BatchNorm statistics)
+        before = snapshot(self.model, self.opt)  # after the forward passes (BatchNorm statistics)
         for losses in parts:
             self.opt.backward(losses)
         self.opt.zero_grad()
@@ -524,8 +679,11 @@ class OptimizerMachine(RuleBasedStateMachine):
         assert_same({**before, "grads": None}, {**after, "grads": None})
         count(self.name, "dropped_backwards")
 
-    @rule(kinds=st.lists(st.sampled_from(["nan_gradient", "nan", "inf"]), min_size=1, max_size=2),
-          batch=st.integers(0, N_BATCHES - 1), pick=st.integers(0, len(TASKS) - 1))
+    @rule(
+        kinds=st.lists(st.sampled_from(["nan_gradient", "nan", "inf"]), min_size=1, max_size=2),
+        batch=st.integers(0, N_BATCHES - 1),
+        pick=st.integers(0, len(TASKS) - 1),
+    )
     def refused_torch_way_step(self, kinds: list[str], batch: int, pick: int) -> None:
         """backward(losses) with a non-finite value leaves it in .grad; step() refuses and
         nothing but .grad moved."""
@@ -534,7 +692,9 @@ class OptimizerMachine(RuleBasedStateMachine):
             make_bad, _, _ = BAD_INPUTS[kind]
             wanted = opt.next_tasks()
             losses = self.losses(model, opt, batch)
-            losses[wanted[pick % len(wanted)]] = make_bad(self.spec.model, model, wanted[pick % len(wanted)], batch)
+            losses[wanted[pick % len(wanted)]] = make_bad(
+                self.spec.model, model, wanted[pick % len(wanted)], batch
+            )
             before = snapshot(model, opt)
             opt.backward(losses)
             with pytest.raises(ValueError, match="non-finite"):
@@ -543,8 +703,11 @@ class OptimizerMachine(RuleBasedStateMachine):
             opt.zero_grad()
             count(self.name, "refused_torch_way_steps")
 
-    @rule(kinds=st.lists(st.sampled_from(sorted(BAD_INPUTS)), min_size=1, max_size=3),
-          batch=st.integers(0, N_BATCHES - 1), pick=st.integers(0, len(TASKS) - 1))
+    @rule(
+        kinds=st.lists(st.sampled_from(sorted(BAD_INPUTS)), min_size=1, max_size=3),
+        batch=st.integers(0, N_BATCHES - 1),
+        pick=st.integers(0, len(TASKS) - 1),
+    )
     def bad_steps(self, kinds: list[str], batch: int, pick: int) -> None:
         for kind in kinds:
             self.bad_step(kind, batch, pick)
@@ -559,7 +722,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             innermost = opt
             while innermost.inner is not None:
                 innermost = innermost.inner
-            if innermost.allow_unused:   # then a legitimate step (task heads)
+            if innermost.allow_unused:  # then a legitimate step (task heads)
                 return
             losses = {t: make_bad(mk, model, t, batch) for t in wanted}
         elif kind == "missing":
@@ -572,7 +735,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             losses[task] = task_loss(mk, self.stranger, task, batch)
         else:
             losses[task] = make_bad(mk, model, task, batch)
-        before = snapshot(model, opt)   # after the forward passes (BatchNorm statistics move there)
+        before = snapshot(model, opt)  # after the forward passes (BatchNorm statistics move there)
         with pytest.raises(exc, match=match):
             opt.step(losses)
         assert_unchanged(before, model, opt)
@@ -599,7 +762,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         where, attr, value, match = data.draw(st.sampled_from(self.spec.conflicting), label="assignment")
         obj = self.target(self.opt, where)
         kept = getattr(obj, attr)
-        setattr(obj, attr, value)                       # valid alone
+        setattr(obj, attr, value)  # valid alone
         losses = self.losses(self.model, self.opt, batch)
         before = snapshot(self.model, self.opt)
         with pytest.raises(ValueError, match=match):
@@ -669,9 +832,9 @@ class OptimizerMachine(RuleBasedStateMachine):
     def pickle_pair(self, steps: list[int]) -> None:
         # both ways, picked from the steps already drawn (an extra draw would reshuffle the
         # derandomized CI profile)
-        if sum(steps) % 2:   # plain pickle writes each tensor with its own storage: views come back copies
+        if sum(steps) % 2:  # plain pickle writes each tensor with its own storage: views come back copies
             twin = pickle.loads(pickle.dumps((self.model, self.opt)))
-        else:       # torch.save keeps storages shared
+        else:  # torch.save keeps storages shared
             buf = io.BytesIO()
             torch.save((self.model, self.opt), buf)
             buf.seek(0)
@@ -681,12 +844,12 @@ class OptimizerMachine(RuleBasedStateMachine):
 
     @rule(which=st.lists(st.integers(0, 63), min_size=1, max_size=2), steps=STEPS)
     def reallocate(self, which: list[int], steps: list[int]) -> None:
-        twin = self.fresh_copy(self.seed + 1, through_file=False)   # untouched, in the same state
+        twin = self.fresh_copy(self.seed + 1, through_file=False)  # untouched, in the same state
         params = list(self.model.parameters())
         with torch.no_grad():
             for i in which:
                 p = params[i % len(params)]
-                p.data = p.data.clone()                  # breaks packing; values unchanged
+                p.data = p.data.clone()  # breaks packing; values unchanged
         self.twin_run(twin, steps, keep="self")
         count(self.name, "reallocations", len(which))
 
@@ -744,17 +907,28 @@ def test_fuzz(name, one_thread):
     FINISHED[name] = time.perf_counter() - start
 
 
-RULE_COUNTERS = ["steps", "rejected", "invalid_options", "valid_options", "reloads", "deepcopies",
-                 "pickles", "reallocations", "bad_loads"]
+RULE_COUNTERS = [
+    "steps",
+    "rejected",
+    "invalid_options",
+    "valid_options",
+    "reloads",
+    "deepcopies",
+    "pickles",
+    "reallocations",
+    "bad_loads",
+]
 
 
 def test_fuzz_summary(capsys):
     """Print the run's figures; when every factory ran, check each rule kind was exercised."""
     with capsys.disabled():
         total_steps = STATS["steps"] + STATS["twin_steps"]
-        print(f"\nfuzz summary ({'long' if LONG else 'ci'} profile): {dict(sorted(STATS.items()))}; "
-              f"optimizer steps in total {total_steps}; violations {len(VIOLATIONS)} {VIOLATIONS}; "
-              f"wall {sum(FINISHED.values()):.1f} s")
+        print(
+            f"\nfuzz summary ({'long' if LONG else 'ci'} profile): {dict(sorted(STATS.items()))}; "
+            f"optimizer steps in total {total_steps}; violations {len(VIOLATIONS)} {VIOLATIONS}; "
+            f"wall {sum(FINISHED.values()):.1f} s"
+        )
         for name, c in PER_SPEC.items():
             shown = {k: v for k, v in sorted(c.items()) if ":" not in k}
             print(f"  {name:28s} {FINISHED.get(name, float('nan')):6.1f} s  {shown}")
@@ -765,8 +939,12 @@ def test_fuzz_summary(capsys):
     # the fuzzer exercised everything: every rule and every kind of bad input across the run; in
     # the long profile also every rule for every factory (hypothesis switches rules off at random
     # per example, so the short CI profile does not reach every rule of every factory)
-    rules = RULE_COUNTERS + ["slow_weight_blocks", "outer_steps", "rejected:external_write",
-                             "rejected:conflicting_option"]
+    rules = RULE_COUNTERS + [
+        "slow_weight_blocks",
+        "outer_steps",
+        "rejected:external_write",
+        "rejected:conflicting_option",
+    ]
     kinds = [f"rejected:{k}" for k in BAD_INPUTS] + [f"bad_load:{k}" for k in BAD_STATES]
     for key in rules + kinds:
         assert STATS[key] > 0, f"{key} never ran"

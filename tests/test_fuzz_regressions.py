@@ -39,8 +39,8 @@ def test_repacking_keeps_overlapping_parameters_tied_and_drops_unused_storage():
     storage = torch.randn(12, generator=g)
     a, b, c = (torch.nn.Parameter(torch.zeros(1)) for _ in range(3))
     a.data = storage[0:4]
-    b.data = storage[2:6]          # overlaps a: the two stay tied
-    c.data = storage[8:12]         # shares the storage, not elements; 6..8 unused by anyone
+    b.data = storage[2:6]  # overlaps a: the two stay tied
+    c.data = storage[8:12]  # shares the storage, not elements; 6..8 unused by anyone
     params = [c, a, b]
     before = [p.detach().clone() for p in params]
     (flat,) = F.pack_parameters(params)
@@ -64,9 +64,15 @@ def test_slow_weights_after_a_reallocation_continue_on_the_flat_path(interpolati
 
     def build():
         model = make_model(2)
-        return model, metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.02), tasks=TASKS,
-                                                inner_steps=3, outer_lr=0.5, flatten=True,
-                                                interpolation=interpolation, seed=0)
+        return model, metaopt.SequentialReptile(
+            torch.optim.Adam(model.parameters(), lr=0.02),
+            tasks=TASKS,
+            inner_steps=3,
+            outer_lr=0.5,
+            flatten=True,
+            interpolation=interpolation,
+            seed=0,
+        )
 
     model, opt = build()
     twin_model, twin = build()
@@ -74,7 +80,7 @@ def test_slow_weights_after_a_reallocation_continue_on_the_flat_path(interpolati
     run(twin, twin_model, data, 1)
     with torch.no_grad():
         model[0].bias.data = model[0].bias.data.clone()
-    run(opt, model, data, 5)                         # two trajectory ends
+    run(opt, model, data, 5)  # two trajectory ends
     run(twin, twin_model, data, 5)
     assert opt.outer_step_count == 2 and opt.engine.path() == ["flat"]
     for a, b in zip([*model.parameters(), *opt.slow_weights], [*twin_model.parameters(), *twin.slow_weights]):
@@ -88,15 +94,21 @@ def test_outer_optimizer_keeps_its_slow_buffers_after_a_reallocation():
 
     def build():
         model = make_model(2)
-        return model, metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                      inner_steps=2, tasks_per_outer_step=2, flatten=True, seed=0,
-                                      outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+        return model, metaopt.Reptile(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=2,
+            tasks_per_outer_step=2,
+            flatten=True,
+            seed=0,
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+        )
 
     model, opt = build()
     twin_model, twin = build()
     with torch.no_grad():
         model[2].weight.data = model[2].weight.data.clone()
-    run(opt, model, data, 8)                         # two outer steps
+    run(opt, model, data, 8)  # two outer steps
     run(twin, twin_model, data, 8)
     assert opt.outer_step_count == 2 and opt.engine.path() == ["flat"]
     assert opt.outer_optimizer.param_groups[0]["params"][0] is opt.engine.slow_buffers[0]
@@ -106,13 +118,21 @@ def test_outer_optimizer_keeps_its_slow_buffers_after_a_reallocation():
 
 # ---------------------------------------------------------------- state loaded in memory
 def _gradnorm(model, seed):
-    return metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, seed=seed),
-                            layer=model[0].parameters(), seed=seed)
+    return metaopt.GradNorm(
+        metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, seed=seed),
+        layer=model[0].parameters(),
+        seed=seed,
+    )
 
 
 def _outer_optimizer(model, seed):
-    return metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=1, seed=seed,
-                           outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9))
+    return metaopt.Reptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=1,
+        seed=seed,
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+    )
 
 
 @pytest.mark.parametrize("build", [_gradnorm, _outer_optimizer], ids=["gradnorm_weights", "outer_optimizer"])
@@ -124,7 +144,7 @@ def test_state_loaded_in_memory_does_not_alias_the_source(build):
     data = make_data()
     model = make_model(0)
     opt = build(model, 0)
-    run(opt, model, data, 2)                         # the inner torch optimizers have state now
+    run(opt, model, data, 2)  # the inner torch optimizers have state now
     copy_model = make_model(1)
     copy_opt = build(copy_model, 1)
     copy_model.load_state_dict(model.state_dict())
@@ -147,14 +167,16 @@ def test_plain_pickle_keeps_the_slow_weights_views_of_their_buffer():
     so the engine's views of φ came back as copies of the slow buffer: the outer step then moved
     the buffer while ``slow_weights`` and ``state_dict()`` kept reporting the old φ."""
     import pickle
+
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     run(opt, model, data, 1)
     copy_model, copy_opt = pickle.loads(pickle.dumps((model, opt)))
-    run(copy_opt, copy_model, data, 3)          # one outer step in the copy
+    run(copy_opt, copy_model, data, 3)  # one outer step in the copy
     for p, phi in zip(copy_model.parameters(), copy_opt.slow_weights):
-        assert torch.equal(p, phi)              # θ ← φ just happened
+        assert torch.equal(p, phi)  # θ ← φ just happened
     saved = copy_opt.state_dict()["metaopt"]["engine"]["slow"]
     assert all(torch.equal(saved[f"p{i}"], phi) for i, phi in enumerate(copy_opt.slow_weights))

@@ -37,21 +37,46 @@ def reload(obj, how):
 
 # ---------------------------------------------------------------- 1. every path, every method
 METHODS = {
-    "sr": lambda p, **kw: metaopt.SequentialReptile(torch.optim.Adam(p, lr=0.02), tasks=TASKS,
-                                                    inner_steps=2, outer_lr=0.4, seed=3, **kw),
-    "reptile": lambda p, **kw: metaopt.Reptile(torch.optim.SGD(p, lr=0.05, momentum=0.5), tasks=TASKS,
-                                               inner_steps=2, outer_lr=0.5, seed=3, **kw),
-    "batched": lambda p, **kw: metaopt.Reptile(torch.optim.Adam(p, lr=0.02), tasks=TASKS, inner_steps=2,
-                                               tasks_per_outer_step=3, outer_lr=0.6, seed=3, **kw),
+    "sr": lambda p, **kw: metaopt.SequentialReptile(
+        torch.optim.Adam(p, lr=0.02), tasks=TASKS, inner_steps=2, outer_lr=0.4, seed=3, **kw
+    ),
+    "reptile": lambda p, **kw: metaopt.Reptile(
+        torch.optim.SGD(p, lr=0.05, momentum=0.5), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=3, **kw
+    ),
+    "batched": lambda p, **kw: metaopt.Reptile(
+        torch.optim.Adam(p, lr=0.02),
+        tasks=TASKS,
+        inner_steps=2,
+        tasks_per_outer_step=3,
+        outer_lr=0.6,
+        seed=3,
+        **kw,
+    ),
     "batched_outer_opt": lambda p, **kw: metaopt.Reptile(
-        torch.optim.SGD(p, lr=0.05), tasks=TASKS, inner_steps=2, tasks_per_outer_step=2, seed=3,
-        outer_optimizer=lambda q: torch.optim.SGD(q, lr=0.5, momentum=0.9, nesterov=True), **kw),
-    "annealed": lambda p, **kw: metaopt.SequentialReptile(torch.optim.SGD(p, lr=0.05), tasks=TASKS,
-                                                          inner_steps=3, outer_lr=0.9, outer_lr_final=0.1,
-                                                          anneal_steps=3, seed=3, **kw),
+        torch.optim.SGD(p, lr=0.05),
+        tasks=TASKS,
+        inner_steps=2,
+        tasks_per_outer_step=2,
+        seed=3,
+        outer_optimizer=lambda q: torch.optim.SGD(q, lr=0.5, momentum=0.9, nesterov=True),
+        **kw,
+    ),
+    "annealed": lambda p, **kw: metaopt.SequentialReptile(
+        torch.optim.SGD(p, lr=0.05),
+        tasks=TASKS,
+        inner_steps=3,
+        outer_lr=0.9,
+        outer_lr_final=0.1,
+        anneal_steps=3,
+        seed=3,
+        **kw,
+    ),
     "sr_gradvac": lambda p, **kw: metaopt.SequentialReptile(
         metaopt.GradVac(torch.optim.Adam(p, lr=0.02), tasks=TASKS, beta=0.3, seed=4),
-        inner_steps=2, outer_lr=0.5, **kw),
+        inner_steps=2,
+        outer_lr=0.5,
+        **kw,
+    ),
 }
 PATHS = {
     "flat": {"flatten": True, "interpolation": "flat"},
@@ -74,8 +99,12 @@ def trajectory(method, path, copy_at=None, how="deepcopy", steps=13):
 
 
 @settings(max_examples=12, deadline=None)
-@given(method=st.sampled_from(sorted(METHODS)), path=st.sampled_from(sorted(PATHS)),
-       copy_at=st.one_of(st.none(), st.integers(0, 12)), how=st.sampled_from(["deepcopy", "pickle"]))
+@given(
+    method=st.sampled_from(sorted(METHODS)),
+    path=st.sampled_from(sorted(PATHS)),
+    copy_at=st.one_of(st.none(), st.integers(0, 12)),
+    how=st.sampled_from(["deepcopy", "pickle"]),
+)
 def test_every_interpolation_path_gives_the_same_run(method, path, copy_at, how):
     """1. Batched Reptile off the flat path wrote φ into the accumulator instead of θ; after a
     deepcopy the packed path silently fell back to it. Every path, for every method and option,
@@ -91,7 +120,7 @@ def test_batched_reptile_resets_theta_on_every_path():
         data = make_data()
         model = make_model(1)
         opt = METHODS["batched"](model.parameters(), **PATHS[path])
-        run(opt, model, data, 6)   # one full outer step: 3 trajectories of 2
+        run(opt, model, data, 6)  # one full outer step: 3 trajectories of 2
         assert opt.outer_step_count == 1
         for p, phi in zip(model.parameters(), opt.slow_weights):
             assert torch.equal(p, phi), path
@@ -101,7 +130,7 @@ def test_deepcopy_repacks_so_the_flat_path_stays_in_use():
     model = make_model(1)
     opt = METHODS["sr"](model.parameters())
     model2, opt2 = copy.deepcopy((model, opt))
-    run(opt2, model2, make_data(), 2)   # an outer step: the engine re-packed the copy first
+    run(opt2, model2, make_data(), 2)  # an outer step: the engine re-packed the copy first
     assert opt2.engine.path() == ["flat"]
     assert model2[0].weight.data_ptr() != model[0].weight.data_ptr()
 
@@ -114,13 +143,16 @@ def nan_grad_loss(model, data, task):
 
 
 GRADIENT_CASES = {
-    "sr": lambda m: metaopt.SequentialReptile(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS,
-                                              inner_steps=2, seed=0),
-    "reptile": lambda m: metaopt.Reptile(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS,
-                                         inner_steps=2, seed=0),
+    "sr": lambda m: metaopt.SequentialReptile(
+        torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, inner_steps=2, seed=0
+    ),
+    "reptile": lambda m: metaopt.Reptile(
+        torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, inner_steps=2, seed=0
+    ),
     "mtl": lambda m: metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-    "gradnorm": lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01),
-                                                       tasks=TASKS), layer=m[2].parameters()),
+    "gradnorm": lambda m: metaopt.GradNorm(
+        metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS), layer=m[2].parameters()
+    ),
     "pcgrad": lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
 }
 
@@ -146,7 +178,7 @@ def test_huge_but_finite_gradients_are_not_mistaken_for_overflow():
     model = make_model(0)
     opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=1e-30), tasks=TASKS)
     data = make_data()
-    opt.step({t: task_loss(model, data, t) * 1e30 for t in opt.next_tasks()})   # ‖g‖² > 3e38
+    opt.step({t: task_loss(model, data, t) * 1e30 for t in opt.next_tasks()})  # ‖g‖² > 3e38
     assert all(bool(p.isfinite().all()) for p in model.parameters())
 
 
@@ -156,21 +188,24 @@ def test_gradnorm_takes_initial_loss_at_first_positive_value():
     on. L(0) is now its first positive loss; until then its rate is the mean."""
     torch.manual_seed(0)
     enc, head = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
-    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-2),
-                                       tasks=["a", "b"]), layer=enc.parameters(), alpha=1.5)
+    opt = metaopt.GradNorm(
+        metaopt.MTL(torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=1e-2), tasks=["a", "b"]),
+        layer=enc.parameters(),
+        alpha=1.5,
+    )
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     seen = []
     for step in range(8):
         out = head(enc(x))
-        scale_a = 0.0 if step == 0 else 1.0   # task a: no labels in the first batch
+        scale_a = 0.0 if step == 0 else 1.0  # task a: no labels in the first batch
         opt.step({"a": scale_a * out[:, 0].pow(2).mean(), "b": 10 * (out[:, 1] - 1).pow(2).mean()})
         seen.append(opt.state_dict()["metaopt"]["initial_losses"].clone())
-    assert seen[0][0] == 0 and seen[0][1] > 0            # a: not yet known, b: known
+    assert seen[0][0] == 0 and seen[0][1] > 0  # a: not yet known, b: known
     assert seen[1][0] > 0 and torch.equal(seen[1][1], seen[0][1])
     assert all(torch.equal(s, seen[1]) for s in seen[2:])
     w = opt.weights.detach()
     assert bool(w.isfinite().all()) and abs(float(w.sum()) - 2.0) < 1e-5
-    assert not torch.allclose(w, torch.ones(2))          # still balancing
+    assert not torch.allclose(w, torch.ones(2))  # still balancing
 
 
 # ---------------------------------------------------------------- 5. outer optimizer + annealing
@@ -178,11 +213,19 @@ def test_outer_optimizer_with_annealing_is_refused():
     """5. Annealing was silently ignored when an outer optimizer was given."""
     model = make_model(0)
     with pytest.raises(ValueError, match="outer_optimizer.*lr_scheduler"):
-        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                  outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
-                                  outer_lr_final=0.0, anneal_steps=4)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            tasks=TASKS,
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+            outer_lr_final=0.0,
+            anneal_steps=4,
+        )
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+    )
     opt.outer_lr_final, opt.anneal_steps = 0.0, 4
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match="outer_optimizer"):
@@ -198,15 +241,22 @@ def test_param_group_added_after_wrapping_is_interpolated(direct):
     the run of an optimizer that had it from the start."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model[0].parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model[0].parameters(), lr=0.1), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     group = {"params": list(model[2].parameters()), "lr": 0.05}
     (opt.base_optimizer if direct else opt).add_param_group(group)
     run(opt, model, data, 5)
     ref_model = make_model(0)
-    ref = metaopt.SequentialReptile(torch.optim.SGD([{"params": ref_model[0].parameters()},
-                                                     {"params": ref_model[2].parameters(), "lr": 0.05}],
-                                                    lr=0.1), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0)
+    ref = metaopt.SequentialReptile(
+        torch.optim.SGD(
+            [{"params": ref_model[0].parameters()}, {"params": ref_model[2].parameters(), "lr": 0.05}], lr=0.1
+        ),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=0.5,
+        seed=0,
+    )
     run(ref, ref_model, data, 5)
     assert len(opt.slow_weights) == 4
     for a, b in zip([*model.parameters(), *opt.slow_weights], [*ref_model.parameters(), *ref.slow_weights]):
@@ -232,8 +282,9 @@ def test_weights_loaded_after_building_are_detected_and_can_be_taken():
     data = make_data()
     model = make_model(0)
     pretrained = make_model(7).state_dict()
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     model.load_state_dict(pretrained)
     before = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"changed outside the optimizer.*reset_slow_weights"):
@@ -245,8 +296,9 @@ def test_weights_loaded_after_building_are_detected_and_can_be_taken():
     run(opt, model, data, 2)
     # the same run started from the pretrained weights
     ref_model = make_model(7)
-    ref = metaopt.SequentialReptile(torch.optim.SGD(ref_model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    ref = metaopt.SequentialReptile(
+        torch.optim.SGD(ref_model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     run(ref, ref_model, data, 2)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
@@ -255,8 +307,9 @@ def test_weights_loaded_after_building_are_detected_and_can_be_taken():
 def test_resume_order_model_first_is_silent_and_optimizer_first_is_detected():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=0
+    )
     run(opt, model, data, 4)
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     run(opt, model, data, 4)
@@ -264,8 +317,9 @@ def test_resume_order_model_first_is_silent_and_optimizer_first_is_detected():
 
     def fresh():
         m = make_model(5)
-        return m, metaopt.SequentialReptile(torch.optim.Adam(m.parameters(), lr=0.05), tasks=TASKS,
-                                            inner_steps=3, outer_lr=0.5, seed=9)
+        return m, metaopt.SequentialReptile(
+            torch.optim.Adam(m.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=9
+        )
 
     m1, o1 = fresh()
     m1.load_state_dict(saved_model)
@@ -286,8 +340,9 @@ def test_resume_order_model_first_is_silent_and_optimizer_first_is_detected():
 # ---------------------------------------------------------------- 8. buffers, casts
 def bn_model(seed=0):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
-                               torch.nn.Linear(6, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    )
 
 
 def test_buffers_are_interpolated_and_swapped_when_asked():
@@ -295,9 +350,14 @@ def test_buffers_are_interpolated_and_swapped_when_asked():
     data = make_data()
     for with_buffers in (False, True):
         model = bn_model()
-        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                        inner_steps=2, outer_lr=0.25, seed=0,
-                                        buffers=model if with_buffers else None)
+        opt = metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=2,
+            outer_lr=0.25,
+            seed=0,
+            buffers=model if with_buffers else None,
+        )
         mean0 = model[1].running_mean.clone()
         run(opt, model, data, 1)
         theta = model[1].running_mean.clone()
@@ -305,31 +365,37 @@ def test_buffers_are_interpolated_and_swapped_when_asked():
         with opt.use_slow_weights():
             at_phi = model[1].running_mean.clone()
         assert torch.equal(at_phi, mean0 if with_buffers else theta)
-        assert torch.equal(model[1].running_mean, theta)   # restored
-        run(opt, model, data, 1)                              # outer step
+        assert torch.equal(model[1].running_mean, theta)  # restored
+        run(opt, model, data, 1)  # outer step
         assert opt.outer_step_count == 1
         n = len(list(model.parameters()))
         if with_buffers:
-            assert len(opt.slow_weights) == n + 2             # params, running mean and var
+            assert len(opt.slow_weights) == n + 2  # params, running mean and var
             assert torch.equal(model[1].running_mean, opt.slow_weights[n])
         else:
             assert len(opt.slow_weights) == n
-        assert model[1].num_batches_tracked.item() == 2    # counters keep their fast value
+        assert model[1].num_batches_tracked.item() == 2  # counters keep their fast value
 
 
 def test_buffers_follow_the_interpolation_formula():
     data = make_data()
     eta = 0.25
     model = bn_model()
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.0), tasks=TASKS,
-                                    inner_steps=2, outer_lr=eta, seed=0, buffers=model)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=eta,
+        seed=0,
+        buffers=model,
+    )
     mean0 = model[1].running_mean.clone()
     tasks = []
     for _ in range(2):
         (t,) = opt.next_tasks()
         tasks.append(t)
         opt.step({t: task_loss(model, data, t)})
-    ref = bn_model()                                      # lr 0: only the statistics move
+    ref = bn_model()  # lr 0: only the statistics move
     for t in tasks:
         ref(data[t][0])
     expected = mean0 + eta * (ref[1].running_mean - mean0)
@@ -340,15 +406,17 @@ def test_model_cast_after_building_converts_slow_weights():
     """8. After model.to(torch.float64), φ stayed float32."""
     data = {t: (x.double(), y.double()) for t, (x, y) in make_data().items()}
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     model.double()
     run(opt, model, data, 2)
     assert all(s.dtype == torch.float64 for s in opt.slow_weights)
-    assert opt.engine.path() == ["flat"]                  # re-packed
+    assert opt.engine.path() == ["flat"]  # re-packed
     ref = make_model(0).double()
-    ropt = metaopt.SequentialReptile(torch.optim.SGD(ref.parameters(), lr=0.05), tasks=TASKS,
-                                     inner_steps=2, outer_lr=0.5, seed=0)
+    ropt = metaopt.SequentialReptile(
+        torch.optim.SGD(ref.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     run(ropt, ref, data, 2)
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
@@ -361,25 +429,31 @@ def test_parameters_sharing_storage_stay_tied_through_training(path):
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 4)
     tied = torch.nn.Parameter(torch.zeros(4, 4))
-    tied.data = lin.weight.data                            # another Parameter, same storage
+    tied.data = lin.weight.data  # another Parameter, same storage
     head = torch.nn.Linear(4, 1)
     params = [*lin.parameters(), tied, *head.parameters()]
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
-    opt = metaopt.SequentialReptile(torch.optim.SGD(params, lr=0.05), tasks=["a"], inner_steps=2,
-                                    outer_lr=0.5, seed=0, **PATHS[path])
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(params, lr=0.05), tasks=["a"], inner_steps=2, outer_lr=0.5, seed=0, **PATHS[path]
+    )
     for _ in range(5):
         opt.step({"a": head(torch.tanh(x @ tied.T + lin(x))).pow(2).mean()})
         assert lin.weight.data_ptr() == tied.data_ptr()
 
 
 # ---------------------------------------------------------------- 12. losses reaching nothing
-@pytest.mark.parametrize("make", [
-    lambda m: metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
-    lambda m: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS,
-                             shared=m[0].parameters(), allow_unused=True),
-    lambda m: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS,
-                              shared=m[0].parameters(), allow_unused=True),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
+        lambda m: metaopt.PCGrad(
+            torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, shared=m[0].parameters(), allow_unused=True
+        ),
+        lambda m: metaopt.GradVac(
+            torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, shared=m[0].parameters(), allow_unused=True
+        ),
+    ],
+)
 def test_a_loss_reaching_no_parameter_is_rejected(make):
     """12. The loss of a module left out of the optimizer was accepted: nothing trained."""
     data = make_data()
@@ -399,8 +473,14 @@ def test_flat_path_on_reallocated_parameters_raises_before_the_inner_step():
     """13. The outer interpolation failed only after the inner step had run."""
     model = make_model(0)
     metaopt.functional.pack_parameters(model.parameters())
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, flatten=False, interpolation="flat", seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=TASKS,
+        inner_steps=2,
+        flatten=False,
+        interpolation="flat",
+        seed=0,
+    )
     data = make_data()
     run(opt, model, data, 1)
     with torch.no_grad():
@@ -413,8 +493,9 @@ def test_flat_path_on_reallocated_parameters_raises_before_the_inner_step():
 
 def test_shape_change_raises_before_the_inner_step():
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=1, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=1, seed=0
+    )
     with torch.no_grad():
         model[2].bias.data = torch.zeros(())
     before = snapshot(model, opt)
@@ -428,12 +509,14 @@ def test_load_state_dict_is_validated_then_applied_or_rolled_back():
     """14. A load that failed part-way left a half-loaded optimizer."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=0
+    )
     run(opt, model, data, 4)
     other = make_model(1)
-    donor = metaopt.SequentialReptile(torch.optim.Adam(other.parameters(), lr=0.05), tasks=TASKS,
-                                      inner_steps=3, outer_lr=0.5, seed=5)
+    donor = metaopt.SequentialReptile(
+        torch.optim.Adam(other.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=5
+    )
     run(donor, other, data, 5)
     good = copy.deepcopy(donor.state_dict())
     before = snapshot(model, opt)
@@ -458,18 +541,21 @@ def test_load_state_dict_is_validated_then_applied_or_rolled_back():
 def test_loaded_state_does_not_alias_the_source():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=3, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, seed=0
+    )
     run(opt, model, data, 2)
     state = opt.state_dict()
     kept = copy.deepcopy(state)
     model2 = make_model(0)
     model2.load_state_dict(model.state_dict())
-    opt2 = metaopt.SequentialReptile(torch.optim.Adam(model2.parameters(), lr=0.05), tasks=TASKS,
-                                     inner_steps=3, seed=0)
+    opt2 = metaopt.SequentialReptile(
+        torch.optim.Adam(model2.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, seed=0
+    )
     opt2.load_state_dict(state)
     run(opt2, model2, data, 3)
     from _snapshot import _same
+
     assert _same(opt.state_dict()["optimizer"], kept["optimizer"], "source") is None
 
 
@@ -479,8 +565,14 @@ def test_explicit_shared_survives_copies(how):
     """15. shared= was remembered by id(): a copy rejected every step."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                          shared=model[0].parameters(), groups="parameter", beta=0.2, seed=0)
+    opt = metaopt.GradVac(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=TASKS,
+        shared=model[0].parameters(),
+        groups="parameter",
+        beta=0.2,
+        seed=0,
+    )
     run(opt, model, data, 2)
     model2, opt2 = reload((model, opt), how)
     run(opt, model, data, 3)
@@ -495,12 +587,13 @@ def test_pickle_and_deepcopy_with_an_lr_scheduler():
     step ran the original's."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=2, seed=0
+    )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     run(opt, model, data, 1)
     sched.step()
-    pickle.dumps(opt)                                      # no PicklingError
+    pickle.dumps(opt)  # no PicklingError
     torch.save((model, opt), io.BytesIO())
     model2, opt2 = copy.deepcopy((model, opt))
     count = opt.step_count
@@ -509,17 +602,41 @@ def test_pickle_and_deepcopy_with_an_lr_scheduler():
 
 
 # ---------------------------------------------------------------- 17. validated setters
-@pytest.mark.parametrize("make,attr,bad", [
-    (lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "outer_lr", 2.0),
-    (lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "inner_steps", 0),
-    (lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "anneal_steps", 0),
-    (lambda m: metaopt.Reptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "tasks_per_outer_step", 0),
-    (lambda m: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "beta", 1.5),
-    (lambda m: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "reduction", "max"),
-    (lambda m: metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "allow_unused", "yes"),
-    (lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
-                                layer=m[0].parameters()), "alpha", -1.0),
-])
+@pytest.mark.parametrize(
+    "make,attr,bad",
+    [
+        (
+            lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
+            "outer_lr",
+            2.0,
+        ),
+        (
+            lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
+            "inner_steps",
+            0,
+        ),
+        (
+            lambda m: metaopt.SequentialReptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
+            "anneal_steps",
+            0,
+        ),
+        (
+            lambda m: metaopt.Reptile(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS),
+            "tasks_per_outer_step",
+            0,
+        ),
+        (lambda m: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "beta", 1.5),
+        (lambda m: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "reduction", "max"),
+        (lambda m: metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), "allow_unused", "yes"),
+        (
+            lambda m: metaopt.GradNorm(
+                metaopt.MTL(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS), layer=m[0].parameters()
+            ),
+            "alpha",
+            -1.0,
+        ),
+    ],
+)
 def test_hyper_parameters_are_validated_when_set(make, attr, bad):
     """17. opt.outer_lr = 2.0 raised only after θ had moved; inner_steps = 0 silently disabled
     outer steps."""
@@ -533,8 +650,9 @@ def test_hyper_parameters_are_validated_when_set(make, attr, bad):
 def test_lowering_inner_steps_mid_trajectory_ends_it_at_the_next_step():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=5, seed=0
+    )
     run(opt, model, data, 3)
     opt.inner_steps = 2
     run(opt, model, data, 1)
@@ -548,8 +666,9 @@ def test_torch_optimizer_hooks_and_profiler_label_are_honoured():
 
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=2, seed=0
+    )
     calls = []
     handles = [
         register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("global-pre", type(o).__name__))),
@@ -579,8 +698,9 @@ def test_hyper_parameters_travel_with_the_state_dict():
     param groups' hyper-parameters); a bad saved value is refused with nothing changed."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=3, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=3, seed=0
+    )
     run(opt, model, data, 2)
     opt.outer_lr, opt.inner_steps = 0.05, 4
     state = copy.deepcopy(opt.state_dict())

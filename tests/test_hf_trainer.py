@@ -20,14 +20,16 @@ import hf_trainer  # noqa: E402
 
 import metaopt  # noqa: E402
 
-STEPS = 23   # not a multiple of K = 5: ends mid-trajectory
+STEPS = 23  # not a multiple of K = 5: ends mid-trajectory
 
 
 def _hand_written(steps: int, batch_size: int = 8, seed: int = 0):
     from transformers import default_data_collator
+
     model, opt, scheduler = hf_trainer.build(seed, steps)
-    stream = metaopt.data.ScheduledTaskDataset(opt, hf_trainer.make_datasets(seed=seed),
-                                               batch_size=batch_size, steps=steps, seed=seed)
+    stream = metaopt.data.ScheduledTaskDataset(
+        opt, hf_trainer.make_datasets(seed=seed), batch_size=batch_size, steps=steps, seed=seed
+    )
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=default_data_collator)
     tasks = []
     model.train()
@@ -46,7 +48,7 @@ def test_trainer_equals_a_hand_written_loop_over_the_same_batches():
     seen = []
     original = hf_trainer.MultiHeadBert.forward
 
-    def recording(self, input_ids, attention_mask, labels, task_id):   # the same signature
+    def recording(self, input_ids, attention_mask, labels, task_id):  # the same signature
         seen.append(int(task_id[0]))
         return original(self, input_ids, attention_mask, labels, task_id)
 
@@ -56,7 +58,7 @@ def test_trainer_equals_a_hand_written_loop_over_the_same_batches():
     finally:
         hf_trainer.MultiHeadBert.forward = original
     ref_model, ref_opt, ref_tasks = _hand_written(STEPS)
-    assert [opt.tasks[i] for i in seen] == ref_tasks   # the Trainer's batches followed the schedule
+    assert [opt.tasks[i] for i in seen] == ref_tasks  # the Trainer's batches followed the schedule
     assert opt.step_count == ref_opt.step_count == STEPS
     assert opt.outer_step_count == ref_opt.outer_step_count == STEPS // 5
     init = hf_trainer.MultiHeadBert(0)
@@ -70,6 +72,11 @@ def test_trainer_equals_a_hand_written_loop_over_the_same_batches():
 
 
 def test_the_example_runs_with_no_arguments_in_under_a_minute():
-    out = subprocess.run([sys.executable, str(EXAMPLES / "hf_trainer.py")], capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "hf_trainer.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     assert "inner steps" in out and "accuracy per task" in out

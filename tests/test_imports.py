@@ -13,26 +13,50 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_pulls_no_optional_package():
-    code = ("import sys, metaopt, metaopt.cli, metaopt.data; "
-            "print(sorted({m.split('.')[0] for m in sys.modules}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    code = (
+        "import sys, metaopt, metaopt.cli, metaopt.data; "
+        "print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     loaded = set(eval(out))
-    for forbidden in ("higher", "functorch", "torchjd", "transformers", "accelerate", "matplotlib",
-                      "learn2learn", "cvxpy", "quadprog"):
+    for forbidden in (
+        "higher",
+        "functorch",
+        "torchjd",
+        "transformers",
+        "accelerate",
+        "matplotlib",
+        "learn2learn",
+        "cvxpy",
+        "quadprog",
+    ):
         assert forbidden not in loaded, forbidden
 
 
-OPTIONAL = ("torchjd", "higher", "transformers", "accelerate", "matplotlib", "tqdm", "babel",
-            "qpsolvers", "quadprog", "triton", "hypothesis")
+OPTIONAL = (
+    "torchjd",
+    "higher",
+    "transformers",
+    "accelerate",
+    "matplotlib",
+    "tqdm",
+    "babel",
+    "qpsolvers",
+    "quadprog",
+    "triton",
+    "hypothesis",
+)
 
 
 def _without_optional(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter where every optional package is unimportable
     (``sys.modules[name] = None`` makes ``import name`` raise ModuleNotFoundError)."""
     block = "import sys\n" + "".join(f"sys.modules[{n!r}] = None\n" for n in OPTIONAL)
-    return subprocess.run([sys.executable, "-c", block + code, *args], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", block + code, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def test_every_method_works_without_any_optional_package():
@@ -74,22 +98,21 @@ print("ok", len(makers))
     assert out.stdout.split() == ["ok", "7"]
 
 
-@pytest.mark.parametrize(("argv", "missing", "extra"), [
-    (["toy", "--steps", "2"], "matplotlib", "bench"),
-    (["benchmark", "--help"], "tqdm", "bench"),
-])
+@pytest.mark.parametrize(
+    ("argv", "missing", "extra"),
+    [
+        (["toy", "--steps", "2"], "matplotlib", "bench"),
+        (["benchmark", "--help"], "tqdm", "bench"),
+    ],
+)
 def test_the_command_names_the_extra_a_script_needs(argv, missing, extra):
-    out = _without_optional("from metaopt.cli import main; raise SystemExit(main(sys.argv[1:]))",
-                            *argv)
+    out = _without_optional("from metaopt.cli import main; raise SystemExit(main(sys.argv[1:]))", *argv)
     assert out.returncode != 0
-    assert missing in out.stderr and f"pip install 'metaopt-torch[{extra}]'" in out.stderr, \
-        out.stderr
+    assert missing in out.stderr and f"pip install 'metaopt-torch[{extra}]'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
 
 
 def test_the_hf_example_names_its_extra():
-    out = _without_optional("import runpy; runpy.run_path('examples/hf_trainer.py', "
-                            "run_name='__main__')")
+    out = _without_optional("import runpy; runpy.run_path('examples/hf_trainer.py', run_name='__main__')")
     assert out.returncode == 1
-    assert "pip install 'metaopt-torch[hf]'" in out.stderr and "Traceback" not in out.stderr, \
-        out.stderr
+    assert "pip install 'metaopt-torch[hf]'" in out.stderr and "Traceback" not in out.stderr, out.stderr

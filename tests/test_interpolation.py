@@ -28,8 +28,13 @@ def relerr(a: torch.Tensor, b: torch.Tensor, *scale: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("method", ["flat", "foreach", "reference"])
-@given(shapes_=shapes, dtype=st.sampled_from(DTYPES), weight=st.floats(0.0, 1.0),
-       seed=st.integers(0, 10_000), block=st.sampled_from([None, 1, 5, 64]))
+@given(
+    shapes_=shapes,
+    dtype=st.sampled_from(DTYPES),
+    weight=st.floats(0.0, 1.0),
+    seed=st.integers(0, 10_000),
+    block=st.sampled_from([None, 1, 5, 64]),
+)
 def test_interpolate_matches_float64_reference(method, shapes_, dtype, weight, seed, block):
     fast = make(shapes_, dtype, seed)
     if method == "flat":
@@ -47,11 +52,15 @@ def test_interpolate_matches_float64_reference(method, shapes_, dtype, weight, s
         # φ is kept in float32 for half types: compare it at float32 accuracy
         tol = TOL[s.dtype] if s.dtype != torch.float32 else 1e-6
         assert relerr(s, ref, a, b) <= tol
-        assert torch.equal(f, s.to(f.dtype))   # θ re-synced to φ (rounded once)
+        assert torch.equal(f, s.to(f.dtype))  # θ re-synced to φ (rounded once)
 
 
-@given(shapes_=shapes, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 10_000),
-       method=st.sampled_from(["flat", "foreach", "reference"]))
+@given(
+    shapes_=shapes,
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 10_000),
+    method=st.sampled_from(["flat", "foreach", "reference"]),
+)
 def test_weight_zero_keeps_slow_and_weight_one_takes_fast(shapes_, dtype, seed, method):
     fast = make(shapes_, dtype, seed)
     if method == "flat":
@@ -83,13 +92,18 @@ def test_half_precision_keeps_float32_master():
     for _ in range(50):
         with torch.no_grad():
             fast[0].add_(0.01)
-        engine.interpolate(0.01)    # φ moves by ~1e-4: below bf16's spacing, kept in float32
+        engine.interpolate(0.01)  # φ moves by ~1e-4: below bf16's spacing, kept in float32
     start = make([(1000,)], torch.bfloat16, 0)[0].float()
     assert (engine.slow[0] - start).abs().min() > 0
 
 
-@given(shapes_=shapes, dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 999),
-       counts=st.integers(1, 4), weight=st.floats(0.0, 1.0))
+@given(
+    shapes_=shapes,
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 999),
+    counts=st.integers(1, 4),
+    weight=st.floats(0.0, 1.0),
+)
 def test_accumulate_then_interpolate_is_mean_of_fast_weights(shapes_, dtype, seed, counts, weight):
     fast = make(shapes_, dtype, seed)
     pack_parameters(fast)
@@ -103,7 +117,7 @@ def test_accumulate_then_interpolate_is_mean_of_fast_weights(shapes_, dtype, see
             for t, m in zip(fast, moved):
                 t.copy_(m)
         engine.accumulate(j + 1)
-        for t, a in zip(fast, phi64):       # θ reset to φ after each trajectory
+        for t, a in zip(fast, phi64):  # θ reset to φ after each trajectory
             assert torch.equal(t.double(), a)
     engine.interpolate_accumulated(weight)
     for i, (s, a) in enumerate(zip(engine.slow, phi64)):

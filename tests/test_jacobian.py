@@ -65,9 +65,7 @@ def _reference(model: TwoHeads, x: Tensor, params: list[Tensor]) -> Tensor:
 
     def f(*ps: Tensor) -> Tensor:
         return torch.stack(
-            torch.func.functional_call(
-                wrapper, dict(zip(keys, ps, strict=True)), (x,), strict=False
-            )
+            torch.func.functional_call(wrapper, dict(zip(keys, ps, strict=True)), (x,), strict=False)
         )
 
     jac = torch.func.jacrev(f, argnums=tuple(range(len(params))))(*[p.detach() for p in params])
@@ -133,9 +131,7 @@ def test_unreached_parameters_are_reported() -> None:
     for t in range(3):
         for k, name in enumerate(names):
             expected = (
-                name.startswith("trunk")
-                or name.startswith(f"heads.{t}.")
-                or (name == "extra" and t == 0)
+                name.startswith("trunk") or name.startswith(f"heads.{t}.") or (name == "extra" and t == 0)
             )
             assert bool(tj.reached[t, k]) == expected, (t, name)
             block = tj.matrix[t, parameter_slices(params)[k]]
@@ -163,9 +159,7 @@ def test_constant_loss_and_non_leaf_params() -> None:
         tj = task_jacobian(losses, [b, a], retain_graph=True, batched=batched)
         # losses[1] depends on a through b: both are reached, d/da = 3 * d/db
         assert tj.reached.tolist() == [[False, False], [True, True], [False, True]]
-        expected = torch.tensor(
-            [[0.0, 0.0, 0.0, 0.0], [6.0, -12.0, 18.0, -36.0], [0.0, 0.0, 1.0, 1.0]]
-        )
+        expected = torch.tensor([[0.0, 0.0, 0.0, 0.0], [6.0, -12.0, 18.0, -36.0], [0.0, 0.0, 1.0, 1.0]])
         torch.testing.assert_close(tj.matrix, expected)
 
 

@@ -62,17 +62,28 @@ def single_process(world: int, tasks: list[list[str]], kind: str, **options):
     """One process, ``world`` trajectories per outer step: trajectory r of each outer step runs
     the tasks and batches that rank r ran."""
     K = w.K
-    order = [t for o in range(w.OUTER) for r in range(world) for t in tasks[r][o * K:(o + 1) * K]]
+    order = [t for o in range(w.OUTER) for r in range(world) for t in tasks[r][o * K : (o + 1) * K]]
     model = Net()
     inner = w.sgd if kind == "local_sgd" else w.adam
-    outer = {"outer_optimizer": w.nesterov} if kind == "diloco" else {
-        "outer_lr": 1.0 if kind == "local_sgd" else 0.5}
+    outer = (
+        {"outer_optimizer": w.nesterov}
+        if kind == "diloco"
+        else {"outer_lr": 1.0 if kind == "local_sgd" else 0.5}
+    )
     cls = metaopt.SequentialReptile
-    if kind == "reptile":   # one task per trajectory: its draws, once per trajectory
+    if kind == "reptile":  # one task per trajectory: its draws, once per trajectory
         cls, order = metaopt.Reptile, order[::K]
-        assert all(len(set(t[o * K:(o + 1) * K])) == 1 for t in tasks for o in range(w.OUTER))
-    opt = cls(inner(list(model.parameters())), tasks=TASKS, inner_steps=K,
-              tasks_per_outer_step=world, schedule=order, allow_unused=True, **outer, **options)
+        assert all(len(set(t[o * K : (o + 1) * K])) == 1 for t in tasks for o in range(w.OUTER))
+    opt = cls(
+        inner(list(model.parameters())),
+        tasks=TASKS,
+        inner_steps=K,
+        tasks_per_outer_step=world,
+        schedule=order,
+        allow_unused=True,
+        **outer,
+        **options,
+    )
     for o in range(w.OUTER):
         for r in range(world):
             for k in range(w.K):
@@ -91,7 +102,7 @@ def _close(a, b, atol=1e-9):
 def test_w_ranks_equal_one_process_with_w_trajectories(results, world, index):
     name, options = RUNS[index]
     ranks = _ok(results[world][index])
-    for r in ranks[1:]:   # the slow weights (and, at an outer step, θ) bit-identical on every rank
+    for r in ranks[1:]:  # the slow weights (and, at an outer step, θ) bit-identical on every rank
         assert all(torch.equal(a, b) for a, b in zip(r["slow"], ranks[0]["slow"]))
         assert all(torch.equal(a, b) for a, b in zip(r["params"], ranks[0]["params"]))
     assert ranks[0]["outer"] == w.OUTER
@@ -113,15 +124,15 @@ def test_outer_lr_one_is_torchs_local_sgd(results, world):
 def test_each_rank_mixes_all_tasks_on_its_own_stream(results, world):
     ranks = _ok(results[world][0])
     streams = [r["tasks"] for r in ranks]
-    assert len({tuple(s) for s in streams}) == world          # independent trajectories
-    for s in streams:                                          # each mixes tasks within a trajectory
-        trajectories = [s[o * w.K:(o + 1) * w.K] for o in range(w.OUTER)]
+    assert len({tuple(s) for s in streams}) == world  # independent trajectories
+    for s in streams:  # each mixes tasks within a trajectory
+        trajectories = [s[o * w.K : (o + 1) * w.K] for o in range(w.OUTER)]
         assert any(len(set(t)) > 1 for t in trajectories)
     # the streams are those of the documented per-rank seeds: uniform over all tasks
     for rank, s in enumerate(streams):
         g = torch.Generator().manual_seed(metaopt._distributed.rank_seed(w.SEED, rank))
         longer = [TASKS[int(torch.randint(len(TASKS), (1,), generator=g))] for _ in range(600)]
-        assert s == longer[:len(s)]
+        assert s == longer[: len(s)]
         assert all(150 < longer.count(t) < 250 for t in TASKS)
 
 
@@ -130,9 +141,15 @@ def test_sharding_tasks_over_ranks_is_per_task_reptile(results):
     assert [set(r["tasks"]) for r in ranks] == [{"a"}, {"b"}]
     # = Reptile with two trajectories per outer step, one task each ...
     model = Net()
-    opt = metaopt.Reptile(w.adam(list(model.parameters())), tasks=TASKS, inner_steps=w.K,
-                          outer_lr=0.5, tasks_per_outer_step=2, schedule=["a", "b"],
-                          allow_unused=True)
+    opt = metaopt.Reptile(
+        w.adam(list(model.parameters())),
+        tasks=TASKS,
+        inner_steps=w.K,
+        outer_lr=0.5,
+        tasks_per_outer_step=2,
+        schedule=["a", "b"],
+        allow_unused=True,
+    )
     for o in range(w.OUTER):
         for r in range(2):
             for k in range(w.K):
@@ -203,13 +220,14 @@ def test_half_precision_averages_a_float32_master(results):
     assert set(ranks[0]["dtypes"]) == {"torch.float32"}
     assert all(torch.equal(a, b) for a, b in zip(ranks[0]["slow"], ranks[1]["slow"]))
     assert all(p.dtype == torch.bfloat16 for p in ranks[0]["params"])
-    for p, s in zip(ranks[0]["params"], ranks[0]["slow"]):   # θ = φ rounded, after the outer step
+    for p, s in zip(ranks[0]["params"], ranks[0]["slow"]):  # θ = φ rounded, after the outer step
         assert torch.equal(p, s.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("index, expect", [(12, "run with other options"),
-                                           (13, "the same task stream"),
-                                           (14, "run with other options")])
+@pytest.mark.parametrize(
+    "index, expect",
+    [(12, "run with other options"), (13, "the same task stream"), (14, "run with other options")],
+)
 def test_ranks_out_of_step_are_refused_with_nothing_moved(results, index, expect):
     for r in _ok(results[2][index]):
         assert r["error"] and expect in r["error"] and "Nothing was updated" in r["error"], r
@@ -218,12 +236,13 @@ def test_ranks_out_of_step_are_refused_with_nothing_moved(results, index, expect
 
 def test_checksum_tells_apart_what_ranks_could_get_wrong():
     from metaopt._distributed import checksum
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3 * 65521 + 5, generator=g)
     same = x.clone()
     assert checksum([x]) == checksum([same])
     bits = x.view(torch.int32).clone()
-    bits[10:13] += torch.tensor([1, -2, 1], dtype=torch.int32)   # ulp-sized, sums to zero
+    bits[10:13] += torch.tensor([1, -2, 1], dtype=torch.int32)  # ulp-sized, sums to zero
     assert checksum([x]) != checksum([bits.view(torch.float32)])
     swapped = x.clone()
     swapped[[0, 65521]] = swapped[[65521, 0]]
@@ -233,9 +252,9 @@ def test_checksum_tells_apart_what_ranks_could_get_wrong():
     assert checksum([torch.tensor([0.0])]) != checksum([torch.tensor([-0.0])])
     nan = torch.tensor([float("nan"), 1.0])
     assert checksum([nan]) == checksum([nan.clone()])
-    assert checksum([x[::2]]) == checksum([x[::2].contiguous()])    # values, not layout
+    assert checksum([x[::2]]) == checksum([x[::2].contiguous()])  # values, not layout
     for dtype in (torch.bfloat16, torch.float16, torch.float64, torch.uint8):
         a = (x * 10).to(dtype)
         b = a.clone()
-        b.view(torch.uint8)[7] ^= 1                                    # one bit
+        b.view(torch.uint8)[7] ^= 1  # one bit
         assert checksum([a]) != checksum([b])

@@ -62,8 +62,9 @@ def test_highers_copy_initial_weights_trap():
     higher = pytest.importorskip("higher")
     model = _model()
     x, y, xt, yt = _tasks(1)[0]
-    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.05),
-                              copy_initial_weights=True) as (fmodel, diffopt):
+    with higher.innerloop_ctx(
+        model, torch.optim.SGD(model.parameters(), lr=0.05), copy_initial_weights=True
+    ) as (fmodel, diffopt):
         diffopt.step(mse(fmodel(x), y))
         mse(fmodel(xt), yt).backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -75,7 +76,7 @@ def test_first_order_maml_is_the_gradient_at_the_adapted_parameters():
     ours = _meta_grads(model, inner=maml.SGD(lr=0.05), steps=3, first_order=True)
     tasks = _tasks()
     expected = [torch.zeros_like(p) for p in model.parameters()]
-    for x, y, xt, yt in tasks:   # a plain loop: detached SGD steps, then the test gradient
+    for x, y, xt, yt in tasks:  # a plain loop: detached SGD steps, then the test gradient
         clone = _model()
         clone.load_state_dict(model.state_dict())
         for _ in range(3):
@@ -94,8 +95,9 @@ def test_functional_adam_is_torch_adam(weight_decay):
     torch.manual_seed(0)
     params = {"w": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(3, dtype=torch.float64)}
     ref = {k: v.clone().requires_grad_() for k, v in params.items()}
-    torch_adam = torch.optim.Adam(ref.values(), lr=0.01, betas=(0.8, 0.99), eps=1e-6,
-                                  weight_decay=weight_decay)
+    torch_adam = torch.optim.Adam(
+        ref.values(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay
+    )
     ours = maml.Adam(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
     state = ours.init(params)
     g = torch.Generator().manual_seed(3)
@@ -123,6 +125,7 @@ def test_meta_gradient_through_adam_matches_finite_differences():
             for p, q, d in zip(shifted.parameters(), model.parameters(), direction):
                 p.copy_(q + shift * d)
         return maml.meta_loss(shifted, _tasks(), mse, inner=inner, steps=3).item()
+
     # central differences, Richardson-extrapolated (h and h/2: error O(h^4)); Adam's
     # normalised steps make the plain O(h^2) error about 3e-6 at h = 1e-5
     h = 1e-5
@@ -150,6 +153,7 @@ def test_second_order_through_multihead_attention():
     aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"); adapt runs
     the inner forwards on the math backend, so second-order MAML works through attention and
     matches finite differences."""
+
     class Attend(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -162,7 +166,10 @@ def test_second_order_through_multihead_attention():
     torch.manual_seed(0)
     model = Attend().double()
     g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(4, 5, 8, generator=g, dtype=torch.float64), torch.randn(4, 1, generator=g, dtype=torch.float64)
+    x, y = (
+        torch.randn(4, 5, 8, generator=g, dtype=torch.float64),
+        torch.randn(4, 1, generator=g, dtype=torch.float64),
+    )
     tasks = [(x, y, x.flip(0), y.flip(0))]
     loss = maml.meta_loss(model, tasks, mse, inner=maml.SGD(lr=0.1), steps=2)
     loss.backward()
@@ -176,6 +183,7 @@ def test_second_order_through_multihead_attention():
         with torch.no_grad():
             w[0, 0] -= shift
         return v
+
     h = 1e-5
     numeric = (8 * (value(h / 2) - value(-h / 2)) - (value(h) - value(-h))) / (6 * h)
     assert abs(analytic - numeric) <= 1e-7 * max(1.0, abs(numeric)), (analytic, numeric)

@@ -20,15 +20,23 @@ BLOCKS = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
 
 def _title(block: str) -> str:
     text = PAGE.read_text()
-    before = text[:text.index(block)]
+    before = text[: text.index(block)]
     return re.findall(r"^## (.+)$", before, flags=re.M)[-1]
 
 
 def test_the_page_has_the_recipes_the_issue_names():
     titles = {_title(b) for b in BLOCKS}
-    for needed in ("Gradient clipping", "Gradient accumulation", "fp16 with `GradScaler`",
-                   "bf16 autocast", "`torch.compile`", "DistributedDataParallel",
-                   "The Hugging Face `Trainer`", "Frozen parameters", "Local trajectories"):
+    for needed in (
+        "Gradient clipping",
+        "Gradient accumulation",
+        "fp16 with `GradScaler`",
+        "bf16 autocast",
+        "`torch.compile`",
+        "DistributedDataParallel",
+        "The Hugging Face `Trainer`",
+        "Frozen parameters",
+        "Local trajectories",
+    ):
         assert needed in titles
 
 

@@ -22,11 +22,14 @@ def chi_square(observed: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 # 99.9% quantile of chi-square with 3 degrees of freedom: 16.27
-@pytest.mark.parametrize("kind,sizes,tau,expected", [
-    ("uniform", None, 1.0, [0.25, 0.25, 0.25, 0.25]),
-    ("proportional", [1, 2, 3, 4], 1.0, [0.1, 0.2, 0.3, 0.4]),
-    ("temperature", [1, 4, 9, 16], 2.0, [0.1, 0.2, 0.3, 0.4]),
-])
+@pytest.mark.parametrize(
+    "kind,sizes,tau,expected",
+    [
+        ("uniform", None, 1.0, [0.25, 0.25, 0.25, 0.25]),
+        ("proportional", [1, 2, 3, 4], 1.0, [0.1, 0.2, 0.3, 0.4]),
+        ("temperature", [1, 4, 9, 16], 2.0, [0.1, 0.2, 0.3, 0.4]),
+    ],
+)
 def test_frequencies_match_requested_distribution(kind, sizes, tau, expected):
     s = TaskSchedule(4, kind, sizes=sizes, temperature=tau)
     torch.testing.assert_close(s.probabilities, torch.tensor(expected, dtype=torch.float64))
@@ -65,11 +68,14 @@ def test_global_rng_untouched():
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("args,match", [
-    ((0, "uniform"), "at least one"),
-    ((3, "zipf"), "one of"),
-    ((3, "proportional"), "task_sizes"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        ((0, "uniform"), "at least one"),
+        ((3, "zipf"), "one of"),
+        ((3, "proportional"), "task_sizes"),
+    ],
+)
 def test_bad_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         TaskSchedule(*args)
@@ -89,11 +95,13 @@ def test_without_replacement_gives_distinct_tasks_within_every_trajectory():
     """K <= T distinct tasks per trajectory (round_robin carries its round across outer steps,
     so trajectories repeat tasks)."""
     import metaopt
+
     tasks = [f"t{i}" for i in range(5)]
     for kind, expect_repeats in (("without_replacement", False), ("round_robin", True)):
         model = torch.nn.Linear(2, 1)
-        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=tasks,
-                                        inner_steps=3, schedule=kind, seed=0)
+        opt = metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.01), tasks=tasks, inner_steps=3, schedule=kind, seed=0
+        )
         repeats = 0
         for _ in range(200):
             drawn = []
@@ -107,9 +115,15 @@ def test_without_replacement_gives_distinct_tasks_within_every_trajectory():
 
 def test_without_replacement_longer_than_the_task_list_balances_each_trajectory():
     import metaopt
+
     model = torch.nn.Linear(2, 1)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
-                                    inner_steps=7, schedule="without_replacement", seed=3)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        tasks=["a", "b", "c"],
+        inner_steps=7,
+        schedule="without_replacement",
+        seed=3,
+    )
     for _ in range(20):
         counts = collections.Counter()
         for _ in range(7):
@@ -121,20 +135,23 @@ def test_without_replacement_longer_than_the_task_list_balances_each_trajectory(
 
 def test_a_given_order_is_followed_and_cycled_and_resumes():
     import metaopt
+
     model = torch.nn.Linear(2, 1)
     order = ["b", "a", "a", "c"]
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
-                                    inner_steps=3, schedule=order)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"], inner_steps=3, schedule=order
+    )
     seen = []
     for _ in range(6):
         (t,) = opt.next_tasks()
         seen.append(t)
         opt.step({t: model(torch.ones(1, 2)).sum()})
     assert seen == order + order[:2]
-    fresh = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"],
-                                      inner_steps=3, schedule=order)
+    fresh = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a", "b", "c"], inner_steps=3, schedule=order
+    )
     fresh.load_state_dict(opt.state_dict())
-    assert fresh.next_tasks() == ["a"]   # order[6 % 4]
+    assert fresh.next_tasks() == ["a"]  # order[6 % 4]
     with pytest.raises(ValueError, match="unknown tasks"):
         metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=["a"], schedule=["z"])
 
@@ -142,21 +159,23 @@ def test_a_given_order_is_followed_and_cycled_and_resumes():
 @pytest.mark.parametrize("build", ["sr", "sr_without", "reptile_batched", "sr_gradvac", "pcgrad"])
 def test_planned_tasks_are_the_draws_that_follow_and_move_nothing(build):
     import metaopt
+
     model = torch.nn.Linear(2, 1)
     sgd = torch.optim.SGD(model.parameters(), lr=0.01)
     tasks = ["a", "b", "c", "d"]
     opt = {
         "sr": lambda: metaopt.SequentialReptile(sgd, tasks=tasks, inner_steps=3, seed=1),
-        "sr_without": lambda: metaopt.SequentialReptile(sgd, tasks=tasks, inner_steps=3, seed=1,
-                                                        schedule="without_replacement",
-                                                        tasks_per_outer_step=2),
-        "reptile_batched": lambda: metaopt.Reptile(sgd, tasks=tasks, inner_steps=2,
-                                                   tasks_per_outer_step=3, seed=1),
+        "sr_without": lambda: metaopt.SequentialReptile(
+            sgd, tasks=tasks, inner_steps=3, seed=1, schedule="without_replacement", tasks_per_outer_step=2
+        ),
+        "reptile_batched": lambda: metaopt.Reptile(
+            sgd, tasks=tasks, inner_steps=2, tasks_per_outer_step=3, seed=1
+        ),
         "sr_gradvac": lambda: metaopt.SequentialReptile(metaopt.GradVac(sgd, tasks=tasks), inner_steps=2),
         "pcgrad": lambda: metaopt.PCGrad(sgd, tasks=tasks),
     }[build]()
     x = torch.ones(1, 2)
-    for _ in range(2):   # start mid-trajectory
+    for _ in range(2):  # start mid-trajectory
         opt.step({t: (i + 1) * model(x).sum() for i, t in enumerate(opt.next_tasks())})
     state = opt.state_dict()
     plan = opt.planned_tasks(25)
@@ -172,12 +191,19 @@ def test_batched_sequential_reptile_averages_its_trajectories():
     """tasks_per_outer_step = 2: φ ← φ + η(mean(θ¹, θ²) − φ), each trajectory from φ; checked
     against two plain SGD runs from φ over the same tasks (SGD has no state to carry)."""
     import metaopt
+
     torch.manual_seed(0)
     data = {t: torch.randn(8, 3, dtype=torch.float64) for t in "abc"}
     model = torch.nn.Linear(3, 1).double()
     phi = [p.detach().clone() for p in model.parameters()]
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=list(data),
-                                    inner_steps=2, outer_lr=0.5, tasks_per_outer_step=2, seed=4)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=list(data),
+        inner_steps=2,
+        outer_lr=0.5,
+        tasks_per_outer_step=2,
+        seed=4,
+    )
     plan = [w[0] for w in opt.planned_tasks(4)]
     for t in plan:
         opt.step({t: model(data[t]).pow(2).mean()})
@@ -200,9 +226,15 @@ def test_batched_sequential_reptile_averages_its_trajectories():
 
 def _batched_adam(model):
     import metaopt
-    return metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05),
-                                     tasks=list("abc"), inner_steps=2, outer_lr=0.5,
-                                     tasks_per_outer_step=2, seed=4)
+
+    return metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        tasks=list("abc"),
+        inner_steps=2,
+        outer_lr=0.5,
+        tasks_per_outer_step=2,
+        seed=4,
+    )
 
 
 def _data():
@@ -230,7 +262,7 @@ def test_batched_trajectories_each_carry_their_own_adam_state():
             with torch.no_grad():
                 for p, v in zip(ref.parameters(), phi):
                     p.copy_(v)
-            for t in plan[4 * o + 2 * i: 4 * o + 2 * i + 2]:
+            for t in plan[4 * o + 2 * i : 4 * o + 2 * i + 2]:
                 adam.zero_grad()
                 ref(data[t]).pow(2).mean().backward()
                 adam.step()
@@ -247,6 +279,7 @@ def test_a_parked_trajectory_state_survives_a_resume_mid_outer_step(how):
     trajectory's live), the copy continues exactly as the original."""
     import copy
     import pickle
+
     data = _data()
 
     def run(model, opt, steps):
@@ -257,7 +290,7 @@ def test_a_parked_trajectory_state_survives_a_resume_mid_outer_step(how):
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 1).double()
     opt = _batched_adam(model)
-    run(model, opt, 6)   # outer step 1 done, trajectory 1 of outer step 2 done (its state parked)
+    run(model, opt, 6)  # outer step 1 done, trajectory 1 of outer step 2 done (its state parked)
     if how == "state_dict":
         torch.manual_seed(1)
         model2 = torch.nn.Linear(3, 1).double()
@@ -280,33 +313,45 @@ def test_lowering_tasks_per_outer_step_mid_outer_step_keeps_one_state_per_trajec
     step's trajectories 0 and 1 continue the states of trajectories 0 and 1; a resume
     continues identically."""
     import metaopt
+
     data = _data()
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 1).double()
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.05),
-                                    tasks=list("abc"), inner_steps=2, outer_lr=0.5,
-                                    tasks_per_outer_step=3, seed=4)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.05),
+        tasks=list("abc"),
+        inner_steps=2,
+        outer_lr=0.5,
+        tasks_per_outer_step=3,
+        seed=4,
+    )
 
     def run(model, opt, steps):
         for _ in range(steps):
             (t,) = opt.next_tasks()
             opt.step({t: model(data[t]).pow(2).mean()})
 
-    run(model, opt, 5)                      # trajectories 0, 1 done; trajectory 2 half-way
+    run(model, opt, 5)  # trajectories 0, 1 done; trajectory 2 half-way
     states = {i: {id(p): v["exp_avg"].clone() for p, v in st.items()} for i, st in opt._slots.items()}
     opt.tasks_per_outer_step = 2
-    run(model, opt, 1)                      # ends trajectory 2 and the outer step
+    run(model, opt, 1)  # ends trajectory 2 and the outer step
     assert opt.outer_step_count == 1 and set(opt._slots) == {1}
     live = {id(p): v["exp_avg"] for p, v in opt.state.items()}
-    assert all(torch.equal(live[k], v) for k, v in states[0].items())   # trajectory 0's state
+    assert all(torch.equal(live[k], v) for k, v in states[0].items())  # trajectory 0's state
     import copy
+
     saved_model, saved_opt = copy.deepcopy((model.state_dict(), opt.state_dict()))
     run(model, opt, 6)
     torch.manual_seed(1)
     model2 = torch.nn.Linear(3, 1).double()
-    opt2 = metaopt.SequentialReptile(torch.optim.Adam(model2.parameters(), lr=0.05),
-                                     tasks=list("abc"), inner_steps=2, outer_lr=0.5,
-                                     tasks_per_outer_step=3, seed=4)
+    opt2 = metaopt.SequentialReptile(
+        torch.optim.Adam(model2.parameters(), lr=0.05),
+        tasks=list("abc"),
+        inner_steps=2,
+        outer_lr=0.5,
+        tasks_per_outer_step=3,
+        seed=4,
+    )
     model2.load_state_dict(saved_model)
     opt2.load_state_dict(saved_opt)
     assert opt2.tasks_per_outer_step == 2

@@ -32,8 +32,9 @@ def test_eta_one_equals_plain_training_bit_for_bit(inner, seed, inner_steps, ste
         return torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
 
     model = make_model(seed)
-    opt = metaopt.SequentialReptile(make_opt(model), tasks=TASKS, inner_steps=inner_steps,
-                                    outer_lr=1.0, seed=seed)
+    opt = metaopt.SequentialReptile(
+        make_opt(model), tasks=TASKS, inner_steps=inner_steps, outer_lr=1.0, seed=seed
+    )
     sequence = [r.tasks[0] for r in run(opt, model, data, steps)]
 
     plain = make_model(seed)
@@ -51,8 +52,13 @@ def test_eta_zero_leaves_slow_weights_unchanged(seed, inner_steps):
     data = make_data()
     model = make_model(seed)
     start = params_of(model)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=inner_steps, outer_lr=0.0, seed=seed)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=inner_steps,
+        outer_lr=0.0,
+        seed=seed,
+    )
     reports = run(opt, model, data, 3 * inner_steps)
     assert [r.outer_update for r in reports].count(True) == 3
     for p, s, phi in zip(model.parameters(), start, opt.slow_weights):
@@ -60,15 +66,19 @@ def test_eta_zero_leaves_slow_weights_unchanged(seed, inner_steps):
         assert torch.equal(phi, s)
 
 
-@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 5),
-       eta=st.floats(0.05, 0.95))
+@given(seed=st.integers(0, 2**16), inner_steps=st.integers(1, 5), eta=st.floats(0.05, 0.95))
 def test_outer_step_interpolates_toward_fast_weights(seed, inner_steps, eta):
     """φ_new = φ + η(θ_K − φ) against a float64 reference; θ re-synced to φ."""
     data = make_data()
     model = make_model(seed)
     phi0 = [p.detach().double().clone() for p in model.parameters()]
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=inner_steps, outer_lr=eta, seed=seed)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=inner_steps,
+        outer_lr=eta,
+        seed=seed,
+    )
     run(opt, model, data, inner_steps - 1)
     wanted = opt.next_tasks()
     losses = {t: task_loss(model, data, t) for t in wanted}
@@ -90,8 +100,9 @@ def test_outer_step_interpolates_toward_fast_weights(seed, inner_steps, eta):
 def test_eta_one_makes_slow_equal_fast():
     data = make_data()
     model = make_model(3)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
-                                    inner_steps=4, outer_lr=1.0, seed=3)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=4, outer_lr=1.0, seed=3
+    )
     reports = run(opt, model, data, 4)
     assert reports[-1].outer_update
     for p, phi in zip(model.parameters(), opt.slow_weights):
@@ -104,8 +115,13 @@ def test_one_task_sequential_reptile_equals_serial_reptile(seed, inner_steps, et
     results = []
     for cls in (metaopt.SequentialReptile, metaopt.Reptile):
         model = make_model(seed)
-        opt = cls(torch.optim.Adam(model.parameters(), lr=0.01), tasks=["fi"],
-                  inner_steps=inner_steps, outer_lr=eta, seed=seed)
+        opt = cls(
+            torch.optim.Adam(model.parameters(), lr=0.01),
+            tasks=["fi"],
+            inner_steps=inner_steps,
+            outer_lr=eta,
+            seed=seed,
+        )
         run(opt, model, data, 3 * inner_steps + 1)
         results.append(params_of(model) + [s.clone() for s in opt.slow_weights])
     for a, b in zip(*results):
@@ -115,16 +131,16 @@ def test_one_task_sequential_reptile_equals_serial_reptile(seed, inner_steps, et
 def test_sequential_reptile_mixes_tasks_within_a_trajectory_reptile_does_not():
     data = make_data()
     model = make_model(0)
-    seq = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS,
-                                    inner_steps=6, seed=0)
+    seq = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=6, seed=0
+    )
     tasks = [r.tasks[0] for r in run(seq, model, data, 6)]
     assert len(set(tasks)) > 1
     model = make_model(0)
-    rep = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS,
-                          inner_steps=6, seed=0)
+    rep = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=6, seed=0)
     reports = run(rep, model, data, 18)
     for k in range(3):
-        assert len({r.tasks[0] for r in reports[6 * k: 6 * k + 6]}) == 1
+        assert len({r.tasks[0] for r in reports[6 * k : 6 * k + 6]}) == 1
 
 
 def test_batched_reptile_moves_toward_mean_of_fast_weights():
@@ -132,8 +148,14 @@ def test_batched_reptile_moves_toward_mean_of_fast_weights():
     eta, k = 0.3, 3
     model = make_model(1)
     phi0 = params_of(model)
-    opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                          inner_steps=k, outer_lr=eta, tasks_per_outer_step=2, seed=4)
+    opt = metaopt.Reptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=k,
+        outer_lr=eta,
+        tasks_per_outer_step=2,
+        seed=4,
+    )
     reports = run(opt, model, data, 2 * k)
     assert [r.outer_update for r in reports] == [False] * (2 * k - 1) + [True]
     # reference: two trajectories from φ0 in float64
@@ -153,22 +175,32 @@ def test_batched_reptile_moves_toward_mean_of_fast_weights():
         torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls,kw", [
-    (metaopt.SequentialReptile, {}),
-    (metaopt.Reptile, {"tasks_per_outer_step": 2}),
-    (metaopt.SequentialReptile, {"schedule": "round_robin"}),
-    (metaopt.SequentialReptile,
-     {"outer_lr": None, "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, nesterov=True)}),
-])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (metaopt.SequentialReptile, {}),
+        (metaopt.Reptile, {"tasks_per_outer_step": 2}),
+        (metaopt.SequentialReptile, {"schedule": "round_robin"}),
+        (
+            metaopt.SequentialReptile,
+            {
+                "outer_lr": None,
+                "outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, nesterov=True),
+            },
+        ),
+    ],
+)
 def test_state_dict_mid_trajectory_continues_identically(cls, kw):
     data = make_data()
     kw = {"outer_lr": 0.3, **kw}
     model = make_model(2)
     opt = cls(torch.optim.AdamW(model.parameters(), lr=0.01), tasks=TASKS, inner_steps=5, seed=7, **kw)
-    run(opt, model, data, 13)          # 2 outer steps, then 3 of 5 inner steps
-    opt.next_tasks()                   # a pending draw is part of the state too
+    run(opt, model, data, 13)  # 2 outer steps, then 3 of 5 inner steps
+    opt.next_tasks()  # a pending draw is part of the state too
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
-    saved_opt = copy.deepcopy(opt.state_dict())   # as torch.save would: torch.optim's state_dict shares live tensors
+    saved_opt = copy.deepcopy(
+        opt.state_dict()
+    )  # as torch.save would: torch.optim's state_dict shares live tensors
     ref_reports = run(opt, model, data, 9)
     expected = params_of(model)
 
@@ -186,8 +218,9 @@ def test_state_dict_mid_trajectory_continues_identically(cls, kw):
 def test_lr_scheduler_changes_inner_lr():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=3, outer_lr=0.5, seed=0
+    )
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     lrs = []
     for _ in range(6):
@@ -202,8 +235,9 @@ def test_lr_scheduler_lr_is_the_one_used():
     """The scheduled lr is the one the inner step uses: a zero lr freezes θ."""
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=100, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=100, seed=0
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step >= 1 else 1.0)
     run(opt, model, data, 1)
     sched.step()
@@ -215,9 +249,15 @@ def test_lr_scheduler_lr_is_the_one_used():
 
 def test_outer_lr_annealing_is_linear():
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=1, outer_lr=0.5, outer_lr_final=0.1,
-                                    anneal_steps=4, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=TASKS,
+        inner_steps=1,
+        outer_lr=0.5,
+        outer_lr_final=0.1,
+        anneal_steps=4,
+        seed=0,
+    )
     data = make_data()
     seen = []
     for _ in range(6):
@@ -229,8 +269,13 @@ def test_outer_lr_annealing_is_linear():
 def test_reset_inner_state_clears_adam_moments_at_outer_step():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
-                                    inner_steps=2, reset_inner_state=True, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        tasks=TASKS,
+        inner_steps=2,
+        reset_inner_state=True,
+        seed=0,
+    )
     run(opt, model, data, 1)
     assert len(opt.state) > 0
     run(opt, model, data, 1)
@@ -243,8 +288,9 @@ def test_outer_optimizer_gets_pseudo_gradient():
     out = []
     for kw in ({"outer_lr": 0.25}, {"outer_optimizer": lambda p: torch.optim.SGD(p, lr=0.25)}):
         model = make_model(5)
-        opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                        inner_steps=3, seed=1, **kw)
+        opt = metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=3, seed=1, **kw
+        )
         run(opt, model, data, 9)
         out.append(params_of(model))
     for a, b in zip(*out):
@@ -254,8 +300,9 @@ def test_outer_optimizer_gets_pseudo_gradient():
 def test_flat_views_see_every_update():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.AdamW(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.AdamW(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     assert opt.engine.path() == ["flat"]
     (group,) = opt.engine._groups
     flat = group.packed.buffer
@@ -270,18 +317,32 @@ def test_flat_views_see_every_update():
     assert torch.equal(flat, opt.engine.slow_buffers[0])
 
 
-@pytest.mark.parametrize("flatten,method", [(True, "auto"), (False, "auto"), (False, "reference"), (True, "foreach")])
+@pytest.mark.parametrize(
+    "flatten,method", [(True, "auto"), (False, "auto"), (False, "reference"), (True, "foreach")]
+)
 def test_every_path_trains_the_same(flatten, method):
     data = make_data()
     model = make_model(4)
-    opt = metaopt.SequentialReptile(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.3, flatten=flatten,
-                                    interpolation=method, seed=2)
+    opt = metaopt.SequentialReptile(
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        tasks=TASKS,
+        inner_steps=3,
+        outer_lr=0.3,
+        flatten=flatten,
+        interpolation=method,
+        seed=2,
+    )
     run(opt, model, data, 10)
     ref_model = make_model(4)
-    ref = metaopt.SequentialReptile(torch.optim.Adam(ref_model.parameters(), lr=0.01), tasks=TASKS,
-                                    inner_steps=3, outer_lr=0.3, flatten=False,
-                                    interpolation="reference", seed=2)
+    ref = metaopt.SequentialReptile(
+        torch.optim.Adam(ref_model.parameters(), lr=0.01),
+        tasks=TASKS,
+        inner_steps=3,
+        outer_lr=0.3,
+        flatten=False,
+        interpolation="reference",
+        seed=2,
+    )
     run(ref, ref_model, data, 10)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -289,8 +350,9 @@ def test_every_path_trains_the_same(flatten, method):
 
 def test_relocated_parameters_fall_back_from_flat_path():
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=1, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=1, seed=0
+    )
     assert opt.engine.path() == ["flat"]
     with torch.no_grad():
         model[0].weight.data = model[0].weight.data.clone()  # breaks the view
@@ -301,8 +363,9 @@ def test_relocated_parameters_fall_back_from_flat_path():
 def test_report_contents():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=2, seed=0
+    )
     r1, r2 = run(opt, model, data, 2)
     assert len(r1.tasks) == 1 and r1.tasks[0] in TASKS
     assert set(r1.losses) == set(r1.tasks)
@@ -313,8 +376,9 @@ def test_report_contents():
 
 def test_next_tasks_is_stable_until_step():
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS * 1,
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS * 1, inner_steps=2, seed=0
+    )
     first = opt.next_tasks()
     assert all(opt.next_tasks() == first for _ in range(5))
 
@@ -323,23 +387,25 @@ def test_bfloat16_model_keeps_float32_slow_weights():
     data = {t: (x.bfloat16(), y.bfloat16()) for t, (x, y) in make_data().items()}
     model = make_model(0).bfloat16()
     start = [p.detach().float().clone() for p in model.parameters()]
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS,
-                                    inner_steps=2, outer_lr=0.5, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
     assert all(s.dtype == torch.float32 for s in opt.slow_weights)
     run(opt, model, data, 4)
     assert opt.outer_step_count == 2
     for p, phi, s in zip(model.parameters(), opt.slow_weights, start):
         assert p.dtype == torch.bfloat16
-        assert torch.equal(p, phi.to(torch.bfloat16))   # θ is φ rounded once
-        assert not torch.equal(phi, s)                   # and training moved φ
+        assert torch.equal(p, phi.to(torch.bfloat16))  # θ is φ rounded once
+        assert not torch.equal(phi, s)  # and training moved φ
 
 
 def test_use_slow_weights_swaps_in_phi_and_restores_theta():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                          inner_steps=4, outer_lr=0.5, seed=0)
-    run(opt, model, data, 6)                  # mid-trajectory: θ ≠ φ
+    opt = metaopt.Reptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=4, outer_lr=0.5, seed=0
+    )
+    run(opt, model, data, 6)  # mid-trajectory: θ ≠ φ
     theta = params_of(model)
     with opt.use_slow_weights():
         for p, phi in zip(model.parameters(), opt.slow_weights):
@@ -352,15 +418,22 @@ def test_use_slow_weights_swaps_in_phi_and_restores_theta():
     assert opt.outer_step_count == 2
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: metaopt.SequentialReptile(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS,
-                                        inner_steps=3, outer_lr=0.3, seed=1),
-    lambda m: metaopt.SequentialReptile(metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01),
-                                                        tasks=TASKS, beta=0.2, seed=2),
-                                        inner_steps=2, outer_lr=0.5),
-    lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-                               layer=m[0].parameters()),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: metaopt.SequentialReptile(
+            torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, inner_steps=3, outer_lr=0.3, seed=1
+        ),
+        lambda m: metaopt.SequentialReptile(
+            metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.2, seed=2),
+            inner_steps=2,
+            outer_lr=0.5,
+        ),
+        lambda m: metaopt.GradNorm(
+            metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS), layer=m[0].parameters()
+        ),
+    ],
+)
 def test_deepcopy_and_pickle_keep_the_whole_optimizer(make):
     """copy.deepcopy((model, opt)) and torch.save/load continue exactly like the original."""
     import io
@@ -384,12 +457,13 @@ def test_deepcopy_and_pickle_keep_the_whole_optimizer(make):
 def test_step_hooks_run_around_each_step():
     data = make_data()
     model = make_model(0)
-    opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                                    inner_steps=2, seed=0)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=2, seed=0
+    )
     calls = []
 
-    def scale_losses(o, args, kwargs):          # a pre-hook may rewrite the losses
-        calls.append(("pre", o.step_count))   # args are (optimizer, losses), as in torch.optim
+    def scale_losses(o, args, kwargs):  # a pre-hook may rewrite the losses
+        calls.append(("pre", o.step_count))  # args are (optimizer, losses), as in torch.optim
         return (args[0], {t: 0.0 * v for t, v in args[1].items()}), kwargs
 
     pre = opt.register_step_pre_hook(scale_losses)
@@ -397,7 +471,7 @@ def test_step_hooks_run_around_each_step():
     before = params_of(model)
     run(opt, model, data, 1)
     assert calls == [("pre", 0), ("post", 1)]
-    for p, b in zip(model.parameters(), before):   # zeroed losses: SGD did not move
+    for p, b in zip(model.parameters(), before):  # zeroed losses: SGD did not move
         assert torch.equal(p, b)
     pre.remove()
     post.remove()

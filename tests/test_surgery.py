@@ -31,8 +31,10 @@ class MultiHead(torch.nn.Module):
 
 def batches(tasks=TASKS, seed=1, n=12):
     g = torch.Generator().manual_seed(seed)
-    return {t: (torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g) * (i + 1))
-            for i, t in enumerate(tasks)}
+    return {
+        t: (torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g) * (i + 1))
+        for i, t in enumerate(tasks)
+    }
 
 
 def losses_of(model, data, tasks):
@@ -60,8 +62,13 @@ def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
     model = MultiHead()
     ref = copy.deepcopy(model)
     shared = list(model.enc.parameters())
-    opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=1.0), tasks=TASKS,
-                         shared=model.enc.parameters(), reduction=reduction, seed=3)
+    opt = metaopt.PCGrad(
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        tasks=TASKS,
+        shared=model.enc.parameters(),
+        reduction=reduction,
+        seed=3,
+    )
     report = opt.step(losses_of(model, data, opt.next_tasks()))
 
     rshared = list(ref.enc.parameters())
@@ -85,9 +92,16 @@ def test_pcgrad_class_matches_pure_function_and_keeps_heads_separate(reduction):
 def test_shared_detection_excludes_heads_from_projection():
     """Default shared=None must give the same result as naming the encoder explicitly."""
     out = [
-        trained_params(lambda m, explicit=explicit: metaopt.PCGrad(torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, seed=1,
-                                                **({"shared": m.enc.parameters()} if explicit else {})),
-                       3, seed=4)
+        trained_params(
+            lambda m, explicit=explicit: metaopt.PCGrad(
+                torch.optim.SGD(m.parameters(), lr=0.1),
+                tasks=TASKS,
+                seed=1,
+                **({"shared": m.enc.parameters()} if explicit else {}),
+            ),
+            3,
+            seed=4,
+        )
         for explicit in (False, True)
     ]
     for a, b in zip(*out):
@@ -112,8 +126,14 @@ def test_head_leak_is_impossible():
 def test_gradvac_beta_zero_equals_pcgrad(seed):
     data = batches(seed=seed)
     results = [
-        trained_params(lambda m, cls=cls, kw=kw: cls(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, seed=seed, **kw),
-                       3, seed=seed, data=data)
+        trained_params(
+            lambda m, cls=cls, kw=kw: cls(
+                torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, seed=seed, **kw
+            ),
+            3,
+            seed=seed,
+            data=data,
+        )
         for cls, kw in ((metaopt.PCGrad, {}), (metaopt.GradVac, {"beta": 0.0}))
     ]
     for a, b in zip(*results):
@@ -124,13 +144,20 @@ def test_gradvac_class_tracks_targets_like_the_pure_function():
     data = batches()
     model = MultiHead()
     ref = copy.deepcopy(model)
-    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.0), tasks=TASKS, beta=0.3,
-                          shared=model.enc.parameters(), seed=5)
+    opt = metaopt.GradVac(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        tasks=TASKS,
+        beta=0.3,
+        shared=model.enc.parameters(),
+        seed=5,
+    )
     g = torch.Generator().manual_seed(5)
     targets = torch.zeros(3, 3, dtype=torch.float64)
     for _ in range(3):
         opt.step(losses_of(model, data, TASKS))
-        J = torch.stack([flat_grads(loss, list(ref.enc.parameters())) for loss in losses_of(ref, data, TASKS).values()])
+        J = torch.stack(
+            [flat_grads(loss, list(ref.enc.parameters())) for loss in losses_of(ref, data, TASKS).values()]
+        )
         _, targets = gradvac_weights(gramian(J, dtype=torch.float64), random_order(3, g), targets, 0.3)
     torch.testing.assert_close(opt.targets[0], targets.double())
     assert (opt.targets[0] != 0).any()
@@ -139,8 +166,14 @@ def test_gradvac_class_tracks_targets_like_the_pure_function():
 def test_gradvac_per_parameter_groups_keep_separate_targets():
     data = batches()
     model = MultiHead()
-    opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, beta=0.5,
-                          shared=model.enc.parameters(), groups="parameter", seed=0)
+    opt = metaopt.GradVac(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        beta=0.5,
+        shared=model.enc.parameters(),
+        groups="parameter",
+        seed=0,
+    )
     report = opt.step(losses_of(model, data, TASKS))
     assert opt.targets.shape == (2, 3, 3)
     assert report.weights.shape == (2, 3)
@@ -148,8 +181,14 @@ def test_gradvac_per_parameter_groups_keep_separate_targets():
     # explicit groups [[weight], [bias]] are the same grouping
     twin = MultiHead()
     w, b = list(twin.enc.parameters())
-    explicit = metaopt.GradVac(torch.optim.SGD(twin.parameters(), lr=0.05), tasks=TASKS, beta=0.5,
-                               shared=[w, b], groups=[[w], [b]], seed=0)
+    explicit = metaopt.GradVac(
+        torch.optim.SGD(twin.parameters(), lr=0.05),
+        tasks=TASKS,
+        beta=0.5,
+        shared=[w, b],
+        groups=[[w], [b]],
+        seed=0,
+    )
     explicit.step(losses_of(twin, data, TASKS))
     torch.testing.assert_close(explicit.targets, opt.targets)
     for p, q in zip(model.parameters(), twin.parameters()):
@@ -182,7 +221,7 @@ def test_state_dict_round_trip_continues_identically(cls, kw):
 def test_gradvac_state_for_other_tasks_is_refused():
     model = MultiHead(tasks=["a", "b", "d"])
     saved = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b", "d"]).state_dict()
-    saved["metaopt"]["tasks"] = TASKS      # even if the task list is forged, the targets know
+    saved["metaopt"]["tasks"] = TASKS  # even if the task list is forged, the targets know
     opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
     with pytest.raises(ValueError, match=r"unseen by that state: \['c'\]"):
         opt.load_state_dict(saved)
@@ -190,8 +229,13 @@ def test_gradvac_state_for_other_tasks_is_refused():
 
 def test_batched_jacobian_path_equals_loop():
     out = [
-        trained_params(lambda m, batched=batched: metaopt.GradVac(torch.optim.SGD(m.parameters(), lr=0.1),
-                                                 tasks=TASKS, beta=0.1, batched=batched, seed=0), 2, seed=3)
+        trained_params(
+            lambda m, batched=batched: metaopt.GradVac(
+                torch.optim.SGD(m.parameters(), lr=0.1), tasks=TASKS, beta=0.1, batched=batched, seed=0
+            ),
+            2,
+            seed=3,
+        )
         for batched in (False, True)
     ]
     for a, b in zip(*out):
@@ -201,8 +245,9 @@ def test_batched_jacobian_path_equals_loop():
 def test_report_cosine_matches_diagnostics():
     data = batches()
     model = MultiHead()
-    opt = metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                         shared=model.enc.parameters())
+    opt = metaopt.PCGrad(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, shared=model.enc.parameters()
+    )
     d = metaopt.gradient_diagnostics(losses_of(model, data, TASKS), model.enc.parameters())
     report = opt.step(losses_of(model, data, TASKS))
     # the report's statistics come from the float64 Gramian, the diagnostics' from a float32 one
@@ -231,9 +276,12 @@ def test_mtl_is_sum_or_mean_of_losses(reduction):
 def test_gradnorm_weights_stay_positive_and_sum_to_T(alpha, seed):
     data = batches(seed=seed)
     model = MultiHead(seed=seed)
-    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS),
-                           layer=model.enc[0].parameters(), alpha=alpha,
-                           weight_optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    opt = metaopt.GradNorm(
+        metaopt.MTL(torch.optim.Adam(model.parameters(), lr=0.01), tasks=TASKS),
+        layer=model.enc[0].parameters(),
+        alpha=alpha,
+        weight_optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+    )
     seen = []
     for _ in range(15):
         report = opt.step(losses_of(model, data, opt.next_tasks()))
@@ -241,14 +289,15 @@ def test_gradnorm_weights_stay_positive_and_sum_to_T(alpha, seed):
         w = opt.weights.detach()
         assert (w > 0).all()
         torch.testing.assert_close(w.sum(), torch.tensor(3.0))
-    assert not torch.allclose(seen[0], seen[-1])   # the weights do move
+    assert not torch.allclose(seen[0], seen[-1])  # the weights do move
 
 
 def test_gradnorm_model_update_uses_weighted_losses_and_never_its_own_loss():
     data = batches()
     model, ref = MultiHead(), MultiHead()
-    opt = metaopt.GradNorm(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS,
-                           layer=model.enc[0].parameters())
+    opt = metaopt.GradNorm(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, layer=model.enc[0].parameters()
+    )
     with torch.no_grad():
         opt.weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
     opt.step(losses_of(model, data, TASKS))
@@ -258,16 +307,19 @@ def test_gradnorm_model_update_uses_weighted_losses_and_never_its_own_loss():
     ropt.step()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q)
-        torch.testing.assert_close(p.grad, q.grad)   # the GradNorm loss added nothing to .grad
+        torch.testing.assert_close(p.grad, q.grad)  # the GradNorm loss added nothing to .grad
 
 
 def test_gradnorm_balances_gradient_norms():
     """Task c's loss is scaled up 100×: GradNorm must give it a much smaller weight."""
     data = batches()
     model = MultiHead()
-    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=1e-3), tasks=TASKS),
-                           layer=model.enc[0].parameters(), alpha=0.0,
-                           weight_optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    opt = metaopt.GradNorm(
+        metaopt.MTL(torch.optim.SGD(model.parameters(), lr=1e-3), tasks=TASKS),
+        layer=model.enc[0].parameters(),
+        alpha=0.0,
+        weight_optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
+    )
     scale = {"a": 1.0, "b": 1.0, "c": 100.0}
     for _ in range(100):
         ls = losses_of(model, data, TASKS)
@@ -279,9 +331,12 @@ def test_gradnorm_balances_gradient_norms():
 def test_gradnorm_state_dict_keeps_weights_and_initial_losses():
     data = batches()
     model = MultiHead()
+
     def mk(m):
-        return metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-                                layer=m.enc[0].parameters())
+        return metaopt.GradNorm(
+            metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS), layer=m.enc[0].parameters()
+        )
+
     opt = mk(model)
     for _ in range(3):
         opt.step(losses_of(model, data, TASKS))
@@ -326,7 +381,10 @@ def test_sequential_reptile_over_gradvac_interpolates():
     start = [p.detach().clone() for p in model.parameters()]
     opt = metaopt.SequentialReptile(
         metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, seed=2),
-        inner_steps=2, outer_lr=0.0, seed=0)
+        inner_steps=2,
+        outer_lr=0.0,
+        seed=0,
+    )
     for _ in range(2):
         opt.step(losses_of(model, data, opt.next_tasks()))
     for p, s in zip(model.parameters(), start):
@@ -336,8 +394,10 @@ def test_sequential_reptile_over_gradvac_interpolates():
 def test_gradnorm_weighted_pcgrad_equals_pcgrad_on_weighted_losses():
     data = batches()
     model, ref = MultiHead(), MultiHead()
-    opt = metaopt.GradNorm(metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, seed=4),
-                           layer=model.enc[0].parameters())
+    opt = metaopt.GradNorm(
+        metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, seed=4),
+        layer=model.enc[0].parameters(),
+    )
     with torch.no_grad():
         opt.weights.copy_(torch.tensor([2.0, 0.5, 0.5]))
     report = opt.step(losses_of(model, data, opt.next_tasks()))
@@ -375,13 +435,17 @@ def stepped_once(make):
     return model, opt, snapshot(model, opt), losses_of(model, data, TASKS)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-    lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
-    lambda m: metaopt.GradNorm(metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-                               layer=m.enc[0].parameters()),
-    lambda m: metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+        lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
+        lambda m: metaopt.GradNorm(
+            metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS), layer=m.enc[0].parameters()
+        ),
+        lambda m: metaopt.MTL(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+    ],
+)
 def test_bad_losses_change_nothing(make):
     model, opt, snap, ls = stepped_once(make)
     with pytest.raises(ValueError, match=r"missing \['c'\]"):
@@ -391,12 +455,17 @@ def test_bad_losses_change_nothing(make):
     assert_unchanged(snap, model, opt)
 
 
-@pytest.mark.parametrize("make", [
-    lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-    lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
-    lambda m: metaopt.GradNorm(metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
-                               layer=m.enc[0].parameters()),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+        lambda m: metaopt.GradVac(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS, beta=0.5),
+        lambda m: metaopt.GradNorm(
+            metaopt.PCGrad(torch.optim.Adam(m.parameters(), lr=0.01), tasks=TASKS),
+            layer=m.enc[0].parameters(),
+        ),
+    ],
+)
 def test_non_finite_task_gradient_names_the_task_and_changes_nothing(make):
     model, opt, snap, ls = stepped_once(make)
     # sqrt at 0 has an infinite derivative: a finite loss with a non-finite gradient
@@ -408,8 +477,10 @@ def test_non_finite_task_gradient_names_the_task_and_changes_nothing(make):
 
 def test_constructor_errors():
     model = MultiHead()
+
     def sgd():
         return torch.optim.SGD(model.parameters(), lr=0.1)
+
     with pytest.raises(ValueError, match="shared is empty"):
         metaopt.PCGrad(sgd(), tasks=TASKS, shared=[])
     with pytest.raises(ValueError, match="not parameters of the wrapped"):
@@ -436,8 +507,10 @@ def test_constructor_errors():
 def test_gradnorm_layer_not_reached_by_a_task():
     data = batches()
     model = MultiHead()
-    opt = metaopt.GradNorm(metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS),
-                           layer=model.heads["a"].parameters())
+    opt = metaopt.GradNorm(
+        metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS),
+        layer=model.heads["a"].parameters(),
+    )
     snap = snapshot(model, opt)
     with pytest.raises(ValueError, match=r"task 'b' does not reach the GradNorm layer"):
         opt.step(losses_of(model, data, TASKS))
@@ -447,11 +520,11 @@ def test_gradnorm_layer_not_reached_by_a_task():
 def test_no_parameter_shared_by_every_task():
     model = MultiHead()
     x = torch.randn(4, 4)
-    opt = metaopt.PCGrad(torch.optim.SGD(model.heads.parameters(), lr=0.1), tasks=["a", "b"],
-                         allow_unused=True)
+    opt = metaopt.PCGrad(
+        torch.optim.SGD(model.heads.parameters(), lr=0.1), tasks=["a", "b"], allow_unused=True
+    )
     with pytest.raises(ValueError, match="reached by every task"):
         opt.step({t: model.heads[t](x[:, :1].expand(4, 6)).sum() for t in ["a", "b"]})
-
 
 
 # ---------------------------------------------------------------- extreme and mixed row scales
@@ -468,8 +541,12 @@ def surgery(method, params, tasks, seed=0, lr=1.0, **kw):
 
 
 @settings(max_examples=40)
-@given(J=mixed_jacobians(max_tasks=5), seed=st.integers(0, 2**31 - 1),
-       method=st.sampled_from(["pcgrad", "gradvac"]), reduction=st.sampled_from(["sum", "mean"]))
+@given(
+    J=mixed_jacobians(max_tasks=5),
+    seed=st.integers(0, 2**31 - 1),
+    method=st.sampled_from(["pcgrad", "gradvac"]),
+    reduction=st.sampled_from(["sum", "mean"]),
+)
 def test_surgery_steps_match_the_reference_at_mixed_row_scales(J, seed, method, reduction):
     """Rows from 1e-30 to 1e25 in one Jacobian (float32 or float64 parameters): every step's
     .grad, reported weights and GradVac targets equal the float64 loop's, and SGD applies it."""
@@ -477,7 +554,7 @@ def test_surgery_steps_match_the_reference_at_mixed_row_scales(J, seed, method, 
     tasks = [f"t{i}" for i in range(T)]
     p = torch.nn.Parameter(torch.full((J.shape[1],), 1e-3, dtype=J.dtype))
     opt = surgery(method, [p], tasks, seed=seed, reduction=reduction)
-    g = torch.Generator().manual_seed(seed)   # the optimizer's generator, replayed
+    g = torch.Generator().manual_seed(seed)  # the optimizer's generator, replayed
     targets = torch.zeros(T, T, dtype=torch.float64)
     for _ in range(2):  # the second GradVac step starts from non-zero targets
         before = p.detach().clone()
@@ -520,8 +597,11 @@ def refused_step_changes_nothing(method, losses_of_p, make_losses_ok, match):
         opt = surgery(method, [p, q], TASKS, seed=3, lr=0.1, allow_unused=True)
         opt.step(make_losses_ok(p, q, 0))
         if refuse:
-            snap = ([t.detach().clone() for t in (p, q)], [t.grad.clone() for t in (p, q)],
-                    copy.deepcopy(opt.state_dict()))
+            snap = (
+                [t.detach().clone() for t in (p, q)],
+                [t.grad.clone() for t in (p, q)],
+                copy.deepcopy(opt.state_dict()),
+            )
             with pytest.raises(ValueError, match=match):
                 opt.step(losses_of_p(p, q))
             for t, before, grad in zip((p, q), snap[0], snap[1]):
@@ -554,8 +634,10 @@ def test_update_beyond_float32_is_refused_and_changes_nothing(method):
     def huge(p, q):
         ls = row_losses(p, torch.full((3, 4), 2e38), TASKS)
         return {**ls, "a": ls["a"] + q.sum(), "b": ls["b"] + q.sum()}
-    refused_step_changes_nothing(method, huge, _ok_losses,
-                                 r"combined update does not fit torch.float32.*nothing was updated")
+
+    refused_step_changes_nothing(
+        method, huge, _ok_losses, r"combined update does not fit torch.float32.*nothing was updated"
+    )
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
@@ -564,8 +646,10 @@ def test_head_sum_beyond_float32_is_refused_and_changes_nothing(method):
     def huge_head(p, q):
         ls = _ok_losses(p, q, 5)
         return {**ls, "a": ls["a"] + (q * 2e38).sum(), "b": ls["b"] + (q * 2e38).sum()}
-    refused_step_changes_nothing(method, huge_head, _ok_losses,
-                                 r"combined update does not fit torch.float32.*nothing was updated")
+
+    refused_step_changes_nothing(
+        method, huge_head, _ok_losses, r"combined update does not fit torch.float32.*nothing was updated"
+    )
 
 
 @pytest.mark.parametrize("method", ["pcgrad", "gradvac"])
@@ -573,6 +657,7 @@ def test_non_finite_row_is_refused_and_changes_nothing(method):
     def nan_row(p, q):
         ls = _ok_losses(p, q, 6)
         return {**ls, "c": ls["c"] + torch.sqrt(p[0] * 0.0)}  # finite loss, infinite gradient
+
     refused_step_changes_nothing(method, nan_row, _ok_losses, r"non-finite gradient.*\['c'\]")
 
 
@@ -584,8 +669,11 @@ def test_huge_and_tiny_gradients_are_not_called_non_finite():
         opt = surgery(method, [p], TASKS, seed=1)
         report = opt.step(row_losses(p, J, TASKS))
         order = random_order(3, torch.Generator().manual_seed(1))
-        ref = (naive_pcgrad(J.double(), order) if method == "pcgrad"
-               else naive_gradvac(J.double(), order, torch.zeros(3, 3), 0.5))
+        ref = (
+            naive_pcgrad(J.double(), order)
+            if method == "pcgrad"
+            else naive_gradvac(J.double(), order, torch.zeros(3, 3), 0.5)
+        )
         assert_matches_reference(p.grad, report.weights, ref, J)
 
 
@@ -597,8 +685,14 @@ def test_gradvac_class_under_deterministic_algorithms(deterministic, groups):
     for _ in range(2):
         data = batches()
         model = MultiHead()
-        opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.05), tasks=TASKS, beta=0.3,
-                              shared=model.enc.parameters(), groups=groups, seed=4)
+        opt = metaopt.GradVac(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            beta=0.3,
+            shared=model.enc.parameters(),
+            groups=groups,
+            seed=4,
+        )
         ref = copy.deepcopy(model)
         g = torch.Generator().manual_seed(4)
         targets = torch.zeros(opt.targets.shape, dtype=torch.float64)

@@ -26,7 +26,7 @@ from _stacks import (
     torch_way_step,
 )
 
-STEPS = 7   # past the outer steps of both Reptile set-ups and of the composition
+STEPS = 7  # past the outer steps of both Reptile set-ups and of the composition
 
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -78,7 +78,7 @@ def test_reptile_family_also_takes_opt_backward(name):
 def test_step_without_per_task_gradients_is_refused(name):
     model = Net()
     opt = make_opt(name, model)
-    if name == "mtl":   # MTL steps on whatever .grad holds, as torch.optim does
+    if name == "mtl":  # MTL steps on whatever .grad holds, as torch.optim does
         loss_of(model, "a", batch(0, "a")).backward()
         opt.step()
         return
@@ -105,7 +105,7 @@ def test_one_loop_refuses_while_a_backward_is_pending():
     opt.backward({t: loss_of(model, t, batch(0, t)) for t in opt.next_tasks()})
     with pytest.raises(RuntimeError, match="backward.*pending"):
         opt.step({t: loss_of(model, t, batch(0, t)) for t in opt.next_tasks()})
-    opt.step()   # the pending backward is still intact
+    opt.step()  # the pending backward is still intact
 
 
 # ---------------------------------------------------------------- 2. state commits at step()
@@ -114,13 +114,13 @@ def test_backward_commits_nothing_and_a_dropped_one_leaves_no_trace(name):
     a, b = Net(), Net()
     oa, ob = make_opt(name, a), make_opt(name, b)
     for s in range(STEPS):
-        if s in (1, 4):   # a backward that never reaches step(): zero_grad drops it
+        if s in (1, 4):  # a backward that never reaches step(): zero_grad drops it
             wanted = oa.next_tasks()
             state = method_state(oa)
             oa.backward({t: loss_of(a, t, batch(99, t)) for t in wanted})
             _assert_same(method_state(oa), state)
             oa.zero_grad()
-            assert oa.next_tasks() == wanted   # the pending draw stays
+            assert oa.next_tasks() == wanted  # the pending draw stays
         oa.backward({t: loss_of(a, t, batch(s, t)) for t in oa.next_tasks()})
         oa.step()
         oa.zero_grad()
@@ -201,7 +201,7 @@ def test_clip_grad_norm_between_backward_and_step_clips_this_steps_update(name):
         backward_the_torch_way(name, opt, losses)
         update = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
         norm = torch.linalg.vector_norm(torch.cat([u.reshape(-1) for u in update]))
-        assert norm > 0.5   # the clip acts
+        assert norm > 0.5  # the clip acts
         before = _params(model)
         returned = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.5)
         torch.testing.assert_close(returned, norm)
@@ -223,13 +223,13 @@ def _scaler_step(name, opt, model, step, scaler, extra=None, dtype=torch.float32
 def test_grad_scaler_with_a_power_of_two_scale_gives_the_run_without_one(name):
     a, b = Net(dtype=torch.float32), Net(dtype=torch.float32)
     oa, ob = make_opt(name, a), make_opt(name, b)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
     for s in range(STEPS):
         _scaler_step(name, oa, a, s, scaler)
         wanted = ob.next_tasks()
         losses = {t: loss_of(b, t, batch(s, t, dtype=torch.float32)) for t in wanted}
         ob.step(losses)
-    assert scaler.get_scale() > 2.0 ** 12   # it grew: several scales were used
+    assert scaler.get_scale() > 2.0**12  # it grew: several scales were used
     _assert_same(_params(a), _params(b))
     _assert_same(method_state(oa), method_state(ob))
 
@@ -238,15 +238,15 @@ def test_grad_scaler_with_a_power_of_two_scale_gives_the_run_without_one(name):
 def test_grad_scaler_skips_an_overflowed_step_and_nothing_moves(name):
     a, b = Net(dtype=torch.float32), Net(dtype=torch.float32)
     oa, ob = make_opt(name, a), make_opt(name, b)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for s in range(STEPS):
         if s == 3:
             wanted = oa.next_tasks()
             before, state = _params(a), method_state(oa)
             _scaler_step(name, oa, a, s, scaler, extra=_nan_gradient)
-            assert scaler.get_scale() == 2.0 ** 9   # skipped and backed off
+            assert scaler.get_scale() == 2.0**9  # skipped and backed off
             _assert_same(_params(a), before)
-            _assert_same(method_state(oa), state)   # slow weights, targets, weights, counters, draw
+            _assert_same(method_state(oa), state)  # slow weights, targets, weights, counters, draw
             assert oa.next_tasks() == wanted
         _scaler_step(name, oa, a, s, scaler)
         ob.step({t: loss_of(b, t, batch(s, t, dtype=torch.float32)) for t in ob.next_tasks()})
@@ -259,17 +259,20 @@ def test_gradnorm_weight_update_does_not_depend_on_the_loss_scale(inner):
     """With an SGD weight optimizer the weight step is proportional to the norms: unscaled
     norms are what makes the scaled run equal the unscaled one."""
     runs = []
-    for scale in (None, 2.0 ** 16):
+    for scale in (None, 2.0**16):
         model = Net(dtype=torch.float32)
         base = torch.optim.SGD(model.parameters(), lr=0.01)
         wrapped = metaopt.MTL(base, tasks=TASKS) if inner == "mtl" else metaopt.PCGrad(base, tasks=TASKS)
-        opt = metaopt.GradNorm(wrapped, layer=list(model.enc.parameters()),
-                               weight_optimizer=lambda w: torch.optim.SGD(w, lr=0.05))
+        opt = metaopt.GradNorm(
+            wrapped,
+            layer=list(model.enc.parameters()),
+            weight_optimizer=lambda w: torch.optim.SGD(w, lr=0.05),
+        )
         scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
         for s in range(5):
             _scaler_step("gradnorm", opt, model, s, scaler)
         runs.append((opt.weights.detach().clone(), _params(model)))
-    assert not torch.equal(runs[0][0], torch.ones(3))   # the weights moved
+    assert not torch.equal(runs[0][0], torch.ones(3))  # the weights moved
     assert torch.equal(runs[0][0], runs[1][0])
     _assert_same(runs[0][1], runs[1][1])
 
@@ -279,7 +282,7 @@ def test_fp16_autocast_with_grad_scaler_trains(name):
     """The full fp16 recipe on CPU: autocast, scale, backward, unscale_, clip, step, update."""
     model = Net(dtype=torch.float32)
     opt = make_opt(name, model)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     first = None
     for _ in range(12):
         with torch.autocast("cpu", dtype=torch.float16):
@@ -311,7 +314,7 @@ def test_bf16_autocast_both_recipes_agree(name):
         torch_way_step(name, ob, losses)
         oref.step({t: loss_of(ref, t, batch(s, t, dtype=torch.float32)) for t in oref.next_tasks()})
     _assert_same(_params(a), _params(b))
-    assert any(not torch.equal(x, y) for x, y in zip(_params(a), _params(ref)))   # bf16 did run
+    assert any(not torch.equal(x, y) for x, y in zip(_params(a), _params(ref)))  # bf16 did run
     _assert_same(_params(a), _params(ref), rtol=0.0, atol=0.1)
 
 
@@ -322,7 +325,7 @@ def test_frozen_parameters_are_skipped_and_can_be_unfrozen(name):
     frozen = [model.enc.bias, *model.heads["c"].parameters()]
     for p in frozen:
         p.requires_grad_(False)
-    opt = make_opt(name, model)   # AdamW over model.parameters(), frozen ones included
+    opt = make_opt(name, model)  # AdamW over model.parameters(), frozen ones included
     start = [p.detach().clone() for p in frozen]
     moving = model.enc.weight.detach().clone()
     for s in range(STEPS):
@@ -339,11 +342,11 @@ def test_frozen_parameters_are_skipped_and_can_be_unfrozen(name):
     model.enc.weight.requires_grad_(False)
     w = model.enc.weight.detach().clone()
     report = one_loop_step(opt, model, STEPS)
-    if not report.outer_update:   # an outer step moves it to its slow value, as any parameter
+    if not report.outer_update:  # an outer step moves it to its slow value, as any parameter
         assert torch.equal(model.enc.weight, w) and model.enc.weight.grad is None
     for p in model.parameters():
         p.requires_grad_(True)
     for s in range(STEPS + 1, STEPS + 4):
         one_loop_step(opt, model, s)
-    assert not torch.equal(model.enc.bias, start[0])   # unfrozen: it trains again
+    assert not torch.equal(model.enc.bias, start[0])  # unfrozen: it trains again
     assert all(bool(p.isfinite().all()) for p in model.parameters())

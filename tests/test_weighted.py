@@ -24,23 +24,30 @@ def _setup():
 
     def losses():
         return {t: ((enc(x[t]) * (i + 1) - i).pow(2).mean() * (1 + i)) for i, t in enumerate(TASKS)}
+
     return enc, losses
 
 
 def _jacobian(enc, losses):
-    return torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, list(enc.parameters()))])
-                        for v in losses().values()])
+    return torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, list(enc.parameters()))])
+            for v in losses().values()
+        ]
+    )
 
 
 def _pairs():
     """(name, weighting, aggregator) for the weightings whose solvers are installed (the bench
     extra installs them all: quadprog for UPGrad and DualProj, cvxpy for CAGrad)."""
-    makers = [("UPGrad", lambda: (A.UPGradWeighting(), A.UPGrad())),
-              ("MGDA", lambda: (A.MGDAWeighting(), A.MGDA())),
-              ("DualProj", lambda: (A.DualProjWeighting(), A.DualProj())),
-              ("IMTLG", lambda: (A.IMTLGWeighting(), A.IMTLG())),
-              ("AlignedMTL", lambda: (A.AlignedMTLWeighting(), A.AlignedMTL())),
-              ("CAGrad", lambda: (A.CAGradWeighting(c=0.5), A.CAGrad(c=0.5)))]
+    makers = [
+        ("UPGrad", lambda: (A.UPGradWeighting(), A.UPGrad())),
+        ("MGDA", lambda: (A.MGDAWeighting(), A.MGDA())),
+        ("DualProj", lambda: (A.DualProjWeighting(), A.DualProj())),
+        ("IMTLG", lambda: (A.IMTLGWeighting(), A.IMTLG())),
+        ("AlignedMTL", lambda: (A.AlignedMTLWeighting(), A.AlignedMTL())),
+        ("CAGrad", lambda: (A.CAGradWeighting(c=0.5), A.CAGrad(c=0.5))),
+    ]
     out = []
     for name, make in makers:
         try:
@@ -69,9 +76,16 @@ def test_the_update_is_torchjds_aggregation_of_the_same_jacobian(name, weighting
     torch.testing.assert_close(report.weights.to(J.dtype) @ J, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("make", [lambda: A.ExcessMTLWeighting(), lambda: A.MoDoWeighting(),
-                                  lambda: A.SDMGradWeighting(), lambda: A.MeanWeighting()],
-                         ids=["ExcessMTL", "MoDo", "SDMGrad", "Mean"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: A.ExcessMTLWeighting(),
+        lambda: A.MoDoWeighting(),
+        lambda: A.SDMGradWeighting(),
+        lambda: A.MeanWeighting(),
+    ],
+    ids=["ExcessMTL", "MoDo", "SDMGrad", "Mean"],
+)
 def test_jacobian_weightings_are_refused(make):
     enc, _ = _setup()
     with pytest.raises(TypeError, match="reads the Jacobian itself, not its Gramian"):
@@ -88,8 +102,11 @@ def test_stateful_and_non_callable_weightings_are_refused():
 
 def test_weights_of_the_wrong_shape_are_refused_with_nothing_moved():
     enc, losses = _setup()
-    opt = metaopt.Weighted(torch.optim.SGD(enc.parameters(), lr=0.1),
-                           weighting=lambda G: torch.ones(2, dtype=G.dtype), tasks=TASKS)
+    opt = metaopt.Weighted(
+        torch.optim.SGD(enc.parameters(), lr=0.1),
+        weighting=lambda G: torch.ones(2, dtype=G.dtype),
+        tasks=TASKS,
+    )
     before = [p.detach().clone() for p in enc.parameters()]
     with pytest.raises(ValueError, match=r"expected 3 weights"):
         opt.step(losses())
@@ -101,15 +118,20 @@ def test_random_weightings_draw_from_the_optimizers_generator():
     """TorchJD's PCGradWeighting draws from the global RNG: inside Weighted it draws from a
     global RNG seeded by the optimizer's generator, so equal seeds give equal runs, other seeds
     other runs, and the caller's global RNG does not move."""
+
     def run(seed, weighting=None):
         enc, losses = _setup()
-        opt = metaopt.Weighted(torch.optim.SGD(enc.parameters(), lr=0.1),
-                               weighting=weighting or (lambda G: torch.rand(3, dtype=G.dtype)),
-                               tasks=TASKS, seed=seed)
+        opt = metaopt.Weighted(
+            torch.optim.SGD(enc.parameters(), lr=0.1),
+            weighting=weighting or (lambda G: torch.rand(3, dtype=G.dtype)),
+            tasks=TASKS,
+            seed=seed,
+        )
         torch.manual_seed(123)
         weights = [opt.step(losses()).weights.clone() for _ in range(6)]
         assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())
         return weights
+
     same, again, other = run(0), run(0), run(1)
     assert all(torch.equal(a, b) for a, b in zip(same, again))
     assert not all(torch.equal(a, b) for a, b in zip(same, other))
@@ -124,24 +146,28 @@ def test_random_weightings_never_reseed_the_cuda_generators(monkeypatch):
     reseeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     torch.manual_seed(7)
-    assert reseeded == [7]           # the recorder sees what torch.manual_seed does
-    enc, losses = _setup()           # seeds the model's initialisation
-    opt = metaopt.Weighted(torch.optim.SGD(enc.parameters(), lr=0.1),
-                           weighting=lambda G: torch.rand(3, dtype=G.dtype), tasks=TASKS)
+    assert reseeded == [7]  # the recorder sees what torch.manual_seed does
+    enc, losses = _setup()  # seeds the model's initialisation
+    opt = metaopt.Weighted(
+        torch.optim.SGD(enc.parameters(), lr=0.1),
+        weighting=lambda G: torch.rand(3, dtype=G.dtype),
+        tasks=TASKS,
+    )
     reseeded.clear()
     state = torch.get_rng_state()
     weights = [opt.step(losses()).weights for _ in range(3)]
     assert reseeded == []
     assert torch.equal(torch.get_rng_state(), state)
-    assert not torch.equal(weights[0], weights[1])    # the weighting did draw
+    assert not torch.equal(weights[0], weights[1])  # the weighting did draw
 
 
-def test_one_call_per_parameter_group_never_a_batch():
+def test_one_call_per_backward_never_a_batch():
     calls = []
 
     def weighting(G):
         calls.append(tuple(G.shape))
         return torch.ones(G.shape[0], dtype=G.dtype)
+
     enc, losses = _setup()
     opt = metaopt.Weighted(torch.optim.SGD(enc.parameters(), lr=0.1), weighting=weighting, tasks=TASKS)
     opt.step(losses())

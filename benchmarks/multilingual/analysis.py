@@ -31,14 +31,33 @@ CONTROL = "control"
 SAMPLED = "mtl-sampled"
 BASELINES = ("mtl", "mtl-sampled", "control", "gradnorm", "pcgrad", "gradvac", "reptile", "stl")
 """Methods Sequential Reptile is claimed to beat (those present in a run)."""
-COUNTED = ("backward_per_update", "full_backward_per_update", "examples_per_update",
-           "backward_per_1k_examples", "full_backward_per_1k_examples", "peak_mb")
+COUNTED = (
+    "backward_per_update",
+    "full_backward_per_update",
+    "examples_per_update",
+    "backward_per_1k_examples",
+    "full_backward_per_1k_examples",
+    "peak_mb",
+)
 """The cost measures the cost verdict reads: counted in the training loop from what ran (and the
 peak memory), so the machine's load cannot change them."""
 TIMED = ("ms_per_example", "ms_per_step", "load_1min_mean", "other_cpu_cores")
 """Timings and the load measured alongside them: reported, never used by a verdict."""
-METRICS = ("test_mean", "zero_shot_mean", "dev_mean", "lid_loss", "lid_acc", "drift",
-           "cosine_final", "cosine_mean", "train_loss_final") + COUNTED + TIMED
+METRICS = (
+    (
+        "test_mean",
+        "zero_shot_mean",
+        "dev_mean",
+        "lid_loss",
+        "lid_acc",
+        "drift",
+        "cosine_final",
+        "cosine_mean",
+        "train_loss_final",
+    )
+    + COUNTED
+    + TIMED
+)
 SURGERY = ("pcgrad", "gradvac")
 """The methods claim 4 is about: T backward passes per update and a T × P Jacobian."""
 LOSS_LEVELS = 5
@@ -56,12 +75,16 @@ def summary(values: Iterable[float | None]) -> dict[str, Any]:
 def paired(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:
     """Summary of per-seed differences ``a - b`` and whether their sign is the same on every
     seed (``holds``: +1 all positive, -1 all negative, 0 mixed or missing)."""
-    diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None
-             and not math.isnan(x) and not math.isnan(y)]
+    diffs = [
+        x - y
+        for x, y in zip(a, b)
+        if x is not None and y is not None and not math.isnan(x) and not math.isnan(y)
+    ]
     out = summary(diffs)
     enough = len(diffs) >= 2  # one seed shows no consistency
-    out["holds"] = (1 if all(d > 0 for d in diffs) else -1 if all(d < 0 for d in diffs) else 0) \
-        if enough else 0
+    out["holds"] = (
+        (1 if all(d > 0 for d in diffs) else -1 if all(d < 0 for d in diffs) else 0) if enough else 0
+    )
     return out
 
 
@@ -103,9 +126,11 @@ class Analysis:
 
     def _select(self, method: str) -> float:
         """The grid lr with the best mean dev accuracy (ties: the smaller lr)."""
+
         def score(lr: float) -> float:
             mean = self.grid[method][lr]["dev_mean"]["mean"]
             return -math.inf if mean is None else mean
+
         return max(self.lrs, key=lambda lr: (score(lr), -lr))
 
     def at_selected(self, method: str, metric: str) -> list[float | None]:
@@ -120,8 +145,10 @@ class Analysis:
         """Pre-trained sampled MTL minus scratch (same optimizer), each at its selected lr."""
         if SAMPLED not in self.methods or "scratch" not in self.methods:
             return None
-        return {m: paired(self.at_selected(SAMPLED, m), self.at_selected("scratch", m))
-                for m in ("test_mean", "zero_shot_mean")}
+        return {
+            m: paired(self.at_selected(SAMPLED, m), self.at_selected("scratch", m))
+            for m in ("test_mean", "zero_shot_mean")
+        }
 
     def versus(self, reference: str = SR) -> dict[str, dict[str, Any]]:
         """``reference`` minus every other method, each at its selected lr, paired by seed."""
@@ -131,8 +158,10 @@ class Analysis:
         for m in self.methods:
             if m == reference:
                 continue
-            out[m] = {metric: paired(self.at_selected(reference, metric), self.at_selected(m, metric))
-                      for metric in ("test_mean", "zero_shot_mean", "lid_loss", "drift", "cosine_mean")}
+            out[m] = {
+                metric: paired(self.at_selected(reference, metric), self.at_selected(m, metric))
+                for metric in ("test_mean", "zero_shot_mean", "lid_loss", "drift", "cosine_mean")
+            }
         return out
 
     def sr_vs_control(self) -> dict[float, dict[str, Any]]:
@@ -141,10 +170,20 @@ class Analysis:
         accuracy are not explained by smaller steps."""
         if SR not in self.methods or CONTROL not in self.methods:
             return {}
-        return {lr: {metric: paired(self.values(SR, lr, metric), self.values(CONTROL, lr, metric))
-                     for metric in ("test_mean", "zero_shot_mean", "lid_loss", "drift",
-                                    "cosine_mean", "train_loss_final")}
-                for lr in self.lrs}
+        return {
+            lr: {
+                metric: paired(self.values(SR, lr, metric), self.values(CONTROL, lr, metric))
+                for metric in (
+                    "test_mean",
+                    "zero_shot_mean",
+                    "lid_loss",
+                    "drift",
+                    "cosine_mean",
+                    "train_loss_final",
+                )
+            }
+            for lr in self.lrs
+        }
 
     def _lr_path(self, method: str, seed: int, metric: str) -> list[tuple[float, float]]:
         """(LID loss, metric) of the method's runs in order of the lr they ran at; sampled MTL
@@ -184,13 +223,21 @@ class Analysis:
                     a = self.run(SR, self.selected[SR], seed) or {}
                     b = self.run(m, self.selected[m], seed) or {}
                     fwd_sr.append(a.get(metric) if a.get("lid_loss") is not None else None)
-                    fwd_other.append(None if a.get("lid_loss") is None else
-                                     _on_path(self._lr_path(m, seed, metric), a["lid_loss"]))
+                    fwd_other.append(
+                        None
+                        if a.get("lid_loss") is None
+                        else _on_path(self._lr_path(m, seed, metric), a["lid_loss"])
+                    )
                     rev_other.append(b.get(metric) if b.get("lid_loss") is not None else None)
-                    rev_sr.append(None if b.get("lid_loss") is None else
-                                  _on_path(self._lr_path(SR, seed, metric), b["lid_loss"]))
-                res[metric] = {"at_sr_level": {"method": summary(fwd_other), **paired(fwd_sr, fwd_other)},
-                               "sr_at_level": {"sr": summary(rev_sr), **paired(rev_sr, rev_other)}}
+                    rev_sr.append(
+                        None
+                        if b.get("lid_loss") is None
+                        else _on_path(self._lr_path(SR, seed, metric), b["lid_loss"])
+                    )
+                res[metric] = {
+                    "at_sr_level": {"method": summary(fwd_other), **paired(fwd_sr, fwd_other)},
+                    "sr_at_level": {"sr": summary(rev_sr), **paired(rev_sr, rev_other)},
+                }
             out[m] = res
         return out
 
@@ -218,29 +265,36 @@ class Analysis:
                 sr_at.append(float(np.mean(ca)))
                 other_at.append(float(np.mean(cb)))
                 diffs.append(sr_at[-1] - other_at[-1])
-            out[m] = {"sr": summary(sr_at), "other": summary(other_at),
-                      **paired(sr_at, other_at)}
+            out[m] = {"sr": summary(sr_at), "other": summary(other_at), **paired(sr_at, other_at)}
         return out
 
     # ------------------------------------------------------------------ verdicts
     def claims(self) -> dict[str, dict[str, Any]]:
         """The verdict on each claim, with the rule applied and the numbers behind it."""
-        return {"alignment": self._claim_alignment(), "forgetting": self._claim_forgetting(),
-                "accuracy": self._claim_accuracy(), "cost": self._claim_cost()}
+        return {
+            "alignment": self._claim_alignment(),
+            "forgetting": self._claim_forgetting(),
+            "accuracy": self._claim_accuracy(),
+            "cost": self._claim_cost(),
+        }
 
     def _baselines(self) -> list[str]:
         return [m for m in BASELINES if m in self.methods and m != SR]
 
     def _claim_alignment(self) -> dict[str, Any]:
-        rule = ("Sequential Reptile's gradient cosine at matched training loss is higher than "
-                "the baseline's on every seed")
+        rule = (
+            "Sequential Reptile's gradient cosine at matched training loss is higher than "
+            "the baseline's on every seed"
+        )
         matched = self.matched_loss_cosine()
         per = {m: matched[m]["holds"] for m in self._baselines() if m in matched}
         return _verdict(rule, per, {m: matched[m] for m in per})
 
     def _claim_forgetting(self) -> dict[str, Any]:
-        rule = ("Sequential Reptile (selected lr) has a lower LID-probe loss than the baseline "
-                "(selected lr) on every seed")
+        rule = (
+            "Sequential Reptile (selected lr) has a lower LID-probe loss than the baseline "
+            "(selected lr) on every seed"
+        )
         vs = self.versus()
         per = {m: -vs[m]["lid_loss"]["holds"] for m in self._baselines() if m in vs}
         out = _verdict(rule, per, {m: vs[m]["lid_loss"] for m in per})
@@ -249,22 +303,27 @@ class Analysis:
         return out
 
     def _claim_accuracy(self) -> dict[str, Any]:
-        rule = ("Sequential Reptile (selected lr) beats the baseline (selected lr) on mean test "
-                "accuracy and on zero-shot accuracy, on every seed")
+        rule = (
+            "Sequential Reptile (selected lr) beats the baseline (selected lr) on mean test "
+            "accuracy and on zero-shot accuracy, on every seed"
+        )
         vs = self.versus()
-        per = {m: _both(vs[m]["test_mean"], vs[m]["zero_shot_mean"])
-               for m in self._baselines() if m in vs}
-        out = _verdict(rule, per, {m: {k: vs[m][k] for k in ("test_mean", "zero_shot_mean")}
-                                   for m in per})
+        per = {m: _both(vs[m]["test_mean"], vs[m]["zero_shot_mean"]) for m in self._baselines() if m in vs}
+        out = _verdict(rule, per, {m: {k: vs[m][k] for k in ("test_mean", "zero_shot_mean")} for m in per})
         matched = self.matched_forgetting()
-        at_level = {m: _both(matched[m]["test_mean"]["at_sr_level"],
-                             matched[m]["zero_shot_mean"]["at_sr_level"])
-                    for m in self._baselines() if m in matched}
-        second = _verdict("at Sequential Reptile's LID loss, Sequential Reptile beats the "
-                          "baseline's best accuracy at that forgetting on test and zero-shot, on "
-                          "every seed where the baseline's lr path reaches it",
-                          at_level, {m: matched[m] for m in at_level},
-                          {m: matched[m]["test_mean"]["at_sr_level"]["n"] for m in at_level})
+        at_level = {
+            m: _both(matched[m]["test_mean"]["at_sr_level"], matched[m]["zero_shot_mean"]["at_sr_level"])
+            for m in self._baselines()
+            if m in matched
+        }
+        second = _verdict(
+            "at Sequential Reptile's LID loss, Sequential Reptile beats the "
+            "baseline's best accuracy at that forgetting on test and zero-shot, on "
+            "every seed where the baseline's lr path reaches it",
+            at_level,
+            {m: matched[m] for m in at_level},
+            {m: matched[m]["test_mean"]["at_sr_level"]["n"] for m in at_level},
+        )
         out["at_matched_forgetting"] = second
         return out
 
@@ -300,25 +359,33 @@ class Analysis:
         return out
 
     def _claim_cost(self) -> dict[str, Any]:
-        rule = ("counted in the training loop, never timed: (a) per update, Sequential Reptile "
-                "runs fewer backward passes than PCGrad and GradVac; (b) per training example "
-                "(backward passes ÷ examples fed, both counted), no more than sampled MTL; (c) its "
-                "peak memory is below PCGrad's and GradVac's; each on every seed measured. "
-                "Timings are reported apart and not used")
+        rule = (
+            "counted in the training loop, never timed: (a) per update, Sequential Reptile "
+            "runs fewer backward passes than PCGrad and GradVac; (b) per training example "
+            "(backward passes ÷ examples fed, both counted), no more than sampled MTL; (c) its "
+            "peak memory is below PCGrad's and GradVac's; each on every seed measured. "
+            "Timings are reported apart and not used"
+        )
         if SR not in self.methods:
             return {"rule": rule, "verdict": "not measured"}
         vs = self.cost_versus()
         checks = {
             "fewer_backward_per_update": ("backward_per_update", SURGERY, ("lower",)),
-            "backward_per_example_at_most_sampled": ("backward_per_1k_examples", (SAMPLED,),
-                                                      ("lower", "equal")),
+            "backward_per_example_at_most_sampled": (
+                "backward_per_1k_examples",
+                (SAMPLED,),
+                ("lower", "equal"),
+            ),
             "lower_peak_memory": ("peak_mb", SURGERY, ("lower",)),
         }
         results: dict[str, Any] = {}
         for name, (metric, against, ok) in checks.items():
             per = {m: vs[m][metric] for m in against if m in vs and vs[m][metric]["n"] > 0}
-            results[name] = {"metric": metric, "per_baseline": per,
-                             "holds": bool(per) and all(v["relation"] in ok for v in per.values())}
+            results[name] = {
+                "metric": metric,
+                "per_baseline": per,
+                "holds": bool(per) and all(v["relation"] in ok for v in per.values()),
+            }
         missing = [name for name, c in results.items() if not c["per_baseline"]]
         passed = [c for c in results.values() if c["holds"]]
         if len(missing) == len(checks):
@@ -327,9 +394,13 @@ class Analysis:
             verdict = f"undetermined (not measured: {', '.join(missing)})"
         else:
             verdict = "yes" if len(passed) == len(checks) else "partly" if passed else "no"
-        return {"rule": rule, "verdict": verdict, "checks": results,
-                "sr_not_cheaper": self._sr_not_cheaper(vs),
-                "numbers": {m: {k: self.main(m)[k]["mean"] for k in COUNTED} for m in self.methods}}
+        return {
+            "rule": rule,
+            "verdict": verdict,
+            "checks": results,
+            "sr_not_cheaper": self._sr_not_cheaper(vs),
+            "numbers": {m: {k: self.main(m)[k]["mean"] for k in COUNTED} for m in self.methods},
+        }
 
     @staticmethod
     def _sr_not_cheaper(vs: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -337,11 +408,16 @@ class Analysis:
         that are lower than it on every seed (``cheaper``); for backward passes per example,
         also those equal to it (``equal``: per example, it saves nothing against them)."""
         out: dict[str, list[str]] = {}
-        for metric in ("backward_per_update", "backward_per_1k_examples",
-                       "full_backward_per_1k_examples", "peak_mb"):
+        for metric in (
+            "backward_per_update",
+            "backward_per_1k_examples",
+            "full_backward_per_1k_examples",
+            "peak_mb",
+        ):
             out[f"cheaper:{metric}"] = [m for m, v in vs.items() if v[metric]["relation"] == "higher"]
         out["equal:backward_per_1k_examples"] = [
-            m for m, v in vs.items() if v["backward_per_1k_examples"]["relation"] == "equal"]
+            m for m, v in vs.items() if v["backward_per_1k_examples"]["relation"] == "equal"
+        ]
         return out
 
     # ------------------------------------------------------------------ export
@@ -427,19 +503,20 @@ def _relation(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str,
             continue
         n += 1
         signs.add(0 if math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) else 1 if x > y else -1)
-    relation = None if not n else "mixed" if len(signs) > 1 else \
-        {-1: "lower", 0: "equal", 1: "higher"}[signs.pop()]
+    relation = (
+        None if not n else "mixed" if len(signs) > 1 else {-1: "lower", 0: "equal", 1: "higher"}[signs.pop()]
+    )
     return {"relation": relation, "n": n}
 
 
-def _verdict(rule: str, per: dict[str, int], numbers: dict[str, Any],
-             counts: dict[str, int] | None = None) -> dict[str, Any]:
+def _verdict(
+    rule: str, per: dict[str, int], numbers: dict[str, Any], counts: dict[str, int] | None = None
+) -> dict[str, Any]:
     """yes / partly / no over the baselines compared on 2 or more seeds (``counts``: seeds
     compared per baseline, default: read from ``numbers``); the others are listed as not
     comparable rather than counted as failures."""
     if counts is None:
-        counts = {m: max((s.get("n", 0) for s in _flat_summaries(numbers.get(m))), default=0)
-                  for m in per}
+        counts = {m: max((s.get("n", 0) for s in _flat_summaries(numbers.get(m))), default=0) for m in per}
     comparable = {m: h for m, h in per.items() if counts.get(m, 0) >= 2}
     wins = [m for m, h in comparable.items() if h == 1]
     if not per:
@@ -452,9 +529,14 @@ def _verdict(rule: str, per: dict[str, int], numbers: dict[str, Any],
         verdict = "partly"
     else:
         verdict = "no"
-    return {"rule": rule, "verdict": verdict, "holds_against": wins,
-            "fails_against": [m for m, h in comparable.items() if h != 1],
-            "not_comparable": [m for m in per if m not in comparable], "per_baseline": numbers}
+    return {
+        "rule": rule,
+        "verdict": verdict,
+        "holds_against": wins,
+        "fails_against": [m for m, h in comparable.items() if h != 1],
+        "not_comparable": [m for m in per if m not in comparable],
+        "per_baseline": numbers,
+    }
 
 
 def _flat_summaries(tree: Any) -> list[dict[str, Any]]:

@@ -99,8 +99,9 @@ class DiskCache:
             raise CacheError(f"corrupt (unreadable tensors: {exc})") from None
         return tensors, dict(info.get("meta", {}))
 
-    def save(self, name: str, key: Mapping[str, Any], tensors: dict[str, Tensor],
-             meta: Mapping[str, Any]) -> None:
+    def save(
+        self, name: str, key: Mapping[str, Any], tensors: dict[str, Tensor], meta: Mapping[str, Any]
+    ) -> None:
         """Write an entry atomically (temporary files, then rename)."""
         from safetensors.torch import save_file
 
@@ -108,8 +109,7 @@ class DiskCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = payload.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        info = {"format": FORMAT, "name": name, "key": dict(key), "sha256": _sha256(tmp),
-                "meta": dict(meta)}
+        info = {"format": FORMAT, "name": name, "key": dict(key), "sha256": _sha256(tmp), "meta": dict(meta)}
         tmp_manifest = manifest.with_suffix(".json.tmp")
         tmp_manifest.write_text(json.dumps(info, indent=1, default=str))
         os.replace(tmp, payload)

@@ -73,8 +73,12 @@ def padded_layer(layer: Layer, x: Tensor, mask: Tensor) -> Tensor:
     def heads(t: Tensor) -> Tensor:
         return t.view(b, n, att.self.heads, d // att.self.heads).transpose(1, 2)
 
-    o = F.scaled_dot_product_attention(heads(att.self.query(x)), heads(att.self.key(x)),
-                                       heads(att.self.value(x)), attn_mask=mask[:, None, None, :])
+    o = F.scaled_dot_product_attention(
+        heads(att.self.query(x)),
+        heads(att.self.key(x)),
+        heads(att.self.value(x)),
+        attn_mask=mask[:, None, None, :],
+    )
     x = att.output.LayerNorm(x + att.output.dense(o.transpose(1, 2).reshape(b, n, d)))
     return layer.output.LayerNorm(x + layer.output.dense(F.gelu(layer.intermediate.dense(x))))
 
@@ -96,9 +100,11 @@ def main() -> int:
     torch.manual_seed(0)
     tok = load_tokenizer()
     model = load_pretrained().eval()
-    checks = [("golden cosines (sbert.net docs)", golden_error(model, tok)),
-              ("padding invariance", padding_error(model, tok)),
-              ("packed layer = padded layer", packed_error(model, tok))]
+    checks = [
+        ("golden cosines (sbert.net docs)", golden_error(model, tok)),
+        ("padding invariance", padding_error(model, tok)),
+        ("packed layer = padded layer", packed_error(model, tok)),
+    ]
     ok = True
     for i, (name, err) in enumerate(checks, 1):
         print(f"{i}. {name}: max |diff| = {err:.2e}")
@@ -108,7 +114,8 @@ def main() -> int:
     for a, b, related in PAIRS:
         x = cosine(model.embed(tok.batch([a])), model.embed(tok.batch([b])))
         y = cosine(scratch.embed(tok.batch([a])), scratch.embed(tok.batch([b])))
-        print(f"   {'related  ' if related else 'unrelated'} {a!r:40} {b!r:28} {float(x):6.3f} | {float(y):6.3f}")
+        kind = "related  " if related else "unrelated"
+        print(f"   {kind} {a!r:40} {b!r:28} {float(x):6.3f} | {float(y):6.3f}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -14,8 +14,17 @@ from typing import Any
 from .data import DEFAULT_TRAIN_LANGUAGES, DEFAULT_ZERO_SHOT_LANGUAGES, LARGE_TRAIN_LANGUAGES
 
 ALL_METHODS: tuple[str, ...] = (
-    "scratch", "linear-probe", "stl", "mtl", "mtl-sampled", "control", "gradnorm", "pcgrad",
-    "gradvac", "reptile", "seq-reptile",
+    "scratch",
+    "linear-probe",
+    "stl",
+    "mtl",
+    "mtl-sampled",
+    "control",
+    "gradnorm",
+    "pcgrad",
+    "gradvac",
+    "reptile",
+    "seq-reptile",
 )
 """Every method name, in table order (``methods.py`` defines them)."""
 
@@ -92,14 +101,18 @@ class Config:
         little between methods), one line each."""
         notes = []
         if self.steps % self.num_tasks:
-            notes.append(f"{self.steps} steps is not a multiple of T = {self.num_tasks}: all-task "
-                         f"methods take {self.steps_for(True)} steps, "
-                         f"{self.steps_for(True) * self.num_tasks * self.batch_size} examples "
-                         f"instead of {self.examples}")
+            notes.append(
+                f"{self.steps} steps is not a multiple of T = {self.num_tasks}: all-task "
+                f"methods take {self.steps_for(True)} steps, "
+                f"{self.steps_for(True) * self.num_tasks * self.batch_size} examples "
+                f"instead of {self.examples}"
+            )
         for name, k in (("Sequential Reptile", self.inner_steps), ("Reptile", self.reptile_inner_steps)):
             if self.steps % k:
-                notes.append(f"{name}: K = {k} does not divide {self.steps} steps; the last "
-                             f"{self.steps % k} inner steps never reach the slow weights")
+                notes.append(
+                    f"{name}: K = {k} does not divide {self.steps} steps; the last "
+                    f"{self.steps % k} inner steps never reach the slow weights"
+                )
         return notes
 
 

@@ -82,6 +82,7 @@ class BackwardCounter:
         def hook(grad: torch.Tensor) -> None:
             if self._active:
                 self._per_param[index] += 1
+
         return hook
 
 

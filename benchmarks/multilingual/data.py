@@ -214,8 +214,9 @@ def available_languages(min_names: int = 300, min_per_category: int = 5) -> list
     return out
 
 
-def _entity_partition(seed: int, test_fraction: float, dev_fraction: float = 0.0
-                      ) -> Callable[[tuple[str, str]], str]:
+def _entity_partition(
+    seed: int, test_fraction: float, dev_fraction: float = 0.0
+) -> Callable[[tuple[str, str]], str]:
     """A seeded, order-independent ``"test"``/``"dev"``/``"train"`` decision per entity key
     (the same in every language). The test part does not depend on ``dev_fraction``."""
 
@@ -304,6 +305,5 @@ def build_entity_suite(
         test={code: held_out(code, "test", test_size) for code in train_languages},
         zero_shot={code: held_out(code, "test", test_size) for code in zero_shot_languages},
         seed=seed,
-        dev={code: held_out(code, "dev", dev_size) for code in train_languages}
-        if dev_fraction > 0 else {},
+        dev={code: held_out(code, "dev", dev_size) for code in train_languages} if dev_fraction > 0 else {},
     )

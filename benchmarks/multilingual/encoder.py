@@ -255,9 +255,7 @@ class MiniLM(nn.Module):
         self.config = cfg or BertConfig()
         self.embeddings = Embeddings(self.config)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(
-            Layer(self.config) for _ in range(self.config.num_hidden_layers)
-        )
+        self.encoder.layer = nn.ModuleList(Layer(self.config) for _ in range(self.config.num_hidden_layers))
 
     @property
     def dim(self) -> int:
@@ -304,8 +302,13 @@ class MiniLM(nn.Module):
 
 
 @torch.no_grad()
-def bottom_states(model: MiniLM, k: int, ids: Sequence[Sequence[int]], chunk: int = 256,
-                  wrap: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[Tensor]:
+def bottom_states(
+    model: MiniLM,
+    k: int,
+    ids: Sequence[Sequence[int]],
+    chunk: int = 256,
+    wrap: Callable[[Iterable[int]], Iterable[int]] | None = None,
+) -> list[Tensor]:
     """Token states ``(len_i, hidden)`` of each sequence after the embeddings and the first
     ``k`` layers, in eval mode (no dropout). Sequences are batched by length to limit padding.
     ``wrap`` wraps the loop over chunk starts (e.g. a progress bar)."""
@@ -314,7 +317,7 @@ def bottom_states(model: MiniLM, k: int, ids: Sequence[Sequence[int]], chunk: in
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[Tensor | None] = [None] * len(ids)
     starts: Iterable[int] = range(0, len(order), chunk)
-    for start in (wrap(starts) if wrap else starts):
+    for start in wrap(starts) if wrap else starts:
         part = order[start : start + chunk]
         batch = Tokenizer.pad([ids[i] for i in part])
         states = model.token_states(batch.input_ids, batch.attention_mask, layers=k)
@@ -353,11 +356,7 @@ def load_state_dict_from_package(path: Path | None = None) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     sd = load_file(str((path or model_dir()) / "model.safetensors"))
-    return {
-        k: v
-        for k, v in sd.items()
-        if not k.startswith("pooler.") and k != "embeddings.position_ids"
-    }
+    return {k: v for k, v in sd.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
 
 
 def load_pretrained(dropout: float | None = None) -> MiniLM:

@@ -40,7 +40,7 @@ class StateBank:
     ``states`` belong to ``sequences[i]``."""
 
     sequences: list[tuple[int, ...]]
-    states: Tensor   # (n_tokens, hidden)
+    states: Tensor  # (n_tokens, hidden)
     offsets: Tensor  # (len(sequences) + 1,) long
 
     def __post_init__(self) -> None:
@@ -60,8 +60,12 @@ class StateBank:
         starts = self.offsets[[self._row[tuple(s)] for s in ids]]
         index = (starts[:, None] + torch.arange(width)[None, :]) * mask
         device = self.states.device
-        return SplitFeatures(self.states, index.to(device), mask.to(device),
-                             torch.as_tensor(labels, dtype=torch.long).to(device))
+        return SplitFeatures(
+            self.states,
+            index.to(device),
+            mask.to(device),
+            torch.as_tensor(labels, dtype=torch.long).to(device),
+        )
 
 
 @dataclass
@@ -70,8 +74,8 @@ class SplitFeatures:
     :class:`StateBank`: ``index[i, j]`` is the bank row of token ``j`` of example ``i``."""
 
     states: Tensor
-    index: Tensor   # (N, L) long
-    mask: Tensor    # (N, L) bool
+    index: Tensor  # (N, L) long
+    mask: Tensor  # (N, L) bool
     labels: Tensor  # (N,) long
 
     def __len__(self) -> int:
@@ -112,8 +116,14 @@ def build_bank(model: MiniLM, k: int, sequences: Sequences, wrap: Wrap | None = 
     return StateBank(uniq, flat, offsets)
 
 
-def cached_bank(cache: DiskCache | None, model: MiniLM, k: int, sequences: Sequences,
-                encoder_id: str, wrap: Wrap | None = None) -> StateBank:
+def cached_bank(
+    cache: DiskCache | None,
+    model: MiniLM,
+    k: int,
+    sequences: Sequences,
+    encoder_id: str,
+    wrap: Wrap | None = None,
+) -> StateBank:
     """:func:`build_bank`, stored in and reloaded from ``cache`` (when given) under a key made
     of ``encoder_id``, ``k`` and the sequences' digest; the reloaded sequences are checked."""
     uniq = sorted({tuple(s) for s in sequences})
@@ -129,7 +139,7 @@ def cached_bank(cache: DiskCache | None, model: MiniLM, k: int, sequences: Seque
     tensors, _ = cache.load_or_build("bottom", key, build)
     offsets = tensors["offsets"]
     tokens, off = tensors["tokens"].tolist(), offsets.tolist()
-    stored = [tuple(tokens[off[i]:off[i + 1]]) for i in range(len(off) - 1)]
+    stored = [tuple(tokens[off[i] : off[i + 1]]) for i in range(len(off) - 1)]
     if stored != uniq:  # a digest collision or a hand-edited entry: never use wrong states
         cache.log("cache: bottom states do not match their sequences; rebuilding them")
         return build_bank(model, k, uniq, wrap)

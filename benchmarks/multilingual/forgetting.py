@@ -124,7 +124,9 @@ class LidProbe:
             te_y += [label] * len(ids[1::2])
 
         def feats(ids: list[list[int]]) -> Tensor:
-            return torch.cat([encoder.embed(Tokenizer.pad(ids[i : i + 256])) for i in range(0, len(ids), 256)])
+            return torch.cat(
+                [encoder.embed(Tokenizer.pad(ids[i : i + 256])) for i in range(0, len(ids), 256)]
+            )
 
         x_tr, x_te = feats(tr_ids), feats(te_ids)
         y_tr = torch.tensor(tr_y)
@@ -179,8 +181,11 @@ class LidProbe:
         lengths = torch.tensor([len(x) for x in self.test_ids], dtype=torch.long)
         flat = torch.tensor([t for x in self.test_ids for t in x], dtype=torch.long)
         tensors = {
-            "weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-            "test_tokens": flat, "test_lengths": lengths, "test_labels": self.test_labels,
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+            "test_tokens": flat,
+            "test_lengths": lengths,
+            "test_labels": self.test_labels,
             "reference_features": self.reference_features.contiguous(),
         }
         return tensors, {"languages": list(self.languages), "fit_report": dict(self.fit_report)}
@@ -190,9 +195,13 @@ class LidProbe:
         """Inverse of :meth:`to_tensors`."""
         pieces = tensors["test_tokens"].split(tensors["test_lengths"].tolist())
         return cls(
-            list(meta["languages"]), tensors["weight"], tensors["bias"],
-            [p.tolist() for p in pieces], tensors["test_labels"],
-            tensors["reference_features"], dict(meta["fit_report"]),
+            list(meta["languages"]),
+            tensors["weight"],
+            tensors["bias"],
+            [p.tolist() for p in pieces],
+            tensors["test_labels"],
+            tensors["reference_features"],
+            dict(meta["fit_report"]),
         )
 
 
@@ -207,4 +216,3 @@ def drift_of(pooled: Tensor, reference: Tensor) -> float:
     """``1 - mean cos(pooled, reference)`` row by row: 0 for the unchanged encoder."""
     reference = reference.to(pooled.device, pooled.dtype)
     return float(1.0 - F.cosine_similarity(pooled, reference, dim=-1).mean())
-

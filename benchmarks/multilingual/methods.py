@@ -59,8 +59,7 @@ class BuildArgs:
         device (same update, about 3x cheaper than the per-tensor loop on CPU)."""
         params = self.params()
         try:
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.cfg.weight_decay,
-                                     fused=True)
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.cfg.weight_decay, fused=True)
         except (RuntimeError, TypeError, ValueError):
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.cfg.weight_decay)
 
@@ -105,8 +104,9 @@ class Method:
 
 def sampled_mtl(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
     """One uniformly sampled task per step: Sequential Reptile with η = 1 (plain training)."""
-    return metaopt.SequentialReptile(a.adamw(), tasks=a.tasks, inner_steps=a.cfg.inner_steps,
-                                     outer_lr=1.0, seed=a.seed)
+    return metaopt.SequentialReptile(
+        a.adamw(), tasks=a.tasks, inner_steps=a.cfg.inner_steps, outer_lr=1.0, seed=a.seed
+    )
 
 
 def mtl(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
@@ -116,10 +116,10 @@ def mtl(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
 def gradnorm(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
     """GradNorm over MTL; W is the last dense layer of the top encoder layer (the last shared
     layer before pooling and the head)."""
-    layer = a.model.layers[-1].output.dense.parameters() if len(a.model.layers) else \
-        a.model.head.parameters()
-    return metaopt.GradNorm(metaopt.MTL(a.adamw(), tasks=a.tasks), layer=layer,
-                            alpha=a.cfg.gradnorm_alpha, seed=a.seed)
+    layer = a.model.layers[-1].output.dense.parameters() if len(a.model.layers) else a.model.head.parameters()
+    return metaopt.GradNorm(
+        metaopt.MTL(a.adamw(), tasks=a.tasks), layer=layer, alpha=a.cfg.gradnorm_alpha, seed=a.seed
+    )
 
 
 def pcgrad(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
@@ -127,34 +127,37 @@ def pcgrad(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
 
 
 def gradvac(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
-    return metaopt.GradVac(a.adamw(), tasks=a.tasks, beta=a.cfg.gradvac_beta, shared=a.params(),
-                           seed=a.seed)
+    return metaopt.GradVac(a.adamw(), tasks=a.tasks, beta=a.cfg.gradvac_beta, shared=a.params(), seed=a.seed)
 
 
 def reptile(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
-    return metaopt.Reptile(a.adamw(), tasks=a.tasks, inner_steps=a.cfg.reptile_inner_steps,
-                           outer_lr=a.cfg.outer_lr, seed=a.seed)
+    return metaopt.Reptile(
+        a.adamw(), tasks=a.tasks, inner_steps=a.cfg.reptile_inner_steps, outer_lr=a.cfg.outer_lr, seed=a.seed
+    )
 
 
 def seq_reptile(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
-    return metaopt.SequentialReptile(a.adamw(), tasks=a.tasks, inner_steps=a.cfg.inner_steps,
-                                     outer_lr=a.cfg.outer_lr, seed=a.seed)
+    return metaopt.SequentialReptile(
+        a.adamw(), tasks=a.tasks, inner_steps=a.cfg.inner_steps, outer_lr=a.cfg.outer_lr, seed=a.seed
+    )
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("scratch", "scratch (sampled MTL, random init)", sampled_mtl, "sampled", init="scratch"),
-    Method("linear-probe", "linear probe (frozen encoder)", sampled_mtl, "probe", head_only=True),
-    Method("stl", "STL (one model per language)", mtl, "stl", single_task=True, all_tasks=True),
-    Method("mtl", "MTL (sum of all tasks)", mtl, "mtl", all_tasks=True),
-    Method("mtl-sampled", "MTL (one sampled task) = SeqReptile η=1", sampled_mtl, "sampled"),
-    Method("control", "control: sampled MTL at lr×η", sampled_mtl, "sampled",
-           scale_lr_by_outer_lr=True),
-    Method("gradnorm", "GradNorm", gradnorm, "gradnorm", all_tasks=True),
-    Method("pcgrad", "PCGrad", pcgrad, "pcgrad", all_tasks=True),
-    Method("gradvac", "GradVac", gradvac, "gradvac", all_tasks=True),
-    Method("reptile", "Reptile", reptile, "reptile"),
-    Method("seq-reptile", "Sequential Reptile", seq_reptile, "seq-reptile"),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("scratch", "scratch (sampled MTL, random init)", sampled_mtl, "sampled", init="scratch"),
+        Method("linear-probe", "linear probe (frozen encoder)", sampled_mtl, "probe", head_only=True),
+        Method("stl", "STL (one model per language)", mtl, "stl", single_task=True, all_tasks=True),
+        Method("mtl", "MTL (sum of all tasks)", mtl, "mtl", all_tasks=True),
+        Method("mtl-sampled", "MTL (one sampled task) = SeqReptile η=1", sampled_mtl, "sampled"),
+        Method("control", "control: sampled MTL at lr×η", sampled_mtl, "sampled", scale_lr_by_outer_lr=True),
+        Method("gradnorm", "GradNorm", gradnorm, "gradnorm", all_tasks=True),
+        Method("pcgrad", "PCGrad", pcgrad, "pcgrad", all_tasks=True),
+        Method("gradvac", "GradVac", gradvac, "gradvac", all_tasks=True),
+        Method("reptile", "Reptile", reptile, "reptile"),
+        Method("seq-reptile", "Sequential Reptile", seq_reptile, "seq-reptile"),
+    )
+}
 assert tuple(METHODS) == ALL_METHODS, "config.ALL_METHODS and methods.METHODS disagree"
 
 

@@ -65,8 +65,12 @@ def build_suites(cfg: Config) -> dict[int, EntitySuite]:
     """The entity suite of every seed (raises ``ValueError`` naming a bad language)."""
     return {
         seed: build_entity_suite(
-            cfg.train_languages, cfg.zero_shot_languages, n_per_language=cfg.n_per_language,
-            test_size=cfg.test_size, dev_fraction=cfg.dev_fraction, dev_size=cfg.dev_size,
+            cfg.train_languages,
+            cfg.zero_shot_languages,
+            n_per_language=cfg.n_per_language,
+            test_size=cfg.test_size,
+            dev_fraction=cfg.dev_fraction,
+            dev_size=cfg.dev_size,
             seed=seed,
         )
         for seed in cfg.seeds
@@ -83,8 +87,14 @@ class Bench:
         wrap: wraps long preparation loops (a progress bar), or ``None``.
     """
 
-    def __init__(self, cfg: Config, cache: DiskCache | None, log: Callable[[str], None],
-                 wrap: Callable[[str], Wrap] | None = None, suites: dict[int, EntitySuite] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        cache: DiskCache | None,
+        log: Callable[[str], None],
+        wrap: Callable[[str], Wrap] | None = None,
+        suites: dict[int, EntitySuite] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.cache = cache
@@ -111,8 +121,10 @@ class Bench:
     # ------------------------------------------------------------------ preparation
     def _tokenize(self, suite: EntitySuite) -> dict[str, dict[str, list[list[int]]]]:
         parts = {"train": suite.train, "dev": suite.dev, "test": suite.test, "zero_shot": suite.zero_shot}
-        return {part: {code: self.tokenizer.encode(split.names) for code, split in group.items()}
-                for part, group in parts.items()}
+        return {
+            part: {code: self.tokenizer.encode(split.names) for code, split in group.items()}
+            for part, group in parts.items()
+        }
 
     def _bar(self, desc: str) -> Wrap | None:
         return self._wrap(desc) if self._wrap else None
@@ -120,14 +132,25 @@ class Bench:
     def _probe(self) -> LidProbe:
         cfg = self.cfg
         languages = cfg.lid_languages or LID_LANGUAGES
-        key = {"encoder": self.encoder_id, "languages": list(languages),
-               "max_windows": cfg.lid_max_windows, "min_windows": min(24, cfg.lid_max_windows),
-               "gflanguages": _version("gflanguages"), "weight_decay": 1e-3, "seed": 0}
+        key = {
+            "encoder": self.encoder_id,
+            "languages": list(languages),
+            "max_windows": cfg.lid_max_windows,
+            "min_windows": min(24, cfg.lid_max_windows),
+            "gflanguages": _version("gflanguages"),
+            "weight_decay": 1e-3,
+            "seed": 0,
+        }
 
         def build() -> tuple[dict[str, Tensor], dict[str, object]]:
             self.log("fitting the LID probe on the pre-trained encoder")
-            probe = LidProbe.fit(self.pretrained, self.tokenizer, languages=languages,
-                                 min_windows=key["min_windows"], max_windows=cfg.lid_max_windows)
+            probe = LidProbe.fit(
+                self.pretrained,
+                self.tokenizer,
+                languages=languages,
+                min_windows=key["min_windows"],
+                max_windows=cfg.lid_max_windows,
+            )
             return probe.to_tensors()
 
         if self.cache is None:
@@ -137,12 +160,12 @@ class Bench:
         return LidProbe.from_tensors(tensors, meta)
 
     def _sequences(self, seeds: Iterable[int]) -> list[list[int]]:
-        return [x for seed in seeds for part in self.ids[seed].values() for ids in part.values()
-                for x in ids]
+        return [x for seed in seeds for part in self.ids[seed].values() for ids in part.values() for x in ids]
 
     def _bank(self, model: MiniLM, sequences: list[list[int]], identity: str, desc: str) -> StateBank:
-        bank = cached_bank(self.cache, model, self.cfg.frozen_layers, sequences, identity,
-                           wrap=self._bar(desc))
+        bank = cached_bank(
+            self.cache, model, self.cfg.frozen_layers, sequences, identity, wrap=self._bar(desc)
+        )
         return bank.to(self.device)
 
     def _prepare_pretrained(self) -> None:
@@ -156,8 +179,12 @@ class Bench:
 
     def _prepare_scratch(self, seed: int) -> None:
         model = build_scratch(seed=seed, dropout=self.cfg.dropout)
-        bank = self._bank(model, self._sequences([seed]), f"scratch:seed={seed}:{self.encoder_id}",
-                          f"bottom states (scratch, seed {seed})")
+        bank = self._bank(
+            model,
+            self._sequences([seed]),
+            f"scratch:seed={seed}:{self.encoder_id}",
+            f"bottom states (scratch, seed {seed})",
+        )
         self.data[("scratch", seed)] = self._seed_data(bank, seed, "scratch", None)
         self._encoders[("scratch", seed)] = model
 
@@ -167,8 +194,15 @@ class Bench:
         def splits(part: str, group: dict) -> dict[str, SplitFeatures]:
             return {code: bank.split(ids[part][code], split.labels) for code, split in group.items()}
 
-        return SeedData(seed, init, splits("train", suite.train), splits("dev", suite.dev),
-                        splits("test", suite.test), splits("zero_shot", suite.zero_shot), lid)
+        return SeedData(
+            seed,
+            init,
+            splits("train", suite.train),
+            splits("dev", suite.dev),
+            splits("test", suite.test),
+            splits("zero_shot", suite.zero_shot),
+            lid,
+        )
 
     # ------------------------------------------------------------------ per run
     def model(self, init: str, seed: int) -> TopClassifier:

@@ -75,9 +75,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ---------------------------------------------------------------------- sections
 def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
-    header = ["method", "lr (dev-selected)", "test acc %", "zero-shot acc %", "LID loss ↓",
-              "drift ↓", "grad cosine", "backward passes / update", "backward passes / 1k examples",
-              "peak MB"]
+    header = [
+        "method",
+        "lr (dev-selected)",
+        "test acc %",
+        "zero-shot acc %",
+        "LID loss ↓",
+        "drift ↓",
+        "grad cosine",
+        "backward passes / update",
+        "backward passes / 1k examples",
+        "peak MB",
+    ]
     rows = []
     for m in a.methods:
         c = a.main(m)
@@ -86,23 +95,59 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
         lr_text = _lr(lr) + (f" (runs at {_lr(eff)})" if eff != lr else "")
         if m == "control" and SR in a.methods:
             lr_text += ", SR's lr"
-        rows.append([METHODS[m].label, lr_text, ms(c["test_mean"], 1, 100),
-                     ms(c["zero_shot_mean"], 1, 100), ms(c["lid_loss"], 3), ms(c["drift"], 3),
-                     ms(c["cosine_mean"], 2), count(c["backward_per_update"]),
-                     count(c["backward_per_1k_examples"]), ms(c["peak_mb"], 1)])
-    rows.append(["pre-trained encoder, before fine-tuning", "", "", "",
-                 _num(ref["lid_loss_pretrained"], 3), "0", "", "", "", ""])
-    rows.append(["majority class", "", _num(ref["majority_test"], 1, 100),
-                 _num(ref["majority_zero_shot"], 1, 100), "", "", "", "", "", ""])
+        rows.append(
+            [
+                METHODS[m].label,
+                lr_text,
+                ms(c["test_mean"], 1, 100),
+                ms(c["zero_shot_mean"], 1, 100),
+                ms(c["lid_loss"], 3),
+                ms(c["drift"], 3),
+                ms(c["cosine_mean"], 2),
+                count(c["backward_per_update"]),
+                count(c["backward_per_1k_examples"]),
+                ms(c["peak_mb"], 1),
+            ]
+        )
+    rows.append(
+        [
+            "pre-trained encoder, before fine-tuning",
+            "",
+            "",
+            "",
+            _num(ref["lid_loss_pretrained"], 3),
+            "0",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
+    rows.append(
+        [
+            "majority class",
+            "",
+            _num(ref["majority_test"], 1, 100),
+            _num(ref["majority_zero_shot"], 1, 100),
+            "",
+            "",
+            "",
+            "",
+            "",
+            "",
+        ]
+    )
     return _table(header, rows)
 
 
 def _claims_section(a: Analysis) -> list[str]:
     claims = a.claims()
-    names = {"alignment": "1. aligns gradients between tasks",
-             "forgetting": "2. forgets less of the pre-training",
-             "accuracy": "3. beats the baselines on the tasks and zero-shot",
-             "cost": "4. costs less than PCGrad and GradVac (1 backward pass per update, not T)"}
+    names = {
+        "alignment": "1. aligns gradients between tasks",
+        "forgetting": "2. forgets less of the pre-training",
+        "accuracy": "3. beats the baselines on the tasks and zero-shot",
+        "cost": "4. costs less than PCGrad and GradVac (1 backward pass per update, not T)",
+    }
     rows = []
     for key, title in names.items():
         c = claims[key]
@@ -118,9 +163,11 @@ def _claims_section(a: Analysis) -> list[str]:
     return _table(["claim", "reproduced?", "rule applied (details below)"], rows)
 
 
-_CHECK_TEXT = {"fewer_backward_per_update": ("(a)", "backward passes per update"),
-               "backward_per_example_at_most_sampled": ("(b)", "backward passes per 1k examples"),
-               "lower_peak_memory": ("(c)", "peak MB")}
+_CHECK_TEXT = {
+    "fewer_backward_per_update": ("(a)", "backward passes per update"),
+    "backward_per_example_at_most_sampled": ("(b)", "backward passes per 1k examples"),
+    "lower_peak_memory": ("(c)", "peak MB"),
+}
 
 
 def _cost_detail(a: Analysis, c: dict[str, Any]) -> str:
@@ -135,17 +182,20 @@ def _cost_detail(a: Analysis, c: dict[str, Any]) -> str:
         sr = next(iter(per.values()))["sr"]
         fmt = (lambda x: ms(x, 1)) if check["metric"] == "peak_mb" else count
         others = ", ".join(f"{m} {fmt(v['other'])}" for m, v in per.items())
-        parts.append(f"{tag} {what}: SR {fmt(sr)}, {others}: "
-                     f"{'holds' if check['holds'] else 'does not hold'}")
+        parts.append(
+            f"{tag} {what}: SR {fmt(sr)}, {others}: {'holds' if check['holds'] else 'does not hold'}"
+        )
     return "; ".join(parts) + ". " + _not_cheaper_text(c["sr_not_cheaper"])
 
 
 def _not_cheaper_text(nc: dict[str, list[str]]) -> str:
     """One sentence per counted measure on which some method is at least as cheap as SR."""
-    names = {"backward_per_update": "backward passes per update",
-             "backward_per_1k_examples": "backward passes per example",
-             "full_backward_per_1k_examples": "full backward passes per example",
-             "peak_mb": "peak memory"}
+    names = {
+        "backward_per_update": "backward passes per update",
+        "backward_per_1k_examples": "backward passes per example",
+        "full_backward_per_1k_examples": "full backward passes per example",
+        "peak_mb": "peak memory",
+    }
     out = []
     for metric, label in names.items():
         cheaper, equal = nc.get(f"cheaper:{metric}", []), nc.get(f"equal:{metric}", [])
@@ -167,26 +217,58 @@ def _cost_table(a: Analysis) -> list[str]:
         c = a.main(m)
         full, passes = c["full_backward_per_update"]["mean"], c["backward_per_update"]["mean"]
         partial = None if full is None or passes is None else passes - full
-        rows.append([METHODS[m].label, count(c["examples_per_update"]), count(c["backward_per_update"]),
-                     "n/a" if partial is None else f"{partial:g}",
-                     count(c["backward_per_1k_examples"]), count(c["full_backward_per_1k_examples"]),
-                     ms(c["peak_mb"], 1)])
-    return _table(["method", "examples / update", "backward passes / update",
-                   "of which partial", "backward passes / 1k examples",
-                   "full backward passes / 1k examples", "peak MB"], rows)
+        rows.append(
+            [
+                METHODS[m].label,
+                count(c["examples_per_update"]),
+                count(c["backward_per_update"]),
+                "n/a" if partial is None else f"{partial:g}",
+                count(c["backward_per_1k_examples"]),
+                count(c["full_backward_per_1k_examples"]),
+                ms(c["peak_mb"], 1),
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "examples / update",
+            "backward passes / update",
+            "of which partial",
+            "backward passes / 1k examples",
+            "full backward passes / 1k examples",
+            "peak MB",
+        ],
+        rows,
+    )
 
 
 def _timing_table(a: Analysis) -> list[str]:
     rows = []
     for m, t in a.timings().items():
         load = t["load_1min_mean"]
-        rows.append([METHODS[m].label, ms(t["ms_per_example"], 3),
-                     _times(t["ms_per_example_ratio_to_sr"]), ms(t["ms_per_step"], 1),
-                     _times(t["ms_per_step_ratio_to_sr"]), ms(load, 2),
-                     ms(t["other_cpu_cores"], 2)])
-    return _table(["method", "ms / example", "× SR per example", "ms / step (update)",
-                   "× SR per step", "load average (1 min) in its timed sections",
-                   "other processes' CPU, cores"], rows)
+        rows.append(
+            [
+                METHODS[m].label,
+                ms(t["ms_per_example"], 3),
+                _times(t["ms_per_example_ratio_to_sr"]),
+                ms(t["ms_per_step"], 1),
+                _times(t["ms_per_step_ratio_to_sr"]),
+                ms(load, 2),
+                ms(t["other_cpu_cores"], 2),
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "ms / example",
+            "× SR per example",
+            "ms / step (update)",
+            "× SR per step",
+            "load average (1 min) in its timed sections",
+            "other processes' CPU, cores",
+        ],
+        rows,
+    )
 
 
 def _times(ratio: float | None) -> str:
@@ -194,8 +276,10 @@ def _times(ratio: float | None) -> str:
 
 
 def _against(c: dict[str, Any]) -> str:
-    text = (f"Holds against: {', '.join(c['holds_against']) or 'none'}; "
-            f"not against: {', '.join(c['fails_against']) or 'none'}")
+    text = (
+        f"Holds against: {', '.join(c['holds_against']) or 'none'}; "
+        f"not against: {', '.join(c['fails_against']) or 'none'}"
+    )
     if c.get("not_comparable"):
         text += f"; not comparable (fewer than 2 seeds overlap): {', '.join(c['not_comparable'])}"
     return text
@@ -203,21 +287,56 @@ def _against(c: dict[str, Any]) -> str:
 
 def _versus_table(a: Analysis) -> list[str]:
     vs = a.versus()
-    rows = [[METHODS[m].label, diff(v["test_mean"], 1, 100), diff(v["zero_shot_mean"], 1, 100),
-             diff(v["lid_loss"], 3), diff(v["drift"], 3), diff(v["cosine_mean"], 2)]
-            for m, v in vs.items()]
-    return _table(["Sequential Reptile minus …", "Δ test (points)", "Δ zero-shot (points)",
-                   "Δ LID loss", "Δ drift", "Δ grad cosine"], rows)
+    rows = [
+        [
+            METHODS[m].label,
+            diff(v["test_mean"], 1, 100),
+            diff(v["zero_shot_mean"], 1, 100),
+            diff(v["lid_loss"], 3),
+            diff(v["drift"], 3),
+            diff(v["cosine_mean"], 2),
+        ]
+        for m, v in vs.items()
+    ]
+    return _table(
+        [
+            "Sequential Reptile minus …",
+            "Δ test (points)",
+            "Δ zero-shot (points)",
+            "Δ LID loss",
+            "Δ drift",
+            "Δ grad cosine",
+        ],
+        rows,
+    )
 
 
 def _control_table(a: Analysis) -> list[str]:
     rows = []
     for lr, v in a.sr_vs_control().items():
-        rows.append([f"{_lr(lr)} vs {_lr(lr * a.cfg.outer_lr)}", diff(v["test_mean"], 1, 100),
-                     diff(v["zero_shot_mean"], 1, 100), diff(v["lid_loss"], 3),
-                     diff(v["drift"], 3), diff(v["cosine_mean"], 2), diff(v["train_loss_final"], 3)])
-    return _table(["SR inner lr vs control lr", "Δ test (points)", "Δ zero-shot (points)",
-                   "Δ LID loss", "Δ drift", "Δ grad cosine", "Δ final train loss"], rows)
+        rows.append(
+            [
+                f"{_lr(lr)} vs {_lr(lr * a.cfg.outer_lr)}",
+                diff(v["test_mean"], 1, 100),
+                diff(v["zero_shot_mean"], 1, 100),
+                diff(v["lid_loss"], 3),
+                diff(v["drift"], 3),
+                diff(v["cosine_mean"], 2),
+                diff(v["train_loss_final"], 3),
+            ]
+        )
+    return _table(
+        [
+            "SR inner lr vs control lr",
+            "Δ test (points)",
+            "Δ zero-shot (points)",
+            "Δ LID loss",
+            "Δ drift",
+            "Δ grad cosine",
+            "Δ final train loss",
+        ],
+        rows,
+    )
 
 
 def _matched_forgetting_table(a: Analysis) -> list[str]:
@@ -226,16 +345,36 @@ def _matched_forgetting_table(a: Analysis) -> list[str]:
         label = METHODS[m].label + (" (path through both)" if m in ("mtl-sampled", "control") else "")
         f_t, f_z = v["test_mean"]["at_sr_level"], v["zero_shot_mean"]["at_sr_level"]
         r_t, r_z = v["test_mean"]["sr_at_level"], v["zero_shot_mean"]["sr_at_level"]
-        rows.append([label, diff(f_t, 1, 100), diff(f_z, 1, 100), f"{f_t['n']}/{len(a.seeds)}",
-                     diff(r_t, 1, 100), diff(r_z, 1, 100), f"{r_t['n']}/{len(a.seeds)}"])
-    return _table(["method", "Δ test, at SR's LID loss", "Δ zero-shot, at SR's LID loss",
-                   "seeds in range", "Δ test, at the method's LID loss",
-                   "Δ zero-shot, at the method's LID loss", "seeds in range"], rows)
+        rows.append(
+            [
+                label,
+                diff(f_t, 1, 100),
+                diff(f_z, 1, 100),
+                f"{f_t['n']}/{len(a.seeds)}",
+                diff(r_t, 1, 100),
+                diff(r_z, 1, 100),
+                f"{r_t['n']}/{len(a.seeds)}",
+            ]
+        )
+    return _table(
+        [
+            "method",
+            "Δ test, at SR's LID loss",
+            "Δ zero-shot, at SR's LID loss",
+            "seeds in range",
+            "Δ test, at the method's LID loss",
+            "Δ zero-shot, at the method's LID loss",
+            "seeds in range",
+        ],
+        rows,
+    )
 
 
 def _matched_loss_table(a: Analysis) -> list[str]:
-    rows = [[METHODS[m].label, ms(v["sr"], 3), ms(v["other"], 3), diff(v, 3), f"{v['n']}/{len(a.seeds)}"]
-            for m, v in a.matched_loss_cosine().items()]
+    rows = [
+        [METHODS[m].label, ms(v["sr"], 3), ms(v["other"], 3), diff(v, 3), f"{v['n']}/{len(a.seeds)}"]
+        for m, v in a.matched_loss_cosine().items()
+    ]
     return _table(["method", "SR cosine", "method cosine", "SR − method", "seeds with overlap"], rows)
 
 
@@ -245,12 +384,33 @@ def _grid_table(a: Analysis) -> list[str]:
         for lr in a.lrs:
             c = a.grid[m][lr]
             sel = " ←" if lr == a.selected[m] else ""
-            rows.append([METHODS[m].label, _lr(lr) + sel, ms(c["dev_mean"], 1, 100),
-                         ms(c["test_mean"], 1, 100), ms(c["zero_shot_mean"], 1, 100),
-                         ms(c["lid_loss"], 3), ms(c["drift"], 3), ms(c["cosine_mean"], 2),
-                         ms(c["train_loss_final"], 3)])
-    return _table(["method", "lr", "dev %", "test %", "zero-shot %", "LID loss", "drift",
-                   "grad cosine", "final train loss"], rows)
+            rows.append(
+                [
+                    METHODS[m].label,
+                    _lr(lr) + sel,
+                    ms(c["dev_mean"], 1, 100),
+                    ms(c["test_mean"], 1, 100),
+                    ms(c["zero_shot_mean"], 1, 100),
+                    ms(c["lid_loss"], 3),
+                    ms(c["drift"], 3),
+                    ms(c["cosine_mean"], 2),
+                    ms(c["train_loss_final"], 3),
+                ]
+            )
+    return _table(
+        [
+            "method",
+            "lr",
+            "dev %",
+            "test %",
+            "zero-shot %",
+            "LID loss",
+            "drift",
+            "grad cosine",
+            "final train loss",
+        ],
+        rows,
+    )
 
 
 def _gap_line(a: Analysis) -> list[str]:
@@ -258,36 +418,45 @@ def _gap_line(a: Analysis) -> list[str]:
     if gap is None:
         return ["Pre-trained vs scratch: not measured (needs the `mtl-sampled` and `scratch` methods)."]
     t, z = gap["test_mean"], gap["zero_shot_mean"]
-    return [f"**Pre-training is worth {ms(t, 1, 100, sign=True)} points of test accuracy and "
-            f"{ms(z, 1, 100, sign=True)} points of zero-shot accuracy** (sampled MTL on the "
-            f"pre-trained encoder at its selected lr {_lr(a.selected['mtl-sampled'])} minus the same "
-            f"on a randomly initialised encoder at {_lr(a.selected['scratch'])}; paired by seed, "
-            f"{'same sign on every seed' if t['holds'] and z['holds'] else 'sign not the same on every seed'})."]
+    return [
+        f"**Pre-training is worth {ms(t, 1, 100, sign=True)} points of test accuracy and "
+        f"{ms(z, 1, 100, sign=True)} points of zero-shot accuracy** (sampled MTL on the "
+        f"pre-trained encoder at its selected lr {_lr(a.selected['mtl-sampled'])} minus the same "
+        f"on a randomly initialised encoder at {_lr(a.selected['scratch'])}; paired by seed, "
+        f"{'same sign on every seed' if t['holds'] and z['holds'] else 'sign not the same on every seed'})."
+    ]
 
 
 def _cost_section(a: Analysis, cfg: Any) -> list[str]:
-    lines = ["## Cost", "",
-             "**Counted** (what the cost verdict uses). In the training loop, per run: the "
-             "updates (`opt.step` calls), the training examples fed to them, and every backward "
-             "pass that computed a gradient for a trained parameter. A *partial* pass stops short "
-             "of some trained parameters (GradNorm's per-task gradient at its one shared layer). "
-             "Measurement points are not counted. Per update and per 1,000 examples are both "
-             f"shown: a method that takes one batch of all {cfg.num_tasks} tasks per update "
-             f"processes {cfg.num_tasks}× the examples of a sampled-task update. The machine's "
-             "load cannot change these numbers; peak memory is read the same way on every "
-             "machine.", ""]
+    lines = [
+        "## Cost",
+        "",
+        "**Counted** (what the cost verdict uses). In the training loop, per run: the "
+        "updates (`opt.step` calls), the training examples fed to them, and every backward "
+        "pass that computed a gradient for a trained parameter. A *partial* pass stops short "
+        "of some trained parameters (GradNorm's per-task gradient at its one shared layer). "
+        "Measurement points are not counted. Per update and per 1,000 examples are both "
+        f"shown: a method that takes one batch of all {cfg.num_tasks} tasks per update "
+        f"processes {cfg.num_tasks}× the examples of a sampled-task update. The machine's "
+        "load cannot change these numbers; peak memory is read the same way on every "
+        "machine.",
+        "",
+    ]
     lines += _cost_table(a) + [""]
     c = a.claims()["cost"]
     if "sr_not_cheaper" in c:
         lines += [_not_cheaper_text(c["sr_not_cheaper"]), ""]
-    lines += ["**Timed: load-dependent, not used by any verdict.** Wall-clock time of the "
-              "optimizer steps only (measurement points excluded), per training example and per "
-              "update, with the load measured during the same sections: the 1-minute load "
-              "average sampled at the start and end of each timed section (it includes this "
-              "benchmark's own threads), and the CPU the rest of the machine used meanwhile "
-              "(busy time of all CPUs in `/proc/stat`, hypervisor steal included, minus this "
-              "process's own), in cores. On a busy machine these times move by several times "
-              "while every number above stays the same.", ""]
+    lines += [
+        "**Timed: load-dependent, not used by any verdict.** Wall-clock time of the "
+        "optimizer steps only (measurement points excluded), per training example and per "
+        "update, with the load measured during the same sections: the 1-minute load "
+        "average sampled at the start and end of each timed section (it includes this "
+        "benchmark's own threads), and the CPU the rest of the machine used meanwhile "
+        "(busy time of all CPUs in `/proc/stat`, hypervisor steal included, minus this "
+        "process's own), in cores. On a busy machine these times move by several times "
+        "while every number above stays the same.",
+        "",
+    ]
     lines += _timing_table(a) + [""]
     return lines
 
@@ -303,7 +472,8 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
         f"({meta['machine']['cpu_count']} cores, {meta['machine']['torch_threads']} torch threads, "
         f"device {meta['machine']['device']}; load average at start "
         f"{meta['load_average_start']}, at end {meta['load_average_end']}). Every number is in "
-        f"`{cfg.suite}.json`.", "",
+        f"`{cfg.suite}.json`.",
+        "",
         f"Training languages ({cfg.num_tasks}): {' '.join(cfg.train_languages)}. Zero-shot (held "
         f"out): {' '.join(cfg.zero_shot_languages)}. {cfg.n_per_language} labelled names per "
         f"language, batch {cfg.batch_size}, **{cfg.examples:,} training examples per run for every "
@@ -312,7 +482,9 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
         f"lr grid {', '.join(_lr(x) for x in cfg.lrs)} for every method; Sequential Reptile "
         f"K = {cfg.inner_steps}, η = {cfg.outer_lr}; Reptile K = {cfg.reptile_inner_steps}, "
         f"η = {cfg.outer_lr}. Seeds: {', '.join(map(str, cfg.seeds))}; mean ± sample std over "
-        f"seeds. lr selected per method on dev accuracy.", ""]
+        f"seeds. lr selected per method on dev accuracy.",
+        "",
+    ]
     lines += ["## Results at each method's selected lr", ""] + _main_table(a, ref) + [""]
     lines += [
         "LID loss: the frozen language-ID probe's loss through the fine-tuned encoder (forgetting; "
@@ -323,37 +495,67 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
         "names. Reptile-family models are evaluated at their slow weights. Backward passes are "
         "counted as they run, per update (one `opt.step`) and per 1,000 training examples fed "
         "(see Cost below); peak MB is the resident memory the run added at its peak. Timings are "
-        "in their own table below: they depend on the machine's load.", ""]
+        "in their own table below: they depend on the machine's load.",
+        "",
+    ]
     lines += _gap_line(a) + [""]
     lines += ["## The paper's claims", ""] + _claims_section(a) + [""]
-    for key, title in (("accuracy", "Accuracy figure"), ("tradeoff", "Accuracy against forgetting"),
-                       ("cosine", "Gradient cosine during training"), ("cost", "Cost")):
+    for key, title in (
+        ("accuracy", "Accuracy figure"),
+        ("tradeoff", "Accuracy against forgetting"),
+        ("cosine", "Gradient cosine during training"),
+        ("cost", "Cost"),
+    ):
         if key in figures:
             lines += [f"![{title}]({figures[key]})", ""]
     lines += _cost_section(a, cfg)
-    lines += ["## Paired differences (per seed, each method at its selected lr)", "",
-              "✓ = the difference has the same sign on every seed compared (2 or more).", ""]
+    lines += [
+        "## Paired differences (per seed, each method at its selected lr)",
+        "",
+        "✓ = the difference has the same sign on every seed compared (2 or more).",
+        "",
+    ]
     lines += _versus_table(a) + [""]
-    lines += ["## Sequential Reptile against its control", "",
-              f"To first order, Sequential Reptile at inner lr α and η = {cfg.outer_lr} moves as far "
-              f"from the pre-trained weights as sampled MTL at α·η (the control). The drift and "
-              f"final training loss columns measure whether it does. Differences SR − control, "
-              f"per seed:", ""]
+    lines += [
+        "## Sequential Reptile against its control",
+        "",
+        f"To first order, Sequential Reptile at inner lr α and η = {cfg.outer_lr} moves as far "
+        f"from the pre-trained weights as sampled MTL at α·η (the control). The drift and "
+        f"final training loss columns measure whether it does. Differences SR − control, "
+        f"per seed:",
+        "",
+    ]
     lines += _control_table(a) + [""]
-    lines += ["## Accuracy at matched forgetting", "",
-              "Sequential Reptile minus the method, in points, at equal LID-probe loss, per seed. "
-              "Left: at the LID loss of Sequential Reptile's selected run, the method's best "
-              "accuracy where its lr path crosses that level. Right: Sequential Reptile's best "
-              "accuracy at the LID loss of the method's selected run. The lr path joins the runs "
-              "at neighbouring grid lrs by straight lines in the (LID loss, accuracy) plane "
-              "(sampled MTL and the control share one path, lr·η to lr); never extrapolated: n/a "
-              "where a path does not reach the level.", ""] + _matched_forgetting_table(a) + [""]
-    lines += ["## Gradient cosine at matched training loss", "",
-              "Per seed, mean over 5 training-loss levels in the range both methods' measurement "
-              "points cover (each at its selected lr; initialisation excluded).", ""]
+    lines += (
+        [
+            "## Accuracy at matched forgetting",
+            "",
+            "Sequential Reptile minus the method, in points, at equal LID-probe loss, per seed. "
+            "Left: at the LID loss of Sequential Reptile's selected run, the method's best "
+            "accuracy where its lr path crosses that level. Right: Sequential Reptile's best "
+            "accuracy at the LID loss of the method's selected run. The lr path joins the runs "
+            "at neighbouring grid lrs by straight lines in the (LID loss, accuracy) plane "
+            "(sampled MTL and the control share one path, lr·η to lr); never extrapolated: n/a "
+            "where a path does not reach the level.",
+            "",
+        ]
+        + _matched_forgetting_table(a)
+        + [""]
+    )
+    lines += [
+        "## Gradient cosine at matched training loss",
+        "",
+        "Per seed, mean over 5 training-loss levels in the range both methods' measurement "
+        "points cover (each at its selected lr; initialisation excluded).",
+        "",
+    ]
     lines += _matched_loss_table(a) + [""]
-    lines += ["## Every run: the whole lr grid", "",
-              "← marks the dev-selected lr (for the control: Sequential Reptile's selected lr).", ""]
+    lines += [
+        "## Every run: the whole lr grid",
+        "",
+        "← marks the dev-selected lr (for the control: Sequential Reptile's selected lr).",
+        "",
+    ]
     lines += _grid_table(a) + [""]
     lines += ["## Methods", ""] + [f"- `{m}`: {d}" for m, d in describe(cfg).items() if m in a.methods]
     lines += [""]
@@ -365,6 +567,7 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
 
 def reference_numbers(bench: Any) -> dict[str, float]:
     """Reference values: the pre-trained encoder's LID loss and the majority-class accuracy."""
+
     def majority(group: dict[str, Any]) -> float:
         vals = []
         for split in group.values():
@@ -374,10 +577,12 @@ def reference_numbers(bench: Any) -> dict[str, float]:
 
     maj_test = [majority(s.test) for s in bench.suites.values()]
     maj_zs = [majority(s.zero_shot) for s in bench.suites.values()]
-    return {"lid_loss_pretrained": bench.probe.fit_report["test_loss"],
-            "lid_acc_pretrained": bench.probe.fit_report["test_acc"],
-            "majority_test": sum(maj_test) / len(maj_test),
-            "majority_zero_shot": sum(maj_zs) / len(maj_zs)}
+    return {
+        "lid_loss_pretrained": bench.probe.fit_report["test_loss"],
+        "lid_acc_pretrained": bench.probe.fit_report["test_acc"],
+        "majority_test": sum(maj_test) / len(maj_test),
+        "majority_zero_shot": sum(maj_zs) / len(maj_zs),
+    }
 
 
 __all__ = ["SR", "count", "markdown", "reference_numbers", "write_json"]

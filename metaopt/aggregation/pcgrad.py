@@ -101,8 +101,9 @@ def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def _order_and_gramian(jacobian: Tensor, reduction: str, generator: torch.Generator | None,
-                       where: str) -> tuple[Tensor, Tensor]:
+def _order_and_gramian(
+    jacobian: Tensor, reduction: str, generator: torch.Generator | None, where: str
+) -> tuple[Tensor, Tensor]:
     """Shared prologue of the convenience aggregators: validate, draw the visiting order from
     ``generator`` (never the global RNG), and compute the Gramian in float64 (see
     :func:`~metaopt.aggregation.gramian`)."""
@@ -170,9 +171,7 @@ def _combine(plan: _Plan, coefs: Tensor, reduction: str, dtype: torch.dtype) -> 
     return w.reshape(plan.lead + (T,)).to(dtype)
 
 
-def pcgrad_weights(
-    G: Tensor, order: Tensor, reduction: str = "sum", *, validate: bool = True
-) -> Tensor:
+def pcgrad_weights(G: Tensor, order: Tensor, reduction: str = "sum", *, validate: bool = True) -> Tensor:
     """PCGrad weights ``w`` such that the PCGrad update is ``wᵀJ``, computed from ``G = J Jᵀ``.
 
     Runs in float64 (the loop is O(T³) on T×T numbers; float32 on MPS); a zero gradient ``g_j``
