@@ -49,6 +49,20 @@ def test_toy_benchmark_draws_every_method(tmp_path, capsys, monkeypatch):
         assert name in out
 
 
+def test_sinusoid_maml_example_lowers_held_out_mse(capsys, monkeypatch):
+    """examples/sinusoid.py, shortened: meta-training clearly lowers the post-adaptation MSE on
+    held-out tasks (0.27x at seed 0; at most 0.56x over seeds 0-11, checked by hand)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import sinusoid
+
+    before, after = sinusoid.main(["--iterations", "250", "--outer-lr", "3e-3", "--seed", "0"])
+    sys.modules.pop("sinusoid", None)
+    out = capsys.readouterr().out
+    assert f"before meta-training: post-adaptation MSE {before:.4f}" in out
+    assert f"after meta-training:  post-adaptation MSE {after:.4f}" in out
+    assert after < 0.7 * before, (before, after)
+
+
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
@@ -58,12 +72,18 @@ def _torchrun(*args: str) -> str:
     machine, with or without metaopt's collectives; pytorch/pytorch#179291 describes the
     mechanism): such a run counts when rank 0 printed its final line; every other failure
     fails the test."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(EXAMPLES / "distributed.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(EXAMPLES / "distributed.py"),
+        *args,
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if run.returncode != 0:
-        assert TEARDOWN_ABORT in run.stderr and "outer steps from step" in run.stdout, \
-            run.stderr[-3000:]
+        assert TEARDOWN_ABORT in run.stderr and "outer steps from step" in run.stdout, run.stderr[-3000:]
     return run.stdout
 
 
