@@ -367,10 +367,42 @@ def _gradnorm_pcgrad(m, s):
     )
 
 
+def _random_weighting(G):
+    """A Gramian weighting that draws from the global RNG (as TorchJD's PCGradWeighting does):
+    Weighted must make it reproducible from its own generator, through every copy and reload."""
+    return (0.5 + torch.rand(G.shape[-1], dtype=G.dtype)) / G.diagonal().sqrt().clamp_min(1e-12)
+
+
+def _weighted(m, s):
+    return metaopt.Weighted(
+        torch.optim.Adam(m.parameters(), lr=0.02), weighting=_random_weighting, tasks=TASKS, seed=s
+    )
+
+
+def _sr_weighted(m, s):
+    return metaopt.SequentialReptile(
+        metaopt.Weighted(
+            torch.optim.SGD(m.parameters(), lr=0.05), weighting=_random_weighting, tasks=TASKS, seed=s
+        ),
+        inner_steps=2,
+        outer_lr=0.5,
+        flatten=True,
+        seed=s,
+    )
+
+
+def weighted_options(target: str) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
+    """Weighted has the surgery options but no reduction (the weighting scales the update)."""
+    valid = [(target, "retain_graph", True), (target, "retain_graph", False)]
+    return valid, [(target, "batched", "no"), (target, "retain_graph", 1)]
+
+
 _sv, _si = surgery_options("opt", gradvac=False)
 _gv, _gi = surgery_options("opt", gradvac=True)
 _iv, _ii = surgery_options("inner", gradvac=True)
 _pv, _pi = surgery_options("inner", gradvac=False)
+_wv, _wi = weighted_options("opt")
+_wiv, _wii = weighted_options("inner")
 SPECS: dict[str, Spec] = {
     "sequential_reptile": Spec(
         "heads",
@@ -443,6 +475,15 @@ SPECS: dict[str, Spec] = {
     ),
     "gradnorm_pcgrad": Spec(
         "mlp", _gradnorm_pcgrad, GRADNORM_VALID + _pv + LR, GRADNORM_INVALID + _pi + BASE_INVALID
+    ),
+    "weighted": Spec("heads", _weighted, _wv + LR, _wi + BASE_INVALID),
+    "sequential_reptile_weighted": Spec(
+        "mlp",
+        _sr_weighted,
+        SLOW_FAST_VALID + _wiv + LR,
+        SLOW_FAST_INVALID + _wii + BASE_INVALID,
+        slow_fast=True,
+        conflicting=UNPAIRED,
     ),
 }
 
