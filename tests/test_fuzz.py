@@ -215,19 +215,15 @@ UNPAIRED = [("opt", "outer_lr_final", 0.0, "go together"), ("opt", "anneal_steps
 
 
 def surgery_options(
-    target: str, gradvac: bool
+    target: str, gradvac: bool, reduction: bool = True
 ) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
-    valid: list[tuple[str, str, Any]] = [
-        (target, "reduction", "sum"),
-        (target, "reduction", "mean"),
-        (target, "retain_graph", True),
-        (target, "retain_graph", False),
-    ]
-    invalid: list[tuple[str, str, Any]] = [
-        (target, "reduction", "max"),
-        (target, "reduction", None),
-        (target, "batched", "no"),
-    ]
+    """The options of a GradientSurgery method (Weighted has no reduction: its weighting scales
+    the update)."""
+    valid: list[tuple[str, str, Any]] = [(target, "retain_graph", True), (target, "retain_graph", False)]
+    invalid: list[tuple[str, str, Any]] = [(target, "batched", "no"), (target, "retain_graph", 1)]
+    if reduction:
+        valid += [(target, "reduction", "sum"), (target, "reduction", "mean")]
+        invalid += [(target, "reduction", "max"), (target, "reduction", None)]
     if gradvac:
         valid += [(target, "beta", b) for b in (0.0, 0.1, 0.5, 1.0)]
         invalid += [(target, "beta", 1.5), (target, "beta", -0.1), (target, "beta", math.nan)]
@@ -391,18 +387,12 @@ def _sr_weighted(m, s):
     )
 
 
-def weighted_options(target: str) -> tuple[list[tuple[str, str, Any]], list[tuple[str, str, Any]]]:
-    """Weighted has the surgery options but no reduction (the weighting scales the update)."""
-    valid = [(target, "retain_graph", True), (target, "retain_graph", False)]
-    return valid, [(target, "batched", "no"), (target, "retain_graph", 1)]
-
-
 _sv, _si = surgery_options("opt", gradvac=False)
 _gv, _gi = surgery_options("opt", gradvac=True)
 _iv, _ii = surgery_options("inner", gradvac=True)
 _pv, _pi = surgery_options("inner", gradvac=False)
-_wv, _wi = weighted_options("opt")
-_wiv, _wii = weighted_options("inner")
+_wv, _wi = surgery_options("opt", gradvac=False, reduction=False)
+_wiv, _wii = surgery_options("inner", gradvac=False, reduction=False)
 SPECS: dict[str, Spec] = {
     "sequential_reptile": Spec(
         "heads",
