@@ -63,6 +63,18 @@ def test_sinusoid_maml_example_lowers_held_out_mse(capsys, monkeypatch):
     assert after < 0.7 * before, (before, after)
 
 
+def test_sinusoid_example_runs_first_order_maml(capsys, monkeypatch):
+    """The page's second command (docs/methods/maml.md), shortened: --first-order reaches
+    meta_loss(first_order=True) and still trains."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import sinusoid
+
+    before, after = sinusoid.main(["--first-order", "--iterations", "100", "--outer-lr", "3e-3"])
+    sys.modules.pop("sinusoid", None)
+    assert capsys.readouterr().out.startswith("first-order MAML: 100 outer steps")
+    assert after < before, (before, after)
+
+
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
