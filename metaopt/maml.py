@@ -10,6 +10,10 @@ Everything here is functional: the parameters are a ``{name: tensor}`` dict eval
 ``torch.func.functional_call``, the inner optimizers (:class:`SGD`, :class:`Adam`) are pure
 functions of (parameters, gradients, state), and the model is never modified, so any
 ``nn.Module`` works and the outer step is any torch optimizer's, on the module's parameters.
+Its buffers are not written either: each forward pass runs on copies of them, which are then
+dropped. So BatchNorm in train mode normalises with each batch's statistics, as usual, while its
+``running_mean``, ``running_var`` and ``num_batches_tracked`` keep their values (in eval mode it
+uses those running statistics, as usual).
 Neither ``higher`` nor the PyPI ``functorch`` package is used.
 
 Example:
@@ -42,6 +46,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 __all__ = ["SGD", "Adam", "InnerOptimizer", "adapt", "meta_loss"]
 
 Params = dict[str, Tensor]
+
+
+def _sqrt0(x: Tensor) -> Tensor:
+    """``x.sqrt()`` for ``x >= 0``, with the same values, whose gradient is 0 instead of
+    ``inf`` (and ``0 · inf = NaN`` after the chain rule) where ``x == 0``: the square root
+    runs only on the positive entries (the "double where"), so no infinite derivative is made."""
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
+def _call(model: nn.Module, params: Mapping[str, Tensor], args: tuple[Any, ...]) -> Any:
+    """``functional_call(model, params, args)`` on copies of the module's buffers, so that a
+    forward pass that writes its buffers (BatchNorm's running statistics in train mode) writes
+    the copies, which are then dropped: the module's own buffers stay as they are."""
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return functional_call(model, {**buffers, **params}, args)
 
 
 class InnerOptimizer:
@@ -78,7 +98,12 @@ class Adam(InnerOptimizer):
     ``m ← β1 m + (1−β1) g``, ``v ← β2 v + (1−β2) g²``,
     ``θ ← θ − lr · (m / (1−β1^t)) / (sqrt(v / (1−β2^t)) + eps)``.
     Checked against ``torch.optim.Adam`` step by step in the tests (the eps placement differs
-    from ``higher``'s ``DifferentiableAdam``)."""
+    from ``higher``'s ``DifferentiableAdam``).
+
+    Where ``v`` is exactly 0 (every gradient so far 0 in that entry: a dead ReLU unit, an
+    all-zero input feature), the derivative of ``sqrt`` is infinite and ``0 · inf`` would make
+    second-order meta-gradients NaN; the square root's derivative counts as 0 there (as in
+    ``higher``, which masks it), and the values are unchanged."""
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -104,7 +129,7 @@ class Adam(InnerOptimizer):
             g = grads[k] + self.weight_decay * p if self.weight_decay else grads[k]
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
-            denom = (v / (1 - b2**t)).sqrt() + self.eps
+            denom = _sqrt0(v / (1 - b2**t)) + self.eps
             out[k] = p - self.lr * (m / (1 - b1**t)) / denom
             m_new[k], v_new[k] = m, v
         return out, {"step": t, "m": m_new, "v": v_new}
@@ -128,7 +153,8 @@ def adapt(
     backend: the fused kernels cannot be differentiated twice.
 
     Args:
-        model: any module; it is not modified.
+        model: any module; it is not modified, its buffers included (every forward pass gets
+            copies of them, so BatchNorm's running statistics do not move).
         params: the parameters to start from, e.g. ``dict(model.named_parameters())``.
         loss: ``output -> scalar``.
         inputs: the model's input (a tensor, or a tuple of positional arguments).
@@ -153,7 +179,7 @@ def adapt(
         # kernels have no double backward ("derivative for ..._flash_attention..._backward is
         # not implemented"), so their inner forwards run on the math backend
         with nullcontext() if first_order else sdpa_kernel(SDPBackend.MATH):
-            value = loss(functional_call(model, current, args))
+            value = loss(_call(model, current, args))
         if not isinstance(value, Tensor) or value.dim() != 0:
             raise ValueError("adapt: loss must return a scalar tensor")
         grads = torch.autograd.grad(
@@ -204,7 +230,7 @@ def meta_loss(
 
         adapted = adapt(model, start, train_loss, x_train, inner=inner, steps=steps, first_order=first_order)
         args = x_test if isinstance(x_test, tuple) else (x_test,)
-        value = loss(functional_call(model, adapted, args), y_test)
+        value = loss(_call(model, adapted, args), y_test)
         total = value if total is None else total + value
         count += 1
     if total is None:
