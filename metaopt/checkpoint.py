@@ -38,12 +38,14 @@ process of this host (a temporary file of a live writer is left alone).
 ``torch.save`` stream): 12 bytes of magic ``b"\\x89metaopt\\r\\n\\x1a\\n"``, the format version
 (uint32), the payload length (uint64) and the payload's SHA-256 (32 bytes), integers little
 endian. A file that is too short for what its header promises is reported as *torn*, a payload
-whose hash differs as a *checksum mismatch*, a file without the magic as *not a metaopt
-checkpoint*, and a version above :data:`FORMAT_VERSION` as written by a *newer format
-version*; each :class:`CheckpointError` names the file. The payload is decoded only by
-``torch.load(..., weights_only=True)``, whose unpickler builds tensors, numbers, strings and
-plain containers but refuses any other global, so a crafted file cannot run code at load
-time (a checksum is no defence there: whoever crafts a file can compute one).
+whose hash differs as a *checksum mismatch*, a file without the magic, or a path that is not a
+regular file (a directory, FIFO, device or socket: refused by ``stat`` before it is opened, as
+opening a FIFO would block), as *not a metaopt checkpoint*, and a version above
+:data:`FORMAT_VERSION` as written by a *newer format version*; each :class:`CheckpointError`
+names the file. The payload is decoded only by ``torch.load(..., weights_only=True)``, whose
+unpickler builds tensors, numbers, strings and plain containers but refuses any other global,
+so a crafted file cannot run code at load time (a checksum is no defence there: whoever
+crafts a file can compute one).
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import inspect
 import io
 import os
 import pickle
 import re
 import secrets
 import socket
+import stat
 import struct
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Literal
@@ -94,7 +98,8 @@ class CheckpointError(ValueError):
         path: the file.
         reason: ``"torn"`` (shorter than its header promises: an interrupted copy, or a write
             that bypassed :func:`save_checkpoint`), ``"checksum"`` (the payload's SHA-256 differs:
-            corrupted bytes), ``"not_checkpoint"`` (no metaopt magic: some other file),
+            corrupted bytes), ``"not_checkpoint"`` (no metaopt magic: some other file; or
+            not a regular file at all, such as a directory or a FIFO, which is not read),
             ``"version"`` (a format this metaopt does not read), ``"unsafe"`` (the payload needs
             more than the weights-only unpickler allows) or ``"undecodable"`` (the payload passed
             its checksum but is not a checkpoint's dict). ``"checksum"`` also covers bytes
@@ -129,7 +134,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
     The write goes to a temporary file beside ``path``, is flushed and ``fsync``-ed, renamed onto
     ``path`` with :func:`os.replace`, and the directory is ``fsync``-ed (why that is crash-safe:
     docs/checkpoints.md). If any of that fails, the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was. ``path`` must be a regular file or not exist: a directory raises
+    :class:`IsADirectoryError`, and a FIFO, socket or device (also through a symbolic link)
+    raises :class:`ValueError`, since the rename would silently replace it by a file.
 
     Example:
         >>> import os, tempfile, torch, metaopt
@@ -141,8 +148,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> N
         2 ['ckpt']
     """
     target = _check_path(path, "save_checkpoint")
-    if os.path.isdir(target):
-        raise IsADirectoryError(f"save_checkpoint: {target} is a directory")
+    _check_replaceable(target)
     directory = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_checkpoint: directory {directory} does not exist")
@@ -173,12 +179,22 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: MapLocation =
     The header is checked (magic, format version, length), then the payload's SHA-256, and only
     then is the payload decoded, with ``torch.load(..., weights_only=True)``: nothing in the file
     can run code. A file that fails any check raises :class:`CheckpointError` naming the file
-    and what is wrong (``reason`` says which). A missing file raises :class:`FileNotFoundError`.
+    and what is wrong (``reason`` says which), and so does a path that is not a regular file (a
+    directory, a FIFO, a device, a socket: ``"not_checkpoint"``, refused before it is opened
+    for reading, which for a FIFO would block). A missing file raises
+    :class:`FileNotFoundError`.
 
     Args:
         path: the checkpoint file. Temporary files beside it are never read.
         map_location: passed to :func:`torch.load` (e.g. ``"cpu"`` to load a GPU run's
-            checkpoint on a machine without one).
+            checkpoint on a machine without one): ``None``, a str or :class:`torch.device`, a
+            dict from location tags to location tags (strings) or a callable ``(storage,
+            location tag)``. It is checked before the file is read: another type raises
+            :class:`TypeError`, and a location torch cannot restore to here (an unknown device,
+            ``"cuda:7"`` on a machine with fewer GPUs) :class:`ValueError`. If placing the
+            tensors fails although the payload itself decodes (a callable that raises, a dict
+            or ``None`` sending them to an absent device), that is a :class:`ValueError`
+            naming ``map_location`` too, not a :class:`CheckpointError`.
 
     Resume in this order: ``model.load_state_dict`` first, then the optimizer's, then the
     scheduler's (the optimizer's state refers to the model's parameters, and a scheduler's to
@@ -197,7 +213,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: MapLocation =
         not_checkpoint
     """
     target = _check_path(path, "load_checkpoint")
-    with open(target, "rb") as f:
+    _check_map_location(map_location)
+    with open(_open_regular(target), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER_SIZE)
         length = _check_header(target, head, size)
@@ -222,7 +239,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: MapLocation =
             "A checkpoint holds only tensors, numbers, strings and plain containers, and "
             "metaopt never runs code from a checkpoint to load anything else",
         ) from e
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # neither the file's fault nor map_location's
     except Exception as e:
+        if _intact(payload):  # then placing the tensors failed, not decoding the file
+            raise ValueError(
+                f"load_checkpoint: map_location={map_location!r} failed while loading {target} "
+                f"({type(e).__name__}: {e}); the file itself is intact (it decodes with "
+                "map_location='meta' or 'cpu')"
+            ) from e
         raise CheckpointError(
             target,
             "undecodable",
@@ -242,6 +267,67 @@ def _decode(stream: IO[bytes], map_location: MapLocation) -> Any:
     """The one decoder of checkpoint payloads, for :func:`load_checkpoint` and for the check in
     :func:`save_checkpoint`: torch's weights-only unpickler, never the full one."""
     return torch.load(stream, map_location=map_location, weights_only=True)
+
+
+def _check_map_location(map_location: object) -> None:
+    """Refuse a ``map_location`` that :func:`torch.load` could not use, before any file is read.
+
+    The accepted forms are torch's: ``None``; a str or :class:`torch.device`, which must be a
+    location torch can restore storages to (checked by restoring an empty storage there with
+    torch's own ``default_restore_location``, so e.g. ``"cuda:7"`` on a machine with fewer
+    GPUs, or ``"cpu:0"``, which torch.load does not restore to, fail here even for a checkpoint
+    without tensors); a dict from location tags to location tags, all strings (its targets are
+    used only for tags present in the file, so they are not probed); or a callable taking
+    ``(storage, location tag)``. A wrong type raises :class:`TypeError`, an unusable location
+    :class:`ValueError`; both name ``map_location`` and the value.
+    """
+    where = "load_checkpoint: map_location"
+    if map_location is None:
+        return
+    if isinstance(map_location, (str, torch.device)):
+        try:  # torch.load restores to str(device) for a torch.device
+            torch.serialization.default_restore_location(torch.UntypedStorage(0), str(map_location))
+        except Exception as e:
+            raise ValueError(
+                f"{where}={map_location!r} is not a location torch.load can place tensors on "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        return
+    if isinstance(map_location, dict):
+        bad = [(k, v) for k, v in map_location.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise TypeError(
+                f"{where}={map_location!r}: a dict map_location maps location tags to location "
+                f"tags, both strings (e.g. {{'cuda:1': 'cuda:0'}}); {bad[0]!r} is not"
+            )
+        return
+    if callable(map_location):
+        try:
+            signature = inspect.signature(map_location)
+        except (TypeError, ValueError):  # no signature to check (some builtins)
+            return
+        try:
+            signature.bind(None, "cpu")
+        except TypeError:
+            raise TypeError(
+                f"{where}={map_location!r}: a callable map_location is called with two "
+                f"arguments (storage, location tag), but its signature is {signature}"
+            ) from None
+        return
+    raise TypeError(
+        f"{where} must be None, a str or torch.device, a dict of location tags or a callable "
+        f"(storage, location tag); got {type(map_location).__name__} {map_location!r}"
+    )
+
+
+def _intact(payload: bytes) -> bool:
+    """Whether ``payload`` decodes with its tensors on the meta device (or the CPU): used to
+    tell a payload that cannot be decoded from a ``map_location`` that failed to place it."""
+    try:
+        _check_loadable(io.BytesIO(payload))
+    except Exception:
+        return False
+    return True
 
 
 def _blocked(error: pickle.UnpicklingError) -> str:
@@ -381,6 +467,72 @@ def _foreign(head: bytes) -> str:
 
 
 # ---------------------------------------------------------------------- the file system
+_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for error messages."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return f"a special file ({stat.filemode(mode)})"
+
+
+def _require_regular(target: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            target,
+            "not_checkpoint",
+            f"not a metaopt checkpoint: it is {_file_kind(mode)}, not a regular file; it was not read",
+        )
+
+
+def _open_regular(target: str) -> int:
+    """A descriptor of ``target`` open for reading; anything but a regular file (following
+    symbolic links) raises :class:`CheckpointError` ``"not_checkpoint"`` without being read.
+
+    Checked with ``stat`` before opening (opening a FIFO for reading blocks until a writer
+    appears, and opening a device can have effects of its own), and again with ``fstat`` on the
+    descriptor, which is opened non-blocking, in case the path was replaced in between."""
+    _require_regular(target, os.stat(target).st_mode)
+    nonblock = getattr(os, "O_NONBLOCK", 0)  # absent on Windows, which has no FIFOs at paths
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOCTTY", 0) | nonblock
+    fd = os.open(target, flags)
+    try:
+        _require_regular(target, os.fstat(fd).st_mode)
+        if nonblock and fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~nonblock)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_replaceable(target: str) -> None:
+    """Refuse to save onto anything but a regular file (a symbolic link is followed for this
+    check; a missing file is fine). ``rename`` would replace a FIFO, socket or device node as
+    readily as a file, silently: a reader waiting on the FIFO would wait forever, and a
+    device node (as root) would be gone."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # missing (or unreachable: the write reports that)
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"save_checkpoint: {target} is a directory")
+    if not stat.S_ISREG(mode):
+        link = " (through a symbolic link)" if os.path.islink(target) else ""
+        raise ValueError(
+            f"save_checkpoint: {target} is {_file_kind(mode)}, not a regular file{link}; a "
+            "checkpoint replaces only a regular file, so nothing was written"
+        )
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     """Write every byte of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
     view = memoryview(data)
