@@ -19,22 +19,28 @@ __all__ = ["GradNorm"]
 
 
 def _inverse_training_rates(current: Tensor, initial: Tensor) -> Tensor:
-    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) over the tasks whose L(0) is known.
+    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) over the tasks whose L(0) is known, in
+    float64.
 
     A task with no positive loss yet (L(0) = 0) gets r_i = 1, the mean rate; a loss that has
-    fallen to or below zero gives r_i = 0. With no usable rate at all every r_i is 1.
+    fallen to or below zero gives r_i = 0. With no usable rate at all every r_i is 1. The rates
+    are taken in log space, ``r_i = exp(log L_i − log L_i(0) − log mean_j(...))``: a ratio such
+    as 1e13 / 1e-40 overflows (and 1e-40 / 1e30 underflows) in any float dtype, but every r_i
+    lies in [0, T], so any finite losses give finite rates.
     """
+    current, initial = current.to(torch.float64), initial.to(torch.float64)
     known = initial > 0
-    ratio = torch.where(
-        known,
-        (current / initial.where(known, torch.ones_like(initial))).clamp(min=0.0),
-        torch.zeros_like(current),
+    rated = known & (current > 0)
+    ones = torch.ones_like(current)
+    log_ratio = torch.where(
+        rated, current.where(rated, ones).log() - initial.where(rated, ones).log(), -math.inf
     )
-    count = known.sum()
-    mean = ratio.sum() / count.clamp(min=1)
-    usable = mean > 0
-    r = torch.where(known, ratio / mean.where(usable, torch.ones_like(mean)), torch.ones_like(ratio))
-    return torch.where(usable, r, torch.ones_like(r))
+    log_total = torch.logsumexp(log_ratio, dim=0)  # -inf when no task has a positive ratio
+    usable = log_total.isfinite()
+    count = known.sum().clamp(min=1).to(torch.float64)
+    log_mean = log_total.where(usable, torch.zeros_like(log_total)) - count.log()
+    r = torch.where(known, (log_ratio - log_mean).exp(), ones)
+    return torch.where(usable, r, ones)
 
 
 class GradNorm(MultiTaskOptimizer):
@@ -74,6 +80,20 @@ class GradNorm(MultiTaskOptimizer):
     With a ``torch.amp.GradScaler``, pass it to :meth:`backward` (``opt.backward(losses,
     grad_scaler=scaler)``) rather than scaling the losses yourself: the norms are then
     unscaled, so the weight update does not depend on the loss scale.
+
+    Overflow. A step whose layer gradient has a NaN or inf entry, or whose loss is not finite,
+    is refused as non-finite (nothing moves). Finite entries whose norm overflows in their own
+    dtype (float32 entries of 1e30: the sum of squares is 1e61) are not: their norms are taken
+    again in float64. The weights' gradient is ``±‖∇_W L_i‖`` in the weights' dtype (float32
+    by default), so a norm that is finite but does not fit that dtype (float32 entries of 2e38
+    over ten parameters) is refused, with a message that says it overflows. The rest of the
+    weight update (``w_i ‖∇_W L_i‖``, ``Ḡ``, the target) is computed in float64 and the
+    training rates in log space, so any finite losses and ``L(0)`` give finite rates. Note that
+    float32 Adam (the default weight optimizer) squares that gradient: past ~5e20 its second
+    moment overflows and the weights stop moving, as for any float32 Adam on such gradients;
+    pass an SGD ``weight_optimizer`` if norms that large are expected.
+    :meth:`load_state_dict` refuses saved weights that are not finite, positive and summing
+    to T (within rounding) in the weights' dtype, and ``L(0)`` that are not finite and >= 0.
 
     Example:
         >>> import torch, metaopt
@@ -133,6 +153,9 @@ class GradNorm(MultiTaskOptimizer):
         # L_i(0): the first *positive* loss of each task; 0 until that task has had one
         self.initial_losses = torch.zeros(T, device=device)
 
+    def _rank_config(self) -> tuple[Any, ...]:
+        return (*super()._rank_config(), [tuple(p.shape) for p in self.layer], self.MIN_WEIGHT)
+
     def _draw_tasks(self) -> list[str]:
         if self.inner is not None:
             return self.inner.next_tasks()
@@ -188,10 +211,11 @@ class GradNorm(MultiTaskOptimizer):
                 )
             self._layer_rows = self._layer_rows + layer_rows
 
-    def _norms(self) -> Tensor:
-        """‖∇_W L_i‖ per task, of the step's accumulated (and unscaled) layer gradients."""
+    def _norms(self, dtype: torch.dtype | None = None) -> Tensor:
+        """‖∇_W L_i‖ per task, of the step's accumulated (and unscaled) layer gradients, in
+        ``dtype`` (default: the gradients' own)."""
         assert self._layer_rows is not None
-        return torch.linalg.vector_norm(self._layer_rows[:, :-1], dim=1) / self._scale
+        return torch.linalg.vector_norm(self._layer_rows[:, :-1], dim=1, dtype=dtype) / self._scale
 
     def _current_losses(self) -> Tensor:
         """The step's (accumulated, unscaled; under torch.distributed rank-averaged) losses."""
@@ -208,18 +232,45 @@ class GradNorm(MultiTaskOptimizer):
         assert losses is not None
         current = self._current_losses()
         norms = self._norms()
-        self._step_norms = norms
-        flags = torch.stack([current.isfinite().all().to(norms.device), norms.isfinite().all()]).tolist()
+        # the weights' gradient is ±‖∇_W L_i‖ in the weights' dtype: every norm must fit it
+        fits = norms.isfinite() & (norms <= torch.finfo(self.weights.dtype).max)
+        flags = torch.stack([current.isfinite().all().to(norms.device), fits.all()]).tolist()
         if not flags[0]:
             bad = {t: v for t, v in zip(losses, current.tolist()) if not math.isfinite(v)}
             raise ValueError(f"GradNorm.step: non-finite loss for task(s) {bad}; nothing was updated")
         if not flags[1]:
-            bad_tasks = [t for t, n in zip(losses, norms.tolist()) if not math.isfinite(n)]
+            norms = self._refuse_or_recompute_norms(list(losses))
+        self._step_norms = norms
+        super()._check_step()
+
+    def _refuse_or_recompute_norms(self, tasks: list[str]) -> Tensor:
+        """The rare path of :meth:`_check_step`, once some norm came out non-finite or too
+        large in the gradients' dtype. Finite entries can still give an infinite norm there
+        (entries of 1e30: their float32 sum of squares overflows), so the norms are taken again
+        in float64, where the norm of finite float32 entries is always finite. Refused: a
+        gradient with NaN or inf entries ("non-finite"), then a norm that is finite but does
+        not fit the weights' dtype ("overflows")."""
+        assert self._layer_rows is not None
+        norms = self._norms(torch.float64)
+        dtype = self.weights.dtype
+        finite = self._layer_rows[:, :-1].isfinite().all(dim=1).to(norms.device)
+        fits = norms.isfinite() & (norms <= torch.finfo(dtype).max)
+        finite_rows, fitting = torch.stack([finite, fits]).tolist()
+        nonfinite = [t for t, ok in zip(tasks, finite_rows) if not ok]
+        if nonfinite:
             raise ValueError(
                 f"GradNorm.step: non-finite gradient (NaN or inf) at the GradNorm layer from the "
-                f"finite loss(es) of {bad_tasks}; nothing was updated"
+                f"finite loss(es) of {nonfinite}; nothing was updated"
             )
-        super()._check_step()
+        too_large = [f"{t!r}: {n:.3g}" for t, n, ok in zip(tasks, norms.tolist(), fitting) if not ok]
+        if too_large:
+            kind = str(dtype).replace("torch.", "")
+            raise ValueError(
+                f"GradNorm.step: the gradient entries at the GradNorm layer are finite, but their "
+                f"norm ({', '.join(too_large)}) overflows {kind}, the dtype of the task weights "
+                f"(whose gradient is ± that norm); nothing was updated. Scale the loss(es) down"
+            )
+        return norms
 
     def _after_step(self) -> dict[str, Any]:
         """The weight update: gradient of L_grad w.r.t. the weights only (after the model's
@@ -231,8 +282,11 @@ class GradNorm(MultiTaskOptimizer):
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
         self.initial_losses = initial
         r = _inverse_training_rates(current, initial)
-        weighted_norms = self.weights * norms
-        target = (weighted_norms.mean() * r.pow(self.alpha)).detach()
+        # in float64: w_i ‖∇_W L_i‖, their mean and the target cannot overflow there, and the
+        # weights' gradient (±‖∇_W L_i‖, which _check_step made sure fits) is cast back
+        weighted_norms = self.weights.to(torch.float64) * norms.to(torch.float64)
+        mean = weighted_norms.mean()
+        target = torch.where(mean > 0, mean * r.pow(self.alpha), torch.zeros_like(r)).detach()
         grad_loss = (weighted_norms - target).abs().sum()
         (g,) = torch.autograd.grad(grad_loss, [self.weights])
         self.weights.grad = g
@@ -241,7 +295,10 @@ class GradNorm(MultiTaskOptimizer):
         with torch.no_grad():
             self.weights.clamp_(min=self.MIN_WEIGHT)
             self.weights.mul_(len(self.tasks) / self.weights.sum())
-        return {"weights": used, "extra": {"grad_norms": norms, "gradnorm_loss": grad_loss.detach()}}
+        assert self._layer_rows is not None
+        report = torch.promote_types(self.weights.dtype, self._layer_rows.dtype)
+        extra = {"grad_norms": norms.to(report), "gradnorm_loss": grad_loss.detach().to(report)}
+        return {"weights": used, "extra": extra}
 
     def _clear_backward(self) -> None:
         super()._clear_backward()
@@ -257,22 +314,52 @@ class GradNorm(MultiTaskOptimizer):
         }
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Every field GradNorm owns, before anything is assigned (a refused load changes
+        nothing). ``weights``: a float tensor of shape (T,) whose values, in the weights' dtype,
+        are finite, positive and sum to T (each step renormalises them so; a small rounding
+        tolerance). ``initial_losses``: a float tensor of shape (T,), finite and >= 0. Any such
+        L(0) is one GradNorm could have recorded (a first loss of 1e30 or 1e-40 is finite), so
+        it loads; the training rates are taken in log space, where no finite L(0) over- or
+        underflows them."""
+        name = "GradNorm.load_state_dict"
         T = len(self.tasks)
         for key in ("weights", "initial_losses"):
             v = state.get(key)
             if not isinstance(v, Tensor) or tuple(v.shape) != (T,) or not v.is_floating_point():
                 raise ValueError(
-                    f"GradNorm.load_state_dict: saved {key} must be a float tensor of shape ({T},), "
-                    f"got {getattr(v, 'shape', v)!r}"
+                    f"{name}: saved {key} must be a float tensor of shape ({T},), got "
+                    f"{getattr(v, 'dtype', type(v).__name__)} of shape {getattr(v, 'shape', None)!r}"
                 )
-        w, init = state["weights"], state["initial_losses"]
-        if not bool((w > 0).all() & w.isfinite().all() & (init >= 0).all() & init.isfinite().all()):
+        # small (T values) and read on the host anyway; the weights as _load_extra_state casts them
+        w = state["weights"].detach().to("cpu", self.weights.dtype)
+        init = state["initial_losses"].detach().to("cpu")
+        eps = torch.finfo(self.weights.dtype).eps
+        tolerance = T * max(1e-4, 16 * eps)
+        total = w.to(torch.float64).sum()
+        flags = torch.stack(
+            [
+                (w.isfinite() & (w > 0)).all(),
+                (total - T).abs() <= tolerance,
+                (init.isfinite() & (init >= 0)).all(),
+            ]
+        ).tolist()
+        if not flags[0]:
             raise ValueError(
-                "GradNorm.load_state_dict: saved weights must be finite and positive, "
-                "saved initial losses finite and >= 0"
+                f"{name}: saved weights must be finite and positive in "
+                f"{str(self.weights.dtype).replace('torch.', '')}, got {w.tolist()}"
+            )
+        if not flags[1]:
+            raise ValueError(
+                f"{name}: saved weights must sum to the number of tasks, {T} (GradNorm "
+                f"renormalises them so at every step), got {w.tolist()} with sum {float(total):.6g}"
+            )
+        if not flags[2]:
+            raise ValueError(
+                f"{name}: saved initial_losses (each task's reference loss L(0); 0 for a task "
+                f"without one yet) must be finite and >= 0, got {init.tolist()}"
             )
         if not isinstance(state.get("weight_optimizer"), Mapping):
-            raise ValueError("GradNorm.load_state_dict: no weight optimizer state saved")
+            raise ValueError(f"{name}: no weight optimizer state saved")
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         w = state["weights"]

@@ -19,8 +19,10 @@ RNG), so a seeded run is reproducible and a saved ``state_dict`` continues the s
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -31,6 +33,29 @@ ScheduleName = Literal["uniform", "proportional", "temperature", "round_robin", 
 _NAMES = ("uniform", "proportional", "temperature", "round_robin", "without_replacement", "order")
 
 
+def _is_real(value: Any) -> bool:
+    """A real number (int, float, numpy's, a one-element real tensor), not a bool."""
+    if isinstance(value, Tensor):
+        return value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _positive_size(value: Any, sizes: Sequence[Any]) -> float:
+    """One task size as a float: a finite real number > 0, or a ``ValueError`` naming it."""
+    size = math.nan
+    if _is_real(value):
+        try:
+            size = float(value)
+        except OverflowError:  # a Python int beyond float range
+            size = math.inf
+    if not (math.isfinite(size) and size > 0):
+        raise ValueError(
+            f"TaskSchedule: task_sizes must be finite positive numbers (examples per task), got "
+            f"{value!r} in {list(sizes)!r}"
+        )
+    return size
+
+
 class TaskSchedule:
     """A seeded stream of task indices.
 
@@ -38,8 +63,12 @@ class TaskSchedule:
         num_tasks: T.
         kind: one of ``"uniform"``, ``"proportional"``, ``"temperature"``, ``"round_robin"``,
             ``"without_replacement"``, ``"order"``.
-        sizes: examples per task, needed by ``"proportional"`` and ``"temperature"``.
-        temperature: τ > 0 for ``"temperature"``.
+        sizes: examples per task (``task_sizes`` of the optimizers), needed by
+            ``"proportional"`` and ``"temperature"``: finite real numbers > 0 (not bools,
+            strings or NaN); the constructor refuses anything else, naming the value.
+        temperature: τ for ``"temperature"``: a finite number > 0 (for τ → ∞ use
+            ``"uniform"``). Any such τ works: the probabilities are taken in log space, so a
+            tiny τ gives the largest task(s) all the probability, a huge one nearly uniform.
         order: the task indices to cycle through, for ``"order"``.
 
     Example:
@@ -67,7 +96,14 @@ class TaskSchedule:
             )
         self.num_tasks = num_tasks
         self.kind = kind
+        if not _is_real(temperature):
+            raise ValueError(f"TaskSchedule: temperature must be a number, got {temperature!r}")
         self.temperature = float(temperature)
+        if kind == "temperature" and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(
+                f"TaskSchedule: temperature must be a finite number > 0, got {temperature!r}"
+                + (" (for τ → ∞ use the 'uniform' schedule)" if self.temperature == math.inf else "")
+            )
         self._order: list[int] = []
         self._sequence: list[int] = []
         self._position = 0
@@ -86,14 +122,21 @@ class TaskSchedule:
                 raise ValueError(f"TaskSchedule: schedule {kind!r} needs task_sizes")
             if len(sizes) != num_tasks:
                 raise ValueError(f"TaskSchedule: {len(sizes)} task sizes given for {num_tasks} tasks")
-            if any(not (float(n) > 0) for n in sizes):
-                raise ValueError(f"TaskSchedule: task sizes must be positive, got {list(sizes)}")
-            if kind == "temperature" and not self.temperature > 0:
-                raise ValueError(f"TaskSchedule: temperature must be > 0, got {temperature}")
+            n = torch.tensor([_positive_size(v, sizes) for v in sizes], dtype=torch.float64)
             tau = self.temperature if kind == "temperature" else 1.0
-            w = torch.tensor([float(n) for n in sizes], dtype=torch.float64) ** (1.0 / tau)
+            # p ∝ n^(1/τ), taken in log space as exp((log n − max log n) / τ): each term lies
+            # in [0, 1] and the largest is 1, so nothing overflows (n^(1/τ) did: 1e5 ** 1e5)
+            # and the sum is >= 1, not 0 from underflow; a small τ gives the largest task(s)
+            # all the probability, a large one tends to uniform even over sizes 1e-300 … 1e308
+            log_n = n.log()
+            w = ((log_n - log_n.max()) / tau).exp()
         else:
             w = torch.ones(num_tasks, dtype=torch.float64)
+        if not bool(w.isfinite().all() & (w >= 0).all() & (w.sum() > 0)):  # a guard: see above
+            raise ValueError(
+                f"TaskSchedule: task_sizes and temperature {temperature!r} give unusable task "
+                f"probabilities {w.tolist()}"
+            )
         self._probs: Tensor = w / w.sum()
 
         if kind == "order":
