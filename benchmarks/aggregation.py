@@ -10,6 +10,7 @@ Run::
     python benchmarks/aggregation.py            # T in {2, 8, 40}, P in {1e5, 1e6, 1e7}
     python benchmarks/aggregation.py --quick    # P in {1e5, 1e6}, fewer repeats
     python benchmarks/aggregation.py --baseline ../old-checkout   # before / after, see below
+    python benchmarks/aggregation.py --step     # whole training steps against TorchJD, see below
 
 TorchJD is optional (the ``bench`` extra: ``pip install 'metaopt-torch[bench]'``); without it only
 metaopt's timings are printed.
@@ -20,13 +21,26 @@ interleaved in one process, instead of the TorchJD table: ``pcgrad`` and ``gradv
 T and P, then one ``PCGrad.step`` / ``GradVac.step`` on a model with a shared 1000×1000 layer
 (P = 1.0e6) and T heads (T = 9, or ``--surgery-tasks``), both as a whole (nine backward passes
 included) and with the Jacobian already computed (only the aggregation, the checks and the SGD step).
+
+``--step`` times whole training steps instead, on two cases (``STEP_CASES``): T = 40 tasks on one
+shared 200×100 layer (P = 2e4) and T = 16 tasks on a shared MLP 256-1024-1024-128 (P = 1.4e6),
+each task with its own batch (``--batch``, default 32) and an MSE loss. The T losses are computed
+first, untimed (their forward time is printed apart); then one step is timed: metaopt's
+``PCGrad(...).step(losses)`` / ``GradVac(...).step(losses)`` against TorchJD's
+``autojac.backward(losses)`` + ``jac_to_grad(params, PCGrad())`` / ``GradVac(beta)`` + the same
+SGD step. Ratio = metaopt / TorchJD (lower: metaopt faster). The last column is the peak resident
+memory a first step on a fresh model adds (beyond the losses' graphs; metaopt's buffers kept
+between steps included), each library measured in a fresh process. With ``--baseline DIR`` the
+metaopt of ``DIR`` runs in the same loop ("before").
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import random
 import statistics
@@ -296,6 +310,183 @@ def compare(
                 )
 
 
+# ---------------------------------------------------------------------------------------------
+# --step: whole training steps against TorchJD
+
+
+# name -> (T, widths of the shared model's linear layers, bias). Each task has its own batch
+# through the shared model (no heads): TorchJD's ``autojac.backward`` then back-propagates
+# every loss through every task's branch (one vmapped pass), metaopt one pass per task.
+STEP_CASES: dict[str, tuple[int, list[int], bool]] = {
+    "T=40, P=2e4": (40, [200, 100], False),  # one 200x100 layer: P = 20,000
+    "MLP T=16, P=1.4e6": (16, [256, 1024, 1024, 128], True),  # P = 1,443,968
+}
+
+
+def shared_model(widths: list[int], bias: bool) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for k, (a, b) in enumerate(zip(widths, widths[1:])):
+        if k:
+            layers.append(torch.nn.ReLU())
+        layers.append(torch.nn.Linear(a, b, bias=bias))
+    return torch.nn.Sequential(*layers)
+
+
+def step_pair(
+    case: str, lib: str, method: str, batch: int, beta: float, package: ModuleType | None = None
+) -> tuple[Callable[[], list[torch.Tensor]], Callable[[list[torch.Tensor]], None]]:
+    """``forward() -> losses`` (one per task, each on its own batch) and ``step(losses)`` (the
+    library's backward, aggregation and an SGD step) on a fresh copy of the case's model. ``lib``
+    is ``"metaopt"`` (this checkout's, or ``package``) or ``"torchjd"``."""
+    T, widths, bias = STEP_CASES[case]
+    gen = torch.Generator().manual_seed(1)
+    xs = torch.randn(T, batch, widths[0], generator=gen)
+    ys = torch.randn(T, batch, widths[-1], generator=gen)
+    torch.manual_seed(0)
+    model = shared_model(widths, bias)
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, lr=1e-3)
+
+    def forward() -> list[torch.Tensor]:
+        return [torch.nn.functional.mse_loss(model(xs[i]), ys[i]) for i in range(T)]
+
+    if lib == "metaopt":
+        if package is None:
+            import metaopt as package
+        names = [f"t{i}" for i in range(T)]
+        kw = {"beta": beta} if method == "GradVac" else {}
+        opt = getattr(package, method)(sgd, tasks=names, seed=0, **kw)
+
+        def step(losses: list[torch.Tensor]) -> None:
+            opt.step(dict(zip(names, losses)))
+
+        return forward, step
+    from torchjd.autojac import backward, jac_to_grad
+
+    agg = tjd.PCGrad() if method == "PCGrad" else tjd.GradVac(beta=beta)
+
+    def tjd_step(losses: list[torch.Tensor]) -> None:
+        backward(losses)
+        jac_to_grad(params, agg)
+        sgd.step()
+        sgd.zero_grad()
+
+    return forward, tjd_step
+
+
+def memory_probe(case: str, lib: str, method: str, batch: int, beta: float) -> float | None:
+    """Peak memory (MB) a library's first step on a fresh model adds over what the losses' graphs
+    hold: its transient memory and what it keeps between steps (metaopt's Jacobian and gradient
+    buffers). Run by ``--memory-probe`` in a fresh process, after two steps on another copy of
+    the model (so that neither library's one-time set-up counts); resident memory, as
+    benchmarks/multilingual/system.py measures it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from multilingual.system import PeakMemory
+
+    forward, step = step_pair(case, lib, method, batch, beta)
+    for _ in range(2):
+        step(forward())
+    del forward, step
+    gc.collect()
+    forward, step = step_pair(case, lib, method, batch, beta)
+    losses = forward()
+    peak = PeakMemory(torch.device("cpu"))
+    peak.start()
+    step(losses)
+    return peak.peak_mb()
+
+
+def probe_in_subprocess(case: str, lib: str, method: str, batch: int, beta: float, threads: int) -> str:
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--batch", str(batch), "--beta", str(beta)]
+    cmd += ["--memory-probe", case, lib, method]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    return out[-1] if out else "n/a"
+
+
+def load_text() -> str:
+    try:
+        return "load average " + " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average n/a"
+
+
+def whole_steps(
+    cases: list[str], batch: int, beta: float, repeats: int | None, threads: int, baseline: str | None
+) -> None:
+    """Median ms of one step (the losses computed before the clock starts) and the median of the
+    per-repeat ratios metaopt / TorchJD (lower: metaopt faster), all variants interleaved in a
+    fresh random order every repeat; then the peak memory each step adds, each in a fresh
+    process. With ``baseline``, the metaopt of that checkout runs beside this one ("before")."""
+    before = None if baseline is None else load_checkout(baseline, "metaopt_baseline")
+    libs = ["metaopt", "torchjd"] + ([] if before is None else ["before"])
+    print(f"# {load_text()} (start)")
+    print(f"# per-task batch {batch}; ratio = metaopt / TorchJD, median of the per-repeat ratios")
+    if before is not None:
+        print(f"# before: the metaopt of {Path(baseline).resolve()}")  # type: ignore[arg-type]
+    print()
+    extra = "| before | before / TorchJD " if before is not None else ""
+    print(
+        f"| case | method | forward (untimed) | metaopt | TorchJD | metaopt / TorchJD {extra}"
+        "| extra MB metaopt / TorchJD |"
+    )
+    print("|---" * (7 + 2 * (before is not None)) + "|")
+    for case in cases:
+        pairs = {
+            (lib, method): step_pair(
+                case,
+                "torchjd" if lib == "torchjd" else "metaopt",
+                method,
+                batch,
+                beta,
+                before if lib == "before" else None,
+            )
+            for lib in libs
+            for method in ("PCGrad", "GradVac")
+        }
+        forward = pairs["metaopt", "PCGrad"][0]
+        for fwd, step in pairs.values():  # warm-up
+            step(fwd())
+        times: dict[object, list[float]] = {key: [] for key in [*pairs, "forward"]}
+        T, widths, _ = STEP_CASES[case]
+        n = repeats or (7 if T * sum(a * b for a, b in zip(widths, widths[1:])) > 10**7 else 21)
+        order = list(times)
+        shuffler = random.Random(n)
+        for _ in range(n):
+            shuffler.shuffle(order)
+            for key in order:
+                if key == "forward":
+                    times[key].append(timed(forward))
+                    continue
+                fwd, step = pairs[key]  # type: ignore[index]
+                losses = fwd()
+                t0 = time.perf_counter()
+                step(losses)
+                times[key].append(time.perf_counter() - t0)
+        del pairs
+
+        def ms(key: object, times: dict[object, list[float]] = times) -> str:
+            return f"{statistics.median(times[key]) * 1e3:.1f}"
+
+        def ratio(lib: str, method: str, times: dict[object, list[float]] = times) -> str:
+            pairs_ = zip(times[lib, method], times["torchjd", method])
+            return f"{statistics.median(a / b for a, b in pairs_):.3f}"
+
+        for method in ("PCGrad", "GradVac"):
+            mem = [
+                probe_in_subprocess(case, lib, method, batch, beta, threads) for lib in ("metaopt", "torchjd")
+            ]
+            try:
+                mem_text = f"{mem[0]} / {mem[1]} ({float(mem[0]) / float(mem[1]):.2f}x)"
+            except ValueError:
+                mem_text = f"{mem[0]} / {mem[1]}"
+            cells = [case, method, ms("forward"), ms(("metaopt", method)), ms(("torchjd", method))]
+            cells.append(ratio("metaopt", method))
+            if before is not None:
+                cells += [ms(("before", method)), ratio("before", method)]
+            print("| " + " | ".join(cells + [mem_text]) + " |", flush=True)
+    print(f"\n# {load_text()} (end)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="P in {1e5, 1e6}, fewer repeats")
@@ -313,8 +504,32 @@ def main() -> None:
         default=[9],
         help="T of the surgery-step model with --baseline",
     )
+    parser.add_argument(
+        "--step",
+        action="store_true",
+        help="whole training steps against TorchJD (T=40, P=2e4 and an MLP with T=16, P=1.4e6)",
+    )
+    parser.add_argument("--cases", nargs="*", default=list(STEP_CASES), help="--step: cases to run")
+    parser.add_argument("--batch", type=int, default=32, help="--step: examples per task")
+    parser.add_argument("--repeats", type=int, default=None, help="--step: repeats (default 21, MLP 7)")
+    parser.add_argument("--memory-probe", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_probe is not None:  # one step's peak memory, in this fresh process
+        case, lib, method = args.memory_probe
+        mb = memory_probe(case, lib, method, batch=args.batch, beta=args.beta)
+        print("n/a" if mb is None else f"{mb:.1f}")
+        return
+    if args.step:
+        if tjd is None:
+            raise SystemExit("--step compares with TorchJD: pip install 'metaopt-torch[bench]'")
+        print(f"# CPU: {cpu_model()}, torch.get_num_threads() = {torch.get_num_threads()}")
+        print(
+            f"# torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, "
+            f"Python {platform.python_version()}"
+        )
+        whole_steps(args.cases, args.batch, args.beta, args.repeats, args.threads, args.baseline)
+        return
     sizes = [int(p) for p in (args.sizes or ([1e5, 1e6] if args.quick else [1e5, 1e6, 1e7]))]
     if args.baseline is not None:
         print(f"# CPU: {cpu_model()}, torch.get_num_threads() = {torch.get_num_threads()}")

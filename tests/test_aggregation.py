@@ -868,3 +868,26 @@ def test_single_task_and_validate_off() -> None:
 def test_docstring_examples(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_the_weight_loops_agree_on_both_backends():
+    """The T−1 rounds run in NumPy on CPU and in torch elsewhere: forced into torch on CPU
+    (the accelerator path), PCGrad's weights are bit-identical and GradVac's equal to 1e-13."""
+    from metaopt.aggregation import _backend, gradvac_weights, pcgrad_weights
+    from metaopt.aggregation.pcgrad import random_order
+
+    g = torch.Generator().manual_seed(3)
+    for T in (2, 5, 17):
+        J = torch.randn(T, 31, generator=g, dtype=torch.float64)
+        J[1] = -0.9 * J[0] + 0.01 * J[1]  # a conflicting pair
+        G = J @ J.T
+        order = random_order(T, torch.Generator().manual_seed(T))
+        targets = torch.rand(T, T, generator=g, dtype=torch.float64) * 0.5
+        numpy_w = pcgrad_weights(G, order)
+        numpy_v, numpy_t = gradvac_weights(G[None], order, targets[None], 0.3, "sum")
+        with _backend.torch_on_cpu():
+            torch_w = pcgrad_weights(G, order)
+            torch_v, torch_t = gradvac_weights(G[None], order, targets[None], 0.3, "sum")
+        assert torch.equal(numpy_w, torch_w)
+        torch.testing.assert_close(numpy_v, torch_v, rtol=1e-13, atol=0)
+        torch.testing.assert_close(numpy_t, torch_t, rtol=1e-13, atol=1e-15)

@@ -52,6 +52,12 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
             ],
             "Sequential Reptile   MSE",
         ),
+        # whole PCGrad/GradVac steps against TorchJD (needs the bench extra's torchjd)
+        (
+            "aggregation.py",
+            ["--step", "--cases", "T=40, P=2e4", "--repeats", "1", "--batch", "2"],
+            "metaopt / TorchJD",
+        ),
         # bytes are counted, not timed: K times fewer with local trajectories
         (
             "local_trajectories.py",
@@ -61,6 +67,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
     ],
 )
 def test_timing_script_runs(script, args, expect):
+    if script == "aggregation.py":
+        pytest.importorskip("torchjd")
     out = subprocess.run(
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120, check=True
     ).stdout

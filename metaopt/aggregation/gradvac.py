@@ -17,7 +17,8 @@ With ``beta = 0`` the targets stay 0 and GradVac is PCGrad under the same order.
 
 Like :mod:`~metaopt.aggregation.pcgrad`, everything is computed from the Gramian ``G = J Jᵀ``:
 ``g_i' = Σ_k C[i, k] g_k``, ``g_i'·g_j = (C G)[i, j]`` and ``|g_i'|²`` is updated in closed
-form after each correction; the T visiting chains run in parallel, T-1 vectorised rounds.
+form after each correction; the T visiting chains run in parallel, T-1 vectorised rounds (in
+NumPy for a CPU ``G``, as PCGrad's).
 
 Conventions beyond the paper (documented choices):
 
@@ -68,6 +69,7 @@ from ._validate import (
     check_targets_shape,
     check_update,
     check_values,
+    compute_dtype,
 )
 from .basic import aggregate
 from .pcgrad import _combine, _order_and_gramian, _plan
@@ -100,9 +102,10 @@ def gradvac_weights(
     """GradVac weights ``w`` (update = ``wᵀJ``) and the updated EMA targets, from ``G = J Jᵀ``.
 
     Pure: ``targets`` is not modified; feed the returned targets to the next call. Runs in
-    float64 (float32 on MPS) on ``G``'s device with no host synchronisation in the loop and only
-    deterministic operations (it runs under ``torch.use_deterministic_algorithms(True)``). ``G``
-    and ``targets`` are detached: the outputs are constants for autograd.
+    float64 (float32 on MPS): in NumPy for a CPU ``G``, otherwise on ``G``'s device with no host
+    synchronisation in the loop (see :mod:`~metaopt.aggregation._backend`); only deterministic
+    operations (it runs under ``torch.use_deterministic_algorithms(True)``). ``G`` and
+    ``targets`` are detached: the outputs are constants for autograd.
 
     Every intermediate is a product or ratio of at most two gradient norms (times at most 1e8,
     from the ``sqrt(1 - t²)`` floor), so on a float64 ``G`` the weights are finite for nonzero
@@ -149,55 +152,61 @@ def gradvac_weights(
     if validate:
         check_values(where, G, order=order, targets=targets)
     plan = _plan(G, order)
-    Gf = plan.Gf
-    R, N = T - 1, Gf.shape[0]
-    cdt, dev = Gf.dtype, Gf.device
-    tau = _cancel_fraction(G.dtype, cdt)
-    coefs = torch.zeros((R, N), dtype=cdt, device=dev)
+    ops = plan.ops
+    tau = _cancel_fraction(G.dtype, compute_dtype(G))
     new_targets = targets.detach().clone(memory_format=torch.contiguous_format)
-    if R == 0:
-        return _combine(plan, coefs, reduction, G.dtype), new_targets
+    if T == 1:
+        return _combine(plan, None, reduction, G.dtype), new_targets
 
-    # Square roots are taken on T-sized slices only: ATen hands larger ones to a threaded
-    # vector-math kernel whose hand-off costs milliseconds when the other cores are busy.
-    t_all = targets.detach().to(cdt).reshape(-1).take(plan.flat)  # (R, N), read before any update
-    n_orig = Gf.reshape(-1, T, T).diagonal(dim1=1, dim2=2).reshape(N).clamp(min=0.0).sqrt()
-    nj_all = n_orig.take(plan.rows)  # |g_j| of the task visited in each round
-    cos_all = torch.empty((R, N), dtype=cdt, device=dev)
-    valid_all = torch.empty((R, N), dtype=torch.bool, device=dev)
-
-    M = Gf.clone()  # M[n, :] = g_i'·g_k for every original k
-    n2 = Gf.reshape(-1, T, T).diagonal(dim1=1, dim2=2).reshape(N).clone()  # |g_i'|²
-    zero = torch.zeros((), dtype=cdt, device=dev)
-    one = torch.ones((), dtype=cdt, device=dev)
-    for r in range(R):
-        dot = M.take(plan.flat[r])
-        ni = n2.clamp(min=0.0).sqrt_()
-        den = ni * nj_all[r]
-        valid = torch.gt(den, 0.0, out=valid_all[r])
-        cos = torch.where(valid, dot / den, zero, out=cos_all[r]).clamp_(-1.0, 1.0)
-        t = t_all[r]
-        sin = torch.addcmul(one, cos, cos, value=-1.0).sqrt_()
-        sin_t = torch.addcmul(one, t, t, value=-1.0).clamp_(min=0.0).sqrt_().clamp_(min=_MIN_SIN)
-        # coef = |g_i'| (t sin - cos sin_t) / (|g_j| sin_t) where cos < t and the pair is valid
-        coef = torch.addcmul(t * sin, cos, sin_t, value=-1.0).mul_(ni).div_(sin_t.mul_(nj_all[r]))
-        coef = torch.where(valid & (cos < t), coef, zero, out=coefs[r])
-        if r + 1 < R:
-            M.addcmul_(coef.unsqueeze(1), plan.visited_rows(r))
-            # |g_i' + c g_j|² = |g_i'|² + 2 c g_i'·g_j + c² |g_j|². When the sum cancels to
-            # rounding noise, the corrected gradient is zero: say so exactly (see module notes).
-            cg = coef * dot
-            c2g = coef * coef * plan.gjj[r]
-            scale = (cg.abs() * 2).add_(n2).add_(c2g)
-            n2.add_(cg, alpha=2.0).add_(c2g)
-            n2 = torch.where(n2 > tau * scale, n2, zero)
+    cdt = compute_dtype(G)
+    # the divisor of a cosine without a pair (den = 0); a pair's own den, |g_i'| |g_j|, is a
+    # product of two norms of the supported range (above 1e-280 in float64), far above it
+    tiny = torch.finfo(cdt).tiny
+    # NumPy: no warnings for the divisions by 0 (replaced by 0) and by a tiny norm (clamped)
+    with ops.quiet():
+        # per round r (rows) and task row n (columns): see _Plan
+        t_all = ops.take(ops.asarray(targets.detach().to(cdt)), plan.flat)  # read before any update
+        gjj = ops.clamp_min(plan.gjj, 0.0)  # |g_j|² of the task visited
+        nj = ops.sqrt(gjj)
+        sin_t = ops.clamp_min(ops.sqrt(ops.clamp_min(1.0 - t_all * t_all, 0.0)), _MIN_SIN)
+        # coef = |g_i'| (t sin - cos sin_t) / (|g_j| sin_t) = (t/sin_t sin - cos) |g_i'| / |g_j|,
+        # with 1 / |g_j| := 0 for a zero g_j
+        inv_nj = ops.where(nj > 0.0, 1.0 / nj, 0.0)
+        t_sin = t_all / sin_t
+        M = plan.dots()  # M[s, n] = g_i'·g_j for the task j that row n visits in round s
+        n2 = ops.clamp_min(plan.diag, 0.0)  # |g_i'|², kept >= 0
+        dots, ts, njs, t_s, inv, gj = (list(x) for x in (M, t_all, nj, t_sin, inv_nj, gjj))  # views
+        coefs, cos_list, den_list = [], [], []
+        for r0, table in plan.tables():
+            for r, visited in enumerate(table, start=r0):
+                dot = dots[r]
+                ni = ops.sqrt(n2)
+                den = ni * njs[r]  # 0 iff the pair has no cosine (g_i' or g_j is zero)
+                # such a pair gets coef 0 below whatever its cosine (|g_i'| = 0 or 1 / |g_j| = 0)
+                cos = ops.clamp(dot / ops.clamp_min(den, tiny), -1.0, 1.0)
+                sin = ops.sqrt(1.0 - cos * cos)
+                coef = (t_s[r] * sin - cos) * ni * inv[r] * (cos < ts[r])  # only where cos < t
+                coefs.append(coef)
+                cos_list.append(cos)
+                den_list.append(den)
+                if r + 1 < T - 1:
+                    # |g_i' + c g_j|² = |g_i'|² + 2 c g_i'·g_j + c² |g_j|². When the sum cancels to
+                    # rounding noise, the corrected gradient is zero: say so exactly (module notes).
+                    cg2 = coef * dot * 2.0  # (dot views M: read before the update below)
+                    M += coef * visited  # g_i' += coef g_j, seen through every later dot product
+                    rest = coef * coef * gj[r] + n2
+                    n2 = rest + cg2
+                    n2 = n2 * (n2 > (rest + ops.abs(cg2)) * tau)
 
     if beta > 0.0:
-        ema = torch.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
+        valid_all, cos_all = ops.stack(den_list) > 0.0, ops.stack(cos_list)
+        ema = ops.where(valid_all, (1.0 - beta) * t_all + beta * cos_all, t_all)
         # plan.flat lists every off-diagonal entry exactly once: a plain indexed copy, which
         # (unlike put_) torch implements deterministically
-        new_targets.view(-1).index_copy_(0, plan.flat.reshape(-1), ema.reshape(-1).to(new_targets.dtype))
-    return _combine(plan, coefs, reduction, G.dtype), new_targets
+        new_targets.view(-1).index_copy_(
+            0, plan.flat_t.reshape(-1), ops.to_tensor(ema).reshape(-1).to(new_targets.dtype)
+        )
+    return _combine(plan, ops.stack(coefs), reduction, G.dtype), new_targets
 
 
 def gradvac(

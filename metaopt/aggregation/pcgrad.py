@@ -10,7 +10,9 @@ Every ``g_i'`` stays a combination of the original gradients, ``g_i' = Σ_k C[i,
 whole procedure only needs the Gramian ``G = J Jᵀ``: ``g_i'·g_j = (C G)[i, j]``. The update is
 ``wᵀJ`` with ``w = Σ_i C[i, :]``. Tasks are independent of each other, so the T projection
 chains run in parallel: round ``r`` projects every ``g_i'`` against its own ``order[i, r]``,
-giving T-1 rounds of a few vectorised T-sized operations on ``G``'s device, without host
+giving T-1 rounds of four vectorised T-sized operations, against a table of the visited rows
+gathered once: in NumPy for a CPU ``G`` (a quarter of torch's per-call overhead; same numbers,
+see :mod:`~metaopt.aggregation._backend`), in torch on ``G``'s device otherwise, without host
 synchronisation.
 
 Scale: task ``i``'s chain is homogeneous of degree 1 in ``g_i`` and of degree 0 in every ``g_j``
@@ -36,11 +38,14 @@ tensor([0.5000, 1.5000])
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._backend import backend
 from ._validate import (
     check_gramian_shape,
     check_matrix,
@@ -113,37 +118,64 @@ def _order_and_gramian(
     return order, gramian(jacobian, dtype=compute_dtype(jacobian))
 
 
+# Elements of the visited-pair table gathered at once (see _Plan.tables): bounds its memory
+# (2 MiB in float64) whatever T and the number of groups.
+_TABLE_ELEMENTS = 1 << 18
+
+
 @dataclass
 class _Plan:
-    """Index tables shared by the PCGrad and GradVac loops.
+    """The Gramian and index tables shared by the PCGrad and GradVac loops, in the loops' array
+    library (NumPy on CPU, torch elsewhere: see :mod:`._backend`).
 
-    The B = prod(G.shape[:-2]) Gramians are stacked as the rows of ``Gf`` (B*T, T); row
-    ``b*T + i`` holds ``G[b, i, :]``. For round ``r`` and flattened task row ``n = b*T + i``:
-    ``flat[r, n] = n*T + order[b, i, r]`` indexes entry (i, j) of a (B*T, T) matrix, and
-    ``rows[r, n] = b*T + order[b, i, r]`` indexes row j of ``Gf``.
+    The B = prod(G.shape[:-2]) Gramians are flattened into ``Gf`` (B*T*T,); task ``i`` of group
+    ``b`` is the flattened task row ``n = b*T + i``. Everything indexed by round ``r`` (0 to
+    T-2) and task row is laid out (T-1, B*T), one row per round, so that a round reads its
+    vectors as views and broadcasts them against (T-1, B*T) tables. With ``j = order[b, i, r]``
+    the task visited in round ``r``:
+
+    * ``order[r, n] = j``; ``rows[r, n] = b*T + j`` (its flattened task row);
+    * ``flat[r, n] = n*T + j``: entry (i, j) of group b, as an index into ``Gf`` (or into any
+      (..., T, T) tensor laid out like ``G``);
+    * ``gjj[r, n] = |g_j|²``.
     """
 
+    ops: Any  # _backend's operations for this device
     T: int
     lead: tuple[int, ...]
-    Gf: Tensor  # (B*T, T), compute dtype
-    flat: Tensor  # (T-1, B*T) int64
-    rows: Tensor  # (T-1, B*T) int64
-    gjj: Tensor  # (T-1, B*T): |g_j|² of the task visited in each round
+    Gf: Any  # (B*T*T,) compute dtype
+    order: Any  # (T-1, B*T) int64
+    rows: Any  # (T-1, B*T) int64
+    flat: Any  # (T-1, B*T) int64
+    flat_t: Tensor  # ``flat`` as a torch tensor on G's device
+    diag: Any  # (B*T,): |g_i|² of each task row
+    gjj: Any  # (T-1, B*T)
 
-    def visited_rows(self, r: int) -> Tensor:
-        """(B*T, T): row ``G[b, order[b, i, r], :]`` for every flattened task row ``b*T + i``.
+    def dots(self) -> Any:
+        """(T-1, B*T): ``G[b, i, order[b, i, r]]``, the entry each task row reads in round r."""
+        return self.ops.take(self.Gf, self.flat)
 
-        Gathered round by round: one table for all rounds would be a single op, but one large
-        enough for ATen to split across threads, which costs milliseconds on a busy machine.
+    def tables(self) -> Iterator[tuple[int, Any]]:
+        """``(r0, table)`` blocks covering every round: ``table[r - r0, s, n] =
+        G[b, order[b, i, r], order[b, i, s]]`` (shape (rounds, T-1, B*T)), the visited row
+        ``g_j`` of round ``r`` against every task that row ``n`` visits, in visiting order.
+
+        Gathered a block of rounds at a time (at most 2^18 entries) instead of round by round:
+        one gather instead of one per round, in bounded memory.
         """
-        return self.Gf.index_select(0, self.rows[r])
+        R, N = self.order.shape
+        step = max(1, _TABLE_ELEMENTS // max(1, R * N))
+        for r0 in range(0, R, step):
+            index = self.rows[r0 : r0 + step, None, :] * self.T + self.order[None, :, :]
+            yield r0, self.ops.take(self.Gf, index)
 
 
 @functools.lru_cache(maxsize=64)
-def _bases(B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """For flattened task rows n = b*T + i: (b*T, n*T), the offsets of rows and entries."""
+def _bases(B: int, T: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """For flattened task rows n = b*T + i: b*T, n*T and n*T + i, the offsets of its group's
+    rows, of its entries and of its diagonal entry."""
     n = torch.arange(B * T, device=device)
-    return n - n % T, n * T
+    return n - n % T, n * T, n * T + n % T
 
 
 def _plan(G: Tensor, order: Tensor) -> _Plan:
@@ -151,24 +183,38 @@ def _plan(G: Tensor, order: Tensor) -> _Plan:
     lead = tuple(G.shape[:-2])
     B = prod(lead)
     dev = G.device
-    Gf = G.detach().to(compute_dtype(G)).reshape(B * T, T)
+    ops = backend(dev)
+    Gf = G.detach().to(compute_dtype(G)).reshape(-1)
     ob = order.to(device=dev, dtype=torch.int64).expand(lead + (T, T - 1)).reshape(B * T, T - 1).T
-    row_base, flat_base = _bases(B, T, dev)
+    row_base, flat_base, diag_base = _bases(B, T, dev)
     rows = (ob + row_base).contiguous()  # b*T + j
     flat = (ob + flat_base).contiguous()  # (b*T + i)*T + j
-    gjj = Gf.view(B, T, T).diagonal(dim1=1, dim2=2).reshape(B * T).take(rows)
-    return _Plan(T=T, lead=lead, Gf=Gf, flat=flat, rows=rows, gjj=gjj)
+    diag = Gf.take(diag_base)
+    Gf, ob, rows_a, flat_a, diag = (ops.asarray(x) for x in (Gf, ob.contiguous(), rows, flat, diag))
+    return _Plan(
+        ops=ops,
+        T=T,
+        lead=lead,
+        Gf=Gf,
+        order=ob,
+        rows=rows_a,
+        flat=flat_a,
+        flat_t=flat,
+        diag=diag,
+        gjj=ops.take(diag, rows_a),
+    )
 
 
-def _combine(plan: _Plan, coefs: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
-    """w[b, k] = Σ_i C[b, i, k]: ones (C's identity part) plus every added coefficient."""
-    T, B = plan.T, plan.Gf.shape[0] // plan.T
-    w = torch.ones(B * T, dtype=plan.Gf.dtype, device=plan.Gf.device)
+def _combine(plan: _Plan, coefs: Any, reduction: str, dtype: torch.dtype) -> Tensor:
+    """w[b, k] = Σ_i C[b, i, k]: ones (C's identity part) plus every added coefficient, added in
+    round order (``coefs`` is (T-1, B*T), one per round and task row)."""
+    ops, T = plan.ops, plan.T
+    w = ops.ones(plan.diag.shape[0], like=plan.Gf)
     if T > 1:
-        w.index_add_(0, plan.rows.reshape(-1), coefs.reshape(-1))
+        ops.index_add(w, plan.rows.reshape(-1), coefs.reshape(-1))
     if reduction == "mean":
-        w.div_(T)
-    return w.reshape(plan.lead + (T,)).to(dtype)
+        w /= T
+    return ops.to_tensor(w).reshape(plan.lead + (T,)).to(dtype)
 
 
 def pcgrad_weights(G: Tensor, order: Tensor, reduction: str = "sum", *, validate: bool = True) -> Tensor:
@@ -205,19 +251,22 @@ def pcgrad_weights(G: Tensor, order: Tensor, reduction: str = "sum", *, validate
     if validate:
         check_values(where, G, order=order)
     plan = _plan(G, order)
-    Gf = plan.Gf
-    R = T - 1
-    coefs = torch.zeros((R, Gf.shape[0]), dtype=Gf.dtype, device=Gf.device)
-    if R:
+    if T == 1:
+        return _combine(plan, None, reduction, G.dtype)
+    ops = plan.ops
+    with ops.quiet():
         # c = -min(g_i'·g_j, 0) / |g_j|², with 1/|g_j|² := 0 for a zero g_j (its dot is 0 too).
-        neg_inv = torch.where(plan.gjj > 0, -1.0 / plan.gjj, torch.zeros_like(plan.gjj))
-        M = Gf.clone() if R > 1 else Gf  # M[n, :] = g_i'·g_k for every original k
-        for r in range(R):
-            dot = M.take(plan.flat[r]).clamp_(max=0.0)
-            c = torch.mul(dot, neg_inv[r], out=coefs[r])
-            if r + 1 < R:
-                M.addcmul_(c.unsqueeze(1), plan.visited_rows(r))
-    return _combine(plan, coefs, reduction, G.dtype)
+        neg_inv = list(ops.where(plan.gjj > 0, -1.0 / plan.gjj, 0.0))
+    M = plan.dots()  # M[s, n] = g_i'·g_j for the task j that row n visits in round s
+    dots = list(M)  # views: each round reads its row after the rounds before it updated M
+    coefs = []
+    for r0, table in plan.tables():
+        for r, visited in enumerate(table, start=r0):
+            c = ops.clamp_max(dots[r], 0.0) * neg_inv[r]
+            coefs.append(c)
+            if r + 1 < T - 1:
+                M += c * visited  # g_i' += c g_j, seen through every later dot product
+    return _combine(plan, ops.stack(coefs), reduction, G.dtype)
 
 
 def pcgrad(
