@@ -4,6 +4,11 @@ The Reptile outer step reads φ and θ and writes φ and θ: four passes over th
 plain ``copy_`` of the same bytes is two passes, so the floor is twice the copy time. Prints,
 per path, the median time, the effective bandwidth (4 passes) and the ratio to the floor.
 
+The paths are the engine's (``"auto"``: a kernel registered for the device type, else
+foreach; ``"foreach"``; ``"reference"``). For comparison only, one ``lerp_`` + ``copy_`` over a
+single flat buffer is timed too: what packing the parameters into one buffer would buy, which
+metaopt no longer does (it re-pointed the model's tensors; see metaopt.interpolation).
+
     python benchmarks/interpolation.py                 # CPU, scaled-down mBERT (about 22M params)
     python benchmarks/interpolation.py --scale 1       # full size, 177.9M params (a GPU)
     python benchmarks/interpolation.py --device cuda --scale 1
@@ -19,7 +24,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from metaopt.functional import pack_parameters
 from metaopt.interpolation import Interpolator
 
 from _timing import machine, median_time
@@ -36,6 +40,12 @@ def mbert_shapes(scale: int = 1) -> list[tuple[int, ...]]:
         shapes += [(h,), (h,)]  # output LayerNorm
     shapes += [(h, h), (h,)]  # pooler
     return shapes
+
+
+def _flat_step(phi: torch.Tensor, theta: torch.Tensor, weight: float) -> None:
+    """φ ← φ + w (θ − φ); θ ← φ over one flat buffer each (the comparison row)."""
+    phi.lerp_(theta.to(phi.dtype) if theta.dtype != phi.dtype else theta, weight)
+    theta.copy_(phi)
 
 
 def main() -> None:
@@ -76,21 +86,22 @@ def main() -> None:
     )
 
     rows = []
-    variants = [
-        ("flat (engine default)", True, "flat", None),
-        ("flat unblocked (lerp_ + copy_)", True, "flat", 0),
-        ("flat, 1M-element blocks", True, "flat", 1 << 20),
-        ("foreach (_foreach_lerp_ + _foreach_copy_)", False, "foreach", None),
-        ("reference (per-tensor loop)", False, "reference", None),
-    ]
-    for name, packed, method, block in variants:
+    for method, name in [
+        ("auto", "auto (engine default: {path})"),
+        ("foreach", "foreach (_foreach_lerp_ + _foreach_copy_)"),
+        ("reference", "reference (per-tensor loop)"),
+    ]:
         fast = fresh()
-        if packed:
-            pack_parameters(fast)
-        engine = Interpolator(fast, method=method, block_size=block)  # type: ignore[arg-type]
+        engine = Interpolator(fast, method=method)  # type: ignore[arg-type]
         t = median_time(partial(engine.interpolate, 0.1), repeat=args.repeat, device=device)
-        rows.append((name, t))
+        rows.append((name.format(path="+".join(engine.path())), t))
         del engine, fast
+    # not a metaopt path: the single flat buffer that packing the parameters would give
+    theta = torch.randn(n, generator=g).to(device=device, dtype=dtype)
+    phi = theta.to(torch.float32 if master == 4 else dtype, copy=True)
+    t = median_time(partial(_flat_step, phi, theta, 0.1), repeat=args.repeat, device=device)
+    rows.append(("one flat buffer, lerp_ + copy_ (comparison)", t))
+    del theta, phi
     print(f"{'path':45s} {'ms':>8s} {'GB/s':>8s} {'x floor':>8s}")
     for name, t in rows:
         print(f"{name:45s} {t * 1e3:8.2f} {nbytes / t / 1e9:8.1f} {t / floor:8.2f}")

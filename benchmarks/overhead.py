@@ -2,7 +2,7 @@
 
 All variants run the same model, the same batches and the same task sequence: bare AdamW, and
 Sequential Reptile driven the torch way (``loss.backward(); opt.step(); opt.zero_grad()``) and
-through the one loop (``opt.step(losses)``), with packed (flat) and unpacked parameters.
+through the one loop (``opt.step(losses)``).
 Measurements rotate through the variants in blocks (the order rotates too) so that drift on a
 shared machine hits all alike. The wrapper's own per-step work is also timed directly. The
 outer step (every K inner steps) is included, amortised, in Sequential Reptile's times.
@@ -73,7 +73,7 @@ def main() -> None:
     bare_opt = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
     n_params = sum(p.numel() for p in bare_model.parameters())
 
-    def sequential_reptile(flatten: bool) -> tuple[nn.Module, metaopt.SequentialReptile]:
+    def sequential_reptile() -> tuple[nn.Module, metaopt.SequentialReptile]:
         model = make_model(args.d, args.layers, vocab)
         return model, metaopt.SequentialReptile(
             torch.optim.AdamW(model.parameters(), lr=1e-4),
@@ -81,12 +81,10 @@ def main() -> None:
             inner_steps=k,
             outer_lr=0.1,
             seed=0,
-            flatten=flatten,
         )
 
-    torch_model, torch_opt = sequential_reptile(True)
-    loop_model, loop_opt = sequential_reptile(True)
-    unpacked_model, unpacked_opt = sequential_reptile(False)
+    torch_model, torch_opt = sequential_reptile()
+    loop_model, loop_opt = sequential_reptile()
 
     def bare_block() -> float:
         t0 = time.perf_counter()
@@ -119,7 +117,6 @@ def main() -> None:
         "bare AdamW": bare_block,
         "SequentialReptile, torch way": torch_way(torch_model, torch_opt),
         "SequentialReptile, one loop": one_loop_block,
-        "SequentialReptile, torch way, flatten=False": torch_way(unpacked_model, unpacked_opt),
     }
     names = list(variants)
     for fn in variants.values():  # warm-up

@@ -10,8 +10,10 @@ and carry a ``task_id`` that the model routes to the task's head.
     pip install 'metaopt-torch[hf]'      # transformers and accelerate
     python examples/hf_trainer.py  # about 10 s on a laptop CPU
 
-``run(...)`` is also what the tests call; they check that the Trainer's final parameters equal a
-hand-written loop over the same batches.
+``run(...)`` and ``make_trainer(...)`` are also what the tests call; they check that the
+Trainer's final parameters equal a hand-written loop over the same batches, and that a run
+resumed from a checkpoint (``save_steps``, then ``trainer.train(resume_from_checkpoint=...)``)
+ends where the uninterrupted one ends, bit for bit.
 """
 
 from __future__ import annotations
@@ -108,36 +110,64 @@ def build(
     return model, opt, scheduler
 
 
+def make_trainer(
+    output_dir: str, steps: int = 150, batch_size: int = 8, seed: int = 0, **arguments: Any
+) -> tuple[Any, MultiHeadBert, metaopt.SequentialReptile]:
+    """The recipe: model, optimizer, scheduler, the scheduled data and the ``Trainer`` over them.
+
+    ``arguments`` override the ``TrainingArguments`` below (``save_steps``,
+    ``gradient_accumulation_steps``, ...); the data set gets ``gradient_accumulation_steps``
+    batches of one task per step. To resume, build the same and call
+    ``trainer.train(resume_from_checkpoint=...)``: the Trainer restores the model, the optimizer
+    (its schedule included) and the scheduler, and skips the batches of the steps already taken,
+    so the run goes on where the uninterrupted one would (the model has no dropout, and the
+    Trainer restores the RNG state too). Keep ``ignore_data_skip`` False: the data set's
+    batches are indexed by the Trainer's global step and its check refuses to train on
+    batches that are not the step's.
+    """
+    tf = _transformers()
+    model, opt, scheduler = build(seed, steps)
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,  # the data set's alignment check runs where it is iterated
+        remove_unused_columns=False,  # keep task_id
+    )
+    if "save_steps" in arguments:
+        settings["save_strategy"] = "steps"
+    settings.update(arguments)
+    args = tf.TrainingArguments(**settings)
+    stream = metaopt.data.ScheduledTaskDataset(
+        opt,
+        make_datasets(seed=seed),
+        batch_size=batch_size,
+        steps=steps,
+        micro_batches=args.gradient_accumulation_steps,
+        seed=seed,
+    )
+    trainer = tf.Trainer(
+        model=model,
+        args=args,
+        train_dataset=stream,
+        data_collator=tf.default_data_collator,
+        optimizers=(opt, scheduler),
+    )
+    return trainer, model, opt
+
+
 def run(
     steps: int = 150, batch_size: int = 8, seed: int = 0
 ) -> tuple[MultiHeadBert, metaopt.SequentialReptile]:
-    tf = _transformers()
-    model, opt, scheduler = build(seed, steps)
-    stream = metaopt.data.ScheduledTaskDataset(
-        opt, make_datasets(seed=seed), batch_size=batch_size, steps=steps, seed=seed
-    )
     with tempfile.TemporaryDirectory() as out:
-        args = tf.TrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            max_grad_norm=1.0,
-            use_cpu=True,
-            seed=seed,
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,  # keep task_id
-        )
-        trainer = tf.Trainer(
-            model=model,
-            args=args,
-            train_dataset=stream,
-            data_collator=tf.default_data_collator,
-            optimizers=(opt, scheduler),
-        )
+        trainer, model, opt = make_trainer(out, steps, batch_size, seed)
         trainer.train()
     return model, opt
 

@@ -30,7 +30,6 @@ __all__ = [
     "Reduce",
     "average_",
     "averaging",
-    "check_same_on_ranks",
     "checksum",
     "collective_failed",
     "default_group",
@@ -99,18 +98,6 @@ def gather_digests(values: Sequence[int], group: Any, timeout: float | None, whe
     work = torch.distributed.all_gather(out, mine, group=group, async_op=True)
     wait(work, timeout, where, moved=False)
     return [t.tolist() for t in out]
-
-
-def check_same_on_ranks(value: Any, group: Any, where: str) -> None:
-    """Raise on every rank if ``value`` differs between the ranks of ``group``."""
-    ranks = gather_digests([digest(value)], group, None, where)
-    differ = [r for r, v in enumerate(ranks) if v != ranks[0]]
-    if differ:
-        raise ValueError(
-            f"{where}: the task schedule differs between ranks (rank(s) {differ} disagree with "
-            "rank 0): every rank must draw the same tasks. Build the optimizer with the same seed "
-            "and options on every rank, and load the same checkpoint"
-        )
 
 
 def rank_seed(seed: int, rank: int) -> int:

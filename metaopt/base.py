@@ -36,14 +36,15 @@ targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._distributed import check_same_on_ranks, default_group, fingerprint
+from ._distributed import default_group, digest, fingerprint, gather_digests
 from ._options import Option, flag
 from .jacobian import compiled_graph, reaches_any
 from .report import StepReport
@@ -87,6 +88,38 @@ def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None
     both would then step the same buffers. Every torch optimizer metaopt holds (the wrapped one,
     an outer optimizer, GradNorm's weight optimizer) is loaded through this."""
     optimizer.load_state_dict(map_tensors(state, Tensor.clone))
+
+
+def _graph_problem(message: str) -> str | None:
+    """What a user did wrong, for the autograd errors a loss that cannot be used again gives."""
+    if "backward through the graph a second time" in message:
+        return (
+            "a loss was already used by a backward pass, which freed its graph (a loss reused "
+            "from an earlier step?); compute the losses anew for every step"
+        )
+    if message.startswith("task_jacobian: the graph of") and "already freed" in message:
+        return (
+            message.removeprefix("task_jacobian: ").split(". ")[0]
+            + ": a loss reused from an earlier step, or losses that share part of their graph "
+            "(a common encoder) without retain_graph=True"
+        )
+    if "modified by an inplace operation" in message:
+        return (
+            "a loss was computed before a tensor it depends on was changed in place (a stale "
+            "loss from before the last step?); compute the losses after the previous step"
+        )
+    return None
+
+
+def _unscale(params: Sequence[Tensor], scale: Tensor) -> None:
+    """``.grad`` /= ``scale`` (GradScaler's reciprocal, in float64 then float32), per device."""
+    inv = scale.double().reciprocal().float()
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_device.setdefault(p.grad.device, []).append(p.grad)
+    for device, grads in by_device.items():
+        torch._foreach_mul_(grads, inv.to(device))
 
 
 def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
@@ -137,6 +170,11 @@ class MultiTaskOptimizer(Optimizer):
 
     allow_unused = Option(flag)
 
+    # GradScaler.step(opt) then always calls step(), with ``found_inf`` and ``grad_scale`` set
+    # on the optimizer (torch.amp's contract for optimizers that handle scaling themselves): a
+    # skipped step is seen here, so that it uses up its task draw like the batch it was fed
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         optimizer: Optimizer,
@@ -173,6 +211,7 @@ class MultiTaskOptimizer(Optimizer):
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self._step_count = 0
+        self._clock = 0  # steps served by the task stream: taken, or skipped by a GradScaler
         self._pending: tuple[str, ...] | None = None
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
         self._ranks_checked = False
@@ -216,6 +255,11 @@ class MultiTaskOptimizer(Optimizer):
             raise TypeError(
                 f"{type(self).__name__}.add_param_group: expected a dict, got {type(param_group).__name__}"
             )
+        if self._backward_losses is not None:
+            raise ValueError(
+                f"{type(self).__name__}.add_param_group: a backward(...) is pending; call step() "
+                "or zero_grad() before adding parameters"
+            )
         group = dict(param_group)
         params = group.get("params")
         group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
@@ -231,7 +275,7 @@ class MultiTaskOptimizer(Optimizer):
         state.pop("step", None)
         state.pop("_opt_called", None)
         state["generator"] = self.generator.get_state()
-        if "process_group" in state:
+        if "process_group" in state and not isinstance(state["process_group"], str):
             state["process_group"] = None  # does not pickle: a copy uses the default group
         state["_ranks_checked"] = False
         return state
@@ -259,12 +303,20 @@ class MultiTaskOptimizer(Optimizer):
         """Inner steps taken so far."""
         return self._step_count
 
+    @property
+    def clock(self) -> int:
+        """Steps the task stream has served: those taken plus those a ``GradScaler`` skipped
+        (each skipped step used up its draw, as it used up its batch). The data side indexes
+        its batches by this count (:mod:`metaopt.data`)."""
+        return self._clock
+
     def next_tasks(self) -> list[str]:
         """The tasks whose losses the next step expects, in order (for the Reptile family, the
         task the next batch must come from).
 
         Calling it again before :meth:`step` returns the same tasks (a draw is made once and kept
-        until a step consumes it; a refused or skipped step keeps it).
+        until a step consumes it; a refused step keeps it, a step skipped by a ``GradScaler``
+        uses it up, as it used up its batch).
         """
         if self._pending is None:
             self._pending = tuple(self._draw_tasks())
@@ -312,6 +364,10 @@ class MultiTaskOptimizer(Optimizer):
             >>> report.tasks
             ('a', 'b')
         """
+        with self._draw_kept_on_refusal():
+            self._backward_checked(losses, grad_scaler)
+
+    def _backward_checked(self, losses: Mapping[str, Tensor], grad_scaler: Any) -> None:
         name = type(self).__name__
         checked = self._check_losses(losses, self.next_tasks(), f"{name}.backward")
         if grad_scaler is not None and not (
@@ -322,8 +378,21 @@ class MultiTaskOptimizer(Optimizer):
                 f"{name}.backward: grad_scaler must be a torch.amp.GradScaler, got "
                 f"{type(grad_scaler).__name__}"
             )
+        self._drop_if_cleared()
         self._prepare()
-        self._backward(checked, grad_scaler)
+        first = self._backward_losses is None
+        saved = [p.grad for p in self._param_list] if first else []
+        try:
+            self._backward(checked, grad_scaler)
+        except RuntimeError as err:
+            if first:  # the first backward of a step replaced .grad: put it back
+                for p, g in zip(self._param_list, saved):
+                    p.grad = g
+            problem = _graph_problem(str(err))
+            if problem is None:
+                raise
+            where = "nothing was updated" if first else "call zero_grad() and redo the step's backward passes"
+            raise ValueError(f"{name}.backward: {problem}; {where}") from err
         detached = {t: v.detach() for t, v in checked.items()}
         if self._backward_losses is None:
             self._backward_losses = detached
@@ -350,7 +419,19 @@ class MultiTaskOptimizer(Optimizer):
         if closure is not None:
             raise TypeError(f"{name}.step takes losses or nothing, not a closure")
         if losses is None:
-            return self._take_step()
+            # set by GradScaler.step(opt), which deletes them again once step() returns
+            found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
+            try:
+                if found_inf is not None and bool(found_inf):  # GradScaler's own skip test
+                    with self._draw_kept_on_refusal():
+                        return self._skip()
+                with self._draw_kept_on_refusal():
+                    return self._take_step(grad_scale=grad_scale)
+            except BaseException:  # GradScaler does not get to delete them: never reuse them
+                self.__dict__.pop("found_inf", None)
+                self.__dict__.pop("grad_scale", None)
+                raise
+        self._drop_if_cleared()
         if self._backward_losses is not None:
             raise RuntimeError(
                 f"{name}.step(losses): a backward(...) is pending; call step() with no "
@@ -359,8 +440,9 @@ class MultiTaskOptimizer(Optimizer):
         params = self._param_list
         saved = [p.grad for p in params]  # for a refusal; released once the checks have passed
         try:
-            self.backward(losses)
-            return self._take_step(checked=saved.clear)
+            with self._draw_kept_on_refusal(whole_step=True):
+                self.backward(losses)
+                return self._take_step(checked=saved.clear)
         except BaseException:
             if saved:
                 self.zero_grad(set_to_none=True)
@@ -400,50 +482,163 @@ class MultiTaskOptimizer(Optimizer):
         """Drop what :meth:`backward` accumulated for the step (extended by subclasses)."""
         self._backward_losses = None
 
+    def _rank_config(self) -> tuple[Any, ...]:
+        """Everything that must agree between ranks for their steps to agree: the class, the
+        tasks and every validated option (``inner_steps``, ``outer_lr``, ``reduction``, ...).
+        Subclasses add what their constructor fixes."""
+        options = tuple(sorted((k, repr(getattr(self, k))) for k in self._option_names()))
+        return (type(self).__name__, self.tasks, options)
+
     def _check_ranks(self) -> None:
-        """Under ``torch.distributed``, at the first step: every rank has the same schedule
-        state (seed, counters, generator, pending draw), so that all draw the same tasks."""
+        """Under ``torch.distributed``, at the first step (and after a load): every rank has the
+        same configuration (:meth:`_rank_config`) and schedule state (seed, counters,
+        generator, pending draw), so that all take the same steps. One all-gather of two
+        digests, on every rank; ``process_group="local"`` opts out (a method run on some ranks
+        only, such as an evaluation on rank 0)."""
         if self._ranks_checked:
             return
         group = default_group(getattr(self, "process_group", None))
         if group is not None:
-            check_same_on_ranks(
-                fingerprint(
-                    self.generator.get_state(),
-                    type(self).__name__,
-                    self.tasks,
-                    self._step_count,
-                    self._pending,
-                ),
-                group,
-                f"{type(self).__name__}.step",
+            where = f"{type(self).__name__}.step"
+            schedule = fingerprint(
+                self.generator.get_state(), self.tasks, self._step_count, self._clock, self._pending
             )
+            ranks = gather_digests([schedule, digest(self._rank_config())], group, None, where)
+            differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
+            if differ:
+                raise ValueError(
+                    f"{where}: rank(s) {differ} were built with other options than rank 0 "
+                    f"(this rank: {self._rank_config()}); build the optimizer with the same options "
+                    "on every rank. Nothing was updated"
+                )
+            differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
+            if differ:
+                raise ValueError(
+                    f"{where}: the task schedule differs between ranks (rank(s) {differ} disagree "
+                    "with rank 0): every rank must draw the same tasks. Build the optimizer with "
+                    "the same seed on every rank, and load the same checkpoint. Nothing was updated"
+                )
         self._ranks_checked = True
 
-    def _take_step(self, checked: Callable[[], None] | None = None) -> StepReport:
+    def _take_step(
+        self, checked: Callable[[], None] | None = None, grad_scale: Tensor | None = None
+    ) -> StepReport:
         """The step template after the backward pass. ``checked`` runs once nothing can refuse
         the step any more (the one loop then drops the ``.grad`` it kept for a refusal, so that
-        memory is free for the inner step)."""
+        memory is free for the inner step). ``grad_scale``: the scale ``GradScaler.step`` left
+        in ``.grad`` (it did not unscale them), divided out once every check has passed."""
         tasks = tuple(self.next_tasks())
+        self._drop_if_cleared()
         self._prepare()
         self._check_ranks()
         self._check_step()
         # everything is checked: from here on the step moves
         if self.inner is not None:
-            inner_report: StepReport | None = self.inner.step()  # refuses before it moves
+            # the wrapped optimizer divides the scale out once its own checks have passed
+            if grad_scale is not None:
+                self.inner.__dict__["grad_scale"] = grad_scale
+            try:
+                inner_report: StepReport | None = self.inner.step()  # refuses before it moves
+            finally:
+                self.inner.__dict__.pop("grad_scale", None)
             if checked is not None:
                 checked()
         else:
             if checked is not None:
                 checked()
-            self.base_optimizer.step()
+            if grad_scale is not None:
+                _unscale(self._param_list, grad_scale)
+            # a parameter frozen since its backward pass is skipped, as at every other step
+            hidden = [(p, p.grad) for p in self._param_list if not p.requires_grad and p.grad is not None]
+            for p, _ in hidden:
+                p.grad = None
+            try:
+                self.base_optimizer.step()
+            except BaseException:
+                if grad_scale is not None:  # refused by the torch optimizer (a hook): scale back
+                    _unscale(self._param_list, grad_scale.double().reciprocal())
+                raise
+            finally:
+                for p, g in hidden:
+                    p.grad = g
             inner_report = None
         self._step_count += 1
+        self._clock += 1
         fields = self._after_step()
         losses = self._backward_losses or {}
         self._pending = None
         self._clear_backward()
         return StepReport(tasks=tasks, losses=losses, step=self._step_count, inner=inner_report, **fields)
+
+    def _skip(self) -> StepReport:
+        """A step ``GradScaler`` skipped (non-finite scaled gradients): a step with no update.
+        The inner optimizer, method state and ``step_count`` do not move; the task stream and
+        the trajectory advance as on any step (the skipped batch used up its draw), so that
+        batches planned ahead stay aligned and ranks stay in step; the pending backward is
+        dropped (the ``zero_grad`` that follows may be the model's, which this optimizer
+        never sees)."""
+        tasks = tuple(self.next_tasks())
+        self._prepare()
+        losses = self._backward_losses or {}
+        inner_report = self.inner._skip() if self.inner is not None else None
+        self._clock += 1
+        fields = self._after_skip()
+        self._pending = None
+        self._clear_backward()
+        return StepReport(
+            tasks=tasks, losses=losses, step=self._step_count, inner=inner_report, skipped=True, **fields
+        )
+
+    def _after_skip(self) -> dict[str, Any]:
+        """Hook: a step was skipped; what a served batch moves besides the draw (the Reptile
+        family's trajectory). Returns report fields."""
+        return {}
+
+    def _drop_if_cleared(self) -> None:
+        """A pending :meth:`backward` whose gradients were all cleared since (``model.zero_grad()``,
+        which this optimizer does not see) is dropped: the next backward starts a new step."""
+        if self._backward_losses is not None and all(p.grad is None for p in self._param_list):
+            self._clear_backward()
+
+    # ------------------------------------------------------------------ the task stream
+    def _stream_state(self) -> list[Any]:
+        """What drawing tasks moves, for this optimizer and those it wraps (restored when a
+        refused step or backward had made the draw itself)."""
+        own = [self.generator.get_state(), self._pending, *self._stream_extra()]
+        return own + (self.inner._stream_state() if self.inner is not None else [])
+
+    def _stream_extra(self) -> list[Any]:
+        """Subclasses: their part of the task stream's state (a schedule's round, a task)."""
+        return []
+
+    def _restore_stream(self, state: list[Any]) -> None:
+        n = 2 + len(self._stream_extra())
+        own, rest = state[:n], state[n:]
+        self.generator.set_state(own[0])
+        self._pending = own[1]
+        self._restore_stream_extra(own[2:])
+        if self.inner is not None:
+            self.inner._restore_stream(rest)
+
+    def _restore_stream_extra(self, state: list[Any]) -> None:
+        pass
+
+    @contextmanager
+    def _draw_kept_on_refusal(self, whole_step: bool = False) -> Iterator[None]:
+        """A draw made inside the block (no ``next_tasks()`` before it) is undone if the block
+        raises before the step is counted: a refused step leaves the stream as it found it. A
+        draw that a successful :meth:`backward` has used is kept with it, unless the block is a
+        whole one-loop step (whose refusal drops its backward too)."""
+        if self._pending is not None:
+            yield
+            return
+        state, clock = self._stream_state(), self._clock
+        try:
+            yield
+        except BaseException:
+            if self._clock == clock and (whole_step or self._backward_losses is None):
+                self._restore_stream(state)
+            raise
 
     # ------------------------------------------------------------------ parameters
     def _collect_params(self) -> list[Tensor]:
@@ -604,17 +799,19 @@ class MultiTaskOptimizer(Optimizer):
         self._check_unused(params)
         grads_ok = _all_finite(grads)
         if losses:
-            loss_ok = torch.stack([v.isfinite() for v in losses.values()])
+            values = list(losses.values())
+            if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
+                loss_ok = torch.stack(values).isfinite()
+            else:
+                loss_ok = torch.stack([v.isfinite() for v in values])
             ok = loss_ok.all() & grads_ok.to(loss_ok.device)
         else:
             loss_ok, ok = None, grads_ok
         if bool(ok):
             return
         if losses and loss_ok is not None and not bool(loss_ok.all()):
-            values = {
-                t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good
-            }
-            raise ValueError(f"{name}.step: non-finite loss for task(s) {values}; nothing was updated")
+            bad = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good}
+            raise ValueError(f"{name}.step: non-finite loss for task(s) {bad}; nothing was updated")
         source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
         raise ValueError(
             f"{name}.step: non-finite gradient (NaN or inf) from {source}; nothing was updated "
@@ -626,10 +823,33 @@ class MultiTaskOptimizer(Optimizer):
         return {}
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` if :meth:`_load_extra_state` would fail (nothing moves)."""
+        """Raise ``ValueError`` if :meth:`_load_extra_state` would fail, or if ``state`` holds a
+        value this method cannot have produced (nothing moves)."""
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         pass
+
+    def _param_state(self) -> dict[int, dict[str, Any]]:
+        """This method's per-parameter state, by parameter index (torch.optim's keys), with
+        field names starting ``metaopt_`` (merged beside the wrapped optimizer's own)."""
+        return {}
+
+    def _param_state_fields(self) -> tuple[str, ...]:
+        """The prefixes of the ``metaopt_`` fields that :meth:`_param_state` writes."""
+        return ()
+
+    def _check_param_state(self, state: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`_load_param_state` would fail (nothing moves)."""
+
+    def _load_param_state(self, state: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
+        pass
+
+    def _check_pending(self, pending: Sequence[str]) -> None:
+        """Raise ``ValueError`` if ``pending`` is not a draw this optimizer can make."""
+        if self.inner is not None:
+            self.inner._check_pending(pending)
+        elif list(pending) != list(self.tasks):
+            raise ValueError(f"every step wants {list(self.tasks)}, in that order")
 
     def _after_load(self) -> None:
         """Hook: the whole state dict was loaded."""
@@ -643,26 +863,39 @@ class MultiTaskOptimizer(Optimizer):
         return out
 
     def _own_state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "metaopt": {
-                "class": type(self).__name__,
-                "tasks": list(self.tasks),
-                "step": self._step_count,
-                "generator": self.generator.get_state(),
-                "pending": None if self._pending is None else list(self._pending),
-                "options": {name: getattr(self, name) for name in self._option_names()},
-                **self._extra_state(),
-            },
+        """torch.optim's layout (``state`` by parameter index, ``param_groups``), so that tools
+        that read an optimizer's state per parameter (DCP, FSDP's optimizer state dicts,
+        Accelerate, the Hugging Face Trainer) carry metaopt's too: each parameter's entry holds
+        the wrapped optimizer's fields and this method's ``metaopt_*`` fields; ``metaopt``
+        holds the rest (counters, the task stream, options, a wrapped metaopt optimizer's)."""
+        inner = self.optimizer.state_dict()
+        state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
+        for i, fields in self._param_state().items():
+            state.setdefault(i, {}).update(fields)
+        own: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "class": type(self).__name__,
+            "tasks": list(self.tasks),
+            "step": self._step_count,
+            "clock": self._clock,
+            "generator": self.generator.get_state(),
+            "pending": None if self._pending is None else list(self._pending),
+            "options": {name: getattr(self, name) for name in self._option_names()},
+            **self._extra_state(),
         }
+        if self.inner is not None:
+            own["inner"] = inner["metaopt"]
+        return {"state": state, "param_groups": inner["param_groups"], "metaopt": own}
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to continue identically: the wrapped optimizer's state dict, step
-        counters, the generator state, the pending task draw, each method's own state and its
-        hyper-parameters (``outer_lr``, ``beta``, ...: restored on load, as torch.optim restores
-        the hyper-parameters of its param groups).
+        """Everything needed to continue identically, in ``torch.optim``'s layout: ``state``
+        (per parameter index: the wrapped optimizer's fields and this method's ``metaopt_*``
+        fields, such as the slow weights), ``param_groups`` (the wrapped optimizer's) and
+        ``metaopt`` (step counters, the generator state, the pending task draw, each method's
+        own state and its hyper-parameters: ``outer_lr``, ``beta``, ...: restored on load, as
+        torch.optim restores the hyper-parameters of its param groups).
         Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
-        in ``torch.optim``."""
+        in ``torch.optim``. State dicts saved by metaopt 0.1 load too (migrated)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self._own_state_dict()
@@ -672,15 +905,55 @@ class MultiTaskOptimizer(Optimizer):
                 state = result
         return state
 
-    def _check_state(self, state_dict: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any]:
+    def _split_state(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any], dict[str, Any], dict[int, dict[str, Any]]]:
+        """(own record, the wrapped optimizer's state dict, this method's per-parameter fields)
+        of a state dict in the current layout; the structure is checked, not the values."""
         name = type(self).__name__
-        try:
-            own = state_dict["metaopt"]
-            inner = state_dict["optimizer"]
-        except (KeyError, TypeError):
-            raise ValueError(f"{name}.load_state_dict: not a metaopt state dict") from None
-        if not isinstance(own, Mapping):
+        if not isinstance(state_dict, Mapping):
             raise ValueError(f"{name}.load_state_dict: not a metaopt state dict")
+        state_dict = migrate_state_dict(state_dict, name)
+        own = state_dict.get("metaopt")
+        per_param, groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(own, Mapping) or not isinstance(per_param, Mapping) or not isinstance(groups, list):
+            raise ValueError(f"{name}.load_state_dict: not a metaopt state dict")
+        mine = self._param_state_fields()
+        rest: dict[Any, dict[str, Any]] = {}
+        fields: dict[int, dict[str, Any]] = {}
+        for i, entry in per_param.items():
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"{name}.load_state_dict: the state of parameter {i!r} is not a mapping")
+            for k, v in entry.items():
+                if isinstance(k, str) and k.startswith(mine) and mine:
+                    fields.setdefault(i, {})[k] = v
+                else:
+                    rest.setdefault(i, {})[k] = v
+        inner: dict[str, Any] = {"state": rest, "param_groups": groups}
+        if (own.get("inner") is None) != (self.inner is None):
+            saved = "without" if own.get("inner") is None else "with"
+            raise ValueError(
+                f"{name}.load_state_dict: the state was saved {saved} a wrapped metaopt optimizer, "
+                "unlike this one (another composition)"
+            )
+        if self.inner is not None:
+            inner["metaopt"] = own.get("inner")
+        else:
+            stray = sorted(
+                {k for e in rest.values() for k in e if isinstance(k, str) and k.startswith("metaopt_")}
+            )
+            if stray:
+                raise ValueError(
+                    f"{name}.load_state_dict: per-parameter fields {stray} are not this "
+                    "optimizer's (saved by another method or composition?)"
+                )
+        return own, inner, fields
+
+    def _check_state(
+        self, state_dict: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any], Any, dict[int, dict[str, Any]]]:
+        name = type(self).__name__
+        own, inner, fields = self._split_state(state_dict)
         if own.get("class") != name:
             raise ValueError(f"{name}.load_state_dict: state was saved by {own.get('class')}")
         if list(own.get("tasks", [])) != list(self.tasks):
@@ -690,15 +963,15 @@ class MultiTaskOptimizer(Optimizer):
         step = own.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{name}.load_state_dict: saved step count {step!r} is not an int >= 0")
+        clock = own.get("clock", step)  # saved before skipped steps were counted: none were
+        if isinstance(clock, bool) or not isinstance(clock, int) or clock < step:
+            raise ValueError(
+                f"{name}.load_state_dict: saved clock {clock!r} is not an int >= the step count {step}"
+            )
         try:
             torch.Generator().set_state(own["generator"])
         except (KeyError, TypeError, RuntimeError, ValueError):
             raise ValueError(f"{name}.load_state_dict: the saved generator state is unreadable") from None
-        pending = own.get("pending")
-        if pending is not None and (
-            not isinstance(pending, (list, tuple)) or any(t not in self.tasks for t in pending)
-        ):
-            raise ValueError(f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks")
         options = own.get("options", {})
         if not isinstance(options, Mapping):
             raise ValueError(f"{name}.load_state_dict: saved options {options!r} are not a mapping")
@@ -712,39 +985,115 @@ class MultiTaskOptimizer(Optimizer):
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{name}.load_state_dict: saved option: {err}") from None
         self._check_extra_state(own)
-        return own, inner
+        self._check_param_state(fields, own)
+        pending = own.get("pending")
+        if pending is not None:
+            if not isinstance(pending, (list, tuple)) or any(t not in self.tasks for t in pending):
+                raise ValueError(
+                    f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks"
+                )
+            try:
+                self._check_pending_saved(list(pending), own)
+            except ValueError as err:
+                raise ValueError(
+                    f"{name}.load_state_dict: saved pending draw {list(pending)} cannot be drawn here: {err}"
+                ) from None
+        return own, inner, fields
 
-    def _load_checked(self, own: Mapping[str, Any], inner: Any) -> None:
+    def _check_pending_saved(self, pending: list[str], own: Mapping[str, Any]) -> None:
+        """:meth:`_check_pending` for a draw saved with ``own`` (subclasses whose draws depend
+        on saved state override it)."""
+        if self.inner is not None:  # the wrapped optimizer's draw, which it checks itself
+            inner = own.get("inner")
+            if not isinstance(inner, Mapping) or list(inner.get("pending") or []) != pending:
+                raise ValueError("it is not the wrapped optimizer's pending draw")
+            return
+        self._check_pending(pending)
+
+    def _load_checked(
+        self, own: Mapping[str, Any], inner: Any, fields: Mapping[int, Mapping[str, Any]]
+    ) -> None:
         for key, value in own.get("options", {}).items():
             setattr(self, key, value)  # like torch.optim's saved param-group hyper-parameters
         self._load_extra_state(own)
+        self._load_param_state(fields, own)
         if self.inner is None:
             load_optimizer_state(self.optimizer, inner)
         self._step_count = int(own["step"])
+        self._clock = int(own.get("clock", self._step_count))
         self.generator.set_state(own["generator"])
         pending = own.get("pending")
         self._pending = None if pending is None else tuple(pending)
+        self._ranks_checked = False  # under torch.distributed the next step compares the ranks
         self._after_load()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict`. Everything is validated first (this optimizer's part, then
-        a wrapped metaopt optimizer's, through its own ``load_state_dict``); a load that still
-        fails part-way (in the wrapped torch optimizer) is rolled back, so a failed load changes
-        nothing. Registered load-state-dict hooks run as in ``torch.optim``."""
+        """Load a :meth:`state_dict` (or one saved by metaopt 0.1, migrated). Everything is
+        validated first (this optimizer's part, then a wrapped metaopt optimizer's, through its
+        own ``load_state_dict``); a load that still fails part-way (in the wrapped torch
+        optimizer) is rolled back, so a failed load changes nothing. Registered
+        load-state-dict hooks run as in ``torch.optim``."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        own, inner = self._check_state(state_dict)
+        own, inner, fields = self._check_state(state_dict)
         backup = self._own_state_dict()
         if self.inner is not None:  # composed: the wrapped optimizer validates (and rolls back) its part
             self.inner.load_state_dict(inner)
         try:
-            self._load_checked(own, inner)
+            self._load_checked(own, inner, fields)
         except BaseException:
+            restored = self._check_state(backup)
             if self.inner is not None:
-                self.inner.load_state_dict(backup["optimizer"])
-            self._load_checked(*self._check_state(backup))
+                self.inner.load_state_dict(restored[1])
+            self._load_checked(*restored)
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+STATE_VERSION = 2
+"""Layout of :meth:`MultiTaskOptimizer.state_dict`: 1 (metaopt 0.1) nested the wrapped
+optimizer's state dict under ``"optimizer"`` and kept the slow weights under ``"engine"``; 2 is
+torch.optim's layout with metaopt's per-parameter fields beside the wrapped optimizer's."""
+
+
+def migrate_state_dict(state_dict: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    """A state dict in the current layout (:data:`STATE_VERSION`), from any saved layout."""
+    own = state_dict.get("metaopt")
+    if not isinstance(own, Mapping):
+        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
+    version = own.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{where}.load_state_dict: the saved layout version {version!r} is not an int")
+    if version == STATE_VERSION:
+        return state_dict
+    try:
+        return _migrate_v1(state_dict, own, version, where)
+    except (AttributeError, IndexError, KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(
+            f"{where}.load_state_dict: a layout-{version} state dict that cannot be read ({err!r})"
+        ) from None
+
+
+def _migrate_v1(
+    state_dict: Mapping[str, Any], own: Mapping[str, Any], version: int, where: str
+) -> Mapping[str, Any]:
+    if version != 1 or "optimizer" not in state_dict:
+        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict (layout {version!r})")
+    inner = state_dict["optimizer"]
+    if isinstance(inner, Mapping) and isinstance(inner.get("metaopt"), Mapping):
+        inner = migrate_state_dict(inner, where)  # a composed optimizer's, itself version 1
+    if not isinstance(inner, Mapping) or not isinstance(inner.get("state"), Mapping):
+        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
+    state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
+    new_own = {k: v for k, v in own.items() if k not in ("engine", "inner_slots", "outer_optimizer")}
+    new_own["version"] = STATE_VERSION
+    if isinstance(inner.get("metaopt"), Mapping):
+        new_own["inner"] = inner["metaopt"]
+    if "engine" in own:  # the slow/fast fields: per parameter now
+        from .slow_fast import migrate_slow_fast_v1
+
+        migrate_slow_fast_v1(own, state, new_own, where)
+    return {"state": state, "param_groups": inner.get("param_groups"), "metaopt": new_own}

@@ -4,8 +4,9 @@ Pure helpers over parameter dicts and flat buffers that the optimizer classes ar
 that work on their own for users who write functional code:
 
 * :func:`pack_parameters` keeps a module's parameters in one contiguous buffer per
-  (device, dtype), with every parameter a view into it, so that whole-model operations (the
-  Reptile interpolation) run as one pass over one tensor.
+  (device, dtype), with every parameter a view into it, so that whole-model operations run as
+  one pass over one tensor. A standalone helper: metaopt's optimizers never pack the model's
+  parameters (re-pointing them breaks FSDP2 and checkpointing tools).
 * :func:`parameters_to_vector_dict` / :func:`vector_to_parameters_dict` convert between a
   parameter dict and a flat vector.
 * :func:`functional_forward` evaluates a module at given parameters

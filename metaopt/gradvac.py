@@ -122,6 +122,10 @@ class GradVac(GradientSurgery):
         self.targets = torch.zeros((n_groups, T, T), dtype=torch.float64)
         self._next_targets: Tensor | None = None
 
+    def _rank_config(self) -> tuple[Any, ...]:
+        groups = None if self._group_params is None else [len(g) for g in self._group_params]
+        return (*super()._rank_config(), groups)
+
     def _groups(self, shared_runs: list[slice]) -> list[list[slice]]:
         if self._group_params is None:
             return [shared_runs]

@@ -1,24 +1,26 @@
 """The interpolation engine: the Reptile outer step ``φ ← φ + η(θ − φ)`` and the re-sync ``θ ← φ``.
 
 The outer step touches every parameter: read φ, read θ, write φ, write θ. Four passes over the
-parameters at memory bandwidth is the floor. Three paths are kept:
+parameters at memory bandwidth is the floor. The fast weights θ are the model's own tensors,
+never re-pointed, repacked or copied into metaopt's storage (packing them into one buffer broke
+FSDP2, Accelerate's checkpoints and safetensors, and the outer step runs once per K inner
+steps, so its last fraction of speed is worth less than compatibility). The slow weights φ are
+metaopt's own state, one tensor per fast tensor (views into one buffer per device and master
+dtype, which costs nothing and gives collectives one buffer to reduce). The paths:
 
-``"flat"``
-    The fast weights θ (the model's parameters) tile one contiguous buffer per (device, dtype)
-    (see :func:`metaopt.functional.pack_parameters`) and the slow weights φ are one buffer laid out
-    the same way. The update runs as ``lerp_`` then ``copy_`` over cache-sized blocks, so the
-    ``copy_`` re-reads φ from cache rather than memory: close to the four-pass floor.
 ``"foreach"``
-    Multi-tensor ``torch._foreach_lerp_`` and ``torch._foreach_copy_`` over the parameter lists,
-    for parameters that are not packed.
+    Multi-tensor ``torch._foreach_lerp_`` and ``torch._foreach_copy_`` over the tensor lists.
 ``"reference"``
     A plain per-tensor loop, kept as the readable reference for tests.
+a registered kernel
+    ``"auto"`` picks a kernel registered for the device type (:func:`register_kernel`; the seam
+    for a fused kernel over lists of tensors), else ``"foreach"``.
 
-``"auto"`` picks a registered device kernel (see :func:`register_kernel`; the seam for a fused
-CUDA kernel), else ``"flat"`` where the parameters are packed, else ``"foreach"``.
-
-Low-precision parameters (float16, bfloat16) keep a float32 master copy of φ: the interpolation
-is computed in float32 and only θ is rounded.
+Low-precision parameters (float16, bfloat16) keep a float32 master copy of φ. θ starts each
+trajectory at φ rounded to θ's dtype, so the rounding error ``φ − round(φ)`` is not part of the
+trajectory's displacement: the interpolation uses the master fast weights ``θ + (φ − round(φ))``
+(θ as a float32 master copy would hold it), and φ does not drift onto the low-precision grid
+when θ does not move.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from ._distributed import Reduce
-from .functional import FlatBuffer, is_packed, pack_parameters, unique_tensors
+from .functional import unique_tensors
 from .layout import Layout
 
 __all__ = [
@@ -42,30 +44,24 @@ __all__ = [
     "register_kernel",
 ]
 
-Method = Literal["auto", "flat", "foreach", "reference"]
-_METHODS = ("auto", "flat", "foreach", "reference")
+Method = Literal["auto", "foreach", "reference"]
+_METHODS = ("auto", "foreach", "reference")
 
-# A device kernel computes, in one launch over flat buffers of equal length:
-#   dst ← dst + w (src − dst);  then, if fast is not None, fast ← copy_from
+# A device kernel computes, over lists of tensors of equal shapes, pairwise:
+#   dst ← dst + w (src − dst);  then, if fast is not None, fast ← copy_from (rounded to fast's dtype)
 # with ``dst``/``copy_from`` in the master dtype and ``src``/``fast`` possibly lower precision.
-Kernel = Callable[[Tensor, Tensor, float, "Tensor | None", Tensor], None]
+Kernel = Callable[[list[Tensor], list[Tensor], float, "list[Tensor] | None", list[Tensor]], None]
 _KERNELS: dict[str, Kernel] = {}
-
-# Elements per block on the flat path for CPU tensors: 2**18 float32 elements is 1 MiB per
-# operand, so a block's φ, θ (and master cast) stay in a core's L2 between ``lerp_`` and ``copy_``
-# (measured in benchmarks/interpolation.py).
-DEFAULT_CPU_BLOCK = 1 << 18
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def register_kernel(device_type: str, kernel: Kernel | None) -> None:
-    """Register (or with ``None`` remove) a fused flat-buffer kernel for a device type.
+    """Register (or with ``None`` remove) a fused kernel over lists of tensors for a device type.
 
-    ``"auto"`` uses it for packed parameters on that device. The kernel must compute exactly
-    ``dst ← dst + w·(src − dst)`` then ``fast ← copy_from`` (when ``fast`` is given), and is
-    checked against the reference path by the test suite's helpers. With local trajectories
-    and ``bucket_elements``, it is called on slices of the flat buffers, at any offset.
+    ``"auto"`` uses it for tensors on that device. The kernel must compute, for each index,
+    exactly ``dst ← dst + w·(src − dst)`` then ``fast ← copy_from`` (when ``fast`` is given), and
+    is checked against the reference path by the test suite's helpers.
     """
     if kernel is None:
         _KERNELS.pop(device_type, None)
@@ -78,32 +74,13 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
-def _blocked(
-    dst: Tensor, src: Tensor, weight: float, fast: Tensor | None, copy_from: Tensor, block: int | None
-) -> None:
-    n = dst.numel()
-    step = n if block is None or block <= 0 else block
-    cast = src.dtype != dst.dtype
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        s = src[start:end]
-        dst[start:end].lerp_(s.to(dst.dtype) if cast else s, weight)
-        if fast is not None:
-            fast[start:end].copy_(copy_from[start:end])
-
-
 @dataclass
 class _Group:
-    """Fast tensors of one (device, dtype) and their slow counterpart in one flat buffer.
-
-    The slow buffer is laid out like the packed fast buffer when the fast tensors are packed
-    (views at the same offsets and strides, sharing included), else as their concatenation.
-    """
+    """Fast tensors of one (device, dtype) and their slow counterparts, views into one buffer."""
 
     keys: list[str]
     fast: list[Tensor]
     dtype: torch.dtype  # of the fast tensors when laid out
-    packed: FlatBuffer | None
     slow: Tensor  # flat, master dtype
     slow_views: list[Tensor]
     acc: Tensor | None = None  # flat accumulator (batched Reptile), allocated on demand
@@ -111,7 +88,7 @@ class _Group:
 
     def views(self, flat: Tensor) -> list[Tensor]:
         """Tensors shaped like ``fast`` into a flat buffer laid out like ``slow``."""
-        return self.packed.views(flat) if self.packed is not None else _split(flat, self.fast)
+        return Layout.of(self.fast).views(flat)
 
     def accumulator(self) -> tuple[Tensor, list[Tensor]]:
         if self.acc is None or self.acc_views is None:
@@ -130,38 +107,42 @@ class _Group:
         self.slow_views = self.views(self.slow)
         self.acc_views = None if self.acc is None else self.views(self.acc)
 
-    def fast_flat(self) -> Tensor | None:
-        if self.packed is not None and self.packed.intact():
-            return self.packed.buffer
-        return None
+    @property
+    def low_precision(self) -> bool:
+        return self.slow.dtype != self.dtype
+
+    def master_fast(self) -> list[Tensor]:
+        """θ as a master copy would hold it: θ itself, or for low-precision θ, θ plus the
+        rounding error φ − round(φ) that θ's trajectory started with."""
+        if not self.low_precision:
+            return self.fast
+        rounded = [v.to(self.dtype) for v in self.slow_views]
+        out = [f.to(self.slow.dtype) for f in self.fast]
+        torch._foreach_add_(
+            out, torch._foreach_sub(self.slow_views, [r.to(self.slow.dtype) for r in rounded])
+        )
+        return out
 
     def signature(self) -> tuple[object, ...]:
         """Everything that decides where each element of φ lives in the slow buffer."""
-        if self.packed is not None:
-            places = list(zip(self.packed.offsets, self.packed.shapes, self.packed.strides))
-        else:
-            layout = Layout.of(self.fast)
-            places = list(zip(layout.offsets, layout.shapes, layout.strides))
+        layout = Layout.of(self.fast)
+        places = list(zip(layout.offsets, layout.shapes, layout.strides))
         return (tuple(self.keys), tuple(places), self.slow.numel(), self.slow.dtype, self.slow.device)
 
 
 class Interpolator:
-    """Slow weights φ for a set of fast tensors θ, and the fused outer-step operations on them.
+    """Slow weights φ for a set of fast tensors θ, and the outer-step operations on them.
 
     Every operation that moves φ (or the accumulator) ends with the re-sync ``θ ← φ``, on every
-    path: the path only decides how the buffers are traversed, never which buffer is written.
+    path: the path only decides how the tensors are traversed, never which tensor is written.
+    The fast tensors are only ever read and written in place: never re-pointed or repacked.
 
     Args:
-        fast: the fast weights (the model's parameters, and optionally its floating-point
-            buffers), as a sequence (keys ``"0"``, ``"1"``, ...) or a mapping ``{key: tensor}``.
-            Repeats are dropped. Keys identify each tensor's φ across :meth:`refresh` and in
-            :meth:`state_dict`.
-        method: ``"auto"`` (default), ``"flat"``, ``"foreach"`` or ``"reference"`` (module doc).
-        block_size: elements per block on the flat path; default 262,144 on CPU, unblocked on
-            other devices (where a device kernel or two full passes are faster).
-        pack: keep the fast tensors packed (:func:`metaopt.functional.pack_parameters`): pack them
-            now, and again in :meth:`refresh` when they were re-allocated since (a deepcopy, a
-            ``.data`` assignment, a cast), so the flat path stays available.
+        fast: the fast weights (the model's trainable parameters, and optionally its
+            floating-point buffers), as a sequence (keys ``"0"``, ``"1"``, ...) or a mapping
+            ``{key: tensor}``. Repeats are dropped. Keys identify each tensor's φ across
+            :meth:`refresh` and in :meth:`state_dict`.
+        method: ``"auto"`` (default), ``"foreach"`` or ``"reference"`` (module doc).
 
     Example:
         >>> import torch
@@ -179,14 +160,8 @@ class Interpolator:
         fast: Sequence[Tensor] | Mapping[str, Tensor],
         *,
         method: Method = "auto",
-        block_size: int | None = None,
-        pack: bool = False,
     ) -> None:
-        if method not in _METHODS:
-            raise ValueError(f"Interpolator: method must be one of {_METHODS}, got {method!r}")
-        self.method: Method = method
-        self.block_size = block_size
-        self.pack = bool(pack)
+        self.method: Method = _check_method(method)
         self._groups: list[_Group] = self._layout(_keyed(fast), previous=None)
 
     # ----------------------------------------------------------------- layout
@@ -194,10 +169,8 @@ class Interpolator:
         self, fast: dict[str, Tensor], previous: list[_Group] | None, keep_buffers: bool = False
     ) -> list[_Group]:
         """Groups for ``fast``, φ taken from ``previous`` by key (cast and moved as needed) or,
-        for keys new to it, from θ. Only packing (which keeps every value) happens before the
-        last check; ``previous`` is not modified."""
-        if not fast:
-            raise ValueError("Interpolator: no tensors given")
+        for keys new to it, from θ. Nothing moves before the last check; ``previous`` is not
+        modified."""
         old_phi: dict[str, Tensor] = {}
         old_acc: dict[str, Tensor] = {}
         for g in previous or []:
@@ -216,22 +189,13 @@ class Interpolator:
             if not t.is_floating_point():
                 raise ValueError(f"Interpolator: tensors must be floating point, got {t.dtype} for {k!r}")
             by_key.setdefault((t.device, t.dtype), {})[k] = t
-        if self.method == "flat" and not self.pack:
-            if any(is_packed(list(m.values())) is None for m in by_key.values()):
-                raise ValueError(
-                    "Interpolator: method='flat' needs the fast tensors packed into one buffer "
-                    "per (device, dtype) (metaopt.functional.pack_parameters, or pack=True)"
-                )
-        if self.pack:
-            pack_parameters(list(fast.values()))  # values unchanged; only storage moves
         groups: list[_Group] = []
         with torch.no_grad():
             for (device, dtype), members in by_key.items():
                 keys, tensors = list(members), list(members.values())
-                packed = is_packed(tensors)
-                size = packed.buffer.numel() if packed is not None else sum(t.numel() for t in tensors)
+                size = sum(t.numel() for t in tensors)
                 slow = torch.empty(size, dtype=master_dtype(dtype), device=device)
-                g = _Group(keys, tensors, dtype, packed, slow, [])
+                g = _Group(keys, tensors, dtype, slow, [])
                 g.slow_views = g.views(slow)
                 kept = next((o for o in previous or [] if o.signature() == g.signature()), None)
                 if kept is not None:  # same layout: keep the buffers (an outer optimizer holds them)
@@ -243,9 +207,10 @@ class Interpolator:
                     )
                 elif keep_buffers:
                     raise ValueError(
-                        "Interpolator: the fast tensors were cast, moved, reshaped or replaced "
-                        "since the slow weights were taken, and an outer optimizer holds the slow "
-                        "buffers; build the optimizer after the model is final (moved, cast, loaded)"
+                        "Interpolator: the fast tensors were cast, moved, reshaped, replaced, "
+                        "frozen or unfrozen since the slow weights were taken, and an outer "
+                        "optimizer holds the slow weights; build the optimizer after the model "
+                        "is final (moved, cast, loaded, frozen)"
                     )
                 else:
                     for k, v, t in zip(keys, g.slow_views, tensors):
@@ -260,19 +225,15 @@ class Interpolator:
 
     def stale(self, fast: Sequence[Tensor] | Mapping[str, Tensor] | None = None) -> bool:
         """Whether :meth:`refresh` would change the layout: the fast tensors differ (by key or
-        object), or were re-allocated, cast, moved or reshaped since the slow weights were laid out."""
+        object), or were cast, moved or reshaped since the slow weights were laid out."""
         current = self._current() if fast is None else _keyed(fast)
         known = {k: t for g in self._groups for k, t in zip(g.keys, g.fast)}
         if list(current) != list(known) or any(current[k] is not known[k] for k in current):
             return True
         for g in self._groups:
-            if g.packed is not None and not g.packed.intact():
-                return True
             if any(t.dtype != g.dtype or t.device != g.slow.device for t in g.fast):
                 return True
-            if g.packed is None and (
-                self.pack or any(t.shape != v.shape for t, v in zip(g.fast, g.slow_views))
-            ):
+            if any(t.shape != v.shape for t, v in zip(g.fast, g.slow_views)):
                 return True
         return False
 
@@ -283,10 +244,9 @@ class Interpolator:
 
         ``fast`` replaces the tensors (by key: a kept key keeps its φ, a new key takes φ from
         θ, a dropped key is forgotten); by default the current ones are re-examined. A tensor
-        that was re-allocated (re-packed when ``pack``), cast or moved keeps its φ, converted;
-        one whose shape changed raises ``ValueError``. With ``keep_buffers`` (an outer optimizer
-        holds :attr:`slow_buffers`), a change that needs new slow buffers raises instead. Nothing
-        moves before every check has passed.
+        that was cast or moved keeps its φ, converted; one whose shape changed raises
+        ``ValueError``. With ``keep_buffers`` (an outer optimizer holds :attr:`slow`), a change
+        that needs new slow weights raises instead. Nothing moves before every check has passed.
         """
         if not self.stale(fast):
             return False
@@ -313,33 +273,17 @@ class Interpolator:
 
     @property
     def slow_buffers(self) -> list[Tensor]:
+        """The flat buffers the slow weights are views of, one per (device, dtype)."""
         return [g.slow for g in self._groups]
 
     def path(self) -> list[str]:
         """The path each (device, dtype) group takes now, in group order."""
-        return [self._choose(g)[0] for g in self._groups]
+        return [self._choose(g) for g in self._groups]
 
-    def _choose(self, g: _Group) -> tuple[str, Tensor | None]:
-        flat = g.fast_flat()
-        if self.method == "flat":
-            if flat is None:
-                raise RuntimeError(
-                    "Interpolator: the packed tensors were re-allocated (module.to()? a deepcopy? "
-                    "load into .data?); call refresh() first"
-                )
-            return "flat", flat
+    def _choose(self, g: _Group) -> str:
         if self.method == "auto":
-            if flat is not None and g.slow.device.type in _KERNELS:
-                return "kernel", flat
-            if flat is not None:
-                return "flat", flat
-            return "foreach", None
-        return self.method, None
-
-    def _block(self, device: torch.device) -> int | None:
-        if self.block_size is not None:
-            return self.block_size
-        return DEFAULT_CPU_BLOCK if device.type == "cpu" else None
+            return "kernel" if g.slow.device.type in _KERNELS else "foreach"
+        return self.method
 
     # ----------------------------------------------------------------- operations
     def _lerp_then_restart(
@@ -352,40 +296,22 @@ class Interpolator:
         """``into ← into + weight·(source − into)`` per group, then ``θ ← φ``.
 
         ``into`` names the slow weights (``"slow"``) or the accumulator (``"acc"``); ``source``
-        the fast weights (``"fast"``) or the accumulator. The re-sync always writes θ from φ.
-        ``pending`` (from :meth:`_start_reduce`): per group, the accumulator's buckets still
-        being reduced; on the flat paths each bucket is interpolated as soon as its reduction
-        completes, while the later ones are still in flight.
+        the fast weights (``"fast"``, as master weights) or the accumulator. The re-sync always
+        writes θ from φ. ``pending`` (from :meth:`_start_reduce`): per group, the accumulator's
+        buckets still being reduced, all waited for before the group is interpolated.
         """
         for gi, g in enumerate(self._groups):
-            dst_flat, dst_views = g.accumulator() if into == "acc" else (g.slow, g.slow_views)
-            path, fast_flat = self._choose(g)
-            buckets = pending[gi] if pending is not None else [(0, g.slow.numel(), _done)]
-            if path in ("flat", "kernel"):
-                assert fast_flat is not None
-                src = g.accumulator()[0] if source == "acc" else fast_flat
-                for a, b, finish in buckets:
-                    finish()
-                    if path == "kernel":
-                        _KERNELS[g.slow.device.type](
-                            dst_flat[a:b], src[a:b], weight, fast_flat[a:b], g.slow[a:b]
-                        )
-                    else:
-                        _blocked(
-                            dst_flat[a:b],
-                            src[a:b],
-                            weight,
-                            fast_flat[a:b],
-                            g.slow[a:b],
-                            self._block(g.slow.device),
-                        )
-            else:  # "foreach" or "reference": the functional form, tensor by tensor
-                for _, _, finish in buckets:
-                    finish()
-                src_views = g.accumulator()[1] if source == "acc" else g.fast
-                fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
-                interpolate_(dst_views, src_views, weight, sync=False, method=fn)
-                _copy(g.fast, g.slow_views, fn)
+            for _, _, finish in pending[gi] if pending is not None else []:
+                finish()
+            dst_views = g.accumulator()[1] if into == "acc" else g.slow_views
+            src_views = g.accumulator()[1] if source == "acc" else g.master_fast()
+            path = self._choose(g)
+            if path == "kernel":
+                _KERNELS[g.slow.device.type](list(dst_views), list(src_views), weight, g.fast, g.slow_views)
+                continue
+            fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
+            interpolate_(dst_views, src_views, weight, sync=False, method=fn)
+            _copy(g.fast, g.slow_views, fn)
 
     def _start_reduce(
         self, reduce: Reduce, bucket: int | None
@@ -428,8 +354,7 @@ class Interpolator:
 
         With ``reduce`` (local trajectories: :func:`metaopt._distributed.averaging`), the mean
         is first reduced over the ranks, in buckets of ``bucket`` elements (default one per
-        buffer); each bucket is interpolated as soon as it arrives, overlapping the rest of the
-        communication."""
+        buffer), every bucket started before any is waited for."""
         _check_weight(weight)
         pending = None if reduce is None else self._start_reduce(reduce, bucket)
         self._lerp_then_restart("slow", "acc", weight, pending)
@@ -446,44 +371,30 @@ class Interpolator:
     def sync_fast(self) -> None:
         """θ ← φ."""
         for g in self._groups:
-            flat = g.fast_flat()
-            if flat is not None:
-                flat.copy_(g.slow)
-            else:
-                _copy(g.fast, g.slow_views, "foreach")
+            _copy(g.fast, g.slow_views, "foreach")
 
     @torch.no_grad()
     def reset_slow(self) -> None:
         """φ ← θ (and the accumulator is dropped)."""
         for g in self._groups:
-            flat = g.fast_flat()
-            if flat is not None:
-                g.slow.copy_(flat)
-            else:
-                _copy(g.slow_views, g.fast, "foreach")
+            _copy(g.slow_views, g.fast, "foreach")
             g.acc, g.acc_views = None, None
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[Tensor]:
-        """φ − θ per slow buffer (fresh tensors laid out like it), the Reptile 'meta-gradient'."""
-        out = []
-        for g in self._groups:
-            flat = g.fast_flat()
-            if flat is None:
-                flat = torch.empty_like(g.slow)
-                _copy(g.views(flat), g.fast, "foreach")
-            out.append(g.slow - flat.to(g.slow.dtype))
-        return out
+        """φ − θ per slow weight (θ as master weights: see the module doc), the Reptile
+        'meta-gradient', as fresh tensors shaped like :attr:`slow`."""
+        return [s - f for g in self._groups for s, f in zip(g.slow_views, g.master_fast())]
 
     @torch.no_grad()
     def accumulated_pseudo_gradient(self) -> list[Tensor]:
-        """φ − mean θ per slow buffer, the mean from :meth:`accumulate` (batched Reptile)."""
-        return [g.slow - g.accumulator()[0].to(g.slow.dtype) for g in self._groups]
+        """φ − mean θ per slow weight, the mean from :meth:`accumulate` (batched Reptile)."""
+        return [s - a for g in self._groups for s, a in zip(g.slow_views, g.accumulator()[1])]
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, object]:
         """φ (and the accumulator, if any) per key, shaped like each fast tensor: independent
-        of the layout, so a state saved with one path or packing loads into any other."""
+        of the layout, so a state saved on one path loads into any other."""
         acc = {
             k: v.clone() for g in self._groups if g.acc_views is not None for k, v in zip(g.keys, g.acc_views)
         }
@@ -493,13 +404,23 @@ class Interpolator:
         }
 
     def check_state_dict(self, state: Mapping[str, object]) -> None:
-        """Raise ``ValueError`` if :meth:`load_state_dict` would fail on ``state`` (nothing moves)."""
+        """Raise ``ValueError`` if :meth:`load_state_dict` would fail on ``state``, or if it
+        holds values no run can produce (non-finite slow weights): nothing moves."""
+        Interpolator.check_state(dict(zip(self.keys, self.slow)), state)
+
+    @staticmethod
+    def check_state(mine: Mapping[str, Tensor], state: Mapping[str, object]) -> None:
+        """:meth:`check_state_dict` against tensors ``{key: tensor}`` (their keys and shapes)."""
+        if not isinstance(state, Mapping):
+            raise ValueError("load_state_dict: the saved slow weights are not a mapping")
         slow, acc = state.get("slow"), state.get("acc")
         if not isinstance(slow, Mapping):
             raise ValueError(
                 "load_state_dict: no per-tensor slow weights in the saved state (saved by an older metaopt?)"
             )
-        mine = {k: v for g in self._groups for k, v in zip(g.keys, g.slow_views)}
+        unknown = sorted(set(state) - {"slow", "acc"})
+        if unknown:
+            raise ValueError(f"load_state_dict: unexpected fields {unknown} beside the slow weights")
         for name, saved in (("slow weights", slow), ("accumulator", acc)):
             if saved is None:
                 continue
@@ -508,7 +429,8 @@ class Interpolator:
                 extra = sorted(set(saved) - set(mine)) if isinstance(saved, Mapping) else []
                 raise ValueError(
                     f"load_state_dict: saved {name} are for other tensors (missing {missing[:5]}, "
-                    f"unexpected {extra[:5]}): same parameters and buffers= setting needed"
+                    f"unexpected {extra[:5]}): the same trainable parameters and buffers= setting "
+                    "are needed"
                 )
             for k, v in mine.items():
                 t = saved[k]
@@ -517,6 +439,8 @@ class Interpolator:
                         f"load_state_dict: saved {name} for {k!r} have shape "
                         f"{tuple(getattr(t, 'shape', ()))}, expected {tuple(v.shape)}"
                     )
+                if not bool(t.isfinite().all()):
+                    raise ValueError(f"load_state_dict: saved {name} for {k!r} are not all finite")
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -537,6 +461,17 @@ class Interpolator:
                 assert g.acc_views is not None
                 for k, v in zip(g.keys, g.acc_views):
                     v.copy_(acc[k])
+
+
+def _check_method(method: object) -> Method:
+    if method == "flat":
+        raise ValueError(
+            "Interpolator: method 'flat' is gone: metaopt no longer packs the model's parameters "
+            "into one buffer (it broke FSDP2 and Accelerate checkpoints); use 'auto' or 'foreach'"
+        )
+    if method not in _METHODS:
+        raise ValueError(f"Interpolator: method must be one of {_METHODS}, got {method!r}")
+    return method  # type: ignore[return-value]
 
 
 def _keyed(fast: Sequence[Tensor] | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -561,14 +496,6 @@ def _copy(dst: Sequence[Tensor], src: Sequence[Tensor], method: str) -> None:
             d.copy_(s)
     else:
         torch._foreach_copy_(list(dst), list(src))
-
-
-def _split(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    return Layout.of(like).views(flat)
-
-
-def _done() -> None:
-    """Nothing to wait for."""
 
 
 def _check_weight(weight: float) -> None:

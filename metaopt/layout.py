@@ -3,8 +3,8 @@
 The flattened rows of the per-task Jacobian, a parameter dict as one vector, and the slow
 weights of unpacked parameters all lay tensors end to end in order. :class:`Layout` is that
 arrangement, computed once: the offsets, the column slices and the views back into a flat
-buffer. (Packed parameters keep their own storage's arrangement, sharing included:
-:class:`metaopt.functional.FlatBuffer`.)
+buffer. (Parameters packed with :func:`metaopt.functional.pack_parameters` keep their own
+storage's arrangement, sharing included: :class:`metaopt.functional.FlatBuffer`.)
 
 >>> import torch
 >>> layout = Layout.of([torch.zeros(2, 3), torch.zeros(4)])

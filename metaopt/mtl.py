@@ -8,6 +8,7 @@ from typing import Any, Literal
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._distributed import default_group
 from ._options import Option
 from ._options import reduction as reduction_option
 from .base import MultiTaskOptimizer
@@ -28,6 +29,9 @@ class MTL(MultiTaskOptimizer):
             itself can be wrapped, e.g. by :class:`~metaopt.GradNorm`).
         tasks: task names.
         reduction: ``"sum"`` (default) or ``"mean"``.
+        process_group: under ``torch.distributed``, the ranks whose options and schedules the
+            first step compares (DDP averages the gradients themselves); ``"local"`` opts out,
+            for a run on some ranks only. Default ``None``: the default group.
         seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
 
     Example:
@@ -48,6 +52,7 @@ class MTL(MultiTaskOptimizer):
         *,
         tasks: Iterable[str] | None = None,
         reduction: Literal["sum", "mean"] = "sum",
+        process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
     ) -> None:
@@ -55,6 +60,8 @@ class MTL(MultiTaskOptimizer):
             raise TypeError("MTL: wrap a torch optimizer")
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         self.reduction = reduction
+        default_group(process_group)  # validated: a group, None or "local"
+        self.process_group = process_group
 
     def _draw_tasks(self) -> list[str]:
         return list(self.tasks)

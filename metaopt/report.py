@@ -25,6 +25,8 @@ class StepReport:
             ``cosine`` is known.
         inner: the report of a wrapped metaopt optimizer, when optimizers are composed.
         step: number of inner steps taken so far, this one included.
+        skipped: ``GradScaler`` skipped this step (non-finite scaled gradients): nothing moved
+            but the task stream, whose draw the skipped batch used up.
 
     Example:
         >>> import torch
@@ -41,4 +43,5 @@ class StepReport:
     conflicts: Tensor | None = None
     inner: StepReport | None = None
     step: int = 0
+    skipped: bool = False
     extra: dict[str, object] = field(default_factory=dict)

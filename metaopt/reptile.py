@@ -59,6 +59,26 @@ class Reptile(SlowFastOptimizer):
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "task": self._task}
 
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_extra_state(state)
+        task = state.get("task")
+        if task is not None and task not in self.tasks:
+            raise ValueError(f"Reptile.load_state_dict: saved task {task!r} is not one of {list(self.tasks)}")
+        if task is None and state.get("inner_count", 0) > 0:
+            raise ValueError("Reptile.load_state_dict: saved mid-trajectory without the trajectory's task")
+
+    def _check_pending_saved(self, pending: list[str], own: Mapping[str, Any]) -> None:
+        self._check_pending(pending)
+        if own.get("inner_count", 0) > 0 and pending != [own.get("task")]:
+            raise ValueError(f"the trajectory's task is {own.get('task')!r}")
+
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         super()._load_extra_state(state)
         self._task = state.get("task")
+
+    def _stream_extra(self) -> list[Any]:
+        return [*super()._stream_extra(), self._task]
+
+    def _restore_stream_extra(self, state: list[Any]) -> None:
+        super()._restore_stream_extra(state[:-1])
+        self._task = state[-1]

@@ -9,6 +9,7 @@ step; that lives in the subclasses.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -65,10 +66,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             :meth:`use_slow_weights`, as Fish interpolates the whole ``state_dict``. Integer
             buffers (``num_batches_tracked``) are counters and keep their fast value. Default
             ``None``: buffers follow the fast weights, as in plain training.
-        flatten: keep the parameters (and buffers) packed into one contiguous buffer per (device,
-            dtype), as views, so the outer step is one fused pass (:mod:`metaopt.interpolation`).
-            Packing is redone if something re-allocates them (``model.to()``, a deepcopy).
-        interpolation: ``"auto"``, ``"flat"``, ``"foreach"`` or ``"reference"``.
+        flatten: ignored, with a ``DeprecationWarning`` when ``True``: metaopt no longer packs
+            the model's parameters into its own buffer (it re-pointed the user's tensors, which
+            broke FSDP2, Accelerate's checkpoints and safetensors). Default ``False``.
+        interpolation: ``"auto"``, ``"foreach"`` or ``"reference"`` (:mod:`metaopt.interpolation`).
         local_trajectories: under ``torch.distributed``, each rank runs its own trajectory of
             ``inner_steps`` steps without communicating, drawing its tasks from its own stream
             (seeded by :func:`metaopt._distributed.rank_seed` from ``seed`` and the rank, so
@@ -82,15 +83,17 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             before the optimizer is built, and identical parameters on every rank (checked at
             the first step). Default ``False`` (under DDP: data-parallel, nothing communicated
             here). See docs/scaling.md.
-        process_group: the ranks whose trajectories are averaged (default: all), with
-            ``local_trajectories``.
+        process_group: with ``local_trajectories``, the ranks whose trajectories are averaged
+            (default: all). Without, ``"local"`` opts out of the first step's comparison of
+            the ranks' options and schedules under ``torch.distributed`` (a run on some ranks
+            only, such as an evaluation on rank 0); default ``None``.
         verify_ranks: with ``local_trajectories``, compare a digest of the slow weights' bits
             across the ranks before every outer step (one all-gather of four integers) and
             refuse the step, with nothing moved, if they differ. Default ``False`` (a
             debugging aid: the digest reads φ once on its device).
-        bucket_elements: with ``local_trajectories``, all-reduce in buckets of this many
-            elements, each interpolated as soon as it arrives while the later ones are in
-            flight. Default ``None``: one all-reduce per packed buffer.
+        bucket_elements: with ``local_trajectories``, all-reduce the accumulated mean in
+            buckets of this many elements, all started before any is waited for. Default
+            ``None``: one all-reduce per (device, dtype) buffer of metaopt's.
         timeout: with ``local_trajectories``, seconds to wait for the outer step's all-reduce
             before raising (default: the process group's timeout).
 
@@ -131,7 +134,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         task_sizes: Sequence[float] | Mapping[str, float] | None = None,
         temperature: float = 1.0,
         buffers: nn.Module | None = None,
-        flatten: bool = True,
+        flatten: bool = False,
         interpolation: Method = "auto",
         seed: int = 0,
         allow_unused: bool = False,
@@ -180,10 +183,18 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             if unknown:
                 raise ValueError(f"{name}: the schedule names unknown tasks {unknown}")
             self.schedule = TaskSchedule(len(self.tasks), "order", order=[self.tasks.index(t) for t in order])
-        self.engine = Interpolator(self._fast_tensors(), method=interpolation, pack=bool(flatten))
+        if flag(flatten, "flatten", name):
+            warnings.warn(
+                f"{name}: flatten=True is ignored: metaopt no longer packs the model's parameters "
+                "into its own buffer (it broke FSDP2, Accelerate checkpoints and safetensors); the "
+                "outer step runs over the parameters as they are",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        self.engine = Interpolator(self._fast_tensors(), method=interpolation)
         self.outer_optimizer: Optimizer | None = None
         if outer_optimizer is not None:
-            self.outer_optimizer = outer_optimizer(self.engine.slow_buffers)
+            self.outer_optimizer = outer_optimizer(self.engine.slow)
             if not isinstance(self.outer_optimizer, Optimizer):
                 raise TypeError(f"{name}: outer_optimizer must return a torch.optim.Optimizer")
         self._check_outer_options()
@@ -204,12 +215,16 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         seeds this rank's task stream."""
         name = type(self).__name__
         flag(local, "local_trajectories", name)
+        self.process_group: Any = None
         if not local:
-            if group is not None:
+            if isinstance(group, str) and group == _distributed.LOCAL:
+                self.process_group = group  # no collective at all (a run on some ranks only)
+            elif group is not None:
                 raise ValueError(
-                    f"{name}: process_group is the group of local trajectories; pass "
-                    "local_trajectories=True (under DistributedDataParallel nothing is "
-                    "communicated here: DDP averages the gradients)"
+                    f"{name}: process_group is the group of local trajectories (pass "
+                    "local_trajectories=True), or 'local' for a run on some ranks only (no "
+                    "collective); under DistributedDataParallel nothing is communicated here: "
+                    "DDP averages the gradients"
                 )
             return None
         dist = torch.distributed
@@ -236,6 +251,22 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             _distributed.rank_seed(self.seed, dist.get_rank(None if isinstance(group, str) else group))
         )
         return group
+
+    def _rank_config(self) -> tuple[Any, ...]:
+        # local trajectories may give each rank its own schedule (tasks sharded over ranks)
+        schedule = (
+            () if self.local_trajectories else (self.schedule.kind, self.schedule.probabilities.tolist())
+        )
+        return (
+            *super()._rank_config(),
+            *schedule,
+            self.buffers is not None,
+            None if self.outer_optimizer is None else type(self.outer_optimizer).__name__,
+            self.local_trajectories,
+            self._verify_ranks,
+            self._bucket_elements,
+            self.engine.keys,
+        )
 
     def _group(self) -> Any:
         """The process group of the local trajectories (``None`` when off)."""
@@ -284,7 +315,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             >>> torch.equal(at_phi, opt.slow_weights[0]), torch.equal(model.weight, at_phi)
             (True, False)
         """
-        self._refresh_engine()
+        # re-examined for casts and moves, the set of tensors kept: a parameter frozen for the
+        # evaluation keeps its slow weights until the trajectory ends, as without it
+        self.engine.refresh(keep_buffers=self.outer_optimizer is not None)
         clean = not self._changed_params()
         fast = self.engine.fast
         with torch.no_grad():
@@ -338,23 +371,27 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return (1.0 - frac) * self.outer_lr + frac * self.outer_lr_final
 
     # ------------------------------------------------------------------ checks before a step
-    def _check_outer_options(self) -> None:
+    def _check_outer_options(self, options: Mapping[str, Any] | None = None) -> None:
+        """The outer-step options agree with each other (those given, else the current ones)."""
         name = type(self).__name__
-        if (self.outer_lr_final is None) != (self.anneal_steps is None):
+        get = (lambda k: getattr(self, k)) if options is None else options.get
+        outer_lr, final, anneal = get("outer_lr"), get("outer_lr_final"), get("anneal_steps")
+        if (final is None) != (anneal is None):
             raise ValueError(f"{name}: outer_lr_final and anneal_steps go together")
         if self.outer_optimizer is not None:
-            if self.outer_lr is not None or self.anneal_steps is not None:
+            if outer_lr is not None or anneal is not None:
                 raise ValueError(
                     f"{name}: with an outer_optimizer its lr is the outer step size: leave "
                     "outer_lr, outer_lr_final and anneal_steps unset (anneal with a "
                     "torch.optim.lr_scheduler on the outer optimizer)"
                 )
-        elif self.outer_lr is None:
+        elif outer_lr is None:
             raise ValueError(f"{name}: outer_lr must be a number in [0, 1] without an outer_optimizer")
 
     def _fast_tensors(self) -> dict[str, Tensor]:
-        """The fast weights by key: the parameters by position, the floating buffers by name."""
-        fast = {f"p{i}": p for i, p in enumerate(self._param_list)}
+        """The fast weights by key: the trainable parameters by position (a frozen one has no
+        slow weight: it is never copied or touched), the floating buffers by name."""
+        fast = {f"p{i}": p for i, p in enumerate(self._param_list) if p.requires_grad}
         if self.buffers is not None:
             fast.update((f"b:{n}", b) for n, b in self.buffers.named_buffers() if b.is_floating_point())
         return fast
@@ -372,9 +409,26 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if self.outer_optimizer is not None:
+            self._rebind_outer_optimizer()
         self._versions = [
             -1 if changed else p._version for p, changed in zip(self._param_list, state["_versions"])
         ]
+
+    def _rebind_outer_optimizer(self) -> None:
+        """Point the outer optimizer at the slow weights again after a copy or unpickle, which
+        rebuilt them as views of the copied slow buffers while the outer optimizer got tensors
+        of its own (equal values; the state it keys by them moves along)."""
+        outer = self.outer_optimizer
+        assert outer is not None
+        old = [p for g in outer.param_groups for p in g["params"]]
+        new = self.engine.slow
+        if len(old) != len(new):
+            raise RuntimeError(f"{type(self).__name__}: the outer optimizer lost track of the slow weights")
+        into = {id(p): q for p, q in zip(old, new)}
+        for g in outer.param_groups:
+            g["params"] = [into[id(p)] for p in g["params"]]
+        outer.state = defaultdict(dict, {into[id(p)]: v for p, v in outer.state.items()})
 
     def _record_versions(self) -> None:
         self._versions = [p._version for p in self._param_list]
@@ -434,6 +488,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._record_versions()
         return {"outer_update": outer}
 
+    def _after_skip(self) -> dict[str, Any]:
+        # a skipped batch still counts in the trajectory: K batches per trajectory on every
+        # rank, and the batches planned ahead (planned_tasks) stay aligned with the draws
+        return self._after_step()
+
     def planned_tasks(self, steps: int) -> list[list[str]]:
         """The tasks of the next ``steps`` steps, as :meth:`next_tasks` will return them, drawn
         on a copy of the schedule's state (nothing here moves). The data side of a framework
@@ -490,11 +549,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             if average is not None:
                 self.engine.reduce_accumulated(average, self.bucket_elements)
             pseudo = self.engine.accumulated_pseudo_gradient() if batched else self.engine.pseudo_gradient()
-            for buf, g in zip(self.engine.slow_buffers, pseudo):
-                buf.grad = g
+            for phi, g in zip(self.engine.slow, pseudo):
+                phi.grad = g
             self.outer_optimizer.step()
-            for buf in self.engine.slow_buffers:
-                buf.grad = None
+            for phi in self.engine.slow:
+                phi.grad = None
             self.engine.sync_fast()
         elif batched:
             self.engine.interpolate_accumulated(
@@ -572,22 +631,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             if with_grads
             else f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"
         )
-        config = (
-            name,
-            self.tasks,
-            self.inner_steps,
-            self.tasks_per_outer_step,
-            self.outer_lr,
-            self.outer_lr_final,
-            self.anneal_steps,
-            self.outer_optimizer is not None,
-            self.reset_inner_state,
-            self._bucket_elements,
-            self._verify_ranks,
-            self._outer_count,
-            self._inner_count,
-            self._trajectory,
-        )
+        config = (*self._rank_config(), self._outer_count, self._inner_count, self._trajectory)
         grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
         mine = (
             _distributed.digest(config),
@@ -639,69 +683,342 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             )
 
     # ------------------------------------------------------------------ state
+    # Per fast tensor (parameter "p<i>" or buffer "b:<name>"), beside the wrapped optimizer's
+    # fields: φ, the accumulated mean, the outer optimizer's fields, the parked trajectories'
+    # inner-optimizer fields ("metaopt_slot<s>_<field>").
+    _SLOW, _ACC, _OUTER, _SLOT = "metaopt_slow", "metaopt_acc", "metaopt_outer_", "metaopt_slot"
+
+    def _param_state_fields(self) -> tuple[str, ...]:
+        return (self._SLOW, self._ACC, self._OUTER, self._SLOT)
+
+    def _fields_by_key(self) -> dict[str, dict[str, Any]]:
+        engine = self.engine.state_dict()
+        slow: Mapping[str, Tensor] = engine["slow"]  # type: ignore[assignment]
+        acc: Mapping[str, Tensor] = engine["acc"] or {}  # type: ignore[assignment]
+        out: dict[str, dict[str, Any]] = {k: {self._SLOW: v} for k, v in slow.items()}
+        for k, v in acc.items():
+            out[k][self._ACC] = v
+        if self.outer_optimizer is not None:
+            keys = self.engine.keys
+            for j, fields in self.outer_optimizer.state_dict()["state"].items():
+                out[keys[j]].update((self._OUTER + f, v) for f, v in fields.items())
+        for slot, states in self._slots_state().items():
+            for i, fields in states.items():
+                out.setdefault(f"p{i}", {}).update((f"{self._SLOT}{slot}_{f}", v) for f, v in fields.items())
+        return out
+
+    def _param_state(self) -> dict[int, dict[str, Any]]:
+        return {int(k[1:]): v for k, v in self._fields_by_key().items() if k.startswith("p")}
+
     def _extra_state(self) -> dict[str, Any]:
         return {
             "inner_count": self._inner_count,
             "trajectory": self._trajectory,
             "outer_count": self._outer_count,
-            "engine": self.engine.state_dict(),
             "schedule": self.schedule.state_dict(),
-            "outer_optimizer": None if self.outer_optimizer is None else self.outer_optimizer.state_dict(),
-            "inner_slots": self._slots_state(),
+            "buffers": {k[2:]: v for k, v in self._fields_by_key().items() if k.startswith("b:")},
+            "outer_param_groups": (
+                None if self.outer_optimizer is None else self.outer_optimizer.state_dict()["param_groups"]
+            ),
         }
 
-    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+    def _saved_fields(
+        self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """The saved per-key fields: the parameters' (by index) and the buffers'."""
         name = type(self).__name__
-        if (state.get("outer_optimizer") is None) != (self.outer_optimizer is None):
+        out: dict[str, dict[str, Any]] = {}
+        for i, f in fields.items():
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self._param_list):
+                raise ValueError(
+                    f"{name}.load_state_dict: saved slow-weight fields for {i!r}, which is not "
+                    "a parameter index"
+                )
+            out[f"p{i}"] = dict(f)
+        buffers = own.get("buffers", {})
+        if not isinstance(buffers, Mapping) or any(not isinstance(v, Mapping) for v in buffers.values()):
+            raise ValueError(f"{name}.load_state_dict: saved buffers are not per-buffer fields")
+        out.update((f"b:{n}", dict(v)) for n, v in buffers.items())
+        return out
+
+    def _parse_fields(
+        self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[int, Any], dict[int, dict[int, dict[str, Any]]]]:
+        """(slow, acc, outer state by outer index, parked slots) from the saved fields; raises
+        ``ValueError`` on any field that is not one of these."""
+        name = type(self).__name__
+        by_key = self._saved_fields(fields, own)
+        slow: dict[str, Any] = {}
+        acc: dict[str, Any] = {}
+        outer: dict[str, dict[str, Any]] = {}
+        slots: dict[int, dict[int, dict[str, Any]]] = {}
+        for key, f in by_key.items():
+            for field, v in f.items():
+                if field == self._SLOW:
+                    slow[key] = v
+                elif field == self._ACC:
+                    acc[key] = v
+                elif field.startswith(self._OUTER):
+                    outer.setdefault(key, {})[field[len(self._OUTER) :]] = v
+                elif field.startswith(self._SLOT) and key.startswith("p"):
+                    number, _, inner_field = field[len(self._SLOT) :].partition("_")
+                    if not number.isdigit() or not inner_field:
+                        raise ValueError(f"{name}.load_state_dict: unknown per-parameter field {field!r}")
+                    slots.setdefault(int(number), {}).setdefault(int(key[1:]), {})[inner_field] = v
+                else:
+                    raise ValueError(
+                        f"{name}.load_state_dict: unknown per-parameter field {field!r} for {key}"
+                    )
+        keys = self.engine.keys
+        stray = sorted(set(outer) - set(keys))
+        if stray:
+            raise ValueError(
+                f"{name}.load_state_dict: outer-optimizer state for {stray}, which have no slow weights"
+            )
+        outer_state = {keys.index(k): v for k, v in outer.items()}
+        return slow, (acc or None), outer_state, slots
+
+    def _loaded_fast(self, slow: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The fast tensors after a load: those with saved slow weights (a parameter frozen
+        since they were saved keeps them until its trajectory ends, as in the saved run) and
+        every trainable one (one without saved slow weights takes them from θ, as at the end of
+        a trajectory), in the engine's key order."""
+        every = {f"p{i}": p for i, p in enumerate(self._param_list)}
+        if self.buffers is not None:
+            every.update((f"b:{n}", b) for n, b in self.buffers.named_buffers() if b.is_floating_point())
+        wanted = set(slow) | set(self._fast_tensors())
+        return {k: t for k, t in every.items() if k in wanted}
+
+    def _check_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
+        name = type(self).__name__
+        slow, acc, outer, slots = self._parse_fields(fields, own)
+        every = {f"p{i}" for i in range(len(self._param_list))}
+        if self.buffers is not None:
+            every |= {f"b:{n}" for n, b in self.buffers.named_buffers() if b.is_floating_point()}
+        stray = sorted(set(slow) - every)
+        if stray:
+            raise ValueError(
+                f"{name}.load_state_dict: saved slow weights for {stray[:5]}, which are not "
+                "parameters (or interpolated buffers) of this optimizer"
+            )
+        fast = self._loaded_fast(slow)
+        if self.outer_optimizer is not None and list(fast) != self.engine.keys:
+            raise ValueError(
+                f"{name}.load_state_dict: the saved slow weights are for {sorted(slow)}, this "
+                f"optimizer's outer optimizer holds {self.engine.keys}: the same trainable "
+                "parameters are needed"
+            )
+        full = {k: slow.get(k, t) for k, t in fast.items()}
+        full_acc = None if acc is None else {k: acc.get(k, t) for k, t in fast.items()}
+        if acc is not None and set(acc) != set(slow):
+            raise ValueError(
+                f"{name}.load_state_dict: saved accumulator are for other tensors than the slow "
+                f"weights ({sorted(set(acc) ^ set(slow))[:5]})"
+            )
+        Interpolator.check_state(fast, {"slow": full, "acc": full_acc})
+        groups = own.get("outer_param_groups")
+        if (groups is None) != (self.outer_optimizer is None) or (outer and self.outer_optimizer is None):
             raise ValueError(
                 f"{name}.load_state_dict: outer optimizer present in one of the "
                 "saved state and this optimizer but not the other"
             )
+        if self.outer_optimizer is not None:
+            n = len(self.engine.slow)
+            if not isinstance(groups, list) or not all(
+                isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
+            ):
+                raise ValueError(f"{name}.load_state_dict: saved outer_param_groups are not param groups")
+            indices = [i for g in groups for i in g["params"]]
+            if sorted(indices, key=repr) != list(range(n)):
+                raise ValueError(
+                    f"{name}.load_state_dict: saved outer_param_groups list parameters {indices}, "
+                    f"expected each of 0..{n - 1} once"
+                )
+            for j, values in outer.items():
+                phi = self.engine.slow[j]
+                where = f"outer-optimizer state of {self.engine.keys[j]}"
+                _check_like(
+                    values,
+                    self.outer_optimizer.state.get(phi, {}),
+                    phi.shape,
+                    f"{name}.load_state_dict: {where}",
+                )
+        options = {**{k: getattr(self, k) for k in self._option_names()}, **own.get("options", {})}
+        trajectories = options["tasks_per_outer_step"]
+        live = own.get("trajectory")
+        for slot, states in slots.items():
+            if slot == live or not 0 <= slot < max(trajectories, (live or 0) + 1):
+                raise ValueError(
+                    f"{name}.load_state_dict: saved parked state for trajectory {slot}, which is "
+                    f"not a parked trajectory (live {live}, {trajectories} per outer step)"
+                )
+            for i, values in states.items():
+                p = self._param_list[i]
+                where = f"parked state of trajectory {slot} for {self._param_name(p)}"
+                _check_like(
+                    values, self.base_optimizer.state.get(p, {}), p.shape, f"{name}.load_state_dict: {where}"
+                )
+            self._probe_parked(slot, states)
+        if acc is None and (own.get("trajectory") or 0) > 0:
+            raise ValueError(
+                f"{name}.load_state_dict: saved mid outer step (trajectory {own.get('trajectory')}) "
+                "without the accumulated mean of the finished trajectories"
+            )
+
+    def _probe_parked(self, slot: int, states: Mapping[int, Mapping[str, Any]]) -> None:
+        """The wrapped optimizer steps from a parked trajectory's state: tried on a copy of it
+        (and of the parameters), with zero gradients, so that a state it cannot use is refused
+        at the load rather than in the middle of a later step."""
+        probe = copy.deepcopy(self.base_optimizer)
+        params = [p for g in probe.param_groups for p in g["params"]]
+        try:
+            load_optimizer_state(  # on copies: the probe's step must not move the saved tensors
+                probe,
+                {"state": dict(states), "param_groups": self.base_optimizer.state_dict()["param_groups"]},
+            )
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            probe.step()
+        except Exception as err:  # whatever the optimizer raises on a state it cannot use
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: the wrapped optimizer cannot step from "
+                f"the parked state of trajectory {slot} ({type(err).__name__}: {err})"
+            ) from None
+
+    def _load_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
+        slow, acc, outer, slots = self._parse_fields(fields, own)
+        fast = self._loaded_fast(slow)
+        self.engine.refresh(fast, keep_buffers=self.outer_optimizer is not None)
+        self.engine.load_state_dict(
+            {
+                "slow": {k: slow.get(k, t) for k, t in fast.items()},
+                "acc": None if acc is None else {k: acc.get(k, t) for k, t in fast.items()},
+            }
+        )
+        if self.outer_optimizer is not None:
+            load_optimizer_state(
+                self.outer_optimizer, {"state": outer, "param_groups": own["outer_param_groups"]}
+            )
+        self._slots = self._load_slots(slots)
+        self._slot = int(own["trajectory"])
+
+    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
+        name = type(self).__name__
         for key in ("inner_count", "trajectory", "outer_count"):
             v = state.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}.load_state_dict: saved {key} {v!r} is not an int >= 0")
-        slots = state.get("inner_slots", {})
-        if not isinstance(slots, Mapping) or any(
-            isinstance(k, bool)
-            or not isinstance(k, int)
-            or k < 0
-            or not isinstance(v, Mapping)
-            or any(
-                isinstance(i, bool)
-                or not isinstance(i, int)
-                or not 0 <= i < len(self._param_list)
-                or not isinstance(vals, Mapping)
-                for i, vals in v.items()
-            )
-            for k, v in slots.items()
-        ):
-            raise ValueError(
-                f"{name}.load_state_dict: saved inner_slots are not per-trajectory "
-                "optimizer states keyed by parameter index"
-            )
-        if state.get("trajectory") in slots:
-            raise ValueError(
-                f"{name}.load_state_dict: saved inner_slots hold a parked state for "
-                f"the live trajectory {state.get('trajectory')}"
-            )
-        engine = state.get("engine")
-        if not isinstance(engine, Mapping):
-            raise ValueError(f"{name}.load_state_dict: the saved state has no slow weights")
-        self.engine.check_state_dict(engine)
+        options = {**{k: getattr(self, k) for k in self._option_names()}, **state.get("options", {})}
+        try:
+            self._check_outer_options(options)
+        except ValueError as err:
+            raise ValueError(f"{name}.load_state_dict: saved options: {err}") from None
+        # inner_count and trajectory may exceed inner_steps and tasks_per_outer_step: both can
+        # be lowered mid-run (the trajectory, or the outer step, then ends at the next step), so
+        # only their agreement with the saved accumulator and parked states is checked
         self.schedule.check_state_dict(state.get("schedule", {}))
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.engine.load_state_dict(state["engine"])
         self.schedule.load_state_dict(state["schedule"])
-        if self.outer_optimizer is not None:
-            load_optimizer_state(self.outer_optimizer, state["outer_optimizer"])
         self._inner_count = int(state["inner_count"])
         self._trajectory = int(state["trajectory"])
         self._outer_count = int(state["outer_count"])
-        self._slots = self._load_slots(state.get("inner_slots", {}))
-        self._slot = self._trajectory
+
+    def _check_pending(self, pending: Sequence[str]) -> None:
+        if self.inner is not None:
+            self.inner._check_pending(pending)
+        elif len(pending) != 1:
+            raise ValueError("every step wants one task")
+
+    def _stream_extra(self) -> list[Any]:
+        return [self.schedule.state_dict()]
+
+    def _restore_stream_extra(self, state: list[Any]) -> None:
+        self.schedule.load_state_dict(state[0])
 
     def _after_load(self) -> None:
         self._record_versions()
         self._ranks_checked = False  # local trajectories: compare the loaded state across ranks
+
+
+def migrate_slow_fast_v1(
+    own: Mapping[str, Any], state: dict[Any, dict[str, Any]], new_own: dict[str, Any], where: str
+) -> None:
+    """Move a metaopt 0.1 slow/fast record (``engine``, ``inner_slots``, ``outer_optimizer``)
+    into the per-parameter fields of the current layout, in place."""
+    S = SlowFastOptimizer
+    engine = own.get("engine")
+    if not isinstance(engine, Mapping) or not isinstance(engine.get("slow"), Mapping):
+        raise ValueError(f"{where}.load_state_dict: the saved state has no slow weights")
+    buffers: dict[str, dict[str, Any]] = {}
+
+    def fields_of(key: str) -> dict[str, Any]:
+        if key.startswith("b:"):
+            return buffers.setdefault(key[2:], {})
+        if not key.startswith("p") or not key[1:].isdigit():
+            raise ValueError(f"{where}.load_state_dict: saved slow weights for {key!r}, not a parameter")
+        return state.setdefault(int(key[1:]), {})
+
+    slow = engine["slow"]
+    for key, v in slow.items():
+        fields_of(key)[S._SLOW] = v
+    for key, v in (engine.get("acc") or {}).items():
+        fields_of(key)[S._ACC] = v
+    for slot, states in (own.get("inner_slots") or {}).items():
+        for i, values in states.items():
+            for f, v in values.items():
+                state.setdefault(i, {})[f"{S._SLOT}{slot}_{f}"] = v
+    outer = own.get("outer_optimizer")
+    new_own["buffers"] = buffers
+    new_own["outer_param_groups"] = None
+    if outer is None:
+        return
+    # 0.1 built the outer optimizer over one flat buffer per (device, dtype), the slow weights
+    # end to end in the saved order: split each flat field back per tensor
+    runs: list[list[str]] = []
+    for key, v in slow.items():
+        if runs and (slow[runs[-1][-1]].dtype, slow[runs[-1][-1]].device) == (v.dtype, v.device):
+            runs[-1].append(key)
+        else:
+            runs.append([key])
+    groups = outer.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != 1:
+        raise ValueError(
+            f"{where}.load_state_dict: cannot migrate a 0.1 outer optimizer with several param groups"
+        )
+    keys = [k for run in runs for k in run]
+    for j, fields in outer.get("state", {}).items():
+        run = runs[j]
+        sizes = [slow[k].numel() for k in run]
+        for f, v in fields.items():
+            if isinstance(v, Tensor) and v.numel() == sum(sizes) and v.numel() > 1:
+                for k, part in zip(run, v.reshape(-1).split(sizes)):
+                    fields_of(k)[S._OUTER + f] = part.reshape(slow[k].shape).clone()
+            elif isinstance(v, Tensor) and v.numel() > 1:
+                raise ValueError(
+                    f"{where}.load_state_dict: cannot migrate the 0.1 outer optimizer's {f!r} "
+                    "(its slow buffer was packed with gaps); re-create the outer optimizer"
+                )
+            else:
+                for k in run:
+                    fields_of(k)[S._OUTER + f] = v
+    new_own["outer_param_groups"] = [{**groups[0], "params": list(range(len(keys)))}]
+
+
+def _check_like(values: Any, live: Mapping[str, Any], shape: torch.Size, where: str) -> None:
+    """Saved optimizer fields for one tensor: a mapping with the live state's fields (when it
+    has any), each a finite tensor shaped like the tensor (or a scalar) where the live one is a
+    tensor, else a plain number or None."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where} is not a mapping of fields")
+    if live and set(values) != set(live):
+        raise ValueError(f"{where} has fields {sorted(values)}, expected {sorted(live)}")
+    for field, v in values.items():
+        ref = live.get(field)
+        if isinstance(v, Tensor):
+            if not (v.shape == shape or v.numel() == 1) or (isinstance(ref, Tensor) and v.shape != ref.shape):
+                raise ValueError(f"{where}: {field!r} has shape {tuple(v.shape)}")
+            if v.is_floating_point() and not bool(v.isfinite().all()):
+                raise ValueError(f"{where}: {field!r} is not finite")
+        elif isinstance(ref, Tensor) or not (v is None or isinstance(v, (bool, int, float))):
+            raise ValueError(f"{where}: {field!r} is a {type(v).__name__}")

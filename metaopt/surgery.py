@@ -119,6 +119,10 @@ class GradientSurgery(MultiTaskOptimizer):
         self.retain_graph = retain_graph
         self.batched = batched
 
+    def _rank_config(self) -> tuple[Any, ...]:
+        shared = None if self._shared is None else [tuple(p.shape) for p in self._shared]
+        return (*super()._rank_config(), shared, [tuple(p.shape) for p in self._param_list])
+
     def _lay_out_columns(self) -> None:
         """Columns of J over the trainable parameters: shared ones first (one contiguous
         range), then the others."""
@@ -193,8 +197,11 @@ class GradientSurgery(MultiTaskOptimizer):
         while len(bufs) < 2:
             bufs.append(torch.empty(self.num_params, dtype=dtype, device=like.device))
         self._grad_buffers = bufs
-        g = self._params[0].grad
-        live = g is not None and g.untyped_storage().data_ptr() == bufs[0].untyped_storage().data_ptr()
+        # any parameter's .grad may view it (the first may have got none): check them all
+        first = bufs[0].untyped_storage().data_ptr()
+        live = any(
+            p.grad is not None and p.grad.untyped_storage().data_ptr() == first for p in self._all_params
+        )
         return bufs[1] if live else bufs[0]
 
     def _jacobian_buffer(self, T: int, like: Tensor, scratch: bool) -> Tensor:
@@ -205,6 +212,41 @@ class GradientSurgery(MultiTaskOptimizer):
             J = torch.empty((T, self.num_params), dtype=dtype, device=like.device)
             setattr(self, key, J)
         return J
+
+    def _column_runs(
+        self, this: Tensor, reached: Tensor, names: Sequence[str], name: str
+    ) -> tuple[list[bool], list[slice], list[slice]]:
+        """From ``reached`` (T, parameters) on CPU, the step's layout: which parameters some loss
+        reaches, the column ranges of the shared parameters and those of the others reached
+        (heads). Raises if a task's loss (``this``: this backward's) reaches no parameter, or
+        nothing is shared. The same masks come back step after step: the last layout is kept
+        and reused while the masks and the columns stay the same."""
+        key = (this.numpy().tobytes(), reached.numpy().tobytes(), this.shape)
+        cached = getattr(self, "_runs_cache", None)
+        if cached is not None and cached[0] is self._slices and cached[1] == key:
+            return cached[2]
+        stray = [t for t, hit in zip(names, this.any(1).tolist()) if not hit]
+        if stray:
+            raise ValueError(
+                f"{name}: the loss of task(s) {stray} reaches none of the optimizer's "
+                "parameters (a module left out of the optimizer?)"
+            )
+        by_any = reached.any(0).tolist()
+        if self._shared is None:
+            shared_mask = reached.all(0).tolist()
+        else:
+            shared_ids = {id(p) for p in self._shared}
+            shared_mask = [id(p) in shared_ids for p in self._params]
+        shared_runs = _runs(shared_mask, self._slices)
+        if not shared_runs:
+            raise ValueError(
+                f"{name}: no parameter is reached by every task's loss, so there is nothing "
+                "to aggregate; pass shared= explicitly"
+            )
+        head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
+        result = (by_any, shared_runs, head_runs)
+        self._runs_cache = (self._slices, key, result)
+        return result
 
     def _backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
         name = f"{type(self).__name__}.backward"
@@ -223,25 +265,8 @@ class GradientSurgery(MultiTaskOptimizer):
             retain_graph=self.retain_graph,
             batched=self.batched,
         )
-        stray = [t for t, hit in zip(names, tj.reached.any(1).tolist()) if not hit]
-        if stray:
-            raise ValueError(
-                f"{name}: the loss of task(s) {stray} reaches none of the optimizer's "
-                "parameters (a module left out of the optimizer?)"
-            )
         reached = tj.reached if self._reached is None else (self._reached | tj.reached)
-        by_any = reached.any(0).tolist()
-        if self._shared is None:
-            shared_mask = reached.all(0).tolist()
-        else:
-            shared_ids = {id(p) for p in self._shared}
-            shared_mask = [id(p) in shared_ids for p in params]
-        shared_runs = _runs(shared_mask, self._slices)
-        if not shared_runs:
-            raise ValueError(
-                f"{name}: no parameter is reached by every task's loss, so there is nothing "
-                "to aggregate; pass shared= explicitly"
-            )
+        by_any, shared_runs, head_runs = self._column_runs(tj.reached, reached, names, name)
         group = default_group(self.process_group)
         if group is not None:  # the T rows averaged over the ranks: one collective, before combining
             average_(rows, group)
@@ -251,17 +276,15 @@ class GradientSurgery(MultiTaskOptimizer):
             J.add_(rows)
         self._discard()
         self._rows, self._reached = len(names), reached
-        head_runs = _runs([a and not s for a, s in zip(by_any, shared_mask)], self._slices)
         groups = self._groups(shared_runs)
         # One Gramian per group, summed over the group's column ranges, accumulated in float64:
         # finite and accurate for any finite float32 gradients (see metaopt.aggregation.gramian).
         cdt = compute_dtype(J)
-        G = torch.stack(
-            [
-                sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
-                for g in groups
-            ]
-        )
+        grams = [
+            sum((gramian(J[:, sl], dtype=cdt) for sl in g[1:]), gramian(J[:, g[0]], dtype=cdt))
+            for g in groups
+        ]
+        G = grams[0].unsqueeze(0) if len(grams) == 1 else torch.stack(grams)
         # Weights first, checks after, so that one host sync covers them all. The generator's
         # draw is staged (committed by step()); a non-finite G is zeroed for _weights (such a
         # step is refused anyway).
@@ -331,7 +354,7 @@ class GradientSurgery(MultiTaskOptimizer):
         for p in self._all_params:
             if not p.requires_grad:
                 p.grad = None
-        G_all = G.sum(0)
+        G_all = G[0] if len(groups) == 1 else G.sum(0)
         self._staged = {
             "weights": weights[0] if len(groups) == 1 else weights,
             "cosine": cosine_from_gramian(G_all),
@@ -347,7 +370,9 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         if self._refusal is not None:
             raise ValueError(f"{name}.step: {self._refusal}")
-        self._check_unused(self._params)  # unreached parameters were given grad = None
+        # .grad as it is now (clipped, unscaled, or written to since the backward): present
+        # where the backward put it and finite, as for a step after loss.backward()
+        self._check_grads()
 
     def _after_step(self) -> dict[str, Any]:
         assert self._staged is not None and self._staged_generator is not None

@@ -115,6 +115,9 @@ class Weighted(GradientSurgery):
         )
         self.weighting = weighting
 
+    def _rank_config(self) -> tuple[Any, ...]:
+        return (*super()._rank_config(), type(self.weighting).__qualname__)
+
     def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
         name = type(self).__name__
         T = G.shape[-1]

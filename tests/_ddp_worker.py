@@ -39,22 +39,28 @@ class _CountingAllReduce:
         return self.real(*args, **kwargs)
 
 
-def train(rank: int, name: str, recipe: str, seed: int) -> dict:
+def train(rank: int, name: str, recipe: str, seed: int, option: tuple = ()) -> dict:
     counter = _CountingAllReduce()
     dist.all_reduce = counter
     try:
-        return _train(rank, name, recipe, seed) | {"all_reduce_calls": counter.calls}
+        return _train(rank, name, recipe, seed, option) | {"all_reduce_calls": counter.calls}
     finally:
         dist.all_reduce = counter.real
 
 
-def _train(rank: int, name: str, recipe: str, seed: int) -> dict:
+def _train(rank: int, name: str, recipe: str, seed: int, option: tuple = ()) -> dict:
     model = Net()
     # The Reptile family forwards one task per step, leaving the other heads unused: DDP then
     # needs find_unused_parameters. The others forward every task (one forward per task) into
     # one backward pass, which DDP supports only without it (every head is used).
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name in REPTILE_FAMILY)
     opt = make_opt(name, model, seed=seed)
+    if option and rank == 1:  # (attribute path, value): rank 1 built with another option
+        *path, attr, value = option
+        target = opt
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, attr, value)
     try:
         for s in range(STEPS):
             wanted = opt.next_tasks()
@@ -68,6 +74,22 @@ def _train(rank: int, name: str, recipe: str, seed: int) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()}
 
 
+def _rank_zero_only(rank: int) -> dict:
+    """A Sequential Reptile built with process_group="local" and stepped on rank 0 alone (an
+    evaluation run, say): no collective, so rank 0 neither waits for rank 1 nor fails."""
+    if rank != 0:
+        return {}
+    model = Net()
+    opt = make_opt("sequential_reptile", model)
+    opt.process_group = "local"
+    try:
+        for s in range(4):
+            opt.step({t: loss_of(model, t, batch(s, t)) for t in opt.next_tasks()})
+    except Exception as err:  # a collective would fail here: rank 1 is not in it
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"steps": opt.step_count}
+
+
 def run(rank: int, runs: list[tuple[str, str, int, int]], port: int, out: str) -> None:
     """``runs``: (method, recipe, seed on rank 0, seed on rank 1)."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -76,8 +98,10 @@ def run(rank: int, runs: list[tuple[str, str, int, int]], port: int, out: str) -
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         results = {
-            (name, recipe, s0, s1): train(rank, name, recipe, (s0, s1)[rank]) for name, recipe, s0, s1 in runs
+            (name, recipe, s0, s1, *option): train(rank, name, recipe, (s0, s1)[rank], tuple(option))
+            for name, recipe, s0, s1, *option in runs
         }
+        results["local"] = _rank_zero_only(rank)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -189,6 +189,11 @@ def torch_style_step(
 
 def method_state(opt: metaopt.MultiTaskOptimizer) -> list[torch.Tensor]:
     """Every tensor of the optimizer's state dict, in order (for bit-for-bit comparisons)."""
+    return tensors_of(opt.state_dict())
+
+
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor (and every other leaf, hashed) of a nested state, in order."""
     out: list[torch.Tensor] = []
 
     def walk(v: Any) -> None:
@@ -203,5 +208,5 @@ def method_state(opt: metaopt.MultiTaskOptimizer) -> list[torch.Tensor]:
         elif isinstance(v, (int, float, str, bool)) or v is None:
             out.append(torch.tensor(hash(str(v)) % (2**61)))
 
-    walk(opt.state_dict())
+    walk(value)
     return out

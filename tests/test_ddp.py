@@ -24,6 +24,16 @@ RUNS = [(m, r, 0, 0) for m in METHODS for r in RECIPES] + [
     ("sequential_reptile", "torch", 0, 1),
     ("pcgrad", "one_loop", 0, 1),
 ]
+# rank 1 built with another option than rank 0: (method, recipe, 0, 0, *attribute path, value)
+OTHER_OPTIONS = [
+    ("sequential_reptile", "torch", 0, 0, "inner_steps", 4),
+    ("sequential_reptile", "one_loop", 0, 0, "outer_lr", 0.3),
+    ("pcgrad", "torch", 0, 0, "reduction", "mean"),
+    ("gradvac", "one_loop", 0, 0, "beta", 0.25),
+    ("sequential_reptile_gradvac", "one_loop", 0, 0, "inner", "beta", 0.25),
+    ("mtl", "torch", 0, 0, "allow_unused", True),
+]
+RUNS += OTHER_OPTIONS
 
 
 def _free_port() -> int:
@@ -104,3 +114,15 @@ def test_per_task_rows_cross_the_ranks_in_one_collective_per_backward(results, n
     for recipe in RECIPES:
         calls = results[0][(name, recipe, 0, 0)]["all_reduce_calls"]
         assert calls == expected * _ddp_worker.STEPS
+
+
+@pytest.mark.parametrize("key", OTHER_OPTIONS, ids=lambda k: f"{k[0]}-{k[-2]}")
+def test_ranks_built_with_other_options_are_refused_on_every_rank(results, key):
+    """Rank 1 built with another ``inner_steps``, ``outer_lr``, ``reduction``, ``beta`` (of a
+    wrapped GradVac too): every rank refuses the first step, naming the options."""
+    for res in results:
+        assert "other options than rank 0" in res[key]["error"]
+
+
+def test_process_group_local_runs_on_one_rank_without_a_collective(results):
+    assert results[0]["local"] == {"steps": 4}

@@ -31,9 +31,9 @@ def assert_unchanged(before, model, opt):
     assert now["metaopt"]["step"] == state["metaopt"]["step"]
     assert now["metaopt"].get("inner_count") == state["metaopt"].get("inner_count")
     assert torch.equal(now["metaopt"]["generator"], state["metaopt"]["generator"])
-    for k, v in state["optimizer"]["state"].items():
+    for k, v in state["state"].items():  # the inner optimizer's fields and metaopt's, per parameter
         for name, t in v.items():
-            assert torch.equal(torch.as_tensor(now["optimizer"]["state"][k][name]), torch.as_tensor(t))
+            assert torch.equal(torch.as_tensor(now["state"][k][name]), torch.as_tensor(t))
     assert opt.next_tasks() == pending
 
 

@@ -247,8 +247,7 @@ def _sr(m, s):
         outer_lr=0.5,
         outer_lr_final=0.1,
         anneal_steps=4,
-        flatten=True,
-        interpolation="flat",
+        interpolation="auto",
         seed=s,
         allow_unused=True,
     )
@@ -261,7 +260,6 @@ def _sr_bn(m, s):
         inner_steps=2,
         outer_lr=0.4,
         buffers=m,
-        flatten=True,
         seed=s,
     )
 
@@ -273,7 +271,6 @@ def _reptile(m, s):
         inner_steps=2,
         outer_lr=0.5,
         buffers=m,
-        flatten=False,
         interpolation="foreach",
         seed=s,
     )
@@ -286,7 +283,6 @@ def _reptile_batched(m, s):
         inner_steps=2,
         tasks_per_outer_step=2,
         outer_lr=0.6,
-        flatten=False,
         interpolation="reference",
         seed=s,
     )
@@ -303,7 +299,6 @@ def _reptile_outer_opt(m, s):
         inner_steps=2,
         tasks_per_outer_step=2,
         outer_optimizer=_outer_sgd,
-        flatten=True,
         interpolation="foreach",
         seed=s,
         allow_unused=True,
@@ -348,7 +343,6 @@ def _sr_gradvac(m, s):
         metaopt.GradVac(torch.optim.AdamW(m.parameters(), lr=0.02), tasks=TASKS, beta=0.2, seed=s),
         inner_steps=2,
         outer_lr=0.5,
-        flatten=True,
         interpolation="auto",
         seed=s,
     )
@@ -382,7 +376,6 @@ def _sr_weighted(m, s):
         ),
         inner_steps=2,
         outer_lr=0.5,
-        flatten=True,
         seed=s,
     )
 
@@ -523,29 +516,39 @@ BAD_INPUTS: dict[str, tuple[Any, type[Exception], str]] = {
 
 
 def _levels(state: dict[str, Any]) -> list[dict[str, Any]]:
-    """The metaopt parts of a (nested) state dict, outermost first."""
+    """The metaopt records of a state dict, outermost first (a composed optimizer nests its
+    wrapped one's under ``inner``)."""
     out = []
-    while isinstance(state, dict) and "metaopt" in state:
-        out.append(state["metaopt"])
-        state = state["optimizer"]
+    level = state.get("metaopt") if isinstance(state, dict) else None
+    while isinstance(level, dict):
+        out.append(level)
+        level = level.get("inner")
     return out
 
 
-def _torch_state(state: dict[str, Any]) -> dict[str, Any]:
-    while "metaopt" in state:
-        state = state["optimizer"]
-    return state
-
-
 def _meta_tensor(state: dict[str, Any]) -> bool:
-    """Replace the first non-scalar tensor of the torch optimizer's state by a meta tensor (only
-    torch's own load finds it, after metaopt's part was applied: a rollback is needed)."""
-    for per_param in _torch_state(state)["state"].values():
+    """Replace the first non-scalar tensor of the torch optimizer's own per-parameter fields by
+    a meta tensor (only torch's own load finds it, after metaopt's part was applied: a rollback
+    is needed)."""
+    for per_param in state["state"].values():
         for key, value in per_param.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if not key.startswith("metaopt_") and isinstance(value, torch.Tensor) and value.dim() > 0:
                 per_param[key] = torch.empty(value.shape, device="meta")
                 return True
     return False
+
+
+def _first_slow(value: Any) -> Callable[[dict[str, Any]], bool]:
+    """Set the first parameter's slow weights (where there are any) to ``value``."""
+
+    def corrupt(state: dict[str, Any]) -> bool:
+        for per_param in state["state"].values():
+            if "metaopt_slow" in per_param:
+                per_param["metaopt_slow"] = value
+                return True
+        return False
+
+    return corrupt
 
 
 def _set(level: int, key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
@@ -560,16 +563,12 @@ def _set(level: int, key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
 
 
 def _first_of(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
-    """Set the first entry of the mapping ``key`` (at whichever level has it) to ``value``."""
+    """Set ``key`` (at whichever level has it) to ``value``."""
 
     def corrupt(state: dict[str, Any]) -> bool:
         for level in _levels(state):
             if key in level:
-                if key == "engine":
-                    slow = level["engine"]["slow"]
-                    slow[next(iter(slow))] = value
-                else:
-                    level[key] = value
+                level[key] = value
                 return True
         return False
 
@@ -586,7 +585,8 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
     "inner_step": (_set(1, "step", 1.5), ValueError, "step count"),
     "generator": (_set(0, "generator", torch.zeros(3, dtype=torch.uint8)), ValueError, "generator"),
     "pending": (_set(0, "pending", ["zz"]), ValueError, "pending"),
-    "slow_weight_shape": (_first_of("engine", torch.zeros(3)), ValueError, "shape"),
+    "slow_weight_shape": (_first_slow(torch.zeros(3)), ValueError, "shape"),
+    "slow_weight_nan": (_first_slow(torch.tensor(float("nan"))), ValueError, "shape|finite"),
     "gradnorm_weights": (_first_of("weights", -torch.ones(len(TASKS))), ValueError, "positive"),
     "gradvac_targets": (
         _first_of("targets", torch.zeros(1, 1, 1, dtype=torch.float64)),
@@ -594,6 +594,22 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
         "targets have shape",
     ),
     "meta_tensor": (_meta_tensor, (NotImplementedError, RuntimeError), None),
+    "pending_order": (_set(0, "pending", list(reversed(TASKS))), ValueError, "pending"),
+    "unknown_field": (
+        lambda s: bool(s["state"]) and s["state"][next(iter(s["state"]))].update(metaopt_bogus=1) is None,
+        ValueError,
+        "metaopt_bogus",
+    ),
+    "inner_count_negative": (
+        lambda s: "inner_count" in s["metaopt"] and _set(0, "inner_count", -1)(s),
+        ValueError,
+        "inner_count",
+    ),
+    "clock_below_step": (
+        lambda s: s["metaopt"]["step"] > 0 and _set(0, "clock", 0)(s),
+        ValueError,
+        "clock",
+    ),
 }
 
 STEPS = st.lists(st.integers(0, N_BATCHES - 1), min_size=1, max_size=3)
@@ -709,6 +725,62 @@ class OptimizerMachine(RuleBasedStateMachine):
         after = snapshot(self.model, self.opt)
         assert_same({**before, "grads": None}, {**after, "grads": None})
         count(self.name, "dropped_backwards")
+
+    @rule(batch=st.integers(0, N_BATCHES - 1), torch_way=st.booleans())
+    def skipped_step(self, batch: int, torch_way: bool) -> None:
+        """torch.amp's contract (``found_inf`` set on the optimizer, then ``step()``), as
+        GradScaler.step drives it: no parameter (unless the skipped step ends a trajectory),
+        inner-optimizer or method state moves; the draw is used up, the clock advances."""
+        model, opt = self.model, self.opt
+        plan = opt.planned_tasks(2)
+        assert opt.next_tasks() == plan[0]
+        losses = self.losses(model, opt, batch)
+        if torch_way:
+            opt.backward(losses)
+        before = snapshot(model, opt)
+        clock, taken = opt.clock, opt.step_count
+        # a skipped step counts in the trajectory: if it ends one, θ restarts (from φ)
+        ends = self.spec.slow_fast and opt._inner_count + 1 >= opt.inner_steps
+        opt.found_inf = torch.ones(())
+        try:
+            report = opt.step()
+        finally:
+            del opt.found_inf
+        opt.zero_grad()
+        assert report.skipped and (opt.clock, opt.step_count) == (clock + 1, taken)
+        after = snapshot(model, opt)
+        assert after["pending"] == plan[1]
+        if not ends:
+            assert_same(before["params"], after["params"])
+        assert report.outer_update <= ends
+        count(self.name, "skipped_steps")
+
+    @rule(batch=st.integers(0, N_BATCHES - 1), steps=STEPS)
+    def model_zero_grad_drops_backward(self, batch: int, steps: list[int]) -> None:
+        """backward(losses), then the *model's* zero_grad (what the Hugging Face Trainer calls):
+        the next steps equal those of a twin that never saw that backward."""
+        twin = self.fresh_copy(self.seed + 1, through_file=False)
+        self.opt.backward(self.losses(self.model, self.opt, batch))
+        self.model.zero_grad()
+        self.losses(*twin, batch)  # the same forward passes (BatchNorm statistics), no backward
+        self.twin_run(twin, steps, keep="self")
+        count(self.name, "model_zero_grads")
+
+    @rule(batch=st.integers(0, N_BATCHES - 1))
+    def grad_spoiled_after_backward(self, batch: int) -> None:
+        """A NaN written into .grad between backward(losses) and step() is refused by step()
+        with nothing but .grad moved."""
+        model, opt = self.model, self.opt
+        opt.backward(self.losses(model, opt, batch))
+        grads = [p.grad for p in model.parameters() if p.grad is not None and p.requires_grad]
+        with torch.no_grad():
+            grads[0].view(-1)[0] = float("nan")
+        before = snapshot(model, opt)
+        with pytest.raises(ValueError, match="non-finite"):
+            opt.step()
+        assert_same({**before, "grads": None}, {**snapshot(model, opt), "grads": None})
+        opt.zero_grad()
+        count(self.name, "spoiled_grads")
 
     @rule(
         kinds=st.lists(st.sampled_from(["nan_gradient", "nan", "inf"]), min_size=1, max_size=2),

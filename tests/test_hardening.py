@@ -6,6 +6,7 @@ of bug, the test sweeps the class (every path, method and copy mode) rather than
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import pickle
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import metaopt
+from metaopt.interpolation import register_kernel
 
 from _snapshot import assert_unchanged, snapshot
 
@@ -79,22 +81,45 @@ METHODS = {
     ),
 }
 PATHS = {
-    "flat": {"flatten": True, "interpolation": "flat"},
-    "auto": {"flatten": True},
-    "foreach": {"flatten": False, "interpolation": "foreach"},
-    "reference": {"flatten": False, "interpolation": "reference"},
-    "packed_foreach": {"flatten": True, "interpolation": "foreach"},
+    "auto": {},
+    "foreach": {"interpolation": "foreach"},
+    "reference": {"interpolation": "reference"},
+    "kernel": {},  # "auto" with a list kernel registered for the CPU (list_kernel below)
 }
+
+
+def list_kernel(dst, src, w, fast, copy_from):
+    """A plain-torch kernel over lists of tensors, to the contract of ``register_kernel``."""
+    for d, s in zip(dst, src):
+        d.lerp_(s.to(d.dtype), w)
+    if fast is not None:
+        for f, c in zip(fast, copy_from):
+            f.copy_(c)
+
+
+@contextlib.contextmanager
+def on_path(path):
+    if path == "kernel":
+        register_kernel("cpu", list_kernel)
+    try:
+        yield
+    finally:
+        if path == "kernel":
+            register_kernel("cpu", None)
 
 
 def trajectory(method, path, copy_at=None, how="deepcopy", steps=13):
     data = make_data()
     model = make_model(1)
     opt = METHODS[method](model.parameters(), **PATHS[path])
-    for k in range(steps):
-        if k == copy_at:
-            model, opt = reload((model, opt), how)
-        run(opt, model, data, 1)
+    with on_path(path):
+        for k in range(steps):
+            if k == copy_at:
+                model, opt = reload((model, opt), how)
+            run(opt, model, data, 1)
+        assert opt.engine.path() == [
+            "kernel" if path == "kernel" else PATHS[path].get("interpolation", "foreach")
+        ]
     return params_of(model) + [s.detach().clone() for s in opt.slow_weights]
 
 
@@ -106,9 +131,9 @@ def trajectory(method, path, copy_at=None, how="deepcopy", steps=13):
     how=st.sampled_from(["deepcopy", "pickle"]),
 )
 def test_every_interpolation_path_gives_the_same_run(method, path, copy_at, how):
-    """1. Batched Reptile off the flat path wrote φ into the accumulator instead of θ; after a
-    deepcopy the packed path silently fell back to it. Every path, for every method and option,
-    with or without a deepcopy/pickle round trip mid-run, must give the reference run."""
+    """1. Batched Reptile off the (since removed) flat path wrote φ into the accumulator instead
+    of θ. Every path (a registered list kernel included), for every method and option, with or
+    without a deepcopy/pickle round trip mid-run, must give the reference run."""
     expected = trajectory(method, "reference")
     got = trajectory(method, path, copy_at, how)
     for a, b in zip(got, expected):
@@ -116,23 +141,36 @@ def test_every_interpolation_path_gives_the_same_run(method, path, copy_at, how)
 
 
 def test_batched_reptile_resets_theta_on_every_path():
-    for path in ("foreach", "reference"):
+    for path in PATHS:
         data = make_data()
         model = make_model(1)
         opt = METHODS["batched"](model.parameters(), **PATHS[path])
-        run(opt, model, data, 6)  # one full outer step: 3 trajectories of 2
+        with on_path(path):
+            run(opt, model, data, 6)  # one full outer step: 3 trajectories of 2
         assert opt.outer_step_count == 1
         for p, phi in zip(model.parameters(), opt.slow_weights):
             assert torch.equal(p, phi), path
 
 
-def test_deepcopy_repacks_so_the_flat_path_stays_in_use():
+def test_a_deepcopy_interpolates_its_own_parameters_in_place():
+    """A deepcopy's engine holds the copy's parameters (not the original's) and its own slow
+    buffers; the outer step writes the parameters in place, never re-pointing them."""
+    data = make_data()
     model = make_model(1)
     opt = METHODS["sr"](model.parameters())
+    run(opt, model, data, 1)
     model2, opt2 = copy.deepcopy((model, opt))
-    run(opt2, model2, make_data(), 2)  # an outer step: the engine re-packed the copy first
-    assert opt2.engine.path() == ["flat"]
-    assert model2[0].weight.data_ptr() != model[0].weight.data_ptr()
+    ptrs = [p.data_ptr() for p in model2.parameters()]
+    before = params_of(model)
+    run(opt2, model2, data, 3)  # outer steps in the copy
+    assert opt2.outer_step_count == 2 and opt2.engine.path() == ["foreach"]
+    assert [p.data_ptr() for p in model2.parameters()] == ptrs
+    assert sorted(map(id, opt2.engine.fast)) == sorted(map(id, model2.parameters()))
+    mine = {b.untyped_storage().data_ptr() for b in opt2.engine.slow_buffers}
+    assert not mine & {b.untyped_storage().data_ptr() for b in opt.engine.slow_buffers}
+    assert all(s.untyped_storage().data_ptr() in mine for s in opt2.engine.slow)
+    for p, b in zip(model.parameters(), before):  # the original did not move
+        assert torch.equal(p, b)
 
 
 # ---------------------------------------------------------------- 2. non-finite gradients
@@ -412,7 +450,8 @@ def test_model_cast_after_building_converts_slow_weights():
     model.double()
     run(opt, model, data, 2)
     assert all(s.dtype == torch.float64 for s in opt.slow_weights)
-    assert opt.engine.path() == ["flat"]  # re-packed
+    assert [b.dtype for b in opt.engine.slow_buffers] == [torch.float64]
+    assert sorted(map(id, opt.engine.fast)) == sorted(map(id, model.parameters()))
     ref = make_model(0).double()
     ropt = metaopt.SequentialReptile(
         torch.optim.SGD(ref.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
@@ -425,7 +464,7 @@ def test_model_cast_after_building_converts_slow_weights():
 # ---------------------------------------------------------------- 9. shared storage
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_parameters_sharing_storage_stay_tied_through_training(path):
-    """9. Packing broke storage sharing between distinct parameters."""
+    """9. Packing (since removed) broke storage sharing between distinct parameters."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 4)
     tied = torch.nn.Parameter(torch.zeros(4, 4))
@@ -436,9 +475,10 @@ def test_parameters_sharing_storage_stay_tied_through_training(path):
     opt = metaopt.SequentialReptile(
         torch.optim.SGD(params, lr=0.05), tasks=["a"], inner_steps=2, outer_lr=0.5, seed=0, **PATHS[path]
     )
-    for _ in range(5):
-        opt.step({"a": head(torch.tanh(x @ tied.T + lin(x))).pow(2).mean()})
-        assert lin.weight.data_ptr() == tied.data_ptr()
+    with on_path(path):
+        for _ in range(5):
+            opt.step({"a": head(torch.tanh(x @ tied.T + lin(x))).pow(2).mean()})
+            assert lin.weight.data_ptr() == tied.data_ptr()
 
 
 # ---------------------------------------------------------------- 12. losses reaching nothing
@@ -469,26 +509,21 @@ def test_a_loss_reaching_no_parameter_is_rejected(make):
 
 
 # ---------------------------------------------------------------- 13. checks before moving
-def test_flat_path_on_reallocated_parameters_raises_before_the_inner_step():
-    """13. The outer interpolation failed only after the inner step had run."""
+@pytest.mark.parametrize("make", [METHODS["sr"], METHODS["batched"]], ids=["sr", "batched"])
+def test_removed_flat_path_is_refused_and_flatten_packs_nothing(make):
+    """13. The flat path failed only after the inner step had run (on re-allocated
+    parameters). It is gone: asking for it is refused when the optimizer is built, and
+    flatten=True warns and leaves the parameters where they are."""
     model = make_model(0)
-    metaopt.functional.pack_parameters(model.parameters())
-    opt = metaopt.SequentialReptile(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        tasks=TASKS,
-        inner_steps=2,
-        flatten=False,
-        interpolation="flat",
-        seed=0,
-    )
-    data = make_data()
-    run(opt, model, data, 1)
-    with torch.no_grad():
-        model[0].weight.data = model[0].weight.data.clone()
-    before = snapshot(model, opt)
-    with pytest.raises(ValueError, match="method='flat' needs"):
-        run(opt, model, data, 1)
-    assert_unchanged(before, model, opt)
+    with pytest.raises(ValueError, match="'flat' is gone"):
+        make(model.parameters(), interpolation="flat")
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    with pytest.warns(DeprecationWarning, match="flatten=True is ignored"):
+        opt = make(model.parameters(), flatten=True)
+    run(opt, model, make_data(), 6)
+    assert opt.outer_step_count >= 1
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert metaopt.functional.is_packed(list(model.parameters())) is None
 
 
 def test_shape_change_raises_before_the_inner_step():
@@ -522,15 +557,14 @@ def test_load_state_dict_is_validated_then_applied_or_rolled_back():
     before = snapshot(model, opt)
     # caught by validation: a slow-weight shape
     bad = copy.deepcopy(good)
-    key = next(iter(bad["metaopt"]["engine"]["slow"]))
-    bad["metaopt"]["engine"]["slow"][key] = torch.zeros(3)
+    first = next(iter(bad["state"]))
+    bad["state"][first]["metaopt_slow"] = torch.zeros(3)
     with pytest.raises(ValueError, match="shape"):
         opt.load_state_dict(bad)
     assert_unchanged(before, model, opt)
     # found only inside torch's own load, after ours was applied: rolled back
     bad = copy.deepcopy(good)
-    first = next(iter(bad["optimizer"]["state"]))
-    bad["optimizer"]["state"][first]["exp_avg"] = torch.empty(8, 4, device="meta")
+    bad["state"][first]["exp_avg"] = torch.empty(8, 4, device="meta")
     with pytest.raises((NotImplementedError, RuntimeError)):
         opt.load_state_dict(bad)
     assert_unchanged(before, model, opt)
@@ -556,7 +590,7 @@ def test_loaded_state_does_not_alias_the_source():
     run(opt2, model2, data, 3)
     from _snapshot import _same
 
-    assert _same(opt.state_dict()["optimizer"], kept["optimizer"], "source") is None
+    assert _same(opt.state_dict()["state"], kept["state"], "source") is None
 
 
 # ---------------------------------------------------------------- 15. shared= by identity

@@ -297,29 +297,82 @@ def test_outer_optimizer_gets_pseudo_gradient():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_flat_views_see_every_update():
+def test_the_users_parameters_stay_the_users():
+    """The optimizer never re-points, repacks or copies the model's parameters into its own
+    storage: every parameter keeps its storage, and the slow weights live apart from it."""
     data = make_data()
     model = make_model(0)
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
     opt = metaopt.SequentialReptile(
         torch.optim.AdamW(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
     )
-    assert opt.engine.path() == ["flat"]
-    (group,) = opt.engine._groups
-    flat = group.packed.buffer
-    before = flat.clone()
-    for p in model.parameters():
-        assert p.data_ptr() >= flat.data_ptr()
-    run(opt, model, data, 1)
-    assert not torch.equal(flat, before)
-    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    run(opt, model, data, 1)  # outer step writes through the buffer
-    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
-    assert torch.equal(flat, opt.engine.slow_buffers[0])
+    run(opt, model, data, 5)  # two outer steps and a half
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] == ptrs
+    slow = {s.untyped_storage().data_ptr() for s in opt.slow_weights}
+    assert not slow & set(ptrs)
+    assert opt.outer_step_count == 2
 
 
-@pytest.mark.parametrize(
-    "flatten,method", [(True, "auto"), (False, "auto"), (False, "reference"), (True, "foreach")]
-)
+def test_flatten_true_warns_and_packs_nothing():
+    model = make_model(0)
+    ptrs = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    with pytest.warns(DeprecationWarning, match="flatten=True is ignored"):
+        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, flatten=True)
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] == ptrs
+    with pytest.raises(TypeError, match="flatten must be True or False"):
+        metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, flatten="no")
+    with pytest.raises(ValueError, match="'flat' is gone"):
+        metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, interpolation="flat"
+        )
+
+
+def test_a_frozen_base_has_no_slow_weights_and_is_never_touched():
+    """LoRA-style: only the trainable parameters get slow weights (a frozen base is never
+    copied), and the frozen ones keep their values and storage through outer steps."""
+    model = make_model(0)
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    before, ptr = frozen.detach().clone(), frozen.untyped_storage().data_ptr()
+    opt = metaopt.SequentialReptile(
+        torch.optim.AdamW(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, outer_lr=0.5, seed=0
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [s.shape for s in opt.slow_weights] == [p.shape for p in trainable]
+    assert sum(s.numel() for s in opt.slow_weights) == sum(p.numel() for p in trainable)
+    run(opt, model, make_data(), 4)
+    assert opt.outer_step_count == 2
+    assert torch.equal(frozen, before) and frozen.untyped_storage().data_ptr() == ptr
+    state = opt.state_dict()["state"]
+    index = [i for i, p in enumerate(model.parameters()) if p is frozen][0]
+    assert "metaopt_slow" not in state.get(index, {})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_master_does_not_drift_at_lr_zero(dtype):
+    """θ starts each trajectory at φ rounded to θ's dtype; with an inner lr of 0 θ never moves,
+    so the float32 master φ must not move either (it drifted onto the low-precision grid by η
+    per outer step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).to(dtype)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.0), tasks=["a"], inner_steps=2, outer_lr=0.3, seed=0
+    )
+    with torch.no_grad():  # a master that is off the low-precision grid
+        for s in opt.slow_weights:
+            s.add_(torch.rand(s.shape, generator=torch.Generator().manual_seed(1)) * 1e-3)
+        opt.engine.sync_fast()
+    opt.accept_parameter_changes()
+    phi = [s.clone() for s in opt.slow_weights]
+    x = torch.randn(8, 16).to(dtype)
+    for _ in range(10):
+        opt.step({"a": model(x).float().pow(2).mean()})
+    assert opt.outer_step_count == 5
+    for s, p in zip(opt.slow_weights, phi):
+        assert torch.equal(s, p)
+
+
+@pytest.mark.parametrize("flatten,method", [(False, "auto"), (False, "reference"), (False, "foreach")])
 def test_every_path_trains_the_same(flatten, method):
     data = make_data()
     model = make_model(4)
@@ -346,18 +399,6 @@ def test_every_path_trains_the_same(flatten, method):
     run(ref, ref_model, data, 10)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-
-
-def test_relocated_parameters_fall_back_from_flat_path():
-    model = make_model(0)
-    opt = metaopt.SequentialReptile(
-        torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=1, seed=0
-    )
-    assert opt.engine.path() == ["flat"]
-    with torch.no_grad():
-        model[0].weight.data = model[0].weight.data.clone()  # breaks the view
-    assert opt.engine.path() == ["foreach"]
-    run(opt, model, make_data(), 2)  # still trains, through the foreach path
 
 
 def test_report_contents():

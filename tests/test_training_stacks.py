@@ -22,6 +22,7 @@ from _stacks import (
     method_state,
     one_loop_step,
     scaler_step,
+    tensors_of,
     torch_style_step,
     torch_way_step,
 )
@@ -235,23 +236,72 @@ def test_grad_scaler_with_a_power_of_two_scale_gives_the_run_without_one(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_grad_scaler_skips_an_overflowed_step_and_nothing_moves(name):
+def test_grad_scaler_skips_an_overflowed_step_and_only_the_draw_moves(name):
+    """A skipped step moves no parameter, no method state and no step counter; it uses up its
+    task draw, as it used up its batch, so that a data side planned ahead stays aligned. The
+    reference takes the same skip through torch.amp's contract (``found_inf`` set on the
+    optimizer, then ``step()``), without a GradScaler."""
     a, b = Net(dtype=torch.float32), Net(dtype=torch.float32)
     oa, ob = make_opt(name, a), make_opt(name, b)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for s in range(STEPS):
         if s == 3:
-            wanted = oa.next_tasks()
-            before, state = _params(a), method_state(oa)
-            _scaler_step(name, oa, a, s, scaler, extra=_nan_gradient)
-            assert scaler.get_scale() == 2.0**9  # skipped and backed off
-            _assert_same(_params(a), before)
-            _assert_same(method_state(oa), state)  # slow weights, targets, weights, counters, draw
-            assert oa.next_tasks() == wanted
+            plan = oa.planned_tasks(2)
+            before, state = _params(a), _moving_state(oa)
+            count, clock = oa.step_count, oa.clock
+            losses = {
+                t: loss_of(a, t, batch(s, t, dtype=torch.float32), extra=_nan_gradient)
+                for t in oa.next_tasks()
+            }
+            backward_the_torch_way(name, oa, losses, grad_scaler=scaler)
+            skipped = scaler.step(oa)
+            scaler.update()
+            oa.zero_grad()
+            assert skipped.skipped and scaler.get_scale() == 2.0**9  # skipped and backed off
+            if not skipped.outer_update:  # a skipped batch may end a trajectory (then φ moves)
+                _assert_same(_params(a), before)
+                _assert_same(_moving_state(oa), state)
+            assert name != "reptile" or skipped.outer_update  # both cases are met
+            assert (oa.step_count, oa.clock) == (count, clock + 1)
+            assert oa.next_tasks() == plan[1]  # the skipped step's draw is used up
+            assert all(p.grad is None for p in a.parameters())
+            ob.next_tasks()
+            ob.found_inf = torch.ones(())
+            report = ob.step()
+            del ob.found_inf
+            assert report.skipped
         _scaler_step(name, oa, a, s, scaler)
         ob.step({t: loss_of(b, t, batch(s, t, dtype=torch.float32)) for t in ob.next_tasks()})
     _assert_same(_params(a), _params(b))
     _assert_same(method_state(oa), method_state(ob))
+
+
+def _moving_state(opt: metaopt.MultiTaskOptimizer) -> list[torch.Tensor]:
+    """What a step moves besides the task stream: the inner optimizer's state, the slow
+    weights, GradVac's targets, GradNorm's weights."""
+    inner = opt
+    while isinstance(inner, metaopt.MultiTaskOptimizer):
+        inner = inner.optimizer
+    parts = [inner.state_dict(), list(getattr(opt, "slow_weights", []))]
+    for o in (opt, getattr(opt, "inner", None)):
+        parts += [getattr(o, "targets", None), getattr(o, "weights", None)]
+    return tensors_of(parts)
+
+
+def test_model_zero_grad_after_a_backward_drops_it():
+    """``model.zero_grad()`` (what the Hugging Face Trainer calls), not the optimizer's, after a
+    backward that was never stepped: the next backward starts a new step instead of adding to
+    the dropped one."""
+    a, b = Net(dtype=torch.float64), Net(dtype=torch.float64)
+    oa, ob = make_opt("pcgrad", a), make_opt("pcgrad", b)
+    oa.backward({t: loss_of(a, t, batch(9, t)) for t in oa.next_tasks()})
+    a.zero_grad()
+    for s in range(3):
+        oa.backward({t: loss_of(a, t, batch(s, t)) for t in oa.next_tasks()})
+        oa.step()
+        a.zero_grad()
+        ob.step({t: loss_of(b, t, batch(s, t)) for t in ob.next_tasks()})
+    _assert_same(_params(a), _params(b))
 
 
 @pytest.mark.parametrize("inner", ["mtl", "pcgrad"])

@@ -1,0 +1,76 @@
+"""State dicts saved by metaopt 0.1.0 (layout 1, tests/data/state_v1.pt, written by
+tests/data/make_v1_states.py with 0.1.0) load into today's optimizers and continue to the
+parameters 0.1.0 itself reached; today's layout is torch.optim's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import metaopt
+
+DATA = Path(__file__).resolve().parent / "data"
+sys.path.insert(0, str(DATA))
+import make_v1_states as v1  # noqa: E402
+
+SAVED = torch.load(DATA / "state_v1.pt", weights_only=True)
+
+
+def test_the_file_was_written_by_metaopt_0_1():
+    assert SAVED["metaopt"] == "0.1.0"
+    for run in SAVED["runs"].values():
+        assert "engine" in str(run["optimizer"]) or "optimizer" in run["optimizer"]
+
+
+@pytest.mark.parametrize("name", v1.NAMES)
+def test_a_0_1_state_dict_continues_as_0_1_did(name):
+    run = SAVED["runs"][name]
+    net = v1.model(seed=99)  # other initial values: everything comes from the saved state
+    net.load_state_dict(run["model"])
+    opt = v1.build(name, net)
+    opt.load_state_dict(run["optimizer"])
+    state = opt.state_dict()
+    assert state["metaopt"]["version"] == 2 and set(state) == {"state", "param_groups", "metaopt"}
+    for s in range(v1.SAVED_AT, v1.SAVED_AT + v1.CONTINUED):
+        v1.step(opt, net, s)
+    for p, q in zip(net.parameters(), run["after"]):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", v1.NAMES)
+def test_todays_state_dict_is_in_torch_optims_layout_and_round_trips(name):
+    """``state`` by parameter index holds the wrapped optimizer's fields (Adam's moments) and
+    metaopt's own (``metaopt_slow``, ...); reloading it into a fresh optimizer continues
+    identically."""
+    runs = []
+    for reload in (False, True):
+        net = v1.model()
+        opt = v1.build(name, net)
+        for s in range(v1.SAVED_AT):
+            v1.step(opt, net, s)
+        if reload:
+            state = opt.state_dict()
+            adam = set(state["state"][0]) - {k for k in state["state"][0] if k.startswith("metaopt_")}
+            assert {"exp_avg", "exp_avg_sq", "step"} <= adam
+            if isinstance(opt, metaopt.SlowFastOptimizer):
+                assert all("metaopt_slow" in state["state"][i] for i in range(len(list(net.parameters()))))
+            state = torch.load(_saved(state), weights_only=True)
+            opt = v1.build(name, net)
+            opt.load_state_dict(state)
+        for s in range(v1.SAVED_AT, v1.SAVED_AT + v1.CONTINUED):
+            v1.step(opt, net, s)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def _saved(state):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
