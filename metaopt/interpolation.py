@@ -392,14 +392,24 @@ class Interpolator:
         return [s - a for g in self._groups for s, a in zip(g.slow_views, g.accumulator()[1])]
 
     # ----------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, object]:
-        """φ (and the accumulator, if any) per key, shaped like each fast tensor: independent
-        of the layout, so a state saved on one path loads into any other."""
+    def state_dict(self, prefix: str = "") -> dict[str, object]:
+        """φ (and the accumulator, if any) per key (those starting with ``prefix``), shaped like
+        each fast tensor: independent of the layout, so a state saved on one path loads into
+        any other."""
         acc = {
-            k: v.clone() for g in self._groups if g.acc_views is not None for k, v in zip(g.keys, g.acc_views)
+            k: v.clone()
+            for g in self._groups
+            if g.acc_views is not None
+            for k, v in zip(g.keys, g.acc_views)
+            if k.startswith(prefix)
         }
         return {
-            "slow": {k: v.clone() for g in self._groups for k, v in zip(g.keys, g.slow_views)},
+            "slow": {
+                k: v.clone()
+                for g in self._groups
+                for k, v in zip(g.keys, g.slow_views)
+                if k.startswith(prefix)
+            },
             "acc": acc or None,
         }
 

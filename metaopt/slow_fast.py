@@ -516,12 +516,19 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         shadow.generator.set_state(self.generator.get_state())
         shadow.schedule = copy.deepcopy(self.schedule)
         out = []
-        for _ in range(steps):
-            out.append(shadow.next_tasks())
-            shadow._pending = None
-            if shadow._advance() and shadow._trajectory >= shadow.tasks_per_outer_step:
-                shadow._trajectory = 0
-                shadow.schedule.restart()
+        # a wrapped optimizer (all tasks at every step) is asked through its own next_tasks():
+        # its stream is put back as it was
+        inner = None if self.inner is None else self.inner._stream_state()
+        try:
+            for _ in range(steps):
+                out.append(shadow.next_tasks())
+                shadow._pending = None
+                if shadow._advance() and shadow._trajectory >= shadow.tasks_per_outer_step:
+                    shadow._trajectory = 0
+                    shadow.schedule.restart()
+        finally:
+            if self.inner is not None and inner is not None:
+                self.inner._restore_stream(inner)
         return out
 
     @torch.no_grad()
@@ -691,24 +698,30 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _param_state_fields(self) -> tuple[str, ...]:
         return (self._SLOW, self._ACC, self._OUTER, self._SLOT)
 
-    def _fields_by_key(self) -> dict[str, dict[str, Any]]:
-        engine = self.engine.state_dict()
+    def _fields_by_key(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """The per-key fields of the keys starting with ``prefix`` ("p": parameters, "b:":
+        buffers), each tensor copied once."""
+        engine = self.engine.state_dict(prefix)
         slow: Mapping[str, Tensor] = engine["slow"]  # type: ignore[assignment]
         acc: Mapping[str, Tensor] = engine["acc"] or {}  # type: ignore[assignment]
         out: dict[str, dict[str, Any]] = {k: {self._SLOW: v} for k, v in slow.items()}
         for k, v in acc.items():
             out[k][self._ACC] = v
-        if self.outer_optimizer is not None:
-            keys = self.engine.keys
+        keys = self.engine.keys
+        if self.outer_optimizer is not None and any(k.startswith(prefix) for k in keys):
             for j, fields in self.outer_optimizer.state_dict()["state"].items():
-                out[keys[j]].update((self._OUTER + f, v) for f, v in fields.items())
-        for slot, states in self._slots_state().items():
-            for i, fields in states.items():
-                out.setdefault(f"p{i}", {}).update((f"{self._SLOT}{slot}_{f}", v) for f, v in fields.items())
+                if keys[j].startswith(prefix):
+                    out[keys[j]].update((self._OUTER + f, v) for f, v in fields.items())
+        if prefix == "p":
+            for slot, states in self._slots_state().items():
+                for i, fields in states.items():
+                    out.setdefault(f"p{i}", {}).update(
+                        (f"{self._SLOT}{slot}_{f}", v) for f, v in fields.items()
+                    )
         return out
 
     def _param_state(self) -> dict[int, dict[str, Any]]:
-        return {int(k[1:]): v for k, v in self._fields_by_key().items() if k.startswith("p")}
+        return {int(k[1:]): v for k, v in self._fields_by_key("p").items()}
 
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -716,7 +729,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             "trajectory": self._trajectory,
             "outer_count": self._outer_count,
             "schedule": self.schedule.state_dict(),
-            "buffers": {k[2:]: v for k, v in self._fields_by_key().items() if k.startswith("b:")},
+            "buffers": {k[2:]: v for k, v in self._fields_by_key("b:").items()},
             "outer_param_groups": (
                 None if self.outer_optimizer is None else self.outer_optimizer.state_dict()["param_groups"]
             ),

@@ -493,3 +493,20 @@ def test_a_corrupt_0_1_state_dict_is_a_value_error(edit):
     opt = v1.build("outer_nesterov", model)
     with pytest.raises(ValueError):
         opt.load_state_dict(state)
+
+
+def test_planned_tasks_moves_nothing_in_a_composition():
+    model = net()
+    opt = metaopt.SequentialReptile(
+        metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS), inner_steps=2
+    )
+    before = snapshot(opt, model)  # draws first: the pending draw is part of the state
+    opt.zero_grad()
+    fresh = metaopt.SequentialReptile(
+        metaopt.PCGrad(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS), inner_steps=2
+    )
+    state = copy.deepcopy(fresh.state_dict())
+    assert fresh.planned_tasks(3) == [TASKS] * 3
+    assert same(tensors_of(fresh.state_dict()), tensors_of(state))
+    assert fresh.state_dict()["metaopt"]["inner"]["pending"] is None
+    assert same(snapshot(opt, model), before)
