@@ -35,6 +35,7 @@ targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -88,6 +89,23 @@ def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None
     both would then step the same buffers. Every torch optimizer metaopt holds (the wrapped one,
     an outer optimizer, GradNorm's weight optimizer) is loaded through this."""
     optimizer.load_state_dict(map_tensors(state, Tensor.clone))
+
+
+def probe_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any], where: str) -> None:
+    """Raise ``ValueError`` unless ``optimizer`` can load ``state`` and step from it: tried on a
+    copy of the optimizer (and of its parameters), with zero gradients, so that a saved state it
+    cannot use is refused when it is loaded, not in the middle of a later step."""
+    probe = copy.deepcopy(optimizer)
+    try:
+        load_optimizer_state(probe, state)  # on copies: the probe's step must not move them
+        for group in probe.param_groups:
+            for p in group["params"]:
+                p.grad = torch.zeros_like(p)
+        probe.step()
+    except Exception as err:  # whatever the optimizer raises on a state it cannot use
+        raise ValueError(
+            f"{where}: the optimizer cannot step from it ({type(err).__name__}: {err})"
+        ) from None
 
 
 def _graph_problem(message: str) -> str | None:

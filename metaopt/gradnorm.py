@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from ._distributed import average_, default_group
 from ._options import Option, non_negative
-from .base import MultiTaskOptimizer, load_optimizer_state
+from .base import MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
 from .functional import unique_tensors
 
 __all__ = ["GradNorm"]
@@ -360,6 +360,9 @@ class GradNorm(MultiTaskOptimizer):
             )
         if not isinstance(state.get("weight_optimizer"), Mapping):
             raise ValueError(f"{name}: no weight optimizer state saved")
+        probe_optimizer_state(
+            self.weight_optimizer, state["weight_optimizer"], f"{name}: the weight optimizer's state"
+        )
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         w = state["weights"]

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
-from .base import MultiTaskOptimizer, load_optimizer_state
+from .base import MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
 from .interpolation import Interpolator, Method
 from .schedules import ScheduleName, TaskSchedule
 
@@ -856,6 +856,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                     phi.shape,
                     f"{name}.load_state_dict: {where}",
                 )
+            probe_optimizer_state(
+                self.outer_optimizer,
+                {"state": outer, "param_groups": groups},
+                f"{name}.load_state_dict: the outer-optimizer state",
+            )
         options = {**{k: getattr(self, k) for k in self._option_names()}, **own.get("options", {})}
         trajectories = options["tasks_per_outer_step"]
         live = own.get("trajectory")
@@ -879,24 +884,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             )
 
     def _probe_parked(self, slot: int, states: Mapping[int, Mapping[str, Any]]) -> None:
-        """The wrapped optimizer steps from a parked trajectory's state: tried on a copy of it
-        (and of the parameters), with zero gradients, so that a state it cannot use is refused
-        at the load rather than in the middle of a later step."""
-        probe = copy.deepcopy(self.base_optimizer)
-        params = [p for g in probe.param_groups for p in g["params"]]
-        try:
-            load_optimizer_state(  # on copies: the probe's step must not move the saved tensors
-                probe,
-                {"state": dict(states), "param_groups": self.base_optimizer.state_dict()["param_groups"]},
-            )
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            probe.step()
-        except Exception as err:  # whatever the optimizer raises on a state it cannot use
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: the wrapped optimizer cannot step from "
-                f"the parked state of trajectory {slot} ({type(err).__name__}: {err})"
-            ) from None
+        """The wrapped optimizer steps from a parked trajectory's state (tried on a copy)."""
+        probe_optimizer_state(
+            self.base_optimizer,
+            {"state": dict(states), "param_groups": self.base_optimizer.state_dict()["param_groups"]},
+            f"{type(self).__name__}.load_state_dict: the parked state of trajectory {slot}",
+        )
 
     def _load_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
         slow, acc, outer, slots = self._parse_fields(fields, own)

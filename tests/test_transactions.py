@@ -510,3 +510,23 @@ def test_planned_tasks_moves_nothing_in_a_composition():
     assert same(tensors_of(fresh.state_dict()), tensors_of(state))
     assert fresh.state_dict()["metaopt"]["inner"]["pending"] is None
     assert same(snapshot(opt, model), before)
+
+
+@pytest.mark.parametrize("field, value", [("exp_avg", "garbage"), ("exp_avg", torch.ones(5)), ("step", None)])
+def test_a_gradnorm_weight_optimizer_state_it_cannot_step_from_is_refused(field, value):
+    model = net()
+
+    def make():
+        return metaopt.GradNorm(
+            metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS), layer=[model[0].weight]
+        )
+
+    opt = make()
+    opt.step({t: loss(model, 0, t) for t in TASKS})
+    state = opt.state_dict()
+    state["metaopt"]["weight_optimizer"]["state"][0][field] = value
+    fresh = make()
+    before = snapshot(fresh, model)
+    with pytest.raises(ValueError, match="weight optimizer's state"):
+        fresh.load_state_dict(state)
+    assert same(snapshot(fresh, model), before)
