@@ -865,7 +865,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         trajectories = options["tasks_per_outer_step"]
         live = own.get("trajectory")
         for slot, states in slots.items():
-            if slot == live or not 0 <= slot < max(trajectories, (live or 0) + 1):
+            # a slot at or above tasks_per_outer_step is legitimate once that was lowered (it is
+            # dropped at the end of the outer step), so only the live trajectory is refused
+            if slot == live or slot < 0:
                 raise ValueError(
                     f"{name}.load_state_dict: saved parked state for trajectory {slot}, which is "
                     f"not a parked trajectory (live {live}, {trajectories} per outer step)"
