@@ -1077,6 +1077,13 @@ optimizer's state dict under ``"optimizer"`` and kept the slow weights under ``"
 torch.optim's layout with metaopt's per-parameter fields beside the wrapped optimizer's."""
 
 
+V1_MIGRATIONS: dict[
+    str, Callable[[Mapping[str, Any], dict[Any, dict[str, Any]], dict[str, Any], str], None]
+] = {}
+"""Layout-1 records that a method moves into per-parameter fields itself, by the key of the
+record (registered by the module that defines the method, so that this module imports none)."""
+
+
 def migrate_state_dict(state_dict: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """A state dict in the current layout (:data:`STATE_VERSION`), from any saved layout."""
     own = state_dict.get("metaopt")
@@ -1106,12 +1113,11 @@ def _migrate_v1(
     if not isinstance(inner, Mapping) or not isinstance(inner.get("state"), Mapping):
         raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
     state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
-    new_own = {k: v for k, v in own.items() if k not in ("engine", "inner_slots", "outer_optimizer")}
+    new_own = dict(own)  # each migration below takes its own records out
     new_own["version"] = STATE_VERSION
     if isinstance(inner.get("metaopt"), Mapping):
         new_own["inner"] = inner["metaopt"]
-    if "engine" in own:  # the slow/fast fields: per parameter now
-        from .slow_fast import migrate_slow_fast_v1
-
-        migrate_slow_fast_v1(own, state, new_own, where)
+    for key, migrate in V1_MIGRATIONS.items():  # the methods' own layout-1 records
+        if key in own:
+            migrate(own, state, new_own, where)
     return {"state": state, "param_groups": inner.get("param_groups"), "metaopt": new_own}

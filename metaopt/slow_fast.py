@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
-from .base import MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
+from .base import V1_MIGRATIONS, MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
 from .interpolation import Interpolator, Method
 from .schedules import ScheduleName, TaskSchedule
 
@@ -953,7 +953,9 @@ def migrate_slow_fast_v1(
     own: Mapping[str, Any], state: dict[Any, dict[str, Any]], new_own: dict[str, Any], where: str
 ) -> None:
     """Move a metaopt 0.1 slow/fast record (``engine``, ``inner_slots``, ``outer_optimizer``)
-    into the per-parameter fields of the current layout, in place."""
+    into the per-parameter fields of the current layout, in place (out of ``new_own``)."""
+    for key in ("engine", "inner_slots", "outer_optimizer"):
+        new_own.pop(key, None)
     S = SlowFastOptimizer
     engine = own.get("engine")
     if not isinstance(engine, Mapping) or not isinstance(engine.get("slow"), Mapping):
@@ -1030,3 +1032,6 @@ def _check_like(values: Any, live: Mapping[str, Any], shape: torch.Size, where: 
                 raise ValueError(f"{where}: {field!r} is not finite")
         elif isinstance(ref, Tensor) or not (v is None or isinstance(v, (bool, int, float))):
             raise ValueError(f"{where}: {field!r} is a {type(v).__name__}")
+
+
+V1_MIGRATIONS["engine"] = migrate_slow_fast_v1
