@@ -38,6 +38,7 @@ tensor([[ True, False],
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -117,7 +118,8 @@ def _check_losses(losses: Sequence[Tensor], where: str) -> list[Tensor]:
             raise TypeError(f"{where}: losses[{t}] is a {type(loss).__name__}, not a tensor")
         if loss.numel() != 1:
             raise ValueError(f"{where}: losses[{t}] must be a scalar, got shape {tuple(loss.shape)}")
-    return [loss.reshape(()) for loss in ls]
+    # a 0-d loss is used as it is: a reshape would add one more node to every task's backward
+    return [loss if loss.dim() == 0 else loss.reshape(()) for loss in ls]
 
 
 def _check_out(out: Tensor | None, T: int, P: int, params: list[Tensor], where: str) -> Tensor:
@@ -228,15 +230,15 @@ def compiled_graph(loss: Tensor, limit: int = 32) -> bool:
     """
     if loss.grad_fn is None:
         return False
-    stack, seen = [loss.grad_fn], {loss.grad_fn}
-    while stack and len(seen) <= limit:
-        node = stack.pop(0)
+    queue, seen = deque([loss.grad_fn]), {loss.grad_fn}
+    while queue and len(seen) <= limit:
+        node = queue.popleft()
         if "CompiledFunction" in type(node).__name__:
             return True
         for nxt, _ in node.next_functions:
             if nxt is not None and nxt not in seen:
                 seen.add(nxt)
-                stack.append(nxt)
+                queue.append(nxt)
     return False
 
 
@@ -250,11 +252,12 @@ _FREED_MARKERS = ("second time", "already been freed")
 
 def _loop(ls: list[Tensor], ps: list[Tensor], J: Tensor, retain_graph: bool, where: str) -> Tensor:
     slices = parameter_slices(ps)
-    reached = torch.zeros((len(ls), len(ps)), dtype=torch.bool)
+    reached: list[list[bool]] = []  # built in Python and converted once: a tensor setitem per block costs more
     for t, loss in enumerate(ls):
         row = J[t]
         if not loss.requires_grad:  # a constant loss reaches nothing
             row.zero_()
+            reached.append([False] * len(ps))
             continue
         try:
             grads = torch.autograd.grad(loss, ps, retain_graph=retain_graph, allow_unused=True)
@@ -266,14 +269,17 @@ def _loop(ls: list[Tensor], ps: list[Tensor], J: Tensor, retain_graph: bool, whe
                     "then released when the losses go out of scope."
                 ) from err
             raise
-        for k, (g, sl) in enumerate(zip(grads, slices, strict=True)):
-            if g is None:
-                row[sl].zero_()
-            else:
-                row[sl].copy_(g.reshape(-1))
-                reached[t, k] = True
+        if len(ps) == 1 and grads[0] is not None:  # one parameter: its gradient is the whole row
+            row.copy_(grads[0].reshape(-1))
+        else:
+            for g, sl in zip(grads, slices, strict=True):
+                if g is None:
+                    row[sl].zero_()
+                else:
+                    row[sl].copy_(g.reshape(-1))
+        reached.append([g is not None for g in grads])
         del grads  # this task's gradients are in its row now; drop them before the next task
-    return reached
+    return torch.tensor(reached, dtype=torch.bool).reshape(len(ls), len(ps))
 
 
 def _batched(ls: list[Tensor], ps: list[Tensor], J: Tensor) -> None:
