@@ -45,9 +45,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._distributed import default_group, digest, fingerprint, gather_digests
+from ._distributed import default_group, digest, gather_digests
 from ._options import Option, flag
 from .jacobian import compiled_graph, reaches_any
+from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
 
 __all__ = ["MultiTaskOptimizer"]
@@ -227,10 +228,7 @@ class MultiTaskOptimizer(Optimizer):
         self.base_optimizer: Optimizer = base
         self.allow_unused = allow_unused
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self._step_count = 0
-        self._clock = 0  # steps served by the task stream: taken, or skipped by a GradScaler
-        self._pending: tuple[str, ...] | None = None
+        self.stream = TaskStream(self.tasks, seed)  # draws, their generator, the step counters
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
         self._ranks_checked = False
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
@@ -292,18 +290,13 @@ class MultiTaskOptimizer(Optimizer):
         state = self.__dict__.copy()
         state.pop("step", None)
         state.pop("_opt_called", None)
-        state["generator"] = self.generator.get_state()
         if "process_group" in state and not isinstance(state["process_group"], str):
             state["process_group"] = None  # does not pickle: a copy uses the default group
         state["_ranks_checked"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        generator = torch.Generator()
-        generator.set_state(state.pop("generator"))
         self.__dict__.update(state)
-        self.generator = generator
         self._patch_step_function()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -319,14 +312,19 @@ class MultiTaskOptimizer(Optimizer):
     @property
     def step_count(self) -> int:
         """Inner steps taken so far."""
-        return self._step_count
+        return self.stream.step
 
     @property
     def clock(self) -> int:
         """Steps the task stream has served: those taken plus those a ``GradScaler`` skipped
         (each skipped step used up its draw, as it used up its batch). The data side indexes
         its batches by this count (:mod:`metaopt.data`)."""
-        return self._clock
+        return self.stream.clock
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The optimizer's own generator (task draws, visiting orders), seeded by ``seed``."""
+        return self.stream.generator
 
     def next_tasks(self) -> list[str]:
         """The tasks whose losses the next step expects, in order (for the Reptile family, the
@@ -336,9 +334,7 @@ class MultiTaskOptimizer(Optimizer):
         until a step consumes it; a refused step keeps it, a step skipped by a ``GradScaler``
         uses it up, as it used up its batch).
         """
-        if self._pending is None:
-            self._pending = tuple(self._draw_tasks())
-        return list(self._pending)
+        return self.stream.next(self._draw_tasks)
 
     def planned_tasks(self, steps: int) -> list[list[str]]:
         """The tasks of the next ``steps`` steps, as :meth:`next_tasks` will return them
@@ -382,7 +378,7 @@ class MultiTaskOptimizer(Optimizer):
             >>> report.tasks
             ('a', 'b')
         """
-        with self._draw_kept_on_refusal():
+        with self._transaction():
             self._backward_checked(losses, grad_scaler)
 
     def _backward_checked(self, losses: Mapping[str, Tensor], grad_scaler: Any) -> None:
@@ -441,9 +437,9 @@ class MultiTaskOptimizer(Optimizer):
             found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
             try:
                 if found_inf is not None and bool(found_inf):  # GradScaler's own skip test
-                    with self._draw_kept_on_refusal():
+                    with self._transaction():
                         return self._skip()
-                with self._draw_kept_on_refusal():
+                with self._transaction():
                     return self._take_step(grad_scale=grad_scale)
             except BaseException:  # GradScaler does not get to delete them: never reuse them
                 self.__dict__.pop("found_inf", None)
@@ -458,7 +454,7 @@ class MultiTaskOptimizer(Optimizer):
         params = self._param_list
         saved = [p.grad for p in params]  # for a refusal; released once the checks have passed
         try:
-            with self._draw_kept_on_refusal(whole_step=True):
+            with self._transaction(whole_step=True):
                 self.backward(losses)
                 return self._take_step(checked=saved.clear)
         except BaseException:
@@ -518,10 +514,8 @@ class MultiTaskOptimizer(Optimizer):
         group = default_group(getattr(self, "process_group", None))
         if group is not None:
             where = f"{type(self).__name__}.step"
-            schedule = fingerprint(
-                self.generator.get_state(), self.tasks, self._step_count, self._clock, self._pending
-            )
-            ranks = gather_digests([schedule, digest(self._rank_config())], group, None, where)
+            mine = [self.stream.fingerprint(), digest(self._rank_config())]
+            ranks = gather_digests(mine, group, None, where)
             differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
             if differ:
                 raise ValueError(
@@ -580,13 +574,11 @@ class MultiTaskOptimizer(Optimizer):
                 for p, g in hidden:
                     p.grad = g
             inner_report = None
-        self._step_count += 1
-        self._clock += 1
+        self.stream.served(taken=True)
         fields = self._after_step()
         losses = self._backward_losses or {}
-        self._pending = None
         self._clear_backward()
-        return StepReport(tasks=tasks, losses=losses, step=self._step_count, inner=inner_report, **fields)
+        return StepReport(tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, **fields)
 
     def _skip(self) -> StepReport:
         """A step ``GradScaler`` skipped (non-finite scaled gradients): a step with no update.
@@ -599,12 +591,11 @@ class MultiTaskOptimizer(Optimizer):
         self._prepare()
         losses = self._backward_losses or {}
         inner_report = self.inner._skip() if self.inner is not None else None
-        self._clock += 1
+        self.stream.served(taken=False)
         fields = self._after_skip()
-        self._pending = None
         self._clear_backward()
         return StepReport(
-            tasks=tasks, losses=losses, step=self._step_count, inner=inner_report, skipped=True, **fields
+            tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, skipped=True, **fields
         )
 
     def _after_skip(self) -> dict[str, Any]:
@@ -618,44 +609,29 @@ class MultiTaskOptimizer(Optimizer):
         if self._backward_losses is not None and all(p.grad is None for p in self._param_list):
             self._clear_backward()
 
-    # ------------------------------------------------------------------ the task stream
-    def _stream_state(self) -> list[Any]:
-        """What drawing tasks moves, for this optimizer and those it wraps (restored when a
-        refused step or backward had made the draw itself)."""
-        own = [self.generator.get_state(), self._pending, *self._stream_extra()]
-        return own + (self.inner._stream_state() if self.inner is not None else [])
-
-    def _stream_extra(self) -> list[Any]:
-        """Subclasses: their part of the task stream's state (a schedule's round, a task)."""
-        return []
-
-    def _restore_stream(self, state: list[Any]) -> None:
-        n = 2 + len(self._stream_extra())
-        own, rest = state[:n], state[n:]
-        self.generator.set_state(own[0])
-        self._pending = own[1]
-        self._restore_stream_extra(own[2:])
-        if self.inner is not None:
-            self.inner._restore_stream(rest)
-
-    def _restore_stream_extra(self, state: list[Any]) -> None:
-        pass
+    # ------------------------------------------------------------------ the transaction
+    def _streams(self) -> list[TaskStream]:
+        """The task streams of this optimizer and of those it wraps, outermost first."""
+        return [self.stream, *(self.inner._streams() if self.inner is not None else [])]
 
     @contextmanager
-    def _draw_kept_on_refusal(self, whole_step: bool = False) -> Iterator[None]:
-        """A draw made inside the block (no ``next_tasks()`` before it) is undone if the block
-        raises before the step is counted: a refused step leaves the stream as it found it. A
-        draw that a successful :meth:`backward` has used is kept with it, unless the block is a
-        whole one-loop step (whose refusal drops its backward too)."""
-        if self._pending is not None:
+    def _transaction(self, whole_step: bool = False) -> Iterator[None]:
+        """One step's transaction over the task streams: their records are taken when the block
+        starts and put back if it raises before the step is served, so a refused step, backward
+        or skip leaves every stream of the composition as it found it. A draw that a successful
+        :meth:`backward` has used stays with it (its step is still to come), unless the block
+        is a whole one-loop step, whose refusal drops its backward too."""
+        if self.stream.pending is not None:
             yield
             return
-        state, clock = self._stream_state(), self._clock
+        records: list[StreamRecord] = [s.record() for s in self._streams()]
+        clock = self.stream.clock
         try:
             yield
         except BaseException:
-            if self._clock == clock and (whole_step or self._backward_losses is None):
-                self._restore_stream(state)
+            if self.stream.clock == clock and (whole_step or self._backward_losses is None):
+                for stream, record in zip(self._streams(), records):
+                    stream.restore(record)
             raise
 
     # ------------------------------------------------------------------ parameters
@@ -894,10 +870,7 @@ class MultiTaskOptimizer(Optimizer):
             "version": STATE_VERSION,
             "class": type(self).__name__,
             "tasks": list(self.tasks),
-            "step": self._step_count,
-            "clock": self._clock,
-            "generator": self.generator.get_state(),
-            "pending": None if self._pending is None else list(self._pending),
+            **self.stream.saved(),
             "options": {name: getattr(self, name) for name in self._option_names()},
             **self._extra_state(),
         }
@@ -978,18 +951,7 @@ class MultiTaskOptimizer(Optimizer):
             raise ValueError(
                 f"{name}.load_state_dict: saved tasks {own.get('tasks')} differ from {list(self.tasks)}"
             )
-        step = own.get("step")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{name}.load_state_dict: saved step count {step!r} is not an int >= 0")
-        clock = own.get("clock", step)  # saved before skipped steps were counted: none were
-        if isinstance(clock, bool) or not isinstance(clock, int) or clock < step:
-            raise ValueError(
-                f"{name}.load_state_dict: saved clock {clock!r} is not an int >= the step count {step}"
-            )
-        try:
-            torch.Generator().set_state(own["generator"])
-        except (KeyError, TypeError, RuntimeError, ValueError):
-            raise ValueError(f"{name}.load_state_dict: the saved generator state is unreadable") from None
+        self.stream.check_saved(own, f"{name}.load_state_dict")
         options = own.get("options", {})
         if not isinstance(options, Mapping):
             raise ValueError(f"{name}.load_state_dict: saved options {options!r} are not a mapping")
@@ -1006,10 +968,6 @@ class MultiTaskOptimizer(Optimizer):
         self._check_param_state(fields, own)
         pending = own.get("pending")
         if pending is not None:
-            if not isinstance(pending, (list, tuple)) or any(t not in self.tasks for t in pending):
-                raise ValueError(
-                    f"{name}.load_state_dict: saved pending draw {pending!r} names unknown tasks"
-                )
             try:
                 self._check_pending_saved(list(pending), own)
             except ValueError as err:
@@ -1037,11 +995,7 @@ class MultiTaskOptimizer(Optimizer):
         self._load_param_state(fields, own)
         if self.inner is None:
             load_optimizer_state(self.optimizer, inner)
-        self._step_count = int(own["step"])
-        self._clock = int(own.get("clock", self._step_count))
-        self.generator.set_state(own["generator"])
-        pending = own.get("pending")
-        self._pending = None if pending is None else tuple(pending)
+        self.stream.load_saved(own)
         self._ranks_checked = False  # under torch.distributed the next step compares the ranks
         self._after_load()
 

@@ -252,7 +252,8 @@ _FREED_MARKERS = ("second time", "already been freed")
 
 def _loop(ls: list[Tensor], ps: list[Tensor], J: Tensor, retain_graph: bool, where: str) -> Tensor:
     slices = parameter_slices(ps)
-    reached: list[list[bool]] = []  # built in Python and converted once: a tensor setitem per block costs more
+    # built in Python and converted once: a tensor setitem per block costs more
+    reached: list[list[bool]] = []
     for t, loss in enumerate(ls):
         row = J[t]
         if not loss.requires_grad:  # a constant loss reaches nothing

@@ -49,15 +49,15 @@ class Reptile(SlowFastOptimizer):
     """
 
     _composable = False
-    _task: str | None = None  # the current trajectory's task
 
     def _draw_tasks(self) -> list[str]:
-        if self._inner_count == 0 or self._task is None:
-            self._task = self.tasks[self.schedule.draw(self.generator)]
-        return [self._task]
+        # the trajectory's task is held by the task stream, so a refused step puts it back too
+        if self._inner_count == 0 or self.stream.held is None:
+            self.stream.held = self.tasks[self.schedule.draw(self.generator)]
+        return [self.stream.held]
 
     def _extra_state(self) -> dict[str, Any]:
-        return {**super()._extra_state(), "task": self._task}
+        return {**super()._extra_state(), "task": self.stream.held}
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         super()._check_extra_state(state)
@@ -74,11 +74,4 @@ class Reptile(SlowFastOptimizer):
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         super()._load_extra_state(state)
-        self._task = state.get("task")
-
-    def _stream_extra(self) -> list[Any]:
-        return [*super()._stream_extra(), self._task]
-
-    def _restore_stream_extra(self, state: list[Any]) -> None:
-        super()._restore_stream_extra(state[:-1])
-        self._task = state[-1]
+        self.stream.held = state.get("task")

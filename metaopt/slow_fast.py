@@ -8,7 +8,6 @@ step; that lives in the subclasses.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -176,13 +175,14 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 )
             task_sizes = [task_sizes[t] for t in self.tasks]
         if isinstance(schedule, str):
-            self.schedule = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes, temperature=temperature)
+            plan = TaskSchedule(len(self.tasks), schedule, sizes=task_sizes, temperature=temperature)
         else:
             order = list(schedule)
             unknown = sorted({t for t in order if t not in self.tasks}, key=str)
             if unknown:
                 raise ValueError(f"{name}: the schedule names unknown tasks {unknown}")
-            self.schedule = TaskSchedule(len(self.tasks), "order", order=[self.tasks.index(t) for t in order])
+            plan = TaskSchedule(len(self.tasks), "order", order=[self.tasks.index(t) for t in order])
+        self.stream.schedule = plan  # its round is part of the task stream
         if flag(flatten, "flatten", name):
             warnings.warn(
                 f"{name}: flatten=True is ignored: metaopt no longer packs the model's parameters "
@@ -288,6 +288,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return self._bucket_elements
 
     # ------------------------------------------------------------------ public read-outs
+    @property
+    def schedule(self) -> TaskSchedule:
+        """The task schedule (part of the task stream, :attr:`stream`)."""
+        schedule = self.stream.schedule
+        assert schedule is not None
+        return schedule
+
     @property
     def outer_step_count(self) -> int:
         return self._outer_count
@@ -511,24 +518,21 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             >>> plan[0] == opt.next_tasks()
             True
         """
-        shadow = copy.copy(self)
-        shadow.generator = torch.Generator()
-        shadow.generator.set_state(self.generator.get_state())
-        shadow.schedule = copy.deepcopy(self.schedule)
+        # drawn on the real streams (this optimizer's and a wrapped one's), put back after
+        records = [s.record() for s in self._streams()]
+        counters = (self._inner_count, self._trajectory)
         out = []
-        # a wrapped optimizer (all tasks at every step) is asked through its own next_tasks():
-        # its stream is put back as it was
-        inner = None if self.inner is None else self.inner._stream_state()
         try:
             for _ in range(steps):
-                out.append(shadow.next_tasks())
-                shadow._pending = None
-                if shadow._advance() and shadow._trajectory >= shadow.tasks_per_outer_step:
-                    shadow._trajectory = 0
-                    shadow.schedule.restart()
+                out.append(self.next_tasks())
+                self.stream.pending = None
+                if self._advance() and self._trajectory >= self.tasks_per_outer_step:
+                    self._trajectory = 0
+                    self.schedule.restart()
         finally:
-            if self.inner is not None and inner is not None:
-                self.inner._restore_stream(inner)
+            self._inner_count, self._trajectory = counters
+            for stream, record in zip(self._streams(), records):
+                stream.restore(record)
         return out
 
     @torch.no_grad()
@@ -937,12 +941,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             self.inner._check_pending(pending)
         elif len(pending) != 1:
             raise ValueError("every step wants one task")
-
-    def _stream_extra(self) -> list[Any]:
-        return [self.schedule.state_dict()]
-
-    def _restore_stream_extra(self, state: list[Any]) -> None:
-        self.schedule.load_state_dict(state[0])
 
     def _after_load(self) -> None:
         self._record_versions()
