@@ -25,8 +25,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metaopt
-from metaopt.base import _all_finite
 from metaopt.jacobian import compiled_graph, reaches_any
+from metaopt.parts.grads import all_finite
 
 from _timing import machine
 
@@ -157,7 +157,7 @@ def main() -> None:
             reaches_any(loss, params),
             compiled_graph(loss),
         ),
-        "finite gradients (1 sync)": lambda: bool(_all_finite(grads)),
+        "finite gradients (1 sync)": lambda: bool(all_finite(grads)),
         "parameter-set check": sr_opt._sync_params,
         "external-change check": sr_opt._changed_params,
         "version record": sr_opt._record_versions,

@@ -35,7 +35,6 @@ targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +47,8 @@ from torch.optim import Optimizer
 from ._distributed import default_group, digest, gather_digests
 from ._options import Option, flag
 from .jacobian import compiled_graph, reaches_any
+from .parts.grads import all_finite, check_losses, graph_problem, unscale
+from .parts.state_dict import STATE_VERSION, load_optimizer_state, split_state
 from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
 
@@ -69,94 +70,6 @@ def _check_tasks(tasks: Iterable[str] | None, where: str) -> tuple[str, ...]:
     if dup:
         raise ValueError(f"{where}: duplicate task names {dup}")
     return out
-
-
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor in it (mappings, lists and tuples
-    rebuilt; other leaves shared), e.g. a state dict cloned or moved to the CPU."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, Mapping):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(map_tensors(v, fn) for v in value)
-    return value
-
-
-def load_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any]) -> None:
-    """``optimizer.load_state_dict`` on a copy of ``state``. torch.optim keeps the tensors it is
-    given (``.to()`` returns the same tensor when dtype and device already match), so a state
-    dict taken in memory from another optimizer would otherwise alias that optimizer's state:
-    both would then step the same buffers. Every torch optimizer metaopt holds (the wrapped one,
-    an outer optimizer, GradNorm's weight optimizer) is loaded through this."""
-    optimizer.load_state_dict(map_tensors(state, Tensor.clone))
-
-
-def probe_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any], where: str) -> None:
-    """Raise ``ValueError`` unless ``optimizer`` can load ``state`` and step from it: tried on a
-    copy of the optimizer (and of its parameters), with zero gradients, so that a saved state it
-    cannot use is refused when it is loaded, not in the middle of a later step."""
-    probe = copy.deepcopy(optimizer)
-    try:
-        load_optimizer_state(probe, state)  # on copies: the probe's step must not move them
-        for group in probe.param_groups:
-            for p in group["params"]:
-                p.grad = torch.zeros_like(p)
-        probe.step()
-    except Exception as err:  # whatever the optimizer raises on a state it cannot use
-        raise ValueError(
-            f"{where}: the optimizer cannot step from it ({type(err).__name__}: {err})"
-        ) from None
-
-
-def _graph_problem(message: str) -> str | None:
-    """What a user did wrong, for the autograd errors a loss that cannot be used again gives."""
-    if "backward through the graph a second time" in message:
-        return (
-            "a loss was already used by a backward pass, which freed its graph (a loss reused "
-            "from an earlier step?); compute the losses anew for every step"
-        )
-    if message.startswith("task_jacobian: the graph of") and "already freed" in message:
-        return (
-            message.removeprefix("task_jacobian: ").split(". ")[0]
-            + ": a loss reused from an earlier step, or losses that share part of their graph "
-            "(a common encoder) without retain_graph=True"
-        )
-    if "modified by an inplace operation" in message:
-        return (
-            "a loss was computed before a tensor it depends on was changed in place (a stale "
-            "loss from before the last step?); compute the losses after the previous step"
-        )
-    return None
-
-
-def _unscale(params: Sequence[Tensor], scale: Tensor) -> None:
-    """``.grad`` /= ``scale`` (GradScaler's reciprocal, in float64 then float32), per device."""
-    inv = scale.double().reciprocal().float()
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            by_device.setdefault(p.grad.device, []).append(p.grad)
-    for device, grads in by_device.items():
-        torch._foreach_mul_(grads, inv.to(device))
-
-
-def _all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """0-dim bool: every element of every tensor is finite. One fused pass per (device, dtype):
-    GradScaler's own kernel, which multiplies by an ``inv_scale`` of exactly 1 (leaving every
-    value bit for bit as it was) and flags any inf or NaN. The flag is read with the caller's
-    single host sync."""
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    device = tensors[0].device
-    found = []
-    for (dev, _), ts in groups.items():
-        flag = torch.zeros(1, dtype=torch.float32, device=dev)
-        one = torch.ones(1, dtype=torch.float32, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(ts, flag, one)
-        found.append(flag.to(device))
-    return (torch.cat(found) if len(found) > 1 else found[0]).eq(0).all()
 
 
 class MultiTaskOptimizer(Optimizer):
@@ -402,7 +315,7 @@ class MultiTaskOptimizer(Optimizer):
             if first:  # the first backward of a step replaced .grad: put it back
                 for p, g in zip(self._param_list, saved):
                     p.grad = g
-            problem = _graph_problem(str(err))
+            problem = graph_problem(str(err))
             if problem is None:
                 raise
             where = "nothing was updated" if first else "call zero_grad() and redo the step's backward passes"
@@ -559,7 +472,7 @@ class MultiTaskOptimizer(Optimizer):
             if checked is not None:
                 checked()
             if grad_scale is not None:
-                _unscale(self._param_list, grad_scale)
+                unscale(self._param_list, grad_scale)
             # a parameter frozen since its backward pass is skipped, as at every other step
             hidden = [(p, p.grad) for p in self._param_list if not p.requires_grad and p.grad is not None]
             for p, _ in hidden:
@@ -568,7 +481,7 @@ class MultiTaskOptimizer(Optimizer):
                 self.base_optimizer.step()
             except BaseException:
                 if grad_scale is not None:  # refused by the torch optimizer (a hook): scale back
-                    _unscale(self._param_list, grad_scale.double().reciprocal())
+                    unscale(self._param_list, grad_scale.double().reciprocal())
                 raise
             finally:
                 for p, g in hidden:
@@ -685,34 +598,8 @@ class MultiTaskOptimizer(Optimizer):
     def _check_losses(
         self, losses: Mapping[str, Tensor], wanted: Sequence[str], where: str
     ) -> dict[str, Tensor]:
-        """Structure of the losses (keys, type, shape, dtype, graph). Their values are checked
-        with the gradients at the step, in one host sync (:meth:`_check_grads`)."""
-        name = where
-        if not isinstance(losses, Mapping):
-            raise TypeError(f"{name}: losses must be a mapping {{task: loss}}, got {type(losses).__name__}")
-        missing = [t for t in wanted if t not in losses]
-        extra = [k for k in losses if k not in wanted]
-        if missing or extra:
-            raise ValueError(
-                f"{name}: expected losses for exactly {list(wanted)} (next_tasks()); "
-                f"missing {missing}, unexpected {extra}"
-            )
-        out: dict[str, Tensor] = {}
-        for t in wanted:
-            v = losses[t]
-            if not isinstance(v, Tensor):
-                raise TypeError(f"{name}: loss for task {t!r} is a {type(v).__name__}, not a Tensor")
-            if v.numel() != 1:
-                raise ValueError(f"{name}: loss for task {t!r} must be a scalar, got shape {tuple(v.shape)}")
-            if not v.is_floating_point():
-                raise ValueError(f"{name}: loss for task {t!r} has dtype {v.dtype}")
-            if not v.requires_grad:
-                raise ValueError(
-                    f"{name}: loss for task {t!r} does not require grad: it is not connected "
-                    "to any parameter (computed under no_grad, or detached?)"
-                )
-            out[t] = v.reshape(())
-        return out
+        """Structure of the losses (:func:`metaopt.parts.grads.check_losses`)."""
+        return check_losses(losses, wanted, where)
 
     def _scaled(self, losses: dict[str, Tensor], grad_scaler: Any) -> dict[str, Tensor]:
         if grad_scaler is None:
@@ -791,7 +678,7 @@ class MultiTaskOptimizer(Optimizer):
             )
         losses = self._backward_losses
         self._check_unused(params)
-        grads_ok = _all_finite(grads)
+        grads_ok = all_finite(grads)
         if losses:
             values = list(losses.values())
             if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
@@ -899,46 +786,9 @@ class MultiTaskOptimizer(Optimizer):
     def _split_state(
         self, state_dict: Mapping[str, Any]
     ) -> tuple[Mapping[str, Any], dict[str, Any], dict[int, dict[str, Any]]]:
-        """(own record, the wrapped optimizer's state dict, this method's per-parameter fields)
-        of a state dict in the current layout; the structure is checked, not the values."""
-        name = type(self).__name__
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"{name}.load_state_dict: not a metaopt state dict")
-        state_dict = migrate_state_dict(state_dict, name)
-        own = state_dict.get("metaopt")
-        per_param, groups = state_dict.get("state"), state_dict.get("param_groups")
-        if not isinstance(own, Mapping) or not isinstance(per_param, Mapping) or not isinstance(groups, list):
-            raise ValueError(f"{name}.load_state_dict: not a metaopt state dict")
-        mine = self._param_state_fields()
-        rest: dict[Any, dict[str, Any]] = {}
-        fields: dict[int, dict[str, Any]] = {}
-        for i, entry in per_param.items():
-            if not isinstance(entry, Mapping):
-                raise ValueError(f"{name}.load_state_dict: the state of parameter {i!r} is not a mapping")
-            for k, v in entry.items():
-                if isinstance(k, str) and k.startswith(mine) and mine:
-                    fields.setdefault(i, {})[k] = v
-                else:
-                    rest.setdefault(i, {})[k] = v
-        inner: dict[str, Any] = {"state": rest, "param_groups": groups}
-        if (own.get("inner") is None) != (self.inner is None):
-            saved = "without" if own.get("inner") is None else "with"
-            raise ValueError(
-                f"{name}.load_state_dict: the state was saved {saved} a wrapped metaopt optimizer, "
-                "unlike this one (another composition)"
-            )
-        if self.inner is not None:
-            inner["metaopt"] = own.get("inner")
-        else:
-            stray = sorted(
-                {k for e in rest.values() for k in e if isinstance(k, str) and k.startswith("metaopt_")}
-            )
-            if stray:
-                raise ValueError(
-                    f"{name}.load_state_dict: per-parameter fields {stray} are not this "
-                    "optimizer's (saved by another method or composition?)"
-                )
-        return own, inner, fields
+        return split_state(
+            state_dict, self._param_state_fields(), self.inner is not None, type(self).__name__
+        )
 
     def _check_state(
         self, state_dict: Mapping[str, Any]
@@ -1023,55 +873,3 @@ class MultiTaskOptimizer(Optimizer):
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-STATE_VERSION = 2
-"""Layout of :meth:`MultiTaskOptimizer.state_dict`: 1 (metaopt 0.1) nested the wrapped
-optimizer's state dict under ``"optimizer"`` and kept the slow weights under ``"engine"``; 2 is
-torch.optim's layout with metaopt's per-parameter fields beside the wrapped optimizer's."""
-
-
-V1_MIGRATIONS: dict[
-    str, Callable[[Mapping[str, Any], dict[Any, dict[str, Any]], dict[str, Any], str], None]
-] = {}
-"""Layout-1 records that a method moves into per-parameter fields itself, by the key of the
-record (registered by the module that defines the method, so that this module imports none)."""
-
-
-def migrate_state_dict(state_dict: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-    """A state dict in the current layout (:data:`STATE_VERSION`), from any saved layout."""
-    own = state_dict.get("metaopt")
-    if not isinstance(own, Mapping):
-        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
-    version = own.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{where}.load_state_dict: the saved layout version {version!r} is not an int")
-    if version == STATE_VERSION:
-        return state_dict
-    try:
-        return _migrate_v1(state_dict, own, version, where)
-    except (AttributeError, IndexError, KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(
-            f"{where}.load_state_dict: a layout-{version} state dict that cannot be read ({err!r})"
-        ) from None
-
-
-def _migrate_v1(
-    state_dict: Mapping[str, Any], own: Mapping[str, Any], version: int, where: str
-) -> Mapping[str, Any]:
-    if version != 1 or "optimizer" not in state_dict:
-        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict (layout {version!r})")
-    inner = state_dict["optimizer"]
-    if isinstance(inner, Mapping) and isinstance(inner.get("metaopt"), Mapping):
-        inner = migrate_state_dict(inner, where)  # a composed optimizer's, itself version 1
-    if not isinstance(inner, Mapping) or not isinstance(inner.get("state"), Mapping):
-        raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
-    state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
-    new_own = dict(own)  # each migration below takes its own records out
-    new_own["version"] = STATE_VERSION
-    if isinstance(inner.get("metaopt"), Mapping):
-        new_own["inner"] = inner["metaopt"]
-    for key, migrate in V1_MIGRATIONS.items():  # the methods' own layout-1 records
-        if key in own:
-            migrate(own, state, new_own, where)
-    return {"state": state, "param_groups": inner.get("param_groups"), "metaopt": new_own}

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from . import _distributed
-from .base import map_tensors
 from .checkpoint import CheckpointError, MapLocation, load_checkpoint, save_checkpoint
+from .parts.state_dict import map_tensors
 
 __all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint"]
 

@@ -12,8 +12,9 @@ from torch.optim import Optimizer
 
 from ._distributed import average_, default_group
 from ._options import Option, non_negative
-from .base import MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
+from .base import MultiTaskOptimizer
 from .functional import unique_tensors
+from .parts.state_dict import load_optimizer_state, probe_optimizer_state
 
 __all__ = ["GradNorm"]
 

@@ -20,8 +20,9 @@ from torch.optim import Optimizer
 
 from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
-from .base import V1_MIGRATIONS, MultiTaskOptimizer, load_optimizer_state, probe_optimizer_state
+from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
+from .parts.state_dict import V1_MIGRATIONS, check_like, load_optimizer_state, probe_optimizer_state
 from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
@@ -854,7 +855,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             for j, values in outer.items():
                 phi = self.engine.slow[j]
                 where = f"outer-optimizer state of {self.engine.keys[j]}"
-                _check_like(
+                check_like(
                     values,
                     self.outer_optimizer.state.get(phi, {}),
                     phi.shape,
@@ -879,7 +880,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             for i, values in states.items():
                 p = self._param_list[i]
                 where = f"parked state of trajectory {slot} for {self._param_name(p)}"
-                _check_like(
+                check_like(
                     values, self.base_optimizer.state.get(p, {}), p.shape, f"{name}.load_state_dict: {where}"
                 )
             self._probe_parked(slot, states)
@@ -1011,25 +1012,6 @@ def migrate_slow_fast_v1(
                 for k in run:
                     fields_of(k)[S._OUTER + f] = v
     new_own["outer_param_groups"] = [{**groups[0], "params": list(range(len(keys)))}]
-
-
-def _check_like(values: Any, live: Mapping[str, Any], shape: torch.Size, where: str) -> None:
-    """Saved optimizer fields for one tensor: a mapping with the live state's fields (when it
-    has any), each a finite tensor shaped like the tensor (or a scalar) where the live one is a
-    tensor, else a plain number or None."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"{where} is not a mapping of fields")
-    if live and set(values) != set(live):
-        raise ValueError(f"{where} has fields {sorted(values)}, expected {sorted(live)}")
-    for field, v in values.items():
-        ref = live.get(field)
-        if isinstance(v, Tensor):
-            if not (v.shape == shape or v.numel() == 1) or (isinstance(ref, Tensor) and v.shape != ref.shape):
-                raise ValueError(f"{where}: {field!r} has shape {tuple(v.shape)}")
-            if v.is_floating_point() and not bool(v.isfinite().all()):
-                raise ValueError(f"{where}: {field!r} is not finite")
-        elif isinstance(ref, Tensor) or not (v is None or isinstance(v, (bool, int, float))):
-            raise ValueError(f"{where}: {field!r} is a {type(v).__name__}")
 
 
 V1_MIGRATIONS["engine"] = migrate_slow_fast_v1
