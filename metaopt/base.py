@@ -44,10 +44,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._distributed import default_group, digest, gather_digests
+from ._distributed import default_group
 from ._options import Option, flag
 from .jacobian import compiled_graph, reaches_any
 from .parts.grads import all_finite, check_losses, graph_problem, unscale
+from .parts.ranks import compare_ranks
 from .parts.state_dict import STATE_VERSION, load_optimizer_state, split_state
 from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
@@ -426,23 +427,9 @@ class MultiTaskOptimizer(Optimizer):
             return
         group = default_group(getattr(self, "process_group", None))
         if group is not None:
-            where = f"{type(self).__name__}.step"
-            mine = [self.stream.fingerprint(), digest(self._rank_config())]
-            ranks = gather_digests(mine, group, None, where)
-            differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
-            if differ:
-                raise ValueError(
-                    f"{where}: rank(s) {differ} were built with other options than rank 0 "
-                    f"(this rank: {self._rank_config()}); build the optimizer with the same options "
-                    "on every rank. Nothing was updated"
-                )
-            differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
-            if differ:
-                raise ValueError(
-                    f"{where}: the task schedule differs between ranks (rank(s) {differ} disagree "
-                    "with rank 0): every rank must draw the same tasks. Build the optimizer with "
-                    "the same seed on every rank, and load the same checkpoint. Nothing was updated"
-                )
+            compare_ranks(
+                self.stream.fingerprint(), self._rank_config(), group, f"{type(self).__name__}.step"
+            )
         self._ranks_checked = True
 
     def _take_step(

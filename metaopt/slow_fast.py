@@ -9,10 +9,9 @@ step; that lives in the subclasses.
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +21,10 @@ from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
-from .parts.state_dict import V1_MIGRATIONS, check_like, load_optimizer_state, probe_optimizer_state
+from .parts.outer import OuterStep, migrate_v1, parse_fields
+from .parts.ranks import compare_local_ranks
+from .parts.slots import TrajectorySlots, slot_field
+from .parts.state_dict import V1_MIGRATIONS
 from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
@@ -192,12 +194,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 DeprecationWarning,
                 stacklevel=2,
             )
-        self.engine = Interpolator(self._fast_tensors(), method=interpolation)
-        self.outer_optimizer: Optimizer | None = None
-        if outer_optimizer is not None:
-            self.outer_optimizer = outer_optimizer(self.engine.slow)
-            if not isinstance(self.outer_optimizer, Optimizer):
-                raise TypeError(f"{name}: outer_optimizer must return a torch.optim.Optimizer")
+        # the parts: φ with the outer rule, and the parked trajectories' inner-optimizer states
+        engine = Interpolator(self._fast_tensors(), method=interpolation)
+        self.outer_step = OuterStep(engine, outer_optimizer, name)
+        self.slots = TrajectorySlots(self.base_optimizer)
         self._check_outer_options()
         # fixed at construction: they decide which collectives run, which must match on all ranks
         self._verify_ranks = flag(verify_ranks, "verify_ranks", name)
@@ -206,8 +206,6 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._local_group = self._local_setup(local_trajectories, process_group)
         self._inner_count = 0  # inner steps into the current trajectory
         self._trajectory = 0  # trajectories into the current outer step (batched Reptile)
-        self._slot = 0  # the trajectory whose inner-optimizer state is live
-        self._slots: dict[int, Any] = {}  # the other trajectories' states (batched Reptile)
         self._outer_count = 0
         self._record_versions()
 
@@ -297,6 +295,21 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return schedule
 
     @property
+    def engine(self) -> Interpolator:
+        """The slow weights φ over the fast tensors (:attr:`outer_step`'s)."""
+        return self.outer_step.engine
+
+    @property
+    def outer_optimizer(self) -> Optimizer | None:
+        """The outer optimizer built over φ, or ``None`` (interpolation at η)."""
+        return self.outer_step.optimizer
+
+    @property
+    def _slots(self) -> dict[int, Any]:
+        """The parked trajectories' inner-optimizer states, by trajectory."""
+        return self.slots.parked
+
+    @property
     def outer_step_count(self) -> int:
         return self._outer_count
 
@@ -325,7 +338,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         """
         # re-examined for casts and moves, the set of tensors kept: a parameter frozen for the
         # evaluation keeps its slow weights until the trajectory ends, as without it
-        self.engine.refresh(keep_buffers=self.outer_optimizer is not None)
+        self.engine.refresh(keep_buffers=self.outer_step.keep_buffers)
         clean = not self._changed_params()
         fast = self.engine.fast
         with torch.no_grad():
@@ -358,7 +371,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self.engine.reset_slow()
         self._inner_count = 0
         self._trajectory = 0
-        self._use_slot(0)
+        self.slots.use(0)
         self.schedule.restart()
         self._record_versions()
         self._ranks_checked = False  # local trajectories: the next step compares φ across ranks
@@ -405,7 +418,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return fast
 
     def _refresh_engine(self) -> None:
-        self.engine.refresh(self._fast_tensors(), keep_buffers=self.outer_optimizer is not None)
+        self.engine.refresh(self._fast_tensors(), keep_buffers=self.outer_step.keep_buffers)
 
     def __getstate__(self) -> dict[str, Any]:
         # version counters restart in a copy: carry which parameters had changed, not the counts
@@ -417,26 +430,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if self.outer_optimizer is not None:
-            self._rebind_outer_optimizer()
+        self.outer_step.rebind(type(self).__name__)
         self._versions = [
             -1 if changed else p._version for p, changed in zip(self._param_list, state["_versions"])
         ]
-
-    def _rebind_outer_optimizer(self) -> None:
-        """Point the outer optimizer at the slow weights again after a copy or unpickle, which
-        rebuilt them as views of the copied slow buffers while the outer optimizer got tensors
-        of its own (equal values; the state it keys by them moves along)."""
-        outer = self.outer_optimizer
-        assert outer is not None
-        old = [p for g in outer.param_groups for p in g["params"]]
-        new = self.engine.slow
-        if len(old) != len(new):
-            raise RuntimeError(f"{type(self).__name__}: the outer optimizer lost track of the slow weights")
-        into = {id(p): q for p, q in zip(old, new)}
-        for g in outer.param_groups:
-            g["params"] = [into[id(p)] for p in g["params"]]
-        outer.state = defaultdict(dict, {into[id(p)]: v for p, v in outer.state.items()})
 
     def _record_versions(self) -> None:
         self._versions = [p._version for p in self._param_list]
@@ -538,18 +535,19 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     @torch.no_grad()
     def _end_trajectory(self) -> bool:
+        """A trajectory ended: fold it into the mean and start the next one (batched), or end
+        the outer step: φ moves by the outer rule, θ ← φ."""
         n = self.tasks_per_outer_step
         group = self._group()
         batched = n > 1 or self._trajectory > 1 or group is not None
         if batched:
             self.engine.accumulate(self._trajectory)  # θ folded into the mean; θ ← φ
             if self._trajectory < n:
-                self._use_slot(self._trajectory)
+                self.slots.use(self._trajectory)
                 return False
         self._trajectory = 0
-        self._use_slot(0)
-        for slot in [k for k in self._slots if k >= n]:  # n was lowered: no such trajectory
-            del self._slots[slot]
+        self.slots.use(0)
+        self.slots.drop_from(n)  # n was lowered: no such trajectory
         average = (
             None
             if group is None
@@ -557,65 +555,14 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 group, self.timeout, f"{type(self).__name__}: outer step {self._outer_count + 1}"
             )
         )
-        if self.outer_optimizer is not None:
-            if average is not None:
-                self.engine.reduce_accumulated(average, self.bucket_elements)
-            pseudo = self.engine.accumulated_pseudo_gradient() if batched else self.engine.pseudo_gradient()
-            for phi, g in zip(self.engine.slow, pseudo):
-                phi.grad = g
-            self.outer_optimizer.step()
-            for phi in self.engine.slow:
-                phi.grad = None
-            self.engine.sync_fast()
-        elif batched:
-            self.engine.interpolate_accumulated(
-                self.current_outer_lr(), reduce=average, bucket=self.bucket_elements
-            )
-        else:
-            self.engine.interpolate(self.current_outer_lr())
+        lr = None if self.outer_optimizer is not None else self.current_outer_lr()
+        self.outer_step.apply(lr, batched=batched, average=average, bucket=self.bucket_elements)
         if self.reset_inner_state:
             self.base_optimizer.state.clear()
-            self._slots.clear()
+            self.slots.parked.clear()
         self.schedule.restart()
         self._outer_count += 1
         return True
-
-    def _use_slot(self, slot: int) -> None:
-        """Make trajectory ``slot``'s inner-optimizer state the live one (batched Reptile)."""
-        if slot == self._slot:
-            return
-        base = self.base_optimizer
-        self._slots[self._slot] = base.state
-        base.state = self._slots.pop(slot, None) or defaultdict(dict)
-        self._slot = slot
-
-    def _slots_state(self) -> dict[int, Any]:
-        """The parked trajectories' states, keyed like ``torch.optim``'s (parameter index)."""
-        index = {id(p): i for i, p in enumerate(self._param_list)}
-        return {
-            slot: {index[id(p)]: dict(v) for p, v in st.items() if id(p) in index}
-            for slot, st in self._slots.items()
-            if st
-        }
-
-    def _load_slots(self, saved: Mapping[int, Any]) -> dict[int, Any]:
-        """States to park from :meth:`_slots_state`'s form, each value placed by torch.optim's
-        own rule for a loaded state (``Optimizer._process_value_according_to_param_policy``:
-        floating tensors to the parameter's dtype and device, ``step`` kept unless the group is
-        fused or capturable), and copied."""
-        groups = self.base_optimizer.state_dict()["param_groups"]
-        place = Optimizer._process_value_according_to_param_policy
-        out: dict[int, Any] = {}
-        for slot, st in saved.items():
-            live: defaultdict[Tensor, Any] = defaultdict(dict)
-            for i, values in st.items():
-                p = self._param_list[i]
-                live[p] = {
-                    k: place(p, v, i, groups, k).clone() if isinstance(v, Tensor) else v
-                    for k, v in values.items()
-                }
-            out[int(slot)] = live
-        return out
 
     # ------------------------------------------------------------------ local trajectories
     def _check_ranks(self) -> None:
@@ -633,10 +580,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return self._inner_count + 1 >= self.inner_steps and self._trajectory + 1 >= self.tasks_per_outer_step
 
     def _compare_ranks(self, group: Any, *, with_grads: bool) -> None:
-        """Local trajectories: every rank is at the same point of the same run (options,
-        counters, slow weights bit for bit), on its own task stream and, at the first step,
-        with its own gradients (bit-identical gradients on every rank mean DDP averaged them,
-        or every rank was fed the same batches). One all-gather of four digests."""
+        """Local trajectories: the ranks agree (:func:`metaopt.parts.ranks.compare_local_ranks`)."""
         name = type(self).__name__
         where = (
             f"{name}.step"
@@ -645,84 +589,25 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         )
         config = (*self._rank_config(), self._outer_count, self._inner_count, self._trajectory)
         grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
-        mine = (
-            _distributed.digest(config),
-            _distributed.checksum(self.engine.slow_buffers),
-            _distributed.checksum(grads) if grads else -1,
-            _distributed.fingerprint(self.generator.get_state()),
+        stream = _distributed.fingerprint(self.generator.get_state())
+        compare_local_ranks(
+            config, self.engine.slow_buffers, grads, stream, group, self.timeout, where, with_grads=with_grads
         )
-        ranks = _distributed.gather_digests(mine, group, self.timeout, where)
-
-        def refuse(problem: str, fix: str) -> NoReturn:
-            # before anything moves: at the first step, and before an outer step (verify_ranks)
-            kind = ValueError if with_grads else RuntimeError
-            raise kind(f"{where}: {problem}: {fix}. Nothing was updated")
-
-        differ = [r for r, v in enumerate(ranks) if v[0] != ranks[0][0]]
-        if differ:
-            refuse(
-                f"rank(s) {differ} run with other options or are at another step than rank 0 "
-                f"(this rank: {config})",
-                "build the optimizer with the same options on every rank, and resume every "
-                "rank from the same checkpoint (metaopt.load_distributed_checkpoint)",
-            )
-        differ = [r for r, v in enumerate(ranks) if v[1] != ranks[0][1]]
-        if differ and with_grads:
-            refuse(
-                f"the slow weights (the parameters when the optimizer was built, or as last "
-                f"loaded) of rank(s) {differ} differ from rank 0's",
-                "build the model from the same seed on every rank (or broadcast rank 0's "
-                "parameters) before building the optimizer, and load the same checkpoint",
-            )
-        if differ:
-            refuse(
-                f"the slow weights of rank(s) {differ} are no longer bit-identical to rank 0's",
-                "something changed them on some ranks only (a write outside the optimizer, "
-                "a load on one rank); restart every rank from the last checkpoint",
-            )
-        if len(ranks) > 1 and len({v[3] for v in ranks}) < len(ranks):
-            refuse(
-                "two ranks hold the same task stream, so their trajectories would repeat each other",
-                "each rank must load its own state (metaopt.load_distributed_checkpoint)",
-            )
-        if with_grads and len(ranks) > 1 and ranks[0][2] != -1 and all(v[2] == ranks[0][2] for v in ranks):
-            refuse(
-                "the gradients are bit-identical on every rank at the first step of local trajectories",
-                "the model is wrapped in DistributedDataParallel, which "
-                "averages gradients at every step (use the model itself, or run each inner "
-                "step under ddp.no_sync()), or every rank is fed the same batches (give each "
-                "rank its own data)",
-            )
 
     # ------------------------------------------------------------------ state
     # Per fast tensor (parameter "p<i>" or buffer "b:<name>"), beside the wrapped optimizer's
-    # fields: φ, the accumulated mean, the outer optimizer's fields, the parked trajectories'
-    # inner-optimizer fields ("metaopt_slot<s>_<field>").
-    _SLOW, _ACC, _OUTER, _SLOT = "metaopt_slow", "metaopt_acc", "metaopt_outer_", "metaopt_slot"
-
+    # fields: the outer step's (φ, the trajectory mean, the outer optimizer's fields) and the
+    # parked trajectories' inner-optimizer fields (metaopt/parts/outer.py, slots.py).
     def _param_state_fields(self) -> tuple[str, ...]:
-        return (self._SLOW, self._ACC, self._OUTER, self._SLOT)
+        return ("metaopt_slow", "metaopt_acc", "metaopt_outer_", "metaopt_slot")
 
     def _fields_by_key(self, prefix: str) -> dict[str, dict[str, Any]]:
-        """The per-key fields of the keys starting with ``prefix`` ("p": parameters, "b:":
-        buffers), each tensor copied once."""
-        engine = self.engine.state_dict(prefix)
-        slow: Mapping[str, Tensor] = engine["slow"]  # type: ignore[assignment]
-        acc: Mapping[str, Tensor] = engine["acc"] or {}  # type: ignore[assignment]
-        out: dict[str, dict[str, Any]] = {k: {self._SLOW: v} for k, v in slow.items()}
-        for k, v in acc.items():
-            out[k][self._ACC] = v
-        keys = self.engine.keys
-        if self.outer_optimizer is not None and any(k.startswith(prefix) for k in keys):
-            for j, fields in self.outer_optimizer.state_dict()["state"].items():
-                if keys[j].startswith(prefix):
-                    out[keys[j]].update((self._OUTER + f, v) for f, v in fields.items())
+        """The saved per-key fields of the keys starting with ``prefix``."""
+        out = self.outer_step.fields(prefix)
         if prefix == "p":
-            for slot, states in self._slots_state().items():
+            for slot, states in self.slots.saved(self._param_list).items():
                 for i, fields in states.items():
-                    out.setdefault(f"p{i}", {}).update(
-                        (f"{self._SLOT}{slot}_{f}", v) for f, v in fields.items()
-                    )
+                    out.setdefault(f"p{i}", {}).update((slot_field(slot, f), v) for f, v in fields.items())
         return out
 
     def _param_state(self) -> dict[int, dict[str, Any]]:
@@ -735,9 +620,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             "outer_count": self._outer_count,
             "schedule": self.schedule.state_dict(),
             "buffers": {k[2:]: v for k, v in self._fields_by_key("b:").items()},
-            "outer_param_groups": (
-                None if self.outer_optimizer is None else self.outer_optimizer.state_dict()["param_groups"]
-            ),
+            "outer_param_groups": self.outer_step.param_groups(),
         }
 
     def _saved_fields(
@@ -762,39 +645,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _parse_fields(
         self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[int, Any], dict[int, dict[int, dict[str, Any]]]]:
-        """(slow, acc, outer state by outer index, parked slots) from the saved fields; raises
-        ``ValueError`` on any field that is not one of these."""
-        name = type(self).__name__
-        by_key = self._saved_fields(fields, own)
-        slow: dict[str, Any] = {}
-        acc: dict[str, Any] = {}
-        outer: dict[str, dict[str, Any]] = {}
-        slots: dict[int, dict[int, dict[str, Any]]] = {}
-        for key, f in by_key.items():
-            for field, v in f.items():
-                if field == self._SLOW:
-                    slow[key] = v
-                elif field == self._ACC:
-                    acc[key] = v
-                elif field.startswith(self._OUTER):
-                    outer.setdefault(key, {})[field[len(self._OUTER) :]] = v
-                elif field.startswith(self._SLOT) and key.startswith("p"):
-                    number, _, inner_field = field[len(self._SLOT) :].partition("_")
-                    if not number.isdigit() or not inner_field:
-                        raise ValueError(f"{name}.load_state_dict: unknown per-parameter field {field!r}")
-                    slots.setdefault(int(number), {}).setdefault(int(key[1:]), {})[inner_field] = v
-                else:
-                    raise ValueError(
-                        f"{name}.load_state_dict: unknown per-parameter field {field!r} for {key}"
-                    )
-        keys = self.engine.keys
-        stray = sorted(set(outer) - set(keys))
-        if stray:
-            raise ValueError(
-                f"{name}.load_state_dict: outer-optimizer state for {stray}, which have no slow weights"
-            )
-        outer_state = {keys.index(k): v for k, v in outer.items()}
-        return slow, (acc or None), outer_state, slots
+        """(slow, acc, outer state by outer index, parked slots) from the saved fields."""
+        where = f"{type(self).__name__}.load_state_dict"
+        return parse_fields(self._saved_fields(fields, own), self.engine.keys, where)
 
     def _loaded_fast(self, slow: Mapping[str, Any]) -> dict[str, Tensor]:
         """The fast tensors after a load: those with saved slow weights (a parameter frozen
@@ -808,7 +661,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return {k: t for k, t in every.items() if k in wanted}
 
     def _check_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
-        name = type(self).__name__
+        where = f"{type(self).__name__}.load_state_dict"
         slow, acc, outer, slots = self._parse_fields(fields, own)
         every = {f"p{i}" for i in range(len(self._param_list))}
         if self.buffers is not None:
@@ -816,104 +669,22 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         stray = sorted(set(slow) - every)
         if stray:
             raise ValueError(
-                f"{name}.load_state_dict: saved slow weights for {stray[:5]}, which are not "
-                "parameters (or interpolated buffers) of this optimizer"
+                f"{where}: saved slow weights for {stray[:5]}, which are not parameters (or "
+                "interpolated buffers) of this optimizer"
             )
         fast = self._loaded_fast(slow)
-        if self.outer_optimizer is not None and list(fast) != self.engine.keys:
-            raise ValueError(
-                f"{name}.load_state_dict: the saved slow weights are for {sorted(slow)}, this "
-                f"optimizer's outer optimizer holds {self.engine.keys}: the same trainable "
-                "parameters are needed"
-            )
-        full = {k: slow.get(k, t) for k, t in fast.items()}
-        full_acc = None if acc is None else {k: acc.get(k, t) for k, t in fast.items()}
-        if acc is not None and set(acc) != set(slow):
-            raise ValueError(
-                f"{name}.load_state_dict: saved accumulator are for other tensors than the slow "
-                f"weights ({sorted(set(acc) ^ set(slow))[:5]})"
-            )
-        Interpolator.check_state(fast, {"slow": full, "acc": full_acc})
-        groups = own.get("outer_param_groups")
-        if (groups is None) != (self.outer_optimizer is None) or (outer and self.outer_optimizer is None):
-            raise ValueError(
-                f"{name}.load_state_dict: outer optimizer present in one of the "
-                "saved state and this optimizer but not the other"
-            )
-        if self.outer_optimizer is not None:
-            n = len(self.engine.slow)
-            if not isinstance(groups, list) or not all(
-                isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups
-            ):
-                raise ValueError(f"{name}.load_state_dict: saved outer_param_groups are not param groups")
-            indices = [i for g in groups for i in g["params"]]
-            if sorted(indices, key=repr) != list(range(n)):
-                raise ValueError(
-                    f"{name}.load_state_dict: saved outer_param_groups list parameters {indices}, "
-                    f"expected each of 0..{n - 1} once"
-                )
-            for j, values in outer.items():
-                phi = self.engine.slow[j]
-                where = f"outer-optimizer state of {self.engine.keys[j]}"
-                check_like(
-                    values,
-                    self.outer_optimizer.state.get(phi, {}),
-                    phi.shape,
-                    f"{name}.load_state_dict: {where}",
-                )
-            probe_optimizer_state(
-                self.outer_optimizer,
-                {"state": outer, "param_groups": groups},
-                f"{name}.load_state_dict: the outer-optimizer state",
-            )
-        options = {**{k: getattr(self, k) for k in self._option_names()}, **own.get("options", {})}
-        trajectories = options["tasks_per_outer_step"]
-        live = own.get("trajectory")
-        for slot, states in slots.items():
-            # a slot at or above tasks_per_outer_step is legitimate once that was lowered (it is
-            # dropped at the end of the outer step), so only the live trajectory is refused
-            if slot == live or slot < 0:
-                raise ValueError(
-                    f"{name}.load_state_dict: saved parked state for trajectory {slot}, which is "
-                    f"not a parked trajectory (live {live}, {trajectories} per outer step)"
-                )
-            for i, values in states.items():
-                p = self._param_list[i]
-                where = f"parked state of trajectory {slot} for {self._param_name(p)}"
-                check_like(
-                    values, self.base_optimizer.state.get(p, {}), p.shape, f"{name}.load_state_dict: {where}"
-                )
-            self._probe_parked(slot, states)
+        self.outer_step.check_saved(fast, slow, acc, outer, own.get("outer_param_groups"), where)
+        self.slots.check_saved(slots, self._param_list, own.get("trajectory"), self._param_name, where)
         if acc is None and (own.get("trajectory") or 0) > 0:
             raise ValueError(
-                f"{name}.load_state_dict: saved mid outer step (trajectory {own.get('trajectory')}) "
-                "without the accumulated mean of the finished trajectories"
+                f"{where}: saved mid outer step (trajectory {own.get('trajectory')}) without the "
+                "accumulated mean of the finished trajectories"
             )
-
-    def _probe_parked(self, slot: int, states: Mapping[int, Mapping[str, Any]]) -> None:
-        """The wrapped optimizer steps from a parked trajectory's state (tried on a copy)."""
-        probe_optimizer_state(
-            self.base_optimizer,
-            {"state": dict(states), "param_groups": self.base_optimizer.state_dict()["param_groups"]},
-            f"{type(self).__name__}.load_state_dict: the parked state of trajectory {slot}",
-        )
 
     def _load_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
         slow, acc, outer, slots = self._parse_fields(fields, own)
-        fast = self._loaded_fast(slow)
-        self.engine.refresh(fast, keep_buffers=self.outer_optimizer is not None)
-        self.engine.load_state_dict(
-            {
-                "slow": {k: slow.get(k, t) for k, t in fast.items()},
-                "acc": None if acc is None else {k: acc.get(k, t) for k, t in fast.items()},
-            }
-        )
-        if self.outer_optimizer is not None:
-            load_optimizer_state(
-                self.outer_optimizer, {"state": outer, "param_groups": own["outer_param_groups"]}
-            )
-        self._slots = self._load_slots(slots)
-        self._slot = int(own["trajectory"])
+        self.outer_step.load_saved(self._loaded_fast(slow), slow, acc, outer, own.get("outer_param_groups"))
+        self.slots.load(slots, self._param_list, int(own["trajectory"]))
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         name = type(self).__name__
@@ -948,70 +719,4 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._ranks_checked = False  # local trajectories: compare the loaded state across ranks
 
 
-def migrate_slow_fast_v1(
-    own: Mapping[str, Any], state: dict[Any, dict[str, Any]], new_own: dict[str, Any], where: str
-) -> None:
-    """Move a metaopt 0.1 slow/fast record (``engine``, ``inner_slots``, ``outer_optimizer``)
-    into the per-parameter fields of the current layout, in place (out of ``new_own``)."""
-    for key in ("engine", "inner_slots", "outer_optimizer"):
-        new_own.pop(key, None)
-    S = SlowFastOptimizer
-    engine = own.get("engine")
-    if not isinstance(engine, Mapping) or not isinstance(engine.get("slow"), Mapping):
-        raise ValueError(f"{where}.load_state_dict: the saved state has no slow weights")
-    buffers: dict[str, dict[str, Any]] = {}
-
-    def fields_of(key: str) -> dict[str, Any]:
-        if key.startswith("b:"):
-            return buffers.setdefault(key[2:], {})
-        if not key.startswith("p") or not key[1:].isdigit():
-            raise ValueError(f"{where}.load_state_dict: saved slow weights for {key!r}, not a parameter")
-        return state.setdefault(int(key[1:]), {})
-
-    slow = engine["slow"]
-    for key, v in slow.items():
-        fields_of(key)[S._SLOW] = v
-    for key, v in (engine.get("acc") or {}).items():
-        fields_of(key)[S._ACC] = v
-    for slot, states in (own.get("inner_slots") or {}).items():
-        for i, values in states.items():
-            for f, v in values.items():
-                state.setdefault(i, {})[f"{S._SLOT}{slot}_{f}"] = v
-    outer = own.get("outer_optimizer")
-    new_own["buffers"] = buffers
-    new_own["outer_param_groups"] = None
-    if outer is None:
-        return
-    # 0.1 built the outer optimizer over one flat buffer per (device, dtype), the slow weights
-    # end to end in the saved order: split each flat field back per tensor
-    runs: list[list[str]] = []
-    for key, v in slow.items():
-        if runs and (slow[runs[-1][-1]].dtype, slow[runs[-1][-1]].device) == (v.dtype, v.device):
-            runs[-1].append(key)
-        else:
-            runs.append([key])
-    groups = outer.get("param_groups")
-    if not isinstance(groups, list) or len(groups) != 1:
-        raise ValueError(
-            f"{where}.load_state_dict: cannot migrate a 0.1 outer optimizer with several param groups"
-        )
-    keys = [k for run in runs for k in run]
-    for j, fields in outer.get("state", {}).items():
-        run = runs[j]
-        sizes = [slow[k].numel() for k in run]
-        for f, v in fields.items():
-            if isinstance(v, Tensor) and v.numel() == sum(sizes) and v.numel() > 1:
-                for k, part in zip(run, v.reshape(-1).split(sizes)):
-                    fields_of(k)[S._OUTER + f] = part.reshape(slow[k].shape).clone()
-            elif isinstance(v, Tensor) and v.numel() > 1:
-                raise ValueError(
-                    f"{where}.load_state_dict: cannot migrate the 0.1 outer optimizer's {f!r} "
-                    "(its slow buffer was packed with gaps); re-create the outer optimizer"
-                )
-            else:
-                for k in run:
-                    fields_of(k)[S._OUTER + f] = v
-    new_own["outer_param_groups"] = [{**groups[0], "params": list(range(len(keys)))}]
-
-
-V1_MIGRATIONS["engine"] = migrate_slow_fast_v1
+V1_MIGRATIONS["engine"] = migrate_v1  # metaopt 0.1 kept the slow weights under "engine"
