@@ -14,34 +14,9 @@ from ._distributed import average_, default_group
 from ._options import Option, non_negative
 from .base import MultiTaskOptimizer
 from .functional import unique_tensors
-from .parts.state_dict import load_optimizer_state, probe_optimizer_state
+from .parts.loss_weights import LossWeights
 
 __all__ = ["GradNorm"]
-
-
-def _inverse_training_rates(current: Tensor, initial: Tensor) -> Tensor:
-    """r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0)) over the tasks whose L(0) is known, in
-    float64.
-
-    A task with no positive loss yet (L(0) = 0) gets r_i = 1, the mean rate; a loss that has
-    fallen to or below zero gives r_i = 0. With no usable rate at all every r_i is 1. The rates
-    are taken in log space, ``r_i = exp(log L_i − log L_i(0) − log mean_j(...))``: a ratio such
-    as 1e13 / 1e-40 overflows (and 1e-40 / 1e30 underflows) in any float dtype, but every r_i
-    lies in [0, T], so any finite losses give finite rates.
-    """
-    current, initial = current.to(torch.float64), initial.to(torch.float64)
-    known = initial > 0
-    rated = known & (current > 0)
-    ones = torch.ones_like(current)
-    log_ratio = torch.where(
-        rated, current.where(rated, ones).log() - initial.where(rated, ones).log(), -math.inf
-    )
-    log_total = torch.logsumexp(log_ratio, dim=0)  # -inf when no task has a positive ratio
-    usable = log_total.isfinite()
-    count = known.sum().clamp(min=1).to(torch.float64)
-    log_mean = log_total.where(usable, torch.zeros_like(log_total)) - count.log()
-    r = torch.where(known, (log_ratio - log_mean).exp(), ones)
-    return torch.where(usable, r, ones)
 
 
 class GradNorm(MultiTaskOptimizer):
@@ -115,7 +90,7 @@ class GradNorm(MultiTaskOptimizer):
         Loss Balancing in Deep Multitask Networks. ICML 2018. arXiv:1711.02257.
     """
 
-    MIN_WEIGHT = 1e-4
+    MIN_WEIGHT = LossWeights.MIN_WEIGHT
     alpha = Option(non_negative)
 
     def __init__(
@@ -144,15 +119,23 @@ class GradNorm(MultiTaskOptimizer):
         if any(id(p) not in ids for p in self.layer):
             raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
         self.alpha = alpha
-        T = len(self.tasks)
-        device = self.layer[0].device
-        self.weights = torch.ones(T, device=device, requires_grad=True)
-        make = weight_optimizer or (lambda p: torch.optim.Adam(p, lr=0.025))
-        self.weight_optimizer = make([self.weights])
-        if not isinstance(self.weight_optimizer, Optimizer):
-            raise TypeError(f"{name}: weight_optimizer must return a torch.optim.Optimizer")
-        # L_i(0): the first *positive* loss of each task; 0 until that task has had one
-        self.initial_losses = torch.zeros(T, device=device)
+        # the part holding w, L(0) and w's optimizer
+        self.loss_weights = LossWeights(len(self.tasks), self.layer[0].device, weight_optimizer, name)
+
+    @property
+    def weights(self) -> Tensor:
+        """The task weights w (T, ``requires_grad``; positive, summing to T)."""
+        return self.loss_weights.weights
+
+    @property
+    def initial_losses(self) -> Tensor:
+        """L_i(0): each task's first positive loss (0 until it has had one)."""
+        return self.loss_weights.initial_losses
+
+    @property
+    def weight_optimizer(self) -> Optimizer:
+        """The optimizer of the task weights."""
+        return self.loss_weights.optimizer
 
     def _rank_config(self) -> tuple[Any, ...]:
         return (*super()._rank_config(), [tuple(p.shape) for p in self.layer], self.MIN_WEIGHT)
@@ -278,27 +261,11 @@ class GradNorm(MultiTaskOptimizer):
         step; nothing here can fail)."""
         norms = self._step_norms
         assert norms is not None
-        current = self._current_losses()
         used = self.weights.detach().clone()
-        initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
-        self.initial_losses = initial
-        r = _inverse_training_rates(current, initial)
-        # in float64: w_i ‖∇_W L_i‖, their mean and the target cannot overflow there, and the
-        # weights' gradient (±‖∇_W L_i‖, which _check_step made sure fits) is cast back
-        weighted_norms = self.weights.to(torch.float64) * norms.to(torch.float64)
-        mean = weighted_norms.mean()
-        target = torch.where(mean > 0, mean * r.pow(self.alpha), torch.zeros_like(r)).detach()
-        grad_loss = (weighted_norms - target).abs().sum()
-        (g,) = torch.autograd.grad(grad_loss, [self.weights])
-        self.weights.grad = g
-        self.weight_optimizer.step()
-        self.weights.grad = None
-        with torch.no_grad():
-            self.weights.clamp_(min=self.MIN_WEIGHT)
-            self.weights.mul_(len(self.tasks) / self.weights.sum())
+        grad_loss = self.loss_weights.update(norms, self._current_losses(), self.alpha)
         assert self._layer_rows is not None
         report = torch.promote_types(self.weights.dtype, self._layer_rows.dtype)
-        extra = {"grad_norms": norms.to(report), "gradnorm_loss": grad_loss.detach().to(report)}
+        extra = {"grad_norms": norms.to(report), "gradnorm_loss": grad_loss.to(report)}
         return {"weights": used, "extra": extra}
 
     def _clear_backward(self) -> None:
@@ -308,66 +275,10 @@ class GradNorm(MultiTaskOptimizer):
         self._scale = 1.0
 
     def _extra_state(self) -> dict[str, Any]:
-        return {
-            "weights": self.weights.detach().clone(),
-            "initial_losses": self.initial_losses.clone(),
-            "weight_optimizer": self.weight_optimizer.state_dict(),
-        }
+        return self.loss_weights.saved()
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Every field GradNorm owns, before anything is assigned (a refused load changes
-        nothing). ``weights``: a float tensor of shape (T,) whose values, in the weights' dtype,
-        are finite, positive and sum to T (each step renormalises them so; a small rounding
-        tolerance). ``initial_losses``: a float tensor of shape (T,), finite and >= 0. Any such
-        L(0) is one GradNorm could have recorded (a first loss of 1e30 or 1e-40 is finite), so
-        it loads; the training rates are taken in log space, where no finite L(0) over- or
-        underflows them."""
-        name = "GradNorm.load_state_dict"
-        T = len(self.tasks)
-        for key in ("weights", "initial_losses"):
-            v = state.get(key)
-            if not isinstance(v, Tensor) or tuple(v.shape) != (T,) or not v.is_floating_point():
-                raise ValueError(
-                    f"{name}: saved {key} must be a float tensor of shape ({T},), got "
-                    f"{getattr(v, 'dtype', type(v).__name__)} of shape {getattr(v, 'shape', None)!r}"
-                )
-        # small (T values) and read on the host anyway; the weights as _load_extra_state casts them
-        w = state["weights"].detach().to("cpu", self.weights.dtype)
-        init = state["initial_losses"].detach().to("cpu")
-        eps = torch.finfo(self.weights.dtype).eps
-        tolerance = T * max(1e-4, 16 * eps)
-        total = w.to(torch.float64).sum()
-        flags = torch.stack(
-            [
-                (w.isfinite() & (w > 0)).all(),
-                (total - T).abs() <= tolerance,
-                (init.isfinite() & (init >= 0)).all(),
-            ]
-        ).tolist()
-        if not flags[0]:
-            raise ValueError(
-                f"{name}: saved weights must be finite and positive in "
-                f"{str(self.weights.dtype).replace('torch.', '')}, got {w.tolist()}"
-            )
-        if not flags[1]:
-            raise ValueError(
-                f"{name}: saved weights must sum to the number of tasks, {T} (GradNorm "
-                f"renormalises them so at every step), got {w.tolist()} with sum {float(total):.6g}"
-            )
-        if not flags[2]:
-            raise ValueError(
-                f"{name}: saved initial_losses (each task's reference loss L(0); 0 for a task "
-                f"without one yet) must be finite and >= 0, got {init.tolist()}"
-            )
-        if not isinstance(state.get("weight_optimizer"), Mapping):
-            raise ValueError(f"{name}: no weight optimizer state saved")
-        probe_optimizer_state(
-            self.weight_optimizer, state["weight_optimizer"], f"{name}: the weight optimizer's state"
-        )
+        self.loss_weights.check_saved(state, "GradNorm.load_state_dict")
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        w = state["weights"]
-        with torch.no_grad():
-            self.weights.copy_(w)
-        self.initial_losses = state["initial_losses"].clone().to(self.weights.device)
-        load_optimizer_state(self.weight_optimizer, state["weight_optimizer"])
+        self.loss_weights.load_saved(state)

@@ -119,8 +119,7 @@ class GradVac(GradientSurgery):
             self._group_params = listed
         n_groups = 1 if self._group_params is None else len(self._group_params)
         T = len(self.tasks)
-        self.targets = torch.zeros((n_groups, T, T), dtype=torch.float64)
-        self._next_targets: Tensor | None = None
+        self.weighting_state = torch.zeros((n_groups, T, T), dtype=torch.float64)
 
     def _rank_config(self) -> tuple[Any, ...]:
         groups = None if self._group_params is None else [len(g) for g in self._group_params]
@@ -135,22 +134,22 @@ class GradVac(GradientSurgery):
             [slice_of[id(p)] for p in g if id(p) in slice_of] or [slice(0, 0)] for g in self._group_params
         ]
 
-    def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
-        order = random_order(G.shape[-1], self.generator, device=G.device)
+    @property
+    def targets(self) -> Tensor:
+        """The EMA cosine targets φ̂, (groups, T, T) float64: the weighting's state record."""
+        assert self.weighting_state is not None
+        return self.weighting_state
+
+    def _weights(
+        self, G: Tensor, generator: torch.Generator, state: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        assert state is not None
+        order = random_order(G.shape[-1], generator, device=G.device)
         # the targets live where the Gramian does: no device-to-host copy per step
-        targets = self.targets.to(G.device, torch.float64)
+        targets = state.to(G.device, torch.float64)
         # G and the targets are checked by the step (one host sync for the whole step)
         w, new_targets = gradvac_weights(G, order, targets, self.beta, self.reduction, validate=False)
-        self._next_targets = new_targets.to(torch.float64)
-        return w
-
-    def _commit(self) -> None:
-        if self._next_targets is not None:
-            self.targets = self._next_targets
-            self._next_targets = None
-
-    def _discard(self) -> None:
-        self._next_targets = None
+        return w, new_targets.to(torch.float64)
 
     def _extra_state(self) -> dict[str, Any]:
         return {"targets": self.targets.clone(), "target_tasks": list(self.tasks)}
@@ -178,4 +177,4 @@ class GradVac(GradientSurgery):
             raise ValueError("GradVac.load_state_dict: saved targets must be cosines in [-1, 1]")
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.targets = state["targets"].clone().to(torch.float64)
+        self.weighting_state = state["targets"].clone().to(torch.float64)

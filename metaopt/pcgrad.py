@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -80,6 +81,8 @@ class PCGrad(GradientSurgery):
         )
         self.reduction = reduction
 
-    def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
-        order = random_order(G.shape[-1], self.generator, device=G.device)
-        return pcgrad_weights(G, order, self.reduction, validate=False)
+    def _weights(
+        self, G: Tensor, generator: torch.Generator, state: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        order = random_order(G.shape[-1], generator, device=G.device)
+        return pcgrad_weights(G, order, self.reduction, validate=False), None

@@ -9,7 +9,8 @@ task's projection (the bug of the most-copied PCGrad port).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,20 @@ def _runs(mask: Sequence[bool], slices: Sequence[slice]) -> list[slice]:
         else:
             out.append(sl)
     return out
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """What one backward pass proposes, committed whole by the step that applies it (and
+    dropped with the backward otherwise): as optax's ``update`` returns its new state instead
+    of setting it."""
+
+    generator: Tensor
+    """The generator's state after the weighting's draws (visiting orders)."""
+    state: Tensor | None
+    """The weighting's next state (GradVac's targets), or ``None`` for a stateless one."""
+    report: dict[str, Any]
+    """The step report's fields: ``weights``, ``cosine``, ``conflicts``."""
 
 
 class GradientSurgery(MultiTaskOptimizer):
@@ -112,9 +127,9 @@ class GradientSurgery(MultiTaskOptimizer):
         self._scratch: Tensor | None = None
         self._rows: int | None = None  # a backward is pending: its rows are in J
         self._reached: Tensor | None = None
-        self._staged: dict[str, Any] | None = None
-        self._staged_generator: Tensor | None = None
+        self._proposal: Proposal | None = None  # the pending backward's, for step() to commit
         self._refusal: str | None = None
+        self.weighting_state: Tensor | None = None  # the weighting's record (GradVac's targets)
         self._lay_out_columns()
         self.retain_graph = retain_graph
         self.batched = batched
@@ -155,17 +170,13 @@ class GradientSurgery(MultiTaskOptimizer):
         """Column ranges of each aggregation group (default: all shared columns, one group)."""
         return [shared_runs]
 
-    def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
-        """(n_groups, T) weights from the (n_groups, T, T) Gramians. Prepares state changes
-        (for :meth:`_commit`) without making them; may draw from ``self.generator``, whose
-        state the backward pass restores and the step commits."""
+    def _weights(
+        self, G: Tensor, generator: torch.Generator, state: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The weighting: ``(weights, next_state)`` from the (n_groups, T, T) Gramians and the
+        weighting's current ``state`` (:attr:`weighting_state`), without setting anything;
+        draws from ``generator``, a copy of the task stream's, whose state the step commits."""
         raise NotImplementedError
-
-    def _commit(self) -> None:
-        """Apply state changes prepared by :meth:`_weights`, once the step is taken."""
-
-    def _discard(self) -> None:
-        """Drop state changes prepared by :meth:`_weights` (a backward pass was dropped)."""
 
     # ------------------------------------------------------------------ mechanics
     def _draw_tasks(self) -> list[str]:
@@ -274,7 +285,7 @@ class GradientSurgery(MultiTaskOptimizer):
         J = self._jacobian_buffer(len(names), params[0], scratch=False)
         if not first:
             J.add_(rows)
-        self._discard()
+        self._proposal = None
         self._rows, self._reached = len(names), reached
         groups = self._groups(shared_runs)
         # One Gramian per group, summed over the group's column ranges, accumulated in float64:
@@ -285,15 +296,13 @@ class GradientSurgery(MultiTaskOptimizer):
             for g in groups
         ]
         G = grams[0].unsqueeze(0) if len(grams) == 1 else torch.stack(grams)
-        # Weights first, checks after, so that one host sync covers them all. The generator's
-        # draw is staged (committed by step()); a non-finite G is zeroed for _weights (such a
-        # step is refused anyway).
-        drawn = self.generator.get_state()
-        try:
-            weights = self._weights(torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0), losses)
-            self._staged_generator = self.generator.get_state()
-        finally:
-            self.generator.set_state(drawn)
+        # Weights first, checks after, so that one host sync covers them all. The weighting
+        # draws on a copy of the generator and returns its next state: both are proposed, and
+        # committed by step(); a non-finite G is zeroed for it (such a step is refused anyway).
+        generator = torch.Generator()
+        generator.set_state(self.generator.get_state())
+        finite_G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+        weights, next_state = self._weights(finite_G, generator, self.weighting_state)
         # every task's gradient finite (the Gramian's diagonal; heads: each row's largest entry),
         # and the update wᵀJ and the head sums within J's dtype (metaopt.aggregation._scaling)
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
@@ -355,15 +364,16 @@ class GradientSurgery(MultiTaskOptimizer):
             if not p.requires_grad:
                 p.grad = None
         G_all = G[0] if len(groups) == 1 else G.sum(0)
-        self._staged = {
+        report = {
             "weights": weights[0] if len(groups) == 1 else weights,
             "cosine": cosine_from_gramian(G_all),
             "conflicts": conflict_fraction(G_all),
         }
+        self._proposal = Proposal(generator.get_state(), next_state, report)
 
     def _check_step(self) -> None:
         name = type(self).__name__
-        if self._staged is None:
+        if self._proposal is None:
             raise ValueError(
                 f"{name}.step: no per-task gradients; call opt.backward(losses) (instead of "
                 "loss.backward()) before opt.step(), or pass the losses: opt.step(losses)"
@@ -375,15 +385,16 @@ class GradientSurgery(MultiTaskOptimizer):
         self._check_grads()
 
     def _after_step(self) -> dict[str, Any]:
-        assert self._staged is not None and self._staged_generator is not None
-        self._commit()
-        self.generator.set_state(self._staged_generator)
-        return dict(self._staged)
+        # the commit point of the backward's proposal: the draws and the weighting's state
+        proposal = self._proposal
+        assert proposal is not None
+        self.generator.set_state(proposal.generator)
+        self.weighting_state = proposal.state
+        return dict(proposal.report)
 
     def _clear_backward(self) -> None:
         super()._clear_backward()
-        self._discard()
         self._rows = None
         self._reached = None
-        self._staged = None
+        self._proposal = None
         self._refusal = None

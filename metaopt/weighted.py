@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -118,10 +118,12 @@ class Weighted(GradientSurgery):
     def _rank_config(self) -> tuple[Any, ...]:
         return (*super()._rank_config(), type(self.weighting).__qualname__)
 
-    def _weights(self, G: Tensor, losses: Mapping[str, Tensor]) -> Tensor:
+    def _weights(
+        self, G: Tensor, generator: torch.Generator, state: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         name = type(self).__name__
         T = G.shape[-1]
-        seed = int(torch.randint(2**62, (1,), generator=self.generator).item())
+        seed = int(torch.randint(2**62, (1,), generator=generator).item())
         out = []
         # fork_rng(devices=[]) saves and restores only the CPU generator, so only that one is
         # reseeded: torch.manual_seed would also reseed every CUDA generator for good.
@@ -136,4 +138,4 @@ class Weighted(GradientSurgery):
                         f"expected {T} weights (a tensor of shape ({T},)); nothing was updated"
                     )
                 out.append(w.to(device=G.device, dtype=G.dtype))
-        return torch.stack(out)
+        return torch.stack(out), None
