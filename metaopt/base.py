@@ -46,12 +46,12 @@ from torch.optim import Optimizer
 
 from ._distributed import default_group
 from ._options import Option, flag
-from .jacobian import compiled_graph, reaches_any
-from .parts.grads import all_finite, check_losses, graph_problem, unscale
+from .parts.grads import check_grads, check_losses, graph_problem, summed_backward, unscale
+from .parts.params import ParamSet
 from .parts.ranks import compare_ranks
-from .parts.state_dict import STATE_VERSION, load_optimizer_state, split_state
 from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
+from .state_protocol import StateDictProtocol
 
 __all__ = ["MultiTaskOptimizer"]
 
@@ -73,7 +73,7 @@ def _check_tasks(tasks: Iterable[str] | None, where: str) -> tuple[str, ...]:
     return out
 
 
-class MultiTaskOptimizer(Optimizer):
+class MultiTaskOptimizer(StateDictProtocol, Optimizer):
     """Base class: wraps a :class:`torch.optim.Optimizer` (or another metaopt optimizer).
 
     It is a :class:`torch.optim.Optimizer` itself so that ``torch.optim.lr_scheduler`` accepts it;
@@ -154,7 +154,7 @@ class MultiTaskOptimizer(Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict[int, Any] = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict[int, Any] = OrderedDict()
         self._patch_step_function()  # torch.optim's step wrapper: hooks and profiler label
-        self._param_list: list[Tensor] = self._collect_params()  # validate now: clear error
+        self.param_set = ParamSet(base, name)  # the wrapped optimizer's parameters, followed
 
     # ------------------------------------------------------------------ torch.optim plumbing
     @property
@@ -535,51 +535,26 @@ class MultiTaskOptimizer(Optimizer):
             raise
 
     # ------------------------------------------------------------------ parameters
-    def _collect_params(self) -> list[Tensor]:
-        """The wrapped optimizer's parameters, each once. Frozen ones (``requires_grad=False``)
-        are kept and skipped at each step, as torch.optim skips them."""
-        params: list[Tensor] = []
-        seen: set[int] = set()
-        for group in self.base_optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        if not params:
-            raise ValueError(f"{type(self).__name__}: the wrapped optimizer has no parameters")
-        return params
+    @property
+    def _param_list(self) -> list[Tensor]:
+        """The wrapped optimizer's parameters, each once, frozen ones included."""
+        return self.param_set.params
 
     def _trainable(self) -> list[Tensor]:
         """The parameters that take part in this step (``requires_grad`` now)."""
-        return [p for p in self._param_list if p.requires_grad]
+        return self.param_set.trainable()
 
     def _sync_params(self) -> None:
         """Pick up parameters added to the wrapped optimizer since the last look."""
-        known = self._param_list
-        now = [p for g in self.base_optimizer.param_groups for p in g["params"]]
-        if len(now) == len(known) and all(a is b for a, b in zip(now, known)):
-            return
-        current = self._collect_params()
-        if len(current) < len(known) or any(a is not b for a, b in zip(known, current)):
-            raise ValueError(
-                f"{type(self).__name__}: parameters were removed from (or reordered in) the "
-                "wrapped optimizer after wrapping; only adding param groups is supported "
-                "(opt.add_param_group)"
-            )
-        if len(current) == len(known):
-            return  # the same parameters, listed twice
-        self._param_list = current
-        self._params_added(current[len(known) :])
+        new = self.param_set.sync()
+        if new:
+            self._params_added(new)
 
     def _params_added(self, new: list[Tensor]) -> None:
         """Hook: ``new`` parameters joined the wrapped optimizer (after those already known)."""
 
     def _param_name(self, p: Tensor) -> str:
-        for gi, group in enumerate(self.base_optimizer.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-        return f"a parameter of shape {tuple(p.shape)}"
+        return self.param_set.name(p)
 
     # ------------------------------------------------------------------ validation
     def _check_losses(
@@ -593,270 +568,21 @@ class MultiTaskOptimizer(Optimizer):
             return losses
         return {t: grad_scaler.scale(v) for t, v in losses.items()}
 
-    def _check_reach(self, losses: Mapping[str, Tensor], params: Sequence[Tensor], where: str) -> None:
-        """Every task's loss reaches some parameter of ``params`` (before anything moves)."""
-        tasks = list(losses)
-        if len(tasks) == 1:  # checked after the backward pass, for free
-            return
-        stray = [t for t, v in losses.items() if not reaches_any(v, params)]
-        if stray:
-            raise ValueError(
-                f"{where}: the loss of task(s) {stray} reaches none of the optimizer's "
-                "parameters (a module left out of the optimizer?)"
-            )
-
     def _summed_backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
         """``.grad`` of the trainable parameters += the gradient of the summed losses (replaced
-        at the first backward of a step), through ``torch.autograd.backward``, so that
-        DistributedDataParallel's hooks all-reduce it as after ``loss.backward()``."""
-        where = f"{type(self).__name__}.backward"
-        params = self._trainable()
-        if not params:
-            raise ValueError(f"{where}: every parameter of the optimizer is frozen")
-        self._check_reach(losses, params, where)
-        values = list(self._scaled(losses, grad_scaler).values())
-        total = values[0]
-        for v in values[1:]:
-            total = total + v
-        if len(values) == 1 and not reaches_any(total, params):
-            raise ValueError(
-                f"{where}: the losses of {list(losses)} reach none of the optimizer's "
-                "parameters (a module left out of the optimizer?)"
-            )
-        compiled = compiled_graph(total)
-        if self._backward_losses is None:
-            for p in self._param_list:
-                p.grad = None
-        torch.autograd.backward(total, inputs=params)
-        if compiled:  # a compiled region gives unreached parameters zeros: eager gives none
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                keep = torch.stack([g.ne(0).any() for g in grads]).tolist()
-                for p, k in zip([p for p in params if p.grad is not None], keep):
-                    if not k:
-                        p.grad = None
-
-    def _check_unused(self, params: Sequence[Tensor]) -> None:
-        """After :meth:`backward`: every trainable parameter got a gradient, unless
-        ``allow_unused`` (a parameter without one keeps ``grad = None``)."""
-        losses = self._backward_losses
-        if losses is None or self.allow_unused:
-            return
-        unused = [p for p in params if p.grad is None]
-        if unused:
-            raise ValueError(
-                f"{type(self).__name__}.step: {len(unused)} parameter(s) get no gradient from the "
-                f"losses of {list(losses)}, e.g. {self._param_name(unused[0])}. Remove them from the "
-                "optimizer, or pass allow_unused=True if they are legitimately unused by some "
-                "steps (task-specific heads)"
-            )
+        at the first backward of a step; :func:`metaopt.parts.grads.summed_backward`)."""
+        scaled = self._scaled(losses, grad_scaler)
+        first = self._backward_losses is None
+        summed_backward(scaled, self._trainable(), self._param_list, first, f"{type(self).__name__}.backward")
 
     def _check_grads(self) -> None:
-        """Before the inner step: after :meth:`backward`, every trainable parameter has a
-        gradient (unless ``allow_unused``); every gradient and pending loss is finite. One host
-        sync."""
-        name = type(self).__name__
-        params = self._trainable()
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            raise ValueError(
-                f"{name}.step: no parameter has a gradient; call loss.backward() or "
-                "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
-            )
-        losses = self._backward_losses
-        self._check_unused(params)
-        grads_ok = all_finite(grads)
-        if losses:
-            values = list(losses.values())
-            if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
-                loss_ok = torch.stack(values).isfinite()
-            else:
-                loss_ok = torch.stack([v.isfinite() for v in values])
-            ok = loss_ok.all() & grads_ok.to(loss_ok.device)
-        else:
-            loss_ok, ok = None, grads_ok
-        if bool(ok):
-            return
-        if losses and loss_ok is not None and not bool(loss_ok.all()):
-            bad = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good}
-            raise ValueError(f"{name}.step: non-finite loss for task(s) {bad}; nothing was updated")
-        source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
-        raise ValueError(
-            f"{name}.step: non-finite gradient (NaN or inf) from {source}; nothing was updated "
-            "(with a GradScaler, scaler.step(opt) skips such steps)"
+        """Before the inner step: every gradient and pending loss finite, and every trainable
+        parameter reached after :meth:`backward` unless ``allow_unused``
+        (:func:`metaopt.parts.grads.check_grads`). One host sync."""
+        check_grads(
+            self._trainable(),
+            self._backward_losses,
+            self.allow_unused,
+            self._param_name,
+            type(self).__name__,
         )
-
-    # ------------------------------------------------------------------ state
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _check_extra_state(self, state: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` if :meth:`_load_extra_state` would fail, or if ``state`` holds a
-        value this method cannot have produced (nothing moves)."""
-
-    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        pass
-
-    def _param_state(self) -> dict[int, dict[str, Any]]:
-        """This method's per-parameter state, by parameter index (torch.optim's keys), with
-        field names starting ``metaopt_`` (merged beside the wrapped optimizer's own)."""
-        return {}
-
-    def _param_state_fields(self) -> tuple[str, ...]:
-        """The prefixes of the ``metaopt_`` fields that :meth:`_param_state` writes."""
-        return ()
-
-    def _check_param_state(self, state: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` if :meth:`_load_param_state` would fail (nothing moves)."""
-
-    def _load_param_state(self, state: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
-        pass
-
-    def _check_pending(self, pending: Sequence[str]) -> None:
-        """Raise ``ValueError`` if ``pending`` is not a draw this optimizer can make."""
-        if self.inner is not None:
-            self.inner._check_pending(pending)
-        elif list(pending) != list(self.tasks):
-            raise ValueError(f"every step wants {list(self.tasks)}, in that order")
-
-    def _after_load(self) -> None:
-        """Hook: the whole state dict was loaded."""
-
-    @classmethod
-    def _option_names(cls) -> dict[str, Option[Any]]:
-        """The validated hyper-parameters of this class, by name."""
-        out: dict[str, Option[Any]] = {}
-        for klass in reversed(cls.__mro__):
-            out.update((k, v) for k, v in vars(klass).items() if isinstance(v, Option))
-        return out
-
-    def _own_state_dict(self) -> dict[str, Any]:
-        """torch.optim's layout (``state`` by parameter index, ``param_groups``), so that tools
-        that read an optimizer's state per parameter (DCP, FSDP's optimizer state dicts,
-        Accelerate, the Hugging Face Trainer) carry metaopt's too: each parameter's entry holds
-        the wrapped optimizer's fields and this method's ``metaopt_*`` fields; ``metaopt``
-        holds the rest (counters, the task stream, options, a wrapped metaopt optimizer's)."""
-        inner = self.optimizer.state_dict()
-        state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
-        for i, fields in self._param_state().items():
-            state.setdefault(i, {}).update(fields)
-        own: dict[str, Any] = {
-            "version": STATE_VERSION,
-            "class": type(self).__name__,
-            "tasks": list(self.tasks),
-            **self.stream.saved(),
-            "options": {name: getattr(self, name) for name in self._option_names()},
-            **self._extra_state(),
-        }
-        if self.inner is not None:
-            own["inner"] = inner["metaopt"]
-        return {"state": state, "param_groups": inner["param_groups"], "metaopt": own}
-
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to continue identically, in ``torch.optim``'s layout: ``state``
-        (per parameter index: the wrapped optimizer's fields and this method's ``metaopt_*``
-        fields, such as the slow weights), ``param_groups`` (the wrapped optimizer's) and
-        ``metaopt`` (step counters, the generator state, the pending task draw, each method's
-        own state and its hyper-parameters: ``outer_lr``, ``beta``, ...: restored on load, as
-        torch.optim restores the hyper-parameters of its param groups).
-        Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
-        in ``torch.optim``. State dicts saved by metaopt 0.1 load too (migrated)."""
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        state = self._own_state_dict()
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, state)
-            if result is not None:
-                state = result
-        return state
-
-    def _split_state(
-        self, state_dict: Mapping[str, Any]
-    ) -> tuple[Mapping[str, Any], dict[str, Any], dict[int, dict[str, Any]]]:
-        return split_state(
-            state_dict, self._param_state_fields(), self.inner is not None, type(self).__name__
-        )
-
-    def _check_state(
-        self, state_dict: Mapping[str, Any]
-    ) -> tuple[Mapping[str, Any], Any, dict[int, dict[str, Any]]]:
-        name = type(self).__name__
-        own, inner, fields = self._split_state(state_dict)
-        if own.get("class") != name:
-            raise ValueError(f"{name}.load_state_dict: state was saved by {own.get('class')}")
-        if list(own.get("tasks", [])) != list(self.tasks):
-            raise ValueError(
-                f"{name}.load_state_dict: saved tasks {own.get('tasks')} differ from {list(self.tasks)}"
-            )
-        self.stream.check_saved(own, f"{name}.load_state_dict")
-        options = own.get("options", {})
-        if not isinstance(options, Mapping):
-            raise ValueError(f"{name}.load_state_dict: saved options {options!r} are not a mapping")
-        known = self._option_names()
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"{name}.load_state_dict: saved options {unknown} are not options of {name}")
-        for key, value in options.items():
-            try:
-                known[key].check(value, key, name)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{name}.load_state_dict: saved option: {err}") from None
-        self._check_extra_state(own)
-        self._check_param_state(fields, own)
-        pending = own.get("pending")
-        if pending is not None:
-            try:
-                self._check_pending_saved(list(pending), own)
-            except ValueError as err:
-                raise ValueError(
-                    f"{name}.load_state_dict: saved pending draw {list(pending)} cannot be drawn here: {err}"
-                ) from None
-        return own, inner, fields
-
-    def _check_pending_saved(self, pending: list[str], own: Mapping[str, Any]) -> None:
-        """:meth:`_check_pending` for a draw saved with ``own`` (subclasses whose draws depend
-        on saved state override it)."""
-        if self.inner is not None:  # the wrapped optimizer's draw, which it checks itself
-            inner = own.get("inner")
-            if not isinstance(inner, Mapping) or list(inner.get("pending") or []) != pending:
-                raise ValueError("it is not the wrapped optimizer's pending draw")
-            return
-        self._check_pending(pending)
-
-    def _load_checked(
-        self, own: Mapping[str, Any], inner: Any, fields: Mapping[int, Mapping[str, Any]]
-    ) -> None:
-        for key, value in own.get("options", {}).items():
-            setattr(self, key, value)  # like torch.optim's saved param-group hyper-parameters
-        self._load_extra_state(own)
-        self._load_param_state(fields, own)
-        if self.inner is None:
-            load_optimizer_state(self.optimizer, inner)
-        self.stream.load_saved(own)
-        self._ranks_checked = False  # under torch.distributed the next step compares the ranks
-        self._after_load()
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict` (or one saved by metaopt 0.1, migrated). Everything is
-        validated first (this optimizer's part, then a wrapped metaopt optimizer's, through its
-        own ``load_state_dict``); a load that still fails part-way (in the wrapped torch
-        optimizer) is rolled back, so a failed load changes nothing. Registered
-        load-state-dict hooks run as in ``torch.optim``."""
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        own, inner, fields = self._check_state(state_dict)
-        backup = self._own_state_dict()
-        if self.inner is not None:  # composed: the wrapped optimizer validates (and rolls back) its part
-            self.inner.load_state_dict(inner)
-        try:
-            self._load_checked(own, inner, fields)
-        except BaseException:
-            restored = self._check_state(backup)
-            if self.inner is not None:
-                self.inner.load_state_dict(restored[1])
-            self._load_checked(*restored)
-            raise
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)

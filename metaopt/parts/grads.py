@@ -2,9 +2,10 @@
 
 Each is a function of the tensors it checks (no optimizer): the structure of a step's losses
 (:func:`check_losses`), whether every gradient is finite in one fused pass per device and dtype
-(:func:`all_finite`, read with the caller's one host sync), dividing a ``GradScaler``'s scale out
-of ``.grad`` (:func:`unscale`), and what a user did wrong when autograd refuses a loss
-(:func:`graph_problem`).
+(:func:`all_finite`, read with the caller's one host sync), the step's check of ``.grad`` and
+the losses (:func:`check_grads`), the summed losses' backward pass (:func:`summed_backward`),
+dividing a ``GradScaler``'s scale out of ``.grad`` (:func:`unscale`), and what a user did wrong
+when autograd refuses a loss (:func:`graph_problem`).
 
 >>> import torch
 >>> bool(all_finite([torch.ones(3), torch.tensor([1.0, float("nan")])]))
@@ -13,12 +14,14 @@ False
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "check_losses", "graph_problem", "unscale"]
+from ..jacobian import compiled_graph, reaches_any
+
+__all__ = ["all_finite", "check_grads", "check_losses", "graph_problem", "summed_backward", "unscale"]
 
 
 def graph_problem(message: str) -> str | None:
@@ -99,3 +102,95 @@ def check_losses(losses: Mapping[str, Tensor], wanted: Sequence[str], where: str
             )
         out[t] = v.reshape(())
     return out
+
+
+def summed_backward(
+    losses: Mapping[str, Tensor], params: Sequence[Tensor], every: Sequence[Tensor], first: bool, where: str
+) -> None:
+    """``.grad`` of ``params`` (the trainable ones) += the gradient of the summed ``losses``,
+    through ``torch.autograd.backward``, so that DistributedDataParallel's hooks all-reduce it
+    as after ``loss.backward()``. ``first``: the first backward of a step, which clears the
+    ``.grad`` of ``every`` parameter first. Raises before anything moves if a loss reaches
+    none of ``params``."""
+    if not params:
+        raise ValueError(f"{where}: every parameter of the optimizer is frozen")
+    stray = [t for t, v in losses.items() if not reaches_any(v, params)] if len(losses) > 1 else []
+    if stray:
+        raise ValueError(
+            f"{where}: the loss of task(s) {stray} reaches none of the optimizer's "
+            "parameters (a module left out of the optimizer?)"
+        )
+    values = list(losses.values())
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    if len(values) == 1 and not reaches_any(total, params):
+        raise ValueError(
+            f"{where}: the losses of {list(losses)} reach none of the optimizer's "
+            "parameters (a module left out of the optimizer?)"
+        )
+    compiled = compiled_graph(total)
+    if first:
+        for p in every:
+            p.grad = None
+    torch.autograd.backward(total, inputs=list(params))
+    if compiled:  # a compiled region gives unreached parameters zeros: eager gives none
+        with_grad = [p for p in params if p.grad is not None]
+        if with_grad:
+            keep = torch.stack([p.grad.ne(0).any() for p in with_grad]).tolist()  # type: ignore[union-attr]
+            for p, k in zip(with_grad, keep):
+                if not k:
+                    p.grad = None
+
+
+def check_grads(
+    params: Sequence[Tensor],
+    losses: Mapping[str, Tensor] | None,
+    allow_unused: bool,
+    param_name: Callable[[Tensor], str],
+    name: str,
+) -> None:
+    """Before a step moves anything: some parameter of ``params`` (the trainable ones) has a
+    gradient; after a ``backward(losses)`` (``losses``: the step's, detached), every one has,
+    unless ``allow_unused``; every gradient and loss is finite. One host sync.
+
+    >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.tensor([1.0, float("inf")])
+    >>> check_grads([w], None, False, str, "X")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: X.step: non-finite gradient (NaN or inf) from the backward pass; nothing was updated...
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        raise ValueError(
+            f"{name}.step: no parameter has a gradient; call loss.backward() or "
+            "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
+        )
+    if losses is not None and not allow_unused:
+        unused = [p for p in params if p.grad is None]
+        if unused:
+            raise ValueError(
+                f"{name}.step: {len(unused)} parameter(s) get no gradient from the losses of "
+                f"{list(losses)}, e.g. {param_name(unused[0])}. Remove them from the optimizer, "
+                "or pass allow_unused=True if they are legitimately unused by some steps "
+                "(task-specific heads)"
+            )
+    grads_ok = all_finite(grads)
+    loss_ok = None
+    ok = grads_ok
+    if losses:
+        values = list(losses.values())
+        if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
+            loss_ok = torch.stack(values).isfinite()
+        else:
+            loss_ok = torch.stack([v.isfinite() for v in values])
+        ok = loss_ok.all() & grads_ok.to(loss_ok.device)
+    if bool(ok):
+        return
+    if losses and loss_ok is not None and not bool(loss_ok.all()):
+        bad = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good}
+        raise ValueError(f"{name}.step: non-finite loss for task(s) {bad}; nothing was updated")
+    source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
+    raise ValueError(
+        f"{name}.step: non-finite gradient (NaN or inf) from {source}; nothing was updated "
+        "(with a GradScaler, scaler.step(opt) skips such steps)"
+    )
