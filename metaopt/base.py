@@ -571,9 +571,11 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
     def _summed_backward(self, losses: dict[str, Tensor], grad_scaler: Any) -> None:
         """``.grad`` of the trainable parameters += the gradient of the summed losses (replaced
         at the first backward of a step; :func:`metaopt.parts.grads.summed_backward`)."""
-        scaled = self._scaled(losses, grad_scaler)
         first = self._backward_losses is None
-        summed_backward(scaled, self._trainable(), self._param_list, first, f"{type(self).__name__}.backward")
+        where = f"{type(self).__name__}.backward"
+        summed_backward(
+            losses, self._trainable(), self._param_list, first, where, lambda v: self._scaled(v, grad_scaler)
+        )
 
     def _check_grads(self) -> None:
         """Before the inner step: every gradient and pending loss finite, and every trainable

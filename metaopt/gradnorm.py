@@ -90,7 +90,7 @@ class GradNorm(MultiTaskOptimizer):
         Loss Balancing in Deep Multitask Networks. ICML 2018. arXiv:1711.02257.
     """
 
-    MIN_WEIGHT = LossWeights.MIN_WEIGHT
+    MIN_WEIGHT = 1e-4
     alpha = Option(non_negative)
 
     def __init__(
@@ -262,7 +262,7 @@ class GradNorm(MultiTaskOptimizer):
         norms = self._step_norms
         assert norms is not None
         used = self.weights.detach().clone()
-        grad_loss = self.loss_weights.update(norms, self._current_losses(), self.alpha)
+        grad_loss = self.loss_weights.update(norms, self._current_losses(), self.alpha, self.MIN_WEIGHT)
         assert self._layer_rows is not None
         report = torch.promote_types(self.weights.dtype, self._layer_rows.dtype)
         extra = {"grad_norms": norms.to(report), "gradnorm_loss": grad_loss.to(report)}

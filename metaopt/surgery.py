@@ -373,6 +373,13 @@ class GradientSurgery(MultiTaskOptimizer):
 
     def _check_step(self) -> None:
         name = type(self).__name__
+        if self._proposal is None and self._rows is not None:
+            # rows were accumulated, then the backward raised before it proposed its update
+            raise ValueError(
+                f"{name}.step: the last backward(...) of this step failed part-way, after its "
+                "gradient rows were accumulated; call zero_grad() and redo the step's backward "
+                "passes. Nothing was updated"
+            )
         if self._proposal is None:
             raise ValueError(
                 f"{name}.step: no per-task gradients; call opt.backward(losses) (instead of "

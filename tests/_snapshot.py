@@ -22,10 +22,11 @@ def _clone(value: Any) -> Any:
     return value
 
 
-def snapshot(model: torch.nn.Module, opt: Any) -> dict[str, Any]:
+def snapshot(model: torch.nn.Module, opt: Any, *, draw: bool = True) -> dict[str, Any]:
     """Everything observable about ``model`` and ``opt``; the pending draw is made first (it is
-    part of the state)."""
-    pending = opt.next_tasks()
+    part of the state), unless ``draw=False`` (then the state dict says whether one is pending,
+    and nothing is drawn here)."""
+    pending = opt.next_tasks() if draw else None
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],

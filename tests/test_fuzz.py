@@ -74,7 +74,7 @@ if LONG:
 else:
     SETTINGS = settings(
         max_examples=10,
-        stateful_step_count=10,
+        stateful_step_count=12,
         deadline=None,
         derandomize=True,
         database=None,
@@ -845,6 +845,22 @@ class OptimizerMachine(RuleBasedStateMachine):
         count(self.name, "rejected")
         count(self.name, f"rejected:{kind}")
 
+    @rule(torch_way=st.booleans())
+    def refused_step_that_drew(self, torch_way: bool) -> None:
+        """step() with no gradient (after zero_grad) is refused; when no draw was pending, the
+        step made the draw itself, and the refusal must put every task stream of the
+        composition back (generator, pending draw, schedule round, held task)."""
+        model, opt = self.model, self.opt
+        opt.zero_grad()
+        before = snapshot(model, opt, draw=False)  # no draw made here: the step makes it
+        with pytest.raises(ValueError, match="gradient"):
+            opt.step()
+        assert_same(before, snapshot(model, opt, draw=False))
+        if torch_way:  # the draw the next step gets is the one it would have got
+            self.take_step(model, opt, 0, torch_way=True)
+            self.accepted += 1
+        count(self.name, "refused_steps_that_drew")
+
     @rule(kinds=st.lists(st.sampled_from(sorted(BAD_STATES)), min_size=1, max_size=3))
     def load_bad_state(self, kinds: list[str]) -> None:
         for kind in kinds:
@@ -1020,6 +1036,7 @@ RULE_COUNTERS = [
     "pickles",
     "reallocations",
     "bad_loads",
+    "refused_steps_that_drew",
 ]
 
 

@@ -547,3 +547,75 @@ def test_a_gradnorm_weight_optimizer_state_it_cannot_step_from_is_refused(field,
     with pytest.raises(ValueError, match="weight optimizer's state"):
         fresh.load_state_dict(state)
     assert same(snapshot(fresh, model), before)
+
+
+# ---------------------------------------------------------------- found reviewing the parts rework
+def test_gradnorm_floors_the_weights_at_the_class_s_min_weight():
+    """The floor of the weights is ``GradNorm.MIN_WEIGHT`` as the class (or a subclass) sets it.
+    Oracle: the first GradNorm update written out in float64 (every L(0) is the first loss,
+    so every r_i = 1 and the target is the mean norm; SGD at lr 1 on the weights)."""
+
+    class Floored(metaopt.GradNorm):
+        MIN_WEIGHT = 0.4
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    data = torch.randn(8, 3, dtype=torch.float64)
+
+    def losses() -> dict[str, torch.Tensor]:
+        out = model(data)
+        return {"a": out[:, 0].pow(2).mean(), "b": 50 * out[:, 1].pow(2).mean()}
+
+    norms = torch.stack(
+        [torch.autograd.grad(v, model.weight, retain_graph=True)[0].norm() for v in losses().values()]
+    ).double()
+    mean = norms.mean()
+    w = torch.ones(2, dtype=torch.float64) - torch.sign(norms - mean) * norms  # SGD, lr 1
+    w = w.clamp(min=0.4)
+    expected = w * 2 / w.sum()
+    assert expected.min() < 1.0 and (w == 0.4).any()  # the floor is what decides this step
+    opt = Floored(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        tasks=["a", "b"],
+        layer=[model.weight],
+        weight_optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+    )
+    opt.step(losses())
+    torch.testing.assert_close(opt.weights.detach().double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_surgery_backward_that_fails_part_way_is_named_at_the_step():
+    """A second micro-batch's backward that raises after its rows were accumulated (here in the
+    weighting): step() refuses, naming the fix, and nothing moves."""
+    calls = []
+
+    def weighting(G: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return torch.ones(2, dtype=G.dtype) if len(calls) == 1 else torch.ones(3, dtype=G.dtype)
+
+    model = net()
+    opt = metaopt.Weighted(torch.optim.SGD(model.parameters(), lr=0.1), weighting=weighting, tasks=TASKS)
+    opt.backward({t: loss(model, 0, t) for t in opt.next_tasks()})
+    with pytest.raises(ValueError, match="weighting returned"):
+        opt.backward({t: loss(model, 1, t) for t in opt.next_tasks()})
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="failed part-way.*zero_grad"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.step_count == 0
+    opt.zero_grad()
+    calls.clear()
+    opt.step({t: loss(model, 2, t) for t in opt.next_tasks()})
+    assert opt.step_count == 1
+
+
+def test_a_refused_summed_backward_leaves_the_grad_scaler_alone():
+    """The checks of a summed backward come before the losses are scaled: a refused backward
+    does not start the GradScaler (its scale is made lazily, at the first scale())."""
+    model = net()
+    opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stranger = net(1)
+    with pytest.raises(ValueError, match="reaches none"):
+        opt.backward({"a": loss(model, 0, "a"), "b": loss(stranger, 0, "b")}, grad_scaler=scaler)
+    assert scaler._scale is None

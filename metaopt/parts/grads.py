@@ -105,9 +105,15 @@ def check_losses(losses: Mapping[str, Tensor], wanted: Sequence[str], where: str
 
 
 def summed_backward(
-    losses: Mapping[str, Tensor], params: Sequence[Tensor], every: Sequence[Tensor], first: bool, where: str
+    losses: Mapping[str, Tensor],
+    params: Sequence[Tensor],
+    every: Sequence[Tensor],
+    first: bool,
+    where: str,
+    scale: Callable[[dict[str, Tensor]], dict[str, Tensor]] | None = None,
 ) -> None:
-    """``.grad`` of ``params`` (the trainable ones) += the gradient of the summed ``losses``,
+    """``.grad`` of ``params`` (the trainable ones) += the gradient of the summed ``losses``
+    (each first passed through ``scale``, a ``GradScaler``'s, once the checks have passed),
     through ``torch.autograd.backward``, so that DistributedDataParallel's hooks all-reduce it
     as after ``loss.backward()``. ``first``: the first backward of a step, which clears the
     ``.grad`` of ``every`` parameter first. Raises before anything moves if a loss reaches
@@ -120,7 +126,7 @@ def summed_backward(
             f"{where}: the loss of task(s) {stray} reaches none of the optimizer's "
             "parameters (a module left out of the optimizer?)"
         )
-    values = list(losses.values())
+    values = list((losses if scale is None else scale(dict(losses))).values())
     total = values[0]
     for v in values[1:]:
         total = total + v

@@ -9,7 +9,7 @@ after every check), and checks a saved record whole before a load moves anything
 
 >>> import torch
 >>> part = LossWeights(2, torch.device("cpu"), None, "GradNorm")
->>> _ = part.update(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]), alpha=1.5)
+>>> _ = part.update(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]), alpha=1.5, min_weight=1e-4)
 >>> round(float(part.weights.detach().sum()), 6)
 2.0
 """
@@ -65,9 +65,6 @@ class LossWeights:
         where: the optimizer's name, for errors.
     """
 
-    MIN_WEIGHT = 1e-4
-    """Floor of each weight before the renormalisation (keeps every task in the loss)."""
-
     def __init__(
         self,
         T: int,
@@ -83,10 +80,11 @@ class LossWeights:
         # L_i(0): the first *positive* loss of each task; 0 until that task has had one
         self.initial_losses = torch.zeros(T, device=device)
 
-    def update(self, norms: Tensor, current: Tensor, alpha: float) -> Tensor:
+    def update(self, norms: Tensor, current: Tensor, alpha: float, min_weight: float) -> Tensor:
         """One update of w from this step's layer-gradient norms ‖∇_W L_i‖ (checked to fit w's
-        dtype) and (unscaled) losses; records L(0) for tasks with their first positive loss.
-        Returns ``L_grad``. Nothing here can fail."""
+        dtype) and (unscaled) losses, each weight then floored at ``min_weight`` and the weights
+        renormalised to sum T; records L(0) for tasks with their first positive loss. Returns
+        ``L_grad``. Nothing here can fail."""
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
         self.initial_losses = initial
         r = inverse_training_rates(current, initial)
@@ -101,7 +99,7 @@ class LossWeights:
         self.optimizer.step()
         self.weights.grad = None
         with torch.no_grad():
-            self.weights.clamp_(min=self.MIN_WEIGHT)
+            self.weights.clamp_(min=min_weight)
             self.weights.mul_(len(self.weights) / self.weights.sum())
         return grad_loss.detach()
 
