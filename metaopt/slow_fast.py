@@ -25,6 +25,7 @@ from .parts.outer import OuterStep, migrate_v1, parse_fields
 from .parts.ranks import compare_local_ranks
 from .parts.slots import TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
+from .parts.trajectory import TrajectoryClock
 from .schedules import ScheduleName, TaskSchedule
 
 __all__ = ["SlowFastOptimizer"]
@@ -204,9 +205,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         self._bucket_elements = optional_positive_int(bucket_elements, "bucket_elements", name)
         self.timeout = timeout
         self._local_group = self._local_setup(local_trajectories, process_group)
-        self._inner_count = 0  # inner steps into the current trajectory
-        self._trajectory = 0  # trajectories into the current outer step (batched Reptile)
-        self._outer_count = 0
+        self.trajectory_clock = TrajectoryClock()
         self._record_versions()
 
     def _local_setup(self, local: bool, group: Any) -> Any:
@@ -311,7 +310,21 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     @property
     def outer_step_count(self) -> int:
-        return self._outer_count
+        return self.trajectory_clock.outer
+
+    @property
+    def _inner_count(self) -> int:
+        """Inner steps into the current trajectory."""
+        return self.trajectory_clock.inner
+
+    @property
+    def _trajectory(self) -> int:
+        """Trajectories into the current outer step."""
+        return self.trajectory_clock.index
+
+    @property
+    def _outer_count(self) -> int:
+        return self.trajectory_clock.outer
 
     @property
     def slow_weights(self) -> list[Tensor]:
@@ -369,8 +382,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         """
         self._refresh_engine()
         self.engine.reset_slow()
-        self._inner_count = 0
-        self._trajectory = 0
+        self.trajectory_clock.restart()
         self.slots.use(0)
         self.schedule.restart()
         self._record_versions()
@@ -462,7 +474,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 "load the model's state dict before the optimizer's. Nothing was updated"
             )
         self._check_outer_options()
-        if self._inner_count + 1 >= self.inner_steps:  # this step ends a trajectory
+        if self.trajectory_clock.ends_trajectory(self.inner_steps):
             self._refresh_engine()
 
     def _params_added(self, new: list[Tensor]) -> None:
@@ -479,17 +491,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ mechanics
-    def _advance(self) -> bool:
-        """Count one inner step; True when it ended a trajectory (then θ goes back to φ)."""
-        self._inner_count += 1
-        if self._inner_count < self.inner_steps:
-            return False
-        self._inner_count = 0
-        self._trajectory += 1
-        return True
-
     def _after_step(self) -> dict[str, Any]:
-        outer = self._end_trajectory() if self._advance() else False
+        ended = self.trajectory_clock.advance(self.inner_steps)
+        outer = self._end_trajectory() if ended else False
         self._record_versions()
         return {"outer_update": outer}
 
@@ -518,17 +522,18 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         """
         # drawn on the real streams (this optimizer's and a wrapped one's), put back after
         records = [s.record() for s in self._streams()]
-        counters = (self._inner_count, self._trajectory)
+        clock = self.trajectory_clock
+        counters = clock.record()
         out = []
         try:
             for _ in range(steps):
                 out.append(self.next_tasks())
                 self.stream.pending = None
-                if self._advance() and self._trajectory >= self.tasks_per_outer_step:
-                    self._trajectory = 0
+                if clock.advance(self.inner_steps) and clock.index >= self.tasks_per_outer_step:
+                    clock.index = 0
                     self.schedule.restart()
         finally:
-            self._inner_count, self._trajectory = counters
+            clock.restore(counters)
             for stream, record in zip(self._streams(), records):
                 stream.restore(record)
         return out
@@ -539,13 +544,14 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         the outer step: φ moves by the outer rule, θ ← φ."""
         n = self.tasks_per_outer_step
         group = self._group()
-        batched = n > 1 or self._trajectory > 1 or group is not None
+        clock = self.trajectory_clock
+        batched = clock.batched(n, across_ranks=group is not None)
         if batched:
-            self.engine.accumulate(self._trajectory)  # θ folded into the mean; θ ← φ
-            if self._trajectory < n:
-                self.slots.use(self._trajectory)
+            self.engine.accumulate(clock.index)  # θ folded into the mean; θ ← φ
+            if clock.index < n:
+                self.slots.use(clock.index)
                 return False
-        self._trajectory = 0
+        clock.index = 0
         self.slots.use(0)
         self.slots.drop_from(n)  # n was lowered: no such trajectory
         average = (
@@ -561,7 +567,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             self.base_optimizer.state.clear()
             self.slots.parked.clear()
         self.schedule.restart()
-        self._outer_count += 1
+        clock.outer += 1
         return True
 
     # ------------------------------------------------------------------ local trajectories
@@ -577,7 +583,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _ends_outer_step(self) -> bool:
         """Whether the coming step ends an outer step (φ moves)."""
-        return self._inner_count + 1 >= self.inner_steps and self._trajectory + 1 >= self.tasks_per_outer_step
+        return self.trajectory_clock.ends_outer_step(self.inner_steps, self.tasks_per_outer_step)
 
     def _compare_ranks(self, group: Any, *, with_grads: bool) -> None:
         """Local trajectories: the ranks agree (:func:`metaopt.parts.ranks.compare_local_ranks`)."""
@@ -615,9 +621,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "inner_count": self._inner_count,
-            "trajectory": self._trajectory,
-            "outer_count": self._outer_count,
+            **self.trajectory_clock.saved(),
             "schedule": self.schedule.state_dict(),
             "buffers": {k[2:]: v for k, v in self._fields_by_key("b:").items()},
             "outer_param_groups": self.outer_step.param_groups(),
@@ -688,25 +692,19 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:
         name = type(self).__name__
-        for key in ("inner_count", "trajectory", "outer_count"):
-            v = state.get(key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}.load_state_dict: saved {key} {v!r} is not an int >= 0")
+        TrajectoryClock.check_saved(state, f"{name}.load_state_dict")
         options = {**{k: getattr(self, k) for k in self._option_names()}, **state.get("options", {})}
         try:
             self._check_outer_options(options)
         except ValueError as err:
             raise ValueError(f"{name}.load_state_dict: saved options: {err}") from None
-        # inner_count and trajectory may exceed inner_steps and tasks_per_outer_step: both can
-        # be lowered mid-run (the trajectory, or the outer step, then ends at the next step), so
-        # only their agreement with the saved accumulator and parked states is checked
+        # inner_count and trajectory may exceed inner_steps and tasks_per_outer_step (both can
+        # be lowered mid-run): only their agreement with the saved mean and parked states counts
         self.schedule.check_state_dict(state.get("schedule", {}))
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
-        self._inner_count = int(state["inner_count"])
-        self._trajectory = int(state["trajectory"])
-        self._outer_count = int(state["outer_count"])
+        self.trajectory_clock.load_saved(state)
 
     def _check_pending(self, pending: Sequence[str]) -> None:
         if self.inner is not None:

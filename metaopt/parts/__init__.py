@@ -6,18 +6,26 @@ record that can be taken, checked and put back:
 
 * :class:`~metaopt.parts.stream.TaskStream` (:class:`~metaopt.parts.stream.StreamRecord`): which
   tasks each step wants, the draws' generator, the step counters;
+* :class:`~metaopt.parts.outer.OuterStep`: the slow weights φ, the trajectory mean and the outer
+  rule (interpolation at η, or an outer optimizer);
+* :class:`~metaopt.parts.trajectory.TrajectoryClock`: inner steps into the trajectory,
+  trajectories into the outer step, outer steps taken;
 * :class:`~metaopt.parts.slots.TrajectorySlots`: the wrapped optimizer's state of each
   trajectory of a batched outer step (batched Reptile, DiLoCo's one inner optimizer per worker);
-* :mod:`~metaopt.parts.slow_state`: the Reptile family's per-parameter records (slow weights,
-  accumulator, outer-optimizer and parked fields) in the state dict, parsed and checked whole;
+* :class:`~metaopt.parts.loss_weights.LossWeights`: GradNorm's task weights, reference losses
+  and the weights' optimizer;
+* :class:`~metaopt.parts.params.ParamSet`: the wrapped optimizer's parameters, followed as
+  groups are added;
 * :mod:`~metaopt.parts.grads`: the checks on losses and gradients a step makes before anything
-  moves (one host sync);
+  moves (one host sync), and the summed losses' backward pass;
+* :mod:`~metaopt.parts.ranks`: the checks that the ranks of a distributed run agree;
 * :mod:`~metaopt.parts.state_dict`: the state-dict layout every optimizer shares, its version and
   the migration of older layouts.
 
-The step template (``metaopt/base.py``) takes every part's record before a step and commits at
-one point; a step refused before that point puts the records back, so it changes nothing.
-Nothing in this package imports an optimizer class.
+The step template (``metaopt/base.py``) checks everything before anything moves and changes the
+parts at one commit point, after the inner step; the task streams, whose draws are made lazily
+(``next_tasks()``), are put back from their records when a step is refused, so a refused step
+changes nothing. Nothing in this package imports an optimizer class.
 """
 
 from __future__ import annotations
