@@ -21,9 +21,9 @@ from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
-from .parts.outer import OuterStep, migrate_v1, parse_fields
+from .parts.outer import ACC, OUTER, SLOW, OuterStep, migrate_v1, parse_fields
 from .parts.ranks import compare_local_ranks
-from .parts.slots import TrajectorySlots, slot_field
+from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
 from .parts.trajectory import TrajectoryClock
 from .schedules import ScheduleName, TaskSchedule
@@ -605,7 +605,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     # fields: the outer step's (φ, the trajectory mean, the outer optimizer's fields) and the
     # parked trajectories' inner-optimizer fields (metaopt/parts/outer.py, slots.py).
     def _param_state_fields(self) -> tuple[str, ...]:
-        return ("metaopt_slow", "metaopt_acc", "metaopt_outer_", "metaopt_slot")
+        return (SLOW, ACC, OUTER, SLOT)
 
     def _fields_by_key(self, prefix: str) -> dict[str, dict[str, Any]]:
         """The saved per-key fields of the keys starting with ``prefix``."""
