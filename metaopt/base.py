@@ -312,11 +312,14 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         saved = [p.grad for p in self._param_list] if first else []
         try:
             self._backward(checked, grad_scaler)
-        except RuntimeError as err:
-            if first:  # the first backward of a step replaced .grad: put it back
+        except BaseException as err:
+            if first:  # a refused first backward leaves no trace: .grad back, nothing pending
                 for p, g in zip(self._param_list, saved):
                     p.grad = g
-            problem = graph_problem(str(err))
+                self._clear_backward()
+                if self.inner is not None:
+                    self.inner._clear_backward()
+            problem = graph_problem(str(err)) if isinstance(err, RuntimeError) else None
             if problem is None:
                 raise
             where = "nothing was updated" if first else "call zero_grad() and redo the step's backward passes"

@@ -610,12 +610,42 @@ def test_a_surgery_backward_that_fails_part_way_is_named_at_the_step():
 
 
 def test_a_refused_summed_backward_leaves_the_grad_scaler_alone():
-    """The checks of a summed backward come before the losses are scaled: a refused backward
-    does not start the GradScaler (its scale is made lazily, at the first scale())."""
-    model = net()
-    opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    stranger = net(1)
-    with pytest.raises(ValueError, match="reaches none"):
-        opt.backward({"a": loss(model, 0, "a"), "b": loss(stranger, 0, "b")}, grad_scaler=scaler)
-    assert scaler._scale is None
+    """The checks of a summed backward come before the losses are scaled, for one task as for
+    several: a refused backward does not start the GradScaler (its scale tensor is made
+    lazily, at the first scale())."""
+    model, stranger = net(), net(1)
+    for tasks in (["a"], TASKS):
+        opt = metaopt.MTL(torch.optim.SGD(model.parameters(), lr=0.1), tasks=tasks)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        with pytest.raises(ValueError, match="reach(es)? none"):
+            opt.backward({t: loss(stranger, 0, t) for t in tasks}, grad_scaler=scaler)
+        assert scaler._scale is None
+
+
+def test_a_refused_first_surgery_backward_leaves_no_rows_behind():
+    """A first backward of a step that fails after its gradient rows were stored (here in the
+    weighting) leaves nothing pending: the next backward and step equal those of a twin that
+    never saw it."""
+    fail = [True]
+
+    def weighting(G: torch.Tensor) -> torch.Tensor:
+        if fail[0]:
+            fail[0] = False
+            raise ValueError("weighting refused")
+        return torch.ones(G.shape[-1], dtype=G.dtype)
+
+    def build() -> tuple[torch.nn.Module, metaopt.Weighted]:
+        model = net()
+        return model, metaopt.Weighted(
+            torch.optim.SGD(model.parameters(), lr=0.1), weighting=weighting, tasks=TASKS
+        )
+
+    model, opt = build()
+    with pytest.raises(ValueError, match="weighting refused"):
+        opt.backward({t: loss(model, 0, t) for t in opt.next_tasks()})
+    assert all(p.grad is None for p in model.parameters())
+    opt.backward({t: loss(model, 1, t) for t in opt.next_tasks()})
+    opt.step()
+    twin_model, twin = build()
+    twin.step({t: loss(twin_model, 1, t) for t in twin.next_tasks()})
+    assert same(snapshot(opt, model), snapshot(twin, twin_model))

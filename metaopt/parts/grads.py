@@ -120,7 +120,12 @@ def summed_backward(
     none of ``params``."""
     if not params:
         raise ValueError(f"{where}: every parameter of the optimizer is frozen")
-    stray = [t for t, v in losses.items() if not reaches_any(v, params)] if len(losses) > 1 else []
+    stray = [t for t, v in losses.items() if not reaches_any(v, params)]
+    if stray and len(losses) == 1:
+        raise ValueError(
+            f"{where}: the losses of {stray} reach none of the optimizer's parameters (a module "
+            "left out of the optimizer?)"
+        )
     if stray:
         raise ValueError(
             f"{where}: the loss of task(s) {stray} reaches none of the optimizer's "
@@ -130,11 +135,6 @@ def summed_backward(
     total = values[0]
     for v in values[1:]:
         total = total + v
-    if len(values) == 1 and not reaches_any(total, params):
-        raise ValueError(
-            f"{where}: the losses of {list(losses)} reach none of the optimizer's "
-            "parameters (a module left out of the optimizer?)"
-        )
     compiled = compiled_graph(total)
     if first:
         for p in every:
