@@ -21,7 +21,7 @@ from . import _distributed
 from ._options import Option, flag, optional_fraction, optional_positive, optional_positive_int, positive_int
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
-from .parts.outer import ACC, OUTER, SLOW, OuterStep, migrate_v1, parse_fields
+from .parts.outer import ACC, OUTER, SLOW, OuterRecord, OuterStep, migrate_v1, parse_fields
 from .parts.ranks import compare_local_ranks
 from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
@@ -648,10 +648,11 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _parse_fields(
         self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]
-    ) -> tuple[dict[str, Any], dict[str, Any] | None, dict[int, Any], dict[int, dict[int, dict[str, Any]]]]:
-        """(slow, acc, outer state by outer index, parked slots) from the saved fields."""
+    ) -> tuple[OuterRecord, dict[int, dict[int, dict[str, Any]]]]:
+        """(the outer step's record, the parked slots) from the saved fields."""
         where = f"{type(self).__name__}.load_state_dict"
-        return parse_fields(self._saved_fields(fields, own), self.engine.keys, where)
+        by_key = self._saved_fields(fields, own)
+        return parse_fields(by_key, self.engine.keys, own.get("outer_param_groups"), where)
 
     def _loaded_fast(self, slow: Mapping[str, Any]) -> dict[str, Tensor]:
         """The fast tensors after a load: those with saved slow weights (a parameter frozen
@@ -666,28 +667,27 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _check_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
         where = f"{type(self).__name__}.load_state_dict"
-        slow, acc, outer, slots = self._parse_fields(fields, own)
+        record, slots = self._parse_fields(fields, own)
         every = {f"p{i}" for i in range(len(self._param_list))}
         if self.buffers is not None:
             every |= {f"b:{n}" for n, b in self.buffers.named_buffers() if b.is_floating_point()}
-        stray = sorted(set(slow) - every)
+        stray = sorted(set(record.slow) - every)
         if stray:
             raise ValueError(
                 f"{where}: saved slow weights for {stray[:5]}, which are not parameters (or "
                 "interpolated buffers) of this optimizer"
             )
-        fast = self._loaded_fast(slow)
-        self.outer_step.check_saved(fast, slow, acc, outer, own.get("outer_param_groups"), where)
+        self.outer_step.check_saved(self._loaded_fast(record.slow), record, where)
         self.slots.check_saved(slots, self._param_list, own.get("trajectory"), self._param_name, where)
-        if acc is None and (own.get("trajectory") or 0) > 0:
+        if record.acc is None and (own.get("trajectory") or 0) > 0:
             raise ValueError(
                 f"{where}: saved mid outer step (trajectory {own.get('trajectory')}) without the "
                 "accumulated mean of the finished trajectories"
             )
 
     def _load_param_state(self, fields: Mapping[int, Mapping[str, Any]], own: Mapping[str, Any]) -> None:
-        slow, acc, outer, slots = self._parse_fields(fields, own)
-        self.outer_step.load_saved(self._loaded_fast(slow), slow, acc, outer, own.get("outer_param_groups"))
+        record, slots = self._parse_fields(fields, own)
+        self.outer_step.load_saved(self._loaded_fast(record.slow), record)
         self.slots.load(slots, self._param_list, int(own["trajectory"]))
 
     def _check_extra_state(self, state: Mapping[str, Any]) -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,10 +38,24 @@ from ..interpolation import Interpolator
 from .slots import parse_slot_field, slot_field
 from .state_dict import check_like, load_optimizer_state, probe_optimizer_state
 
-__all__ = ["ACC", "OUTER", "SLOW", "OuterStep", "migrate_v1", "parse_fields"]
+__all__ = ["ACC", "OUTER", "SLOW", "OuterRecord", "OuterStep", "migrate_v1", "parse_fields"]
 
 SLOW, ACC, OUTER = "metaopt_slow", "metaopt_acc", "metaopt_outer_"
 """Saved per-tensor fields: φ, the trajectory mean, the outer optimizer's fields (a prefix)."""
+
+
+class OuterRecord(NamedTuple):
+    """The outer step's saved record, read back from the per-parameter fields by
+    :func:`parse_fields` (then checked whole by :meth:`OuterStep.check_saved`)."""
+
+    slow: dict[str, Any]
+    """φ by fast-tensor key (``"p<i>"``, ``"b:<name>"``)."""
+    acc: dict[str, Any] | None
+    """The mean of the trajectories finished in this outer step, or ``None``."""
+    outer: dict[int, Any]
+    """The outer optimizer's per-tensor state, by its parameter index."""
+    groups: Any
+    """The outer optimizer's saved param groups (``None`` without one)."""
 
 
 class OuterStep:
@@ -132,19 +146,11 @@ class OuterStep:
         """The outer optimizer's saved param groups (``None`` without one)."""
         return None if self.optimizer is None else self.optimizer.state_dict()["param_groups"]
 
-    def check_saved(
-        self,
-        fast: Mapping[str, Tensor],
-        slow: Mapping[str, Any],
-        acc: Mapping[str, Any] | None,
-        outer: Mapping[int, Any],
-        groups: Any,
-        where: str,
-    ) -> None:
-        """Raise ``ValueError`` unless the saved φ, mean and outer-optimizer state (parsed by
-        :func:`parse_fields`) load over ``fast``, the fast tensors after the load: shapes,
-        finiteness, the same outer-optimizer set-up, a state the outer optimizer can step from
-        (tried on a copy)."""
+    def check_saved(self, fast: Mapping[str, Tensor], record: OuterRecord, where: str) -> None:
+        """Raise ``ValueError`` unless ``record`` loads over ``fast``, the fast tensors after the
+        load: shapes, finiteness, the same outer-optimizer set-up, a state the outer optimizer
+        can step from (tried on a copy)."""
+        slow, acc, outer, groups = record
         if self.optimizer is not None and list(fast) != self.engine.keys:
             raise ValueError(
                 f"{where}: the saved slow weights are for {sorted(slow)}, this optimizer's outer "
@@ -185,19 +191,12 @@ class OuterStep:
         saved = {"state": dict(outer), "param_groups": groups}
         probe_optimizer_state(self.optimizer, saved, f"{where}: the outer-optimizer state")
 
-    def load_saved(
-        self,
-        fast: Mapping[str, Tensor],
-        slow: Mapping[str, Any],
-        acc: Mapping[str, Any] | None,
-        outer: Mapping[int, Any],
-        groups: Any,
-    ) -> None:
+    def load_saved(self, fast: Mapping[str, Tensor], record: OuterRecord) -> None:
         """Take what :meth:`check_saved` accepted."""
         self.engine.refresh(dict(fast), keep_buffers=self.keep_buffers)
-        self.engine.load_state_dict(self._full(fast, slow, acc))
+        self.engine.load_state_dict(self._full(fast, record.slow, record.acc))
         if self.optimizer is not None:
-            load_optimizer_state(self.optimizer, {"state": dict(outer), "param_groups": groups})
+            load_optimizer_state(self.optimizer, {"state": dict(record.outer), "param_groups": record.groups})
 
     @staticmethod
     def _full(
@@ -212,11 +211,12 @@ class OuterStep:
 
 
 def parse_fields(
-    by_key: Mapping[str, Mapping[str, Any]], keys: list[str], where: str
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[int, Any], dict[int, dict[int, dict[str, Any]]]]:
-    """(slow, acc, outer state by outer index, parked slots) from saved per-key fields
-    (``"p<i>"``, ``"b:<name>"``); ``keys``: the engine's keys, which index the outer optimizer's
-    state. Raises ``ValueError`` on any field that is not one of these."""
+    by_key: Mapping[str, Mapping[str, Any]], keys: list[str], groups: Any, where: str
+) -> tuple[OuterRecord, dict[int, dict[int, dict[str, Any]]]]:
+    """(the outer step's record, the parked slots) from saved per-key fields (``"p<i>"``,
+    ``"b:<name>"``); ``keys``: the engine's keys, which index the outer optimizer's state;
+    ``groups``: its saved param groups. Raises ``ValueError`` on any field that is not one of
+    these."""
     slow: dict[str, Any] = {}
     acc: dict[str, Any] = {}
     outer: dict[str, dict[str, Any]] = {}
@@ -237,7 +237,8 @@ def parse_fields(
     stray = sorted(set(outer) - set(keys))
     if stray:
         raise ValueError(f"{where}: outer-optimizer state for {stray}, which have no slow weights")
-    return slow, (acc or None), {keys.index(k): v for k, v in outer.items()}, slots
+    record = OuterRecord(slow, acc or None, {keys.index(k): v for k, v in outer.items()}, groups)
+    return record, slots
 
 
 def migrate_v1(
