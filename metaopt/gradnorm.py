@@ -15,6 +15,7 @@ from ._options import Option, non_negative
 from .base import MultiTaskOptimizer
 from .functional import unique_tensors
 from .parts.loss_weights import LossWeights
+from .parts.placement import sharded
 
 __all__ = ["GradNorm"]
 
@@ -118,6 +119,13 @@ class GradNorm(MultiTaskOptimizer):
         ids = {id(p) for p in self._param_list}
         if any(id(p) not in ids for p in self.layer):
             raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
+        if sharded(self.layer):
+            raise ValueError(
+                f"{name}: the layer W is sharded (DTensor parameters: FSDP2 or tensor parallel), "
+                "which GradNorm does not support: its per-task gradients at W are taken with "
+                "torch.autograd.grad, which cannot reach a shard. Train GradNorm under "
+                "DistributedDataParallel, or use MTL, PCGrad, GradVac or Weighted under FSDP2"
+            )
         self.alpha = alpha
         # the part holding w, L(0) and w's optimizer
         self.loss_weights = LossWeights(len(self.tasks), self.layer[0].device, weight_optimizer, name)

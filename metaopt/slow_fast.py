@@ -22,6 +22,7 @@ from ._options import Option, flag, optional_fraction, optional_positive, option
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
 from .parts.outer import ACC, OUTER, SLOW, OuterRecord, OuterStep, migrate_v1, parse_fields
+from .parts.placement import local_tensor
 from .parts.ranks import compare_local_ranks
 from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
@@ -424,7 +425,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _fast_tensors(self) -> dict[str, Tensor]:
         """The fast weights by key: the trainable parameters by position (a frozen one has no
         slow weight: it is never copied or touched), the floating buffers by name."""
-        fast = {f"p{i}": p for i, p in enumerate(self._param_list) if p.requires_grad}
+        fast = {f"p{i}": local_tensor(p) for i, p in enumerate(self._param_list) if p.requires_grad}
         if self.buffers is not None:
             fast.update((f"b:{n}", b) for n, b in self.buffers.named_buffers() if b.is_floating_point())
         return fast

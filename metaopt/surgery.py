@@ -25,6 +25,7 @@ from .aggregation._validate import compute_dtype
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
+from .parts.placement import Sharding, jacobian_through_engine, local_tensor
 
 __all__ = ["GradientSurgery"]
 
@@ -158,7 +159,9 @@ class GradientSurgery(MultiTaskOptimizer):
                 f"{sorted(map(str, devices))}"
             )
         self._params = ordered
-        self._slices = parameter_slices(ordered)
+        # FSDP2: the columns are this rank's shards, and the Gramian is summed over the ranks
+        self._sharding = Sharding.of(ordered, type(self).__name__)
+        self._slices = parameter_slices([local_tensor(p) for p in ordered])
         self.num_params = self._slices[-1].stop if ordered else 0
         self._jacobian: Tensor | None = None  # persistent (T, P) buffer
 
@@ -211,7 +214,8 @@ class GradientSurgery(MultiTaskOptimizer):
         # any parameter's .grad may view it (the first may have got none): check them all
         first = bufs[0].untyped_storage().data_ptr()
         live = any(
-            p.grad is not None and p.grad.untyped_storage().data_ptr() == first for p in self._all_params
+            p.grad is not None and local_tensor(p.grad).untyped_storage().data_ptr() == first
+            for p in self._all_params
         )
         return bufs[1] if live else bufs[0]
 
@@ -269,17 +273,18 @@ class GradientSurgery(MultiTaskOptimizer):
         first = self._rows is None
         # this backward's rows go into J directly at the first pass of a step, else a scratch
         rows = self._jacobian_buffer(len(names), params[0], scratch=not first)
-        tj = task_jacobian(
-            list(self._scaled(losses, grad_scaler).values()),
-            params,
-            out=rows,
-            retain_graph=self.retain_graph,
-            batched=self.batched,
-        )
+        scaled = list(self._scaled(losses, grad_scaler).values())
+        sharding = self._sharding
+        if sharding is None:
+            tj = task_jacobian(scaled, params, out=rows, retain_graph=self.retain_graph, batched=self.batched)
+        else:  # FSDP2's shards are not in the losses' graphs: one backward per task through it
+            tj = jacobian_through_engine(scaled, params, rows, self.retain_graph)
         reached = tj.reached if self._reached is None else (self._reached | tj.reached)
         by_any, shared_runs, head_runs = self._column_runs(tj.reached, reached, names, name)
-        group = default_group(self.process_group)
-        if group is not None:  # the T rows averaged over the ranks: one collective, before combining
+        # the T rows averaged over the ranks: one collective, before combining (FSDP2 averages
+        # each task's gradient as it reduce-scatters it)
+        group = default_group(self.process_group) if sharding is None else None
+        if group is not None:
             average_(rows, group)
         # nothing has moved so far but internal buffers; from here on this backward counts
         J = self._jacobian_buffer(len(names), params[0], scratch=False)
@@ -296,6 +301,8 @@ class GradientSurgery(MultiTaskOptimizer):
             for g in groups
         ]
         G = grams[0].unsqueeze(0) if len(grams) == 1 else torch.stack(grams)
+        if sharding is not None:  # this rank's shards' share: one all-reduce of n_groups × T × T
+            sharding.sum_(G)
         # Weights first, checks after, so that one host sync covers them all. The weighting
         # draws on a copy of the generator and returns its next state: both are proposed, and
         # committed by step(); a non-finite G is zeroed for it (such a step is refused anyway).
@@ -308,6 +315,8 @@ class GradientSurgery(MultiTaskOptimizer):
         ok = G.diagonal(dim1=-2, dim2=-1).isfinite().all(0)
         heads = torch.zeros((), dtype=cdt, device=J.device)  # bounds the head sums' entries
         for sl in head_runs:
+            if sl.stop == sl.start:  # a head whose shard on this rank is empty (FSDP2)
+                continue
             row_max = torch.linalg.vector_norm(J[:, sl], ord=float("inf"), dim=1)
             ok = ok & row_max.isfinite()
             heads = torch.maximum(heads, row_max.to(cdt).sum())
@@ -319,9 +328,8 @@ class GradientSurgery(MultiTaskOptimizer):
         loss_ok = torch.stack(values).isfinite().to(ok.device)
         # the one host sync of the backward pass: losses, each task's gradient, the update's
         # range, split
-        flags = torch.cat(
-            [ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])]
-        ).tolist()
+        flags_t = torch.cat([ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])])
+        flags = (flags_t if sharding is None else sharding.agree(flags_t)).tolist()
         T = len(names)
         grad = self._grad_buffer(params[0])
         bad = [t for t, good in zip(names, flags[:T]) if not good]
@@ -356,10 +364,10 @@ class GradientSurgery(MultiTaskOptimizer):
         for p, sl, used in zip(params, self._slices, by_any):
             if not used:
                 p.grad = None
-            elif grad.dtype == p.dtype:
-                p.grad = grad[sl].view_as(p)
             else:
-                p.grad = grad[sl].view_as(p).to(p.dtype)
+                view = grad[sl].view_as(local_tensor(p))
+                view = view if grad.dtype == p.dtype else view.to(p.dtype)
+                p.grad = view if sharding is None else sharding.like(view, p)
         for p in self._all_params:
             if not p.requires_grad:
                 p.grad = None

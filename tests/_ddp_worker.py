@@ -32,11 +32,25 @@ class _CountingAllReduce:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.elements = 0
         self.real = dist.all_reduce
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, tensor, *args, **kwargs):
         self.calls += 1
-        return self.real(*args, **kwargs)
+        self.elements += tensor.numel()
+        return self.real(tensor, *args, **kwargs)
+
+
+def train_steps(name: str, recipe: str, opt, model, rank: int) -> None:
+    """``STEPS`` steps, each rank on its half of every batch, through the one loop or the torch
+    way (``name`` picks how the torch way's backward is made)."""
+    for s in range(STEPS):
+        wanted = opt.next_tasks()
+        losses = {t: loss_of(model, t, half(s, t, rank), reduction="mean") for t in wanted}
+        if recipe == "one_loop":
+            opt.step(losses)
+        else:
+            torch_way_step(name, opt, losses)
 
 
 def train(rank: int, name: str, recipe: str, seed: int, option: tuple = ()) -> dict:
@@ -62,13 +76,7 @@ def _train(rank: int, name: str, recipe: str, seed: int, option: tuple = ()) -> 
             target = getattr(target, part)
         setattr(target, attr, value)
     try:
-        for s in range(STEPS):
-            wanted = opt.next_tasks()
-            losses = {t: loss_of(ddp, t, half(s, t, rank), reduction="mean") for t in wanted}
-            if recipe == "one_loop":
-                opt.step(losses)
-            else:
-                torch_way_step(name, opt, losses)
+        train_steps(name, recipe, opt, ddp, rank)
     except ValueError as err:
         return {"error": str(err)}
     return {"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict()}

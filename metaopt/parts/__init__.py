@@ -19,6 +19,9 @@ record that can be taken, checked and put back:
 * :mod:`~metaopt.parts.grads`: the checks on losses and gradients a step makes before anything
   moves (one host sync), and the summed losses' backward pass;
 * :mod:`~metaopt.parts.ranks`: the checks that the ranks of a distributed run agree;
+* :mod:`~metaopt.parts.placement`: where a parameter's elements live (FSDP2's local shards),
+  the per-task gradients read through FSDP2's backward, the Gramian summed over the shards and
+  the decisions every rank takes together;
 * :mod:`~metaopt.parts.state_dict`: the state-dict layout every optimizer shares, its version and
   the migration of older layouts.
 

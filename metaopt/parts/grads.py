@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..jacobian import compiled_graph, reaches_any
+from .placement import agree, local_tensor, sharded
 
 __all__ = ["all_finite", "check_grads", "check_losses", "graph_problem", "summed_backward", "unscale"]
 
@@ -51,7 +52,7 @@ def unscale(params: Sequence[Tensor], scale: Tensor) -> None:
     by_device: dict[torch.device, list[Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            by_device.setdefault(p.grad.device, []).append(p.grad)
+            by_device.setdefault(p.grad.device, []).append(local_tensor(p.grad))
     for device, grads in by_device.items():
         torch._foreach_mul_(grads, inv.to(device))
 
@@ -117,10 +118,16 @@ def summed_backward(
     through ``torch.autograd.backward``, so that DistributedDataParallel's hooks all-reduce it
     as after ``loss.backward()``. ``first``: the first backward of a step, which clears the
     ``.grad`` of ``every`` parameter first. Raises before anything moves if a loss reaches
-    none of ``params``."""
+    none of ``params``.
+
+    Sharded parameters (FSDP2's ``DTensor``) are not in the losses' graphs: FSDP2 computes
+    with gathered copies and reduce-scatters their gradients into the shards' ``.grad`` from its
+    own backward hooks. Then the backward runs as ``loss.backward()`` does (no ``inputs``),
+    and whether every parameter got a gradient is checked at the step instead."""
     if not params:
         raise ValueError(f"{where}: every parameter of the optimizer is frozen")
-    stray = [t for t, v in losses.items() if not reaches_any(v, params)]
+    through_engine = sharded(params)
+    stray = [] if through_engine else [t for t, v in losses.items() if not reaches_any(v, params)]
     if stray and len(losses) == 1:
         raise ValueError(
             f"{where}: the losses of {stray} reach none of the optimizer's parameters (a module "
@@ -139,7 +146,7 @@ def summed_backward(
     if first:
         for p in every:
             p.grad = None
-    torch.autograd.backward(total, inputs=list(params))
+    torch.autograd.backward(total, inputs=None if through_engine else list(params))
     if compiled:  # a compiled region gives unreached parameters zeros: eager gives none
         with_grad = [p for p in params if p.grad is not None]
         if with_grad:
@@ -180,7 +187,7 @@ def check_grads(
                 "or pass allow_unused=True if they are legitimately unused by some steps "
                 "(task-specific heads)"
             )
-    grads_ok = all_finite(grads)
+    grads_ok = agree(all_finite([local_tensor(g) for g in grads]), grads)  # every shard finite
     loss_ok = None
     ok = grads_ok
     if losses:

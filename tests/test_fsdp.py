@@ -1,0 +1,105 @@
+"""FSDP2 (``fully_shard``) on 2 CPU ranks (gloo), every method the torch way and through the one
+loop, against one float64 process on the concatenated batches (1e-9): metaopt's state follows
+each parameter's shard (the slow weights, the per-task gradient rows), a per-task method sums
+its Gramian over the shards in one all-reduce, and a decision such as refusing a non-finite
+gradient is taken by every rank together. The ranks run in spawned processes with a deadline,
+so that a hang can never stall CI."""
+
+from __future__ import annotations
+
+import os
+
+import _fsdp_worker
+import pytest
+import torch
+
+from _spawn import file_store, spawn
+from _stacks import METHODS, Net, batch, loss_of
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+GRADNORM = [m for m in METHODS if m.startswith("gradnorm")]
+SUPPORTED = [m for m in METHODS if m not in GRADNORM] + ["sequential_reptile_nesterov"]
+RECIPES = ["one_loop", "torch"]
+NAN_RUNS = ["sequential_reptile", "mtl", "pcgrad", "gradvac"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fsdp"))
+    runs = [(m, r) for m in SUPPORTED for r in RECIPES] + [(m, "one_loop") for m in GRADNORM]
+    runs.append(("pcgrad_mixed", "one_loop"))
+    spawn(_fsdp_worker.run, 2, (runs, NAN_RUNS, file_store(out), out))
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def _single_process(name: str) -> list[torch.Tensor]:
+    model = Net()
+    opt = _fsdp_worker.build(name, model)
+    for s in range(_fsdp_worker.STEPS):
+        opt.step({t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()})
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_fsdp2_equals_one_process(results, name, recipe):
+    r0, r1 = (res[(name, recipe)] for res in results)
+    assert "error" not in r0, r0.get("error")
+    assert r0["steps"] == r1["steps"] == _fsdp_worker.STEPS
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    ref = _single_process(name)
+    for a, b in zip(r0["params"], ref):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-9)
+    assert any(not torch.equal(a, b) for a, b in zip(r0["params"], Net().parameters()))
+
+
+@pytest.mark.parametrize("name", GRADNORM)
+def test_gradnorm_on_a_sharded_layer_is_refused_naming_fsdp2(results, name):
+    for res in results:
+        assert "FSDP2" in res[(name, "one_loop")]["error"]
+
+
+def test_a_mix_of_sharded_and_plain_parameters_is_refused(results):
+    for res in results:
+        assert "plain tensors and the others DTensors" in res[("pcgrad_mixed", "one_loop")]["error"]
+
+
+@pytest.mark.parametrize("name", NAN_RUNS)
+def test_a_nan_in_one_ranks_shard_is_refused_on_every_rank(results, name):
+    for res in results:
+        r = res[("nan", name)]
+        assert r["refused"] is not None and "non-finite" in r["refused"]
+        assert r["unchanged"] and r["steps"] == 0
+
+
+PER_TASK = {
+    "pcgrad",
+    "gradvac",
+    "weighted_upgrad",
+    "sequential_reptile_gradvac",
+    "sequential_reptile_weighted",
+}
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_state_and_communication_per_rank(results, name):
+    """Per-task methods keep T rows of this rank's shards only (T x P/W, not T x P) and add, per
+    step, one all-reduce of the T x T Gramian and two of flags (the backward's checks and the
+    step's); the Reptile family and MTL add one all-reduce of the step's gradient-check flag.
+    Everything else is FSDP2's own reduce-scatters and all-gathers."""
+    T, steps = 3, _fsdp_worker.STEPS
+    per_task = name in PER_TASK
+    for res in results:
+        r = res[(name, "one_loop")]
+        if per_task:
+            assert r["jacobian_shape"] == (T, r["local_elements"])
+            flags = 2 * T + 2  # each task's gradient and loss, the update's range, split
+            assert r["all_reduce_calls"] == 3 * steps
+            assert r["all_reduce_elements"] == steps * (T * T + flags + 1)
+        else:
+            assert r["all_reduce_calls"] == steps
+            assert r["all_reduce_elements"] == steps
+    shards = [res[(name, "one_loop")]["local_elements"] for res in results]
+    assert sum(shards) == sum(p.numel() for p in Net().parameters())
