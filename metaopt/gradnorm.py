@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -15,7 +16,7 @@ from ._options import Option, non_negative
 from .base import MultiTaskOptimizer
 from .functional import unique_tensors
 from .parts.loss_weights import LossWeights
-from .parts.placement import sharded
+from .parts.placement import Sharding, jacobian_through_engine, local_tensor
 
 __all__ = ["GradNorm"]
 
@@ -109,6 +110,7 @@ class GradNorm(MultiTaskOptimizer):
         super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
         self.process_group = process_group
         self._layer_rows: Tensor | None = None  # a backward is pending: per-task rows at W
+        self._layer_sharding: Sharding | None = None  # how W's rows are spread (FSDP2)
         self._step_norms: Tensor | None = None  # the norms the step's checks computed
         self._layer_count = 0
         self._scale = 1.0
@@ -119,13 +121,6 @@ class GradNorm(MultiTaskOptimizer):
         ids = {id(p) for p in self._param_list}
         if any(id(p) not in ids for p in self.layer):
             raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
-        if sharded(self.layer):
-            raise ValueError(
-                f"{name}: the layer W is sharded (DTensor parameters: FSDP2 or tensor parallel), "
-                "which GradNorm does not support: its per-task gradients at W are taken with "
-                "torch.autograd.grad, which cannot reach a shard. Train GradNorm under "
-                "DistributedDataParallel, or use MTL, PCGrad, GradVac or Weighted under FSDP2"
-            )
         self.alpha = alpha
         # the part holding w, L(0) and w's optimizer
         self.loss_weights = LossWeights(len(self.tasks), self.layer[0].device, weight_optimizer, name)
@@ -169,25 +164,22 @@ class GradNorm(MultiTaskOptimizer):
                 "backward passes of one step; call step() or zero_grad() first"
             )
         self._layer_count = len(layer)
-        rows = []
-        for t, loss in scaled.items():
-            grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
-            if any(g is None for g in grads):
+        sharding = Sharding.of(layer, "GradNorm.backward")
+        rows, reached = self._layer_gradients(scaled, layer, sharding)
+        for t, hit in zip(scaled, reached):
+            if not hit:
                 raise ValueError(
                     f"GradNorm.backward: the loss of task {t!r} does not reach the GradNorm layer; "
                     "choose a layer that every task uses"
                 )
-            rows.append(torch.cat([g.reshape(-1) for g in grads]))
-        # the T rows and the losses (for the training rates), averaged over the ranks at once
-        layer_rows = torch.cat(
-            [
-                torch.stack(rows),
-                torch.stack([v.detach() for v in scaled.values()]).to(rows[0]).reshape(-1, 1),
-            ],
-            dim=1,
-        )
+        # the T rows and the losses (for the training rates), averaged over the ranks at once;
+        # FSDP2 has averaged each row already, and the ranks hold different columns of it
+        losses_col = torch.stack([v.detach() for v in scaled.values()]).to(rows).reshape(-1, 1)
         group = default_group(self.process_group)
-        if group is not None:
+        if group is not None and sharding is not None:
+            average_(losses_col, group)
+        layer_rows = torch.cat([rows, losses_col], dim=1)
+        if group is not None and sharding is None:
             average_(layer_rows, group)
         scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
         used = self.weights.detach()
@@ -195,7 +187,7 @@ class GradNorm(MultiTaskOptimizer):
         super()._backward(weighted, grad_scaler)
         # the model's backward went through: keep this micro-batch's rows for the step
         if self._layer_rows is None:
-            self._layer_rows, self._scale = layer_rows, scale
+            self._layer_rows, self._scale, self._layer_sharding = layer_rows, scale, sharding
         else:
             if scale != self._scale:
                 raise ValueError(
@@ -203,11 +195,44 @@ class GradNorm(MultiTaskOptimizer):
                 )
             self._layer_rows = self._layer_rows + layer_rows
 
+    def _layer_gradients(
+        self, losses: dict[str, Tensor], layer: list[Tensor], sharding: Sharding | None
+    ) -> tuple[Tensor, list[bool]]:
+        """(T, layer size) per-task gradients at the layer W (this rank's shards under FSDP2),
+        and whether each task's loss reaches all of W. The losses' graphs are kept for the
+        model's backward pass."""
+        if sharding is None:
+            grads = [
+                torch.autograd.grad(v, layer, retain_graph=True, allow_unused=True) for v in losses.values()
+            ]
+            reached = [all(g is not None for g in row) for row in grads]
+            if not all(reached):
+                return torch.empty(0), reached
+            return torch.stack([torch.cat([g.reshape(-1) for g in row]) for row in grads]), reached
+        # FSDP2: one backward per task through its hooks, read from the shards' .grad; every
+        # .grad of the step so far is put back afterwards
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in layer])
+        size = sum(local_tensor(p).numel() for p in layer)
+        out = torch.empty((len(losses), size), dtype=dtype, device=layer[0].device)
+        kept = [(p, p.grad) for p in self._param_list]
+        try:
+            tj = jacobian_through_engine(list(losses.values()), layer, out, retain_graph=True)
+        finally:
+            for p, g in kept:
+                p.grad = g
+        return tj.matrix, tj.reached.all(1).tolist()
+
     def _norms(self, dtype: torch.dtype | None = None) -> Tensor:
         """‖∇_W L_i‖ per task, of the step's accumulated (and unscaled) layer gradients, in
-        ``dtype`` (default: the gradients' own)."""
+        ``dtype`` (default: the gradients' own). Under FSDP2 the squares of each rank's shards
+        are summed over the ranks (in float64, where the square of any float32 norm is finite)."""
         assert self._layer_rows is not None
-        return torch.linalg.vector_norm(self._layer_rows[:, :-1], dim=1, dtype=dtype) / self._scale
+        rows = self._layer_rows[:, :-1]
+        if self._layer_sharding is None:
+            return torch.linalg.vector_norm(rows, dim=1, dtype=dtype) / self._scale
+        squares = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square()
+        self._layer_sharding.sum_(squares)
+        return (squares.sqrt() / self._scale).to(rows.dtype if dtype is None else dtype)
 
     def _current_losses(self) -> Tensor:
         """The step's (accumulated, unscaled; under torch.distributed rank-averaged) losses."""
@@ -246,6 +271,8 @@ class GradNorm(MultiTaskOptimizer):
         norms = self._norms(torch.float64)
         dtype = self.weights.dtype
         finite = self._layer_rows[:, :-1].isfinite().all(dim=1).to(norms.device)
+        if self._layer_sharding is not None:  # every rank decides on every shard
+            finite = self._layer_sharding.agree(finite)
         fits = norms.isfinite() & (norms <= torch.finfo(dtype).max)
         finite_rows, fitting = torch.stack([finite, fits]).tolist()
         nonfinite = [t for t, ok in zip(tasks, finite_rows) if not ok]
@@ -280,6 +307,7 @@ class GradNorm(MultiTaskOptimizer):
         super()._clear_backward()
         self._step_norms = None
         self._layer_rows = None
+        self._layer_sharding = None
         self._scale = 1.0
 
     def _extra_state(self) -> dict[str, Any]:
