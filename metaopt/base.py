@@ -49,6 +49,7 @@ from ._options import Option, flag
 from .parts.grads import check_grads, check_losses, graph_problem, summed_backward, unscale
 from .parts.params import ParamSet
 from .parts.ranks import compare_ranks
+from .parts.state_dict import initializes_state
 from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
 from .state_protocol import StateDictProtocol
@@ -144,6 +145,8 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self.seed = seed
         self.stream = TaskStream(self.tasks, seed)  # draws, their generator, the step counters
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
+        # the wrapped optimizer's state was created by DCP's initialization, not by a step
+        self._initialized_state = False
         self._ranks_checked = False
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
         self.defaults = base.defaults
@@ -349,6 +352,15 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         name = type(self).__name__
         if closure is not None:
             raise TypeError(f"{name}.step takes losses or nothing, not a closure")
+        if losses is None and self._backward_losses is None and self._initializes_state():
+            # DCP's get_state_dict / set_state_dict on a fresh optimizer: the wrapped one's state
+            # is created (at lr 0, from zero gradients) as DCP does for any torch optimizer, and
+            # nothing of metaopt's moves: no hidden step, no draw
+            self.base_optimizer.step()
+            self._after_initialization()
+            self._initialized_state = True
+            return StepReport(tasks=(), losses={}, step=self.stream.step)
+        self._drop_initialized_state()
         if losses is None:
             # set by GradScaler.step(opt), which deletes them again once step() returns
             found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
@@ -382,6 +394,31 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             raise
 
     # ------------------------------------------------------------------ the step template
+    def _initializes_state(self) -> bool:
+        """Whether this ``step()`` is DCP's initialization of a fresh optimizer's state
+        (:func:`metaopt.parts.state_dict.initializes_state`), for this optimizer and every
+        optimizer it wraps."""
+        inner = self.inner
+        if inner is not None and inner._backward_losses is not None:
+            return False
+        return initializes_state(self.base_optimizer, self._trainable())
+
+    def _after_initialization(self) -> None:
+        """Hook: DCP's initialization stepped the wrapped optimizer (at lr 0); initialize any
+        other optimizer state that a load template needs in the same way."""
+
+    def _drop_initialized_state(self) -> None:
+        """Forget the state DCP's initialization created, at the next real step (a run goes on
+        as if it had never been made: Adam's step count, SGD's first momentum), or now, before
+        a load replaces it (the loaded state is then kept)."""
+        if self._initialized_state:
+            self.base_optimizer.state.clear()
+            self._clear_initialized_state()
+            self._initialized_state = False
+
+    def _clear_initialized_state(self) -> None:
+        """Hook: clear what :meth:`_after_initialization` created."""
+
     def _draw_tasks(self) -> Sequence[str]:
         raise NotImplementedError
 

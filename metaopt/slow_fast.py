@@ -22,7 +22,7 @@ from ._options import Option, flag, optional_fraction, optional_positive, option
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
 from .parts.outer import ACC, OUTER, SLOW, OuterRecord, OuterStep, migrate_v1, parse_fields
-from .parts.placement import local_tensor
+from .parts.placement import local_tensor, placed_like
 from .parts.ranks import compare_local_ranks
 from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
@@ -107,8 +107,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     through the parameters' version counters and raises; call :meth:`reset_slow_weights` to
     take the new values as φ, or :meth:`accept_parameter_changes` to keep φ. Writes through
     ``param.data`` bypass version counters and cannot be detected. To resume, load the model's
-    state dict before the optimizer's. A cast or move of the model (``model.double()``) is
-    followed: φ is converted, keeping its values.
+    state dict and the optimizer's, in either order (DCP's ``set_state_dict`` loads the
+    optimizer's first): after an optimizer load, parameters written before the next step are
+    taken as the resumed run's. A cast or move of the model (``model.double()``) is followed: φ
+    is converted, keeping its values.
     """
 
     inner_steps = Option(positive_int)
@@ -121,6 +123,8 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     # whether the wrapped optimizer may be a metaopt one (whose steps want several tasks)
     _composable = True
+    # the parameters' version counters at the last sync (None: since a load, none is checked)
+    _versions: list[int] | None
 
     def __init__(
         self,
@@ -436,7 +440,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def __getstate__(self) -> dict[str, Any]:
         # version counters restart in a copy: carry which parameters had changed, not the counts
         state = super().__getstate__()
-        state["_versions"] = [p._version != v for p, v in zip(self._param_list, self._versions)]
+        versions = self._versions
+        state["_versions"] = (
+            None if versions is None else [p._version != v for p, v in zip(self._param_list, versions)]
+        )
         if state.get("_local_group") is not None:  # a process group does not pickle: a copy
             state["_local_group"] = _WORLD  # averages over the default group
         return state
@@ -444,15 +451,19 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.outer_step.rebind(type(self).__name__)
-        self._versions = [
-            -1 if changed else p._version for p, changed in zip(self._param_list, state["_versions"])
-        ]
+        changed = state["_versions"]
+        self._versions = (
+            None if changed is None else [-1 if c else p._version for p, c in zip(self._param_list, changed)]
+        )
 
     def _record_versions(self) -> None:
         self._versions = [p._version for p in self._param_list]
 
     def _changed_params(self) -> list[Tensor]:
-        """Parameters written in place since the optimizer last synced with them."""
+        """Parameters written in place since the optimizer last synced with them (none since a
+        load: see :meth:`_after_load`)."""
+        if self._versions is None:
+            return []
         return [p for p, v in zip(self._param_list, self._versions) if p._version != v]
 
     def _prepare(self) -> None:
@@ -472,7 +483,8 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 "or an in-place write after the optimizer was built?), so the slow weights no "
                 "longer match them. Call opt.reset_slow_weights() to take the new values as the "
                 "slow weights, or opt.accept_parameter_changes() to keep them; when resuming, "
-                "load the model's state dict before the optimizer's. Nothing was updated"
+                "load the optimizer's state dict too (after or before the model's). Nothing was "
+                "updated"
             )
         self._check_outer_options()
         if self.trajectory_clock.ends_trajectory(self.inner_steps):
@@ -480,7 +492,8 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _params_added(self, new: list[Tensor]) -> None:
         self._refresh_engine()
-        self._versions += [p._version for p in new]
+        if self._versions is not None:
+            self._versions += [p._version for p in new]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self.outer_optimizer is not None:
@@ -618,7 +631,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return out
 
     def _param_state(self) -> dict[int, dict[str, Any]]:
-        return {int(k[1:]): v for k, v in self._fields_by_key("p").items()}
+        out = {int(k[1:]): v for k, v in self._fields_by_key("p").items()}
+        # the outer step's fields of a sharded parameter are its local shards: saved placed as
+        # the parameter (the parked slots hold the wrapped optimizer's own, placed already)
+        params = self._param_list
+        for i, fields in out.items():
+            for f, v in fields.items():
+                if f.startswith((SLOW, ACC, OUTER)) and isinstance(v, Tensor) and v.dim():
+                    fields[f] = placed_like(v, params[i])
+        return out
 
     def _extra_state(self) -> dict[str, Any]:
         return {
@@ -640,7 +661,10 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                     f"{name}.load_state_dict: saved slow-weight fields for {i!r}, which is not "
                     "a parameter index"
                 )
-            out[f"p{i}"] = dict(f)
+            # the outer step's fields of a sharded parameter, loaded into its current placement
+            out[f"p{i}"] = {
+                k: local_tensor(v) if k.startswith((SLOW, ACC, OUTER)) else v for k, v in f.items()
+            }
         buffers = own.get("buffers", {})
         if not isinstance(buffers, Mapping) or any(not isinstance(v, Mapping) for v in buffers.values()):
             raise ValueError(f"{name}.load_state_dict: saved buffers are not per-buffer fields")
@@ -660,7 +684,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         since they were saved keeps them until its trajectory ends, as in the saved run) and
         every trainable one (one without saved slow weights takes them from θ, as at the end of
         a trajectory), in the engine's key order."""
-        every = {f"p{i}": p for i, p in enumerate(self._param_list)}
+        every = {f"p{i}": local_tensor(p) for i, p in enumerate(self._param_list)}
         if self.buffers is not None:
             every.update((f"b:{n}", b) for n, b in self.buffers.named_buffers() if b.is_floating_point())
         wanted = set(slow) | set(self._fast_tensors())
@@ -713,8 +737,18 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         elif len(pending) != 1:
             raise ValueError("every step wants one task")
 
+    def _after_initialization(self) -> None:
+        self._record_versions()  # DCP's initialization stepped the wrapped optimizer at lr 0
+        self.outer_step.initialize_state()  # a load template holds the outer optimizer's fields
+
+    def _clear_initialized_state(self) -> None:
+        self.outer_step.clear_initialized_state()
+
     def _after_load(self) -> None:
-        self._record_versions()
+        # The model's parameters may be loaded after the optimizer's state as well as before
+        # (DCP's set_state_dict loads the optimizer first): until the next step, writes to
+        # them are the resumed run's values, not a change behind the optimizer's back
+        self._versions = None
         self._ranks_checked = False  # local trajectories: compare the loaded state across ranks
 
 

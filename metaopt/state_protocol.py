@@ -19,7 +19,7 @@ from typing import Any
 from torch.optim import Optimizer
 
 from ._options import Option
-from .parts.state_dict import STATE_VERSION, load_optimizer_state, split_state
+from .parts.state_dict import STATE_VERSION, load_optimizer_state, record_of, split_state, with_record
 from .parts.stream import TaskStream
 
 __all__ = ["StateDictProtocol"]
@@ -73,6 +73,9 @@ class StateDictProtocol:
     def _after_load(self) -> None:
         """Hook: the whole state dict was loaded."""
 
+    def _drop_initialized_state(self) -> None:
+        """See :meth:`metaopt.MultiTaskOptimizer._drop_initialized_state`."""
+
     @classmethod
     def _option_names(cls) -> dict[str, Option[Any]]:
         """The validated hyper-parameters of this class, by name."""
@@ -85,8 +88,9 @@ class StateDictProtocol:
         """torch.optim's layout (``state`` by parameter index, ``param_groups``), so that tools
         that read an optimizer's state per parameter (DCP, FSDP's optimizer state dicts,
         Accelerate, the Hugging Face Trainer) carry metaopt's too: each parameter's entry holds
-        the wrapped optimizer's fields and this method's ``metaopt_*`` fields; ``metaopt``
-        holds the rest (counters, the task stream, options, a wrapped metaopt optimizer's)."""
+        the wrapped optimizer's fields and this method's ``metaopt_*`` fields; the first param
+        group's ``metaopt`` holds the rest (counters, the task stream, options, a wrapped metaopt
+        optimizer's), where ``get_state_dict`` keeps it."""
         inner = self.optimizer.state_dict()
         state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
         for i, fields in self._param_state().items():
@@ -100,18 +104,18 @@ class StateDictProtocol:
             **self._extra_state(),
         }
         if self.inner is not None:
-            own["inner"] = inner["metaopt"]
-        return {"state": state, "param_groups": inner["param_groups"], "metaopt": own}
+            own["inner"] = record_of(inner)
+        return with_record(state, inner["param_groups"], own)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to continue identically, in ``torch.optim``'s layout: ``state``
         (per parameter index: the wrapped optimizer's fields and this method's ``metaopt_*``
-        fields, such as the slow weights), ``param_groups`` (the wrapped optimizer's) and
-        ``metaopt`` (step counters, the generator state, the pending task draw, each method's
-        own state and its hyper-parameters: ``outer_lr``, ``beta``, ...: restored on load, as
-        torch.optim restores the hyper-parameters of its param groups).
+        fields, such as the slow weights) and ``param_groups`` (the wrapped optimizer's), the
+        first of which holds ``metaopt``: step counters, the generator state, the pending task
+        draw, each method's own state and its hyper-parameters (``outer_lr``, ``beta``, ...:
+        restored on load, as torch.optim restores the hyper-parameters of its param groups).
         Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
-        in ``torch.optim``. State dicts saved by metaopt 0.1 load too (migrated)."""
+        in ``torch.optim``. State dicts of earlier layouts load too (migrated)."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self._own_state_dict()
@@ -188,7 +192,7 @@ class StateDictProtocol:
         self._after_load()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
-        """Load a :meth:`state_dict` (or one saved by metaopt 0.1, migrated). Everything is
+        """Load a :meth:`state_dict` (or one of an earlier layout, migrated). Everything is
         validated first (this optimizer's part, then a wrapped metaopt optimizer's, through its
         own ``load_state_dict``); a load that still fails part-way (in the wrapped torch
         optimizer) is rolled back, so a failed load changes nothing. Registered
@@ -198,6 +202,7 @@ class StateDictProtocol:
             if result is not None:
                 state_dict = result
         own, inner, fields = self._check_state(state_dict)
+        self._drop_initialized_state()  # the load replaces it: the next step must not clear that
         backup = self._own_state_dict()
         if self.inner is not None:  # composed: the wrapped optimizer validates (and rolls back) its part
             self.inner.load_state_dict(inner)

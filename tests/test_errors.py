@@ -9,6 +9,7 @@ import torch
 from conftest import TASKS, make_data, make_model, task_loss
 
 import metaopt
+from metaopt.parts.state_dict import record_of
 
 
 def snapshot(model, opt):
@@ -28,9 +29,9 @@ def assert_unchanged(before, model, opt):
     for p, g in zip(model.parameters(), grads):
         assert (p.grad is None and g is None) or torch.equal(p.grad, g)
     now = opt.state_dict()
-    assert now["metaopt"]["step"] == state["metaopt"]["step"]
-    assert now["metaopt"].get("inner_count") == state["metaopt"].get("inner_count")
-    assert torch.equal(now["metaopt"]["generator"], state["metaopt"]["generator"])
+    assert record_of(now)["step"] == record_of(state)["step"]
+    assert record_of(now).get("inner_count") == record_of(state).get("inner_count")
+    assert torch.equal(record_of(now)["generator"], record_of(state)["generator"])
     for k, v in state["state"].items():  # the inner optimizer's fields and metaopt's, per parameter
         for name, t in v.items():
             assert torch.equal(torch.as_tensor(now["state"][k][name]), torch.as_tensor(t))

@@ -56,6 +56,7 @@ from hypothesis.stateful import (
 )
 
 import metaopt
+from metaopt.parts.state_dict import record_of
 
 from _snapshot import assert_same, assert_unchanged, snapshot
 
@@ -519,7 +520,7 @@ def _levels(state: dict[str, Any]) -> list[dict[str, Any]]:
     """The metaopt records of a state dict, outermost first (a composed optimizer nests its
     wrapped one's under ``inner``)."""
     out = []
-    level = state.get("metaopt") if isinstance(state, dict) else None
+    level = record_of(state) if isinstance(state, dict) else None
     while isinstance(level, dict):
         out.append(level)
         level = level.get("inner")
@@ -577,7 +578,11 @@ def _first_of(key: str, value: Any) -> Callable[[dict[str, Any]], bool]:
 
 # kind -> (corrupt the state dict in place, False where it does not apply; error; match)
 BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] = {
-    "not_metaopt": (lambda s: s.pop("metaopt") is not None, ValueError, "not a metaopt state dict"),
+    "not_metaopt": (
+        lambda s: s["param_groups"][0].pop("metaopt") is not None,
+        ValueError,
+        "not a metaopt state dict",
+    ),
     "class": (_set(0, "class", "Adam"), ValueError, "saved by Adam"),
     "inner_class": (_set(1, "class", "Adam"), ValueError, "saved by Adam"),
     "tasks": (_set(0, "tasks", ["x"]), ValueError, "saved tasks"),
@@ -601,12 +606,12 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
         "metaopt_bogus",
     ),
     "inner_count_negative": (
-        lambda s: "inner_count" in s["metaopt"] and _set(0, "inner_count", -1)(s),
+        lambda s: "inner_count" in record_of(s) and _set(0, "inner_count", -1)(s),
         ValueError,
         "inner_count",
     ),
     "clock_below_step": (
-        lambda s: s["metaopt"]["step"] > 0 and _set(0, "clock", 0)(s),
+        lambda s: record_of(s)["step"] > 0 and _set(0, "clock", 0)(s),
         ValueError,
         "clock",
     ),
@@ -855,7 +860,7 @@ class OptimizerMachine(RuleBasedStateMachine):
         self.accepted += 1
         opt.zero_grad()
         before = snapshot(model, opt, draw=False)  # no draw is pending: the step makes it
-        assert before["state"]["metaopt"]["pending"] is None
+        assert record_of(before["state"])["pending"] is None
         with pytest.raises(ValueError, match="gradient"):
             opt.step()
         assert_same(before, snapshot(model, opt, draw=False))

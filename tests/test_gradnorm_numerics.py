@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import metaopt
+from metaopt.parts.state_dict import record_of
 
 TASKS = ["a", "b"]
 P = 10  # entries of the shared layer W
@@ -119,7 +120,7 @@ def trained():
 
 def corrupt(field, value):
     def apply(state):
-        state["metaopt"][field] = value
+        record_of(state)[field] = value
         return state
 
     return apply
@@ -159,7 +160,7 @@ def test_a_corrupt_saved_state_is_refused_and_changes_nothing(case):
         opt.load_state_dict(state)
     assert_same(snapshot(opt), before)
     after_inner = opt.inner.state_dict()
-    assert after_inner["metaopt"]["step"] == inner_before["metaopt"]["step"]
+    assert record_of(after_inner)["step"] == record_of(inner_before)["step"]
 
 
 @pytest.mark.parametrize("first_loss", [1e30, 1e-40, 3e38])
@@ -186,10 +187,10 @@ def test_any_reference_loss_gradnorm_can_record_round_trips_and_trains_on(first_
 def test_weights_renormalised_by_a_step_load_and_near_T_within_rounding_loads():
     _, opt = trained()
     state = copy.deepcopy(opt.state_dict())
-    state["metaopt"]["weights"] = torch.tensor([0.7, 1.3 + 2e-6])  # sum off by rounding only
+    record_of(state)["weights"] = torch.tensor([0.7, 1.3 + 2e-6])  # sum off by rounding only
     _, fresh = make(lr=0.1)
     fresh.load_state_dict(state)
-    torch.testing.assert_close(fresh.weights.detach(), state["metaopt"]["weights"])
-    state["metaopt"]["weights"] = torch.tensor([0.7, 1.3], dtype=torch.float64)  # cast to float32
+    torch.testing.assert_close(fresh.weights.detach(), record_of(state)["weights"])
+    record_of(state)["weights"] = torch.tensor([0.7, 1.3], dtype=torch.float64)  # cast to float32
     fresh.load_state_dict(state)
     assert fresh.weights.dtype == torch.float32

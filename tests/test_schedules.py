@@ -7,6 +7,7 @@ import collections
 import pytest
 import torch
 
+from metaopt.parts.state_dict import record_of
 from metaopt.schedules import TaskSchedule
 
 
@@ -180,8 +181,8 @@ def test_planned_tasks_are_the_draws_that_follow_and_move_nothing(build):
     state = opt.state_dict()
     plan = opt.planned_tasks(25)
     after = opt.state_dict()
-    assert torch.equal(state["metaopt"]["generator"], after["metaopt"]["generator"])
-    assert state["metaopt"]["pending"] == after["metaopt"]["pending"]
+    assert torch.equal(record_of(state)["generator"], record_of(after)["generator"])
+    assert record_of(state)["pending"] == record_of(after)["pending"]
     for wanted in plan:
         assert opt.next_tasks() == wanted
         opt.step({t: (i + 1) * model(x).sum() for i, t in enumerate(wanted)})

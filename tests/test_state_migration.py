@@ -16,6 +16,8 @@ DATA = Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(DATA))
 import make_v1_states as v1  # noqa: E402
 
+from metaopt.parts.state_dict import record_of  # noqa: E402
+
 SAVED = torch.load(DATA / "state_v1.pt", weights_only=True)
 
 
@@ -33,7 +35,7 @@ def test_a_0_1_state_dict_continues_as_0_1_did(name):
     opt = v1.build(name, net)
     opt.load_state_dict(run["optimizer"])
     state = opt.state_dict()
-    assert state["metaopt"]["version"] == 2 and set(state) == {"state", "param_groups", "metaopt"}
+    assert record_of(state)["version"] == 3 and set(state) == {"state", "param_groups"}
     for s in range(v1.SAVED_AT, v1.SAVED_AT + v1.CONTINUED):
         v1.step(opt, net, s)
     for p, q in zip(net.parameters(), run["after"]):
@@ -74,3 +76,38 @@ def _saved(state):
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+def _as_layout_2(state: dict) -> dict:
+    """Layout 2, as the release before layout 3 wrote it: the record (version 2, and a wrapped
+    optimizer's nested under ``inner``, version 2 too) beside ``state`` and ``param_groups``."""
+    groups = [dict(g) for g in state["param_groups"]]
+    record = dict(groups[0].pop("metaopt"))
+    record["version"] = 2
+    if isinstance(record.get("inner"), dict):
+        record["inner"] = {**record["inner"], "version": 2}
+    return {"state": state["state"], "param_groups": groups, "metaopt": record}
+
+
+@pytest.mark.parametrize("name", v1.NAMES)
+def test_a_layout_2_state_dict_loads_and_continues_identically(name):
+    """The record moved into the first param group in layout 3 (where DCP's ``get_state_dict``
+    keeps it); a layout-2 state dict is migrated and continues exactly as the run it came
+    from, and the wrapped torch optimizer's param groups get no record."""
+    runs = []
+    for reload in (False, True):
+        net = v1.model()
+        opt = v1.build(name, net)
+        for s in range(v1.SAVED_AT):
+            v1.step(opt, net, s)
+        if reload:
+            old = torch.load(_saved(_as_layout_2(opt.state_dict())), weights_only=True)
+            opt = v1.build(name, net)
+            opt.load_state_dict(old)
+            assert all("metaopt" not in g for g in opt.base_optimizer.param_groups)
+            assert record_of(opt.state_dict())["version"] == 3
+        for s in range(v1.SAVED_AT, v1.SAVED_AT + v1.CONTINUED):
+            v1.step(opt, net, s)
+        runs.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import metaopt
 from metaopt.aggregation import gradvac_weights, gramian, pcgrad_weights, random_order
+from metaopt.parts.state_dict import record_of
 
 from _asserts import assert_matches_reference, mixed_jacobian, mixed_jacobians
 from _reference import naive_gradvac, naive_pcgrad
@@ -221,7 +222,7 @@ def test_state_dict_round_trip_continues_identically(cls, kw):
 def test_gradvac_state_for_other_tasks_is_refused():
     model = MultiHead(tasks=["a", "b", "d"])
     saved = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b", "d"]).state_dict()
-    saved["metaopt"]["tasks"] = TASKS  # even if the task list is forged, the targets know
+    record_of(saved)["tasks"] = TASKS  # even if the task list is forged, the targets know
     opt = metaopt.GradVac(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS)
     with pytest.raises(ValueError, match=r"unseen by that state: \['c'\]"):
         opt.load_state_dict(saved)
@@ -347,7 +348,7 @@ def test_gradnorm_state_dict_keeps_weights_and_initial_losses():
     fresh.load_state_dict(saved_model)
     fopt = mk(fresh)
     fopt.load_state_dict(saved)
-    torch.testing.assert_close(fopt.initial_losses, saved["metaopt"]["initial_losses"])
+    torch.testing.assert_close(fopt.initial_losses, record_of(saved)["initial_losses"])
     for _ in range(2):
         fopt.step(losses_of(fresh, data, TASKS))
     torch.testing.assert_close(fopt.weights, opt.weights)
@@ -419,11 +420,11 @@ def assert_unchanged(snap, model, opt):
     for p, q in zip(model.parameters(), params):
         assert torch.equal(p, q)
     now = opt.state_dict()
-    assert now["metaopt"]["step"] == state["metaopt"]["step"]
-    assert torch.equal(now["metaopt"]["generator"], state["metaopt"]["generator"])
+    assert record_of(now)["step"] == record_of(state)["step"]
+    assert torch.equal(record_of(now)["generator"], record_of(state)["generator"])
     for key in ("targets", "weights", "initial_losses"):
-        if key in state["metaopt"] and state["metaopt"][key] is not None:
-            assert torch.equal(now["metaopt"][key], state["metaopt"][key])
+        if key in record_of(state) and record_of(state)[key] is not None:
+            assert torch.equal(record_of(now)[key], record_of(state)[key])
 
 
 def stepped_once(make):
@@ -606,7 +607,7 @@ def refused_step_changes_nothing(method, losses_of_p, make_losses_ok, match):
                 opt.step(losses_of_p(p, q))
             for t, before, grad in zip((p, q), snap[0], snap[1]):
                 assert torch.equal(t.detach(), before) and torch.equal(t.grad, grad)
-            now, then = opt.state_dict()["metaopt"], snap[2]["metaopt"]
+            now, then = record_of(opt.state_dict()), record_of(snap[2])
             assert now["step"] == then["step"]
             assert torch.equal(now["generator"], then["generator"])
             if method == "gradvac":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import metaopt
+from metaopt.parts.state_dict import record_of, with_record
 
 from _stacks import tensors_of
 
@@ -189,7 +190,7 @@ def _set(path: tuple, value):
     def edit(state):
         node = state
         for k in path[:-1]:
-            node = node[k]
+            node = record_of(node) if k == "metaopt" else node[k]  # the record, wherever it is
         node[path[-1]] = value
         return state
 
@@ -238,11 +239,11 @@ def test_every_corrupt_owned_field_is_refused_with_nothing_changed(case):
     opt, model = _sr_mid_run(tasks_per_outer_step=2)
     edit, message = CORRUPT[case]
     state = copy.deepcopy(opt.state_dict())
-    assert state["metaopt"]["inner_count"] == 1 and state["metaopt"]["trajectory"] == 1
+    assert record_of(state)["inner_count"] == 1 and record_of(state)["trajectory"] == 1
     if edit is None:  # mid-trajectory: the pending draw must be the trajectory's task
         opt.next_tasks()
         state = copy.deepcopy(opt.state_dict())
-        other = [t for t in TASKS if t != state["metaopt"]["task"]]
+        other = [t for t in TASKS if t != record_of(state)["task"]]
         edit = _set(("metaopt", "pending"), other)
     bad = edit(copy.deepcopy(state))
     before = snapshot(opt, model)
@@ -265,11 +266,7 @@ def test_a_state_saved_by_another_composition_is_refused():
         plain.load_state_dict(composed.state_dict())
     state = plain.state_dict()
     pcgrad = metaopt.PCGrad(torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS)
-    inner_view = {
-        "state": state["state"],
-        "param_groups": state["param_groups"],
-        "metaopt": {**state["metaopt"], "class": "PCGrad"},
-    }
+    inner_view = with_record(state["state"], state["param_groups"], {**record_of(state), "class": "PCGrad"})
     with pytest.raises(ValueError, match="not this optimizer's"):
         pcgrad.load_state_dict(inner_view)
 
@@ -345,7 +342,7 @@ def test_outer_optimizer_fields_are_validated(value):
         fresh.load_state_dict(state)
     assert same(snapshot(fresh, model), before)
     state = opt.state_dict()
-    del state["metaopt"]["outer_param_groups"][0]["params"]
+    del record_of(state)["outer_param_groups"][0]["params"]
     with pytest.raises(ValueError, match="outer_param_groups"):
         fresh.load_state_dict(state)
 
@@ -359,7 +356,7 @@ def test_a_state_saved_after_lowering_tasks_per_outer_step_loads():
         opt.step({t: loss(model, s, t) for t in opt.next_tasks()})
     opt.tasks_per_outer_step = 1
     state = copy.deepcopy(opt.state_dict())
-    assert state["metaopt"]["trajectory"] == 0 and "metaopt_slot1_exp_avg" in state["state"][0]
+    assert record_of(state)["trajectory"] == 0 and "metaopt_slot1_exp_avg" in state["state"][0]
     twin_model = net(seed=3)
     twin_model.load_state_dict(model.state_dict())
     twin = _batched(twin_model)
@@ -396,11 +393,11 @@ def test_saved_options_that_contradict_each_other_are_refused():
     model = net()
     opt = sr(model)
     state = opt.state_dict()
-    state["metaopt"]["options"]["outer_lr"] = None
+    record_of(state)["options"]["outer_lr"] = None
     with pytest.raises(ValueError, match="outer_lr must be a number"):
         opt.load_state_dict(state)
     state = opt.state_dict()
-    state["metaopt"]["options"]["anneal_steps"] = 5
+    record_of(state)["options"]["anneal_steps"] = 5
     with pytest.raises(ValueError, match="go together"):
         opt.load_state_dict(state)
 
@@ -478,7 +475,7 @@ def _refuse(optimizer, args, kwargs):
 def test_a_refused_skipped_step_keeps_the_stream():
     model = net()
     opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=TASKS, inner_steps=3)
-    before = opt.state_dict()["metaopt"]
+    before = record_of(opt.state_dict())
     with torch.no_grad():
         next(iter(model.parameters())).add_(1.0)  # makes the next step refuse
     opt.found_inf = torch.ones(())
@@ -487,7 +484,7 @@ def test_a_refused_skipped_step_keeps_the_stream():
             opt.step()
     finally:
         opt.__dict__.pop("found_inf", None)
-    after = opt.state_dict()["metaopt"]
+    after = record_of(opt.state_dict())
     assert after["pending"] is None and torch.equal(after["generator"], before["generator"])
 
 
@@ -505,7 +502,7 @@ def test_a_corrupt_0_1_state_dict_is_a_value_error(edit):
 
     run = SAVED["runs"]["outer_nesterov"]
     state = copy.deepcopy(run["optimizer"])
-    edit(state["metaopt"])
+    edit(record_of(state))
     model = v1.model()
     opt = v1.build("outer_nesterov", model)
     with pytest.raises(ValueError):
@@ -525,7 +522,7 @@ def test_planned_tasks_moves_nothing_in_a_composition():
     state = copy.deepcopy(fresh.state_dict())
     assert fresh.planned_tasks(3) == [TASKS] * 3
     assert same(tensors_of(fresh.state_dict()), tensors_of(state))
-    assert fresh.state_dict()["metaopt"]["inner"]["pending"] is None
+    assert record_of(fresh.state_dict())["inner"]["pending"] is None
     assert same(snapshot(opt, model), before)
 
 
@@ -541,7 +538,7 @@ def test_a_gradnorm_weight_optimizer_state_it_cannot_step_from_is_refused(field,
     opt = make()
     opt.step({t: loss(model, 0, t) for t in TASKS})
     state = opt.state_dict()
-    state["metaopt"]["weight_optimizer"]["state"][0][field] = value
+    record_of(state)["weight_optimizer"]["state"][0][field] = value
     fresh = make()
     before = snapshot(fresh, model)
     with pytest.raises(ValueError, match="weight optimizer's state"):

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..jacobian import TaskJacobian, parameter_slices
 
-__all__ = ["Sharding", "agree", "jacobian_through_engine", "local_tensor", "sharded"]
+__all__ = ["Sharding", "agree", "jacobian_through_engine", "local_tensor", "placed_like", "sharded"]
 
 
 def _is_dtensor(t: object) -> bool:
@@ -121,16 +121,26 @@ class Sharding:
 
     def like(self, local: Tensor, param: Tensor) -> Tensor:
         """A ``DTensor`` placed as ``param``, whose local shard is ``local`` (no copy)."""
-        from torch.distributed.tensor import DTensor
+        return placed_like(local, param)
 
-        return DTensor.from_local(
-            local,
-            param.device_mesh,  # type: ignore[attr-defined]
-            param.placements,  # type: ignore[attr-defined]
-            run_check=False,
-            shape=param.shape,
-            stride=param.stride(),
-        )
+
+def placed_like(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` (this rank's elements of a tensor shaped like ``param``) as a ``DTensor`` placed
+    as ``param`` is, without a copy, where ``param`` is a ``DTensor``; ``local`` otherwise. How
+    metaopt's per-parameter state is saved, so that ``torch.distributed.checkpoint`` saves each
+    rank's shard and loads it back into the shards of any layout."""
+    if not _is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
 
 
 def agree(ok: Tensor, tensors: Sequence[Tensor]) -> Tensor:

@@ -1,14 +1,20 @@
 """The state-dict layout every metaopt optimizer shares, its version, and older layouts' migration.
 
-Version 2 is ``torch.optim``'s layout, so that tools that read an optimizer's state per
-parameter (DCP, FSDP's optimizer state dicts, Accelerate, the Hugging Face Trainer) carry
-metaopt's too::
+Version 3 is ``torch.optim``'s layout, with nothing beside ``state`` and ``param_groups``, so
+that tools that rebuild an optimizer's state dict from those two (``torch.distributed.checkpoint``
+'s ``get_state_dict``, FSDP's optimizer state dicts, Accelerate, the Hugging Face Trainer)
+carry metaopt's too::
 
     {"state": {i: {<the wrapped optimizer's fields>, "metaopt_<field>": ...}},
-     "param_groups": <the wrapped optimizer's>,
-     "metaopt": {"version": 2, "class": ..., "tasks": [...], "step", "clock", "generator",
-                 "pending", "options": {...}, <the method's own records>,
-                 "inner": <a wrapped metaopt optimizer's record>}}
+     "param_groups": [{<the wrapped optimizer's first group>,
+                       "metaopt": {"version": 3, "class": ..., "tasks": [...], "step", "clock",
+                                   "generator", "pending", "options": {...},
+                                   <the method's own records>,
+                                   "inner": <a wrapped metaopt optimizer's record>}},
+                      <the wrapped optimizer's other groups>]}
+
+Version 2 kept the record beside ``state`` and ``param_groups`` (``get_state_dict`` dropped it);
+version 1 (metaopt 0.1) nested the wrapped optimizer's state dict. Both are migrated.
 
 :func:`split_state` takes a saved dict apart (checking its structure, not its values) into the
 method's record, the wrapped optimizer's state dict and the method's per-parameter fields;
@@ -16,36 +22,62 @@ method's record, the wrapped optimizer's state dict and the method's per-paramet
 metaopt holds is loaded through :func:`load_optimizer_state` and probed with
 :func:`probe_optimizer_state` before a load moves anything.
 
->>> migrate_state_dict({"metaopt": {"version": STATE_VERSION}}, "X") == {"metaopt": {"version": 2}}
-True
+>>> v2 = {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}], "metaopt": {"version": 2}}
+>>> record_of(migrate_state_dict(v2, "X"))
+{'version': 3}
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .placement import local_tensor
+
 __all__ = [
     "STATE_VERSION",
     "V1_MIGRATIONS",
     "check_like",
+    "initializes_state",
     "load_optimizer_state",
     "map_tensors",
     "migrate_state_dict",
     "probe_optimizer_state",
+    "record_of",
     "split_state",
+    "with_record",
 ]
 
 
-STATE_VERSION = 2
+STATE_VERSION = 3
 """Layout of ``MultiTaskOptimizer.state_dict``: 1 (metaopt 0.1) nested the wrapped
 optimizer's state dict under ``"optimizer"`` and kept the slow weights under ``"engine"``; 2 is
-torch.optim's layout with metaopt's per-parameter fields beside the wrapped optimizer's."""
+torch.optim's layout with metaopt's per-parameter fields beside the wrapped optimizer's and its
+record under ``"metaopt"``; 3 moves that record into the first param group."""
+
+RECORD = "metaopt"
+"""The key of metaopt's record: in the first param group (layout 3), at the top (1 and 2)."""
+
+
+def record_of(state_dict: Mapping[str, Any]) -> Any:
+    """The metaopt record of a saved state dict of any layout (``None`` if it has none)."""
+    groups = state_dict.get("param_groups")
+    if isinstance(groups, list) and groups and isinstance(groups[0], Mapping) and RECORD in groups[0]:
+        return groups[0][RECORD]
+    return state_dict.get(RECORD)
+
+
+def with_record(state: Mapping[Any, Any], groups: Sequence[Mapping[str, Any]], record: Any) -> dict[str, Any]:
+    """A layout-3 state dict: ``state``, and ``groups`` (without any record of their own, such
+    as a wrapped metaopt optimizer's) with ``record`` in the first one."""
+    clean = [{k: v for k, v in g.items() if k != RECORD} for g in groups]
+    clean[0][RECORD] = record
+    return {"state": state, "param_groups": clean}
 
 
 V1_MIGRATIONS: dict[
@@ -57,7 +89,7 @@ record (registered by the module that defines the method, so that this module im
 
 def migrate_state_dict(state_dict: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     """A state dict in the current layout (:data:`STATE_VERSION`), from any saved layout."""
-    own = state_dict.get("metaopt")
+    own = record_of(state_dict)
     if not isinstance(own, Mapping):
         raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
     version = own.get("version", 1)
@@ -66,11 +98,22 @@ def migrate_state_dict(state_dict: Mapping[str, Any], where: str) -> Mapping[str
     if version == STATE_VERSION:
         return state_dict
     try:
+        if version == 2:
+            return _migrate_v2(state_dict, own)
         return _migrate_v1(state_dict, own, version, where)
     except (AttributeError, IndexError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(
             f"{where}.load_state_dict: a layout-{version} state dict that cannot be read ({err!r})"
         ) from None
+
+
+def _migrate_v2(state_dict: Mapping[str, Any], own: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Layout 2 → 3: the record (and a wrapped optimizer's, nested in it) moves into the
+    first param group."""
+    new_own = {**own, "version": STATE_VERSION}
+    if isinstance(own.get("inner"), Mapping):
+        new_own["inner"] = {**own["inner"], "version": STATE_VERSION}
+    return with_record(state_dict["state"], list(state_dict["param_groups"]), new_own)
 
 
 def _migrate_v1(
@@ -86,12 +129,13 @@ def _migrate_v1(
     state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
     new_own = dict(own)  # each migration below takes its own records out
     new_own["version"] = STATE_VERSION
-    if isinstance(inner.get("metaopt"), Mapping):
-        new_own["inner"] = inner["metaopt"]
+    inner_own = record_of(inner)
+    if isinstance(inner_own, Mapping):
+        new_own["inner"] = inner_own
     for key, migrate in V1_MIGRATIONS.items():  # the methods' own layout-1 records
         if key in own:
             migrate(own, state, new_own, where)
-    return {"state": state, "param_groups": inner.get("param_groups"), "metaopt": new_own}
+    return with_record(state, list(inner["param_groups"]), new_own)
 
 
 def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -132,6 +176,28 @@ def probe_optimizer_state(optimizer: Optimizer, state: Mapping[str, Any], where:
         ) from None
 
 
+def _by_index(
+    per_param: Mapping[Any, Any], groups: list[dict[str, Any]], where: str
+) -> tuple[Mapping[Any, Any], list[dict[str, Any]]]:
+    """``state`` and ``param_groups`` keyed by torch.optim's parameter index. DCP's
+    ``set_state_dict`` passes them keyed by parameter name (torch.optim maps them by their
+    position in the param groups, as done here)."""
+    names = [k for g in groups if isinstance(g, Mapping) for k in g.get("params", [])]
+    if all(isinstance(k, int) and not isinstance(k, bool) for k in names):
+        return per_param, groups
+    position = {k: i for i, k in enumerate(names)}
+    unknown = [k for k in per_param if k not in position]
+    if len(position) != len(names) or unknown:
+        raise ValueError(
+            f"{where}.load_state_dict: the state of {unknown[:3]} is keyed by names that the param "
+            "groups do not list once each"
+        )
+    return (
+        {position[k]: v for k, v in per_param.items()},
+        [{**g, "params": [position[k] for k in g.get("params", [])]} for g in groups],
+    )
+
+
 def split_state(
     state_dict: Any, prefixes: tuple[str, ...], composed: bool, where: str
 ) -> tuple[Mapping[str, Any], dict[str, Any], dict[int, dict[str, Any]]]:
@@ -143,10 +209,12 @@ def split_state(
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
     state_dict = migrate_state_dict(state_dict, where)
-    own = state_dict.get("metaopt")
+    own = record_of(state_dict)
     per_param, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(own, Mapping) or not isinstance(per_param, Mapping) or not isinstance(groups, list):
         raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
+    groups = [{k: v for k, v in g.items() if k != RECORD} for g in groups]
+    per_param, groups = _by_index(per_param, groups, where)
     rest: dict[Any, dict[str, Any]] = {}
     fields: dict[int, dict[str, Any]] = {}
     for i, entry in per_param.items():
@@ -165,7 +233,7 @@ def split_state(
             "unlike this one (another composition)"
         )
     if composed:
-        inner["metaopt"] = own.get("inner")
+        inner = with_record(rest, groups, own.get("inner"))
     else:
         stray = sorted(
             {k for e in rest.values() for k in e if isinstance(k, str) and k.startswith("metaopt_")}
@@ -176,6 +244,23 @@ def split_state(
                 "optimizer's (saved by another method or composition?)"
             )
     return own, inner, fields
+
+
+def initializes_state(optimizer: Optimizer, trainable: list[Tensor]) -> bool:
+    """Whether a ``step()`` now is ``torch.distributed.checkpoint``'s initialization of a fresh
+    optimizer's state (``get_state_dict`` and ``set_state_dict`` call ``step()`` on an optimizer
+    whose ``state`` is empty, after giving every parameter a zero gradient and every param group
+    an lr of 0, so that a load template has the fields to load into): the wrapped ``optimizer``'s
+    state is empty, every lr is 0 and every one of the ``trainable`` parameters has a gradient
+    of zeros. The caller checks that no backward is pending. Cheap checks first: a stateful
+    optimizer that has stepped returns at once, with no host read."""
+    if optimizer.state or not trainable:
+        return False
+    if any(g.get("lr", 0) != 0 for g in optimizer.param_groups):
+        return False
+    if any(p.grad is None for p in trainable):
+        return False
+    return not any(bool(local_tensor(p.grad).any()) for p in trainable)  # type: ignore[arg-type]
 
 
 def check_like(values: Any, live: Mapping[str, Any], shape: torch.Size, where: str) -> None:

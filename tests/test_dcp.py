@@ -1,0 +1,111 @@
+"""``torch.distributed.checkpoint`` with PyTorch's own recipe (an ``AppState`` ``Stateful`` over
+``get_state_dict`` / ``set_state_dict``, ``dcp.save`` / ``dcp.load``) on 2 CPU ranks (gloo):
+a run resumed from the checkpoint into a freshly built model and optimizer equals the
+uninterrupted run bit for bit, under FSDP2 and DDP, and building the load template takes no
+hidden metaopt step. Single-process checks of the same mechanics (DCP's initialization of a
+fresh optimizer's state, names as state keys) run without spawning."""
+
+from __future__ import annotations
+
+import os
+
+import _dcp_worker
+import pytest
+import torch
+
+import metaopt
+
+from _spawn import file_store, spawn
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+CASES = [
+    ("fsdp2", "sequential_reptile"),
+    ("fsdp2", "pcgrad"),
+    ("fsdp2", "sequential_reptile_nesterov"),
+    ("ddp", "sequential_reptile"),
+    ("ddp", "gradvac"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dcp"))
+    spawn(_dcp_worker.run, 2, (CASES, file_store(out), out))
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c))
+def test_dcp_resume_equals_the_uninterrupted_run(results, case):
+    for res in results:
+        r = res[case]
+        assert r["every_state"]
+        assert r["hidden"] == (0, 0, True)  # the fresh template took no step and made no draw
+        assert r["counts"] == (_dcp_worker.SAVED_AT, _dcp_worker.SAVED_AT)
+        for a, b in zip(r["uninterrupted"], r["resumed"]):
+            assert torch.equal(a, b)
+    for a, b in zip(results[0][case]["resumed"], results[1][case]["resumed"]):
+        assert torch.equal(a, b)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2).double()
+
+
+def _losses(model: torch.nn.Module, opt: metaopt.MultiTaskOptimizer, s: int) -> dict[str, torch.Tensor]:
+    x = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+    return {t: (model(x) * (1 + i)).pow(2).mean() for i, t in enumerate(opt.next_tasks())}
+
+
+@pytest.mark.parametrize("stateful", [True, False], ids=["adam", "sgd"])
+def test_get_state_dict_takes_no_hidden_step(stateful):
+    """DCP initializes an optimizer whose ``state`` is empty by stepping it at lr 0 from zero
+    gradients: a fresh metaopt optimizer, and at every call one over a stateless optimizer
+    (plain SGD), mid-run too. The run equals a twin's that never met DCP: no counter, draw or
+    parameter moves."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def pair():
+        model = _model()
+        params = model.parameters()
+        inner = torch.optim.Adam(params, lr=0.1) if stateful else torch.optim.SGD(params, lr=0.1)
+        return model, metaopt.SequentialReptile(inner, tasks=["a", "b"], inner_steps=2, seed=0)
+
+    (model, opt), (twin_model, twin) = pair(), pair()
+    for s in range(5):
+        get_state_dict(model, opt)
+        assert (opt.step_count, opt.clock) == (s, s)
+        assert all(p.grad is None for p in model.parameters())
+        assert opt.next_tasks() == twin.next_tasks()
+        opt.step(_losses(model, opt, s))
+        twin.step(_losses(twin_model, twin, s))
+        opt.zero_grad()  # DCP initializes an optimizer with empty state only without gradients
+        twin.zero_grad()
+        for a, b in zip(model.parameters(), twin_model.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_state_keyed_by_parameter_names_loads_as_by_index():
+    """``set_state_dict`` hands ``load_state_dict`` the state keyed by parameter names, the param
+    groups listing them in order (torch.optim maps them by position): metaopt does the same."""
+    model = _model()
+    opt = metaopt.PCGrad(torch.optim.Adam(model.parameters(), lr=0.1), tasks=["a", "b"], seed=0)
+    for s in range(3):
+        opt.step(_losses(model, opt, s))
+    state = opt.state_dict()
+    names = ["weight", "bias"]
+    by_name = {
+        "state": {names[i]: v for i, v in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    fresh = metaopt.PCGrad(torch.optim.Adam(_model().parameters(), lr=0.1), tasks=["a", "b"], seed=1)
+    fresh.load_state_dict(by_name)
+    again = fresh.state_dict()
+    assert fresh.step_count == 3 and torch.equal(fresh.generator.get_state(), opt.generator.get_state())
+    for i in state["state"]:
+        for k, v in state["state"][i].items():
+            assert torch.equal(v, again["state"][i][k])
+    bad = {**by_name, "state": {**by_name["state"], "nothing": {}}}
+    with pytest.raises(ValueError, match="keyed by names"):
+        fresh.load_state_dict(bad)
