@@ -22,7 +22,7 @@ from ._options import Option, flag, optional_fraction, optional_positive, option
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
 from .parts.outer import ACC, OUTER, SLOW, OuterRecord, OuterStep, migrate_v1, parse_fields
-from .parts.placement import local_tensor, placed_like
+from .parts.placement import local_tensor, placed_like, reshard_gathered, sharded
 from .parts.ranks import compare_local_ranks
 from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
@@ -238,6 +238,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             )
         if isinstance(group, str):
             raise ValueError(f"{name}: process_group must be a process group or None, got {group!r}")
+        if sharded(self._param_list):
+            raise ValueError(
+                f"{name}: local_trajectories=True needs every rank to hold a whole replica of the "
+                "model, and its parameters are sharded (FSDP2): each rank's shard would be a "
+                "different trajectory stitched into one model. FSDP within a replica and local "
+                "trajectories across replicas (hybrid) is not supported yet"
+            )
         # the default group is looked up at each use, not held: a ProcessGroup kept alive past
         # destroy_process_group() is destroyed at interpreter exit, where gloo can abort
         group = _WORLD if group is None or group is dist.group.WORLD else group
@@ -338,10 +345,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         return self.engine.slow
 
     @contextmanager
-    def use_slow_weights(self) -> Iterator[None]:
+    def use_slow_weights(self, module: nn.Module | None = None) -> Iterator[None]:
         """Inside the block the parameters (and interpolated buffers) hold the slow weights φ
         (as of the last outer step); on exit they get their fast values θ back. Evaluate a
         Reptile-family model here.
+
+        Under FSDP2 pass the model, ``use_slow_weights(model)``: FSDP2 keeps the root module's
+        gathered parameters after a forward without backward, so a forward would not see the
+        swap (or, after the block, would keep computing with φ); every FSDP module in
+        ``module`` is resharded before and after it.
 
         Example:
             >>> import torch, metaopt
@@ -354,6 +366,17 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             >>> torch.equal(at_phi, opt.slow_weights[0]), torch.equal(model.weight, at_phi)
             (True, False)
         """
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}.use_slow_weights: module must be the model (an nn.Module), "
+                f"got {type(module).__name__}"
+            )
+        if module is None and sharded(self._param_list):
+            raise ValueError(
+                f"{type(self).__name__}.use_slow_weights: the parameters are sharded (FSDP2); pass "
+                "the model, use_slow_weights(model), so that FSDP2's gathered copies are dropped "
+                "before and after the swap (the root module keeps them after a forward)"
+            )
         # re-examined for casts and moves, the set of tensors kept: a parameter frozen for the
         # evaluation keeps its slow weights until the trajectory ends, as without it
         self.engine.refresh(keep_buffers=self.outer_step.keep_buffers)
@@ -361,11 +384,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         fast = self.engine.fast
         with torch.no_grad():
             saved = [p.detach().clone() for p in fast]
+            reshard_gathered(module)
             self.engine.sync_fast()
         try:
             yield
         finally:
             with torch.no_grad():
+                reshard_gathered(module)
                 torch._foreach_copy_(fast, saved)
             if clean:
                 self._record_versions()

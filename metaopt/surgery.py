@@ -25,6 +25,7 @@ from .aggregation._validate import compute_dtype
 from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
+from .parts.grads import bad_losses
 from .parts.placement import Sharding, jacobian_through_engine, local_tensor
 
 __all__ = ["GradientSurgery"]
@@ -242,9 +243,16 @@ class GradientSurgery(MultiTaskOptimizer):
             return cached[2]
         stray = [t for t, hit in zip(names, this.any(1).tolist()) if not hit]
         if stray:
+            fsdp = (
+                "; under FSDP2, is gradient sync off (set_requires_gradient_sync(False))? A per-task "
+                "method reads each task's reduce-scattered gradient: accumulate micro-batches with "
+                "opt.backward(losses) and sync on"
+                if self._sharding is not None
+                else ""
+            )
             raise ValueError(
                 f"{name}: the loss of task(s) {stray} reaches none of the optimizer's "
-                "parameters (a module left out of the optimizer?)"
+                f"parameters (a module left out of the optimizer?){fsdp}"
             )
         by_any = reached.any(0).tolist()
         if self._shared is None:
@@ -333,7 +341,7 @@ class GradientSurgery(MultiTaskOptimizer):
         T = len(names)
         grad = self._grad_buffer(params[0])
         bad = [t for t, good in zip(names, flags[:T]) if not good]
-        bad_loss = {t: float(v) for t, v, good in zip(names, values, flags[T : 2 * T]) if not good}
+        bad_loss = bad_losses(dict(zip(names, values)), flags[T : 2 * T])
         flags = flags[:T] + flags[2 * T :]
         if bad_loss:
             self._refusal = f"non-finite loss for task(s) {bad_loss}; nothing was updated"

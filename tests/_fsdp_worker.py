@@ -110,7 +110,124 @@ def run(rank: int, runs: list[tuple[str, str]], nan_runs: list[str], store: str,
     try:
         results: dict = {(name, recipe): train(rank, name, recipe) for name, recipe in runs}
         results.update({("nan", name): nan_in_one_shard(rank, name) for name in nan_runs})
+        results.update(review_cases(rank))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
     leave(0)
+
+
+# ---------------------------------------------------------------- cases found by review
+def inf_loss_on_one_rank(rank: int, name: str) -> dict:
+    """Rank 1's first loss is +inf (a detached constant: its gradients stay finite). Every rank
+    must refuse the step, with nothing moved, or the ranks would go on out of step."""
+    model = sharded_net()
+    opt = build(name, model)
+    losses = {t: loss_of(model, t, half(0, t, rank), reduction="mean") for t in opt.next_tasks()}
+    if rank == 1:
+        first = next(iter(losses))
+        losses[first] = losses[first] + float("inf")
+    before = [p.full_tensor() for p in model.parameters()]
+    try:
+        opt.step(losses)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    return {"refused": refused, "unchanged": unchanged, "steps": opt.step_count}
+
+
+def slow_eval(model: Net, rank: int, world: int) -> dict:
+    """Reptile mid-trajectory, evaluated on the fast weights, then on the slow weights, then on
+    the fast weights again, and trained on: with FSDP2 on the root module only, whose gathered
+    parameters FSDP2 keeps after a forward without backward."""
+    opt = metaopt.Reptile(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        tasks=TASKS,
+        inner_steps=3,
+        outer_lr=0.5,
+        allow_unused=True,
+    )
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 4)
+    out: dict = {}
+    for s in range(5):
+        (t,) = opt.next_tasks()
+        xy = half(s, t, rank) if world > 1 else _whole(s, t)
+        opt.step({t: loss_of(model, t, xy, reduction="mean")})
+        if s == 1:
+            with torch.no_grad():
+                out["fast_before"] = model(x, "a").clone()
+                with opt.use_slow_weights(model):
+                    out["slow"] = model(x, "a").clone()
+                out["fast_after"] = model(x, "a").clone()
+    out["params"] = [
+        p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()
+    ]
+    return out
+
+
+def _whole(step: int, task: str):
+    from _stacks import batch
+
+    return batch(step, task)
+
+
+class SharedNet(Net):
+    """``Net`` whose ``forward(x)`` (no task) runs the encoder once and every head on it, so
+    that the tasks' losses share the encoder's graph (through the root module's forward, as
+    FSDP2 needs)."""
+
+    def forward(self, x: torch.Tensor, task: str | None = None):  # type: ignore[override]
+        if task is not None:
+            return super().forward(x, task)
+        h = torch.tanh(self.enc(x))
+        return [self.heads[t](h) for t in TASKS]
+
+
+def shared_forward_losses(model: Net, step: int, rank: int, world: int) -> dict:
+    """One encoder forward feeding every head: the losses share the encoder's graph."""
+    x, _ = half(step, "a", rank) if world > 1 else _whole(step, "a")
+    out = {}
+    for t, o in zip(TASKS, model(x)):
+        y = x @ (torch.arange(1.0, 5.0, dtype=x.dtype).reshape(4, 1) * (TASKS.index(t) - 1)) + 0.3
+        out[t] = (o - y).pow(2).mean()
+    return out
+
+
+def shared_forward(model: Net, rank: int, world: int, retain_graph: bool) -> list[torch.Tensor]:
+    opt = metaopt.PCGrad(
+        torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS, retain_graph=retain_graph
+    )
+    for s in range(3):
+        opt.step(shared_forward_losses(model, s, rank, world))
+    return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+
+
+def review_cases(rank: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    out: dict = {
+        ("inf_loss", n): inf_loss_on_one_rank(rank, n) for n in ("mtl", "sequential_reptile", "pcgrad")
+    }
+    root_only = Net()
+    fully_shard(root_only)
+    out["slow_eval"] = slow_eval(root_only, rank, 2)
+    model = sharded_net()
+    opt = build("reptile", model)
+    try:
+        with opt.use_slow_weights():
+            pass
+        out["slow_without_model"] = None
+    except ValueError as err:
+        out["slow_without_model"] = str(err)
+    shared = SharedNet()
+    fully_shard(shared)
+    out["shared_forward"] = shared_forward(shared, rank, 2, retain_graph=False)
+    try:
+        metaopt.SequentialReptile(
+            torch.optim.SGD(sharded_net().parameters(), lr=0.1), tasks=TASKS, local_trajectories=True
+        )
+        out["local_trajectories"] = None
+    except ValueError as err:
+        out["local_trajectories"] = str(err)
+    return out

@@ -82,10 +82,11 @@ def test_state_and_communication_per_rank(results, name):
     step, one all-reduce of the T x T Gramian and one of the backward's flags (each task's
     gradient and loss, the update's range, split); GradNorm adds one of the T losses (averaged
     over the ranks) and one of the T squared norms of its layer's shards; every method ends with
-    one all-reduce of the step's gradient-check flag. Everything else is FSDP2's own
-    reduce-scatters and all-gathers."""
+    one all-reduce of the step's check (one flag for the gradients' shards, one per loss of the
+    step). Everything else is FSDP2's own reduce-scatters and all-gathers."""
     T, steps = 3, _fsdp_worker.STEPS
-    calls, elements = 1, 1  # the step's gradient check
+    per_step = 1 if name in ("sequential_reptile", "reptile", "sequential_reptile_nesterov") else T
+    calls, elements = 1, 1 + per_step  # the step's check: every shard's gradient, each loss
     if name in PER_TASK or name == "gradnorm_pcgrad":
         calls, elements = calls + 2, elements + T * T + 2 * T + 2
     if name.startswith("gradnorm"):
@@ -97,3 +98,46 @@ def test_state_and_communication_per_rank(results, name):
         assert (r["all_reduce_calls"], r["all_reduce_elements"]) == (calls * steps, elements * steps)
     shards = [res[(name, "one_loop")]["local_elements"] for res in results]
     assert sum(shards) == sum(p.numel() for p in Net().parameters())
+
+
+@pytest.mark.parametrize("name", ["mtl", "sequential_reptile", "pcgrad"])
+def test_a_non_finite_loss_on_one_rank_is_refused_on_every_rank(results, name):
+    """Rank 1's loss is +inf with finite gradients: the ranks agree on the losses' flags too, so
+    neither steps (rank 0 says another rank's loss was not finite) and they stay in step."""
+    messages = []
+    for res in results:
+        r = res[("inf_loss", name)]
+        assert r["refused"] is not None and "non-finite loss" in r["refused"]
+        assert r["unchanged"] and r["steps"] == 0
+        messages.append(r["refused"])
+    assert "another rank" in messages[0] and "inf" in messages[1]
+
+
+def test_use_slow_weights_sees_the_swap_when_the_root_module_owns_parameters(results):
+    """FSDP2 keeps the root module's gathered parameters after a forward without backward:
+    use_slow_weights(model) reshards before and after the swap, so the evaluation sees φ, the
+    next forward θ, and training goes on as in one process."""
+    ref = _fsdp_worker.slow_eval(Net(), 0, 1)
+    for res in results:
+        r = res["slow_eval"]
+        for key in ("fast_before", "slow", "fast_after"):
+            torch.testing.assert_close(r[key], ref[key], rtol=0.0, atol=1e-9)
+        assert not torch.equal(r["slow"], r["fast_before"])
+        for a, b in zip(r["params"], ref["params"]):
+            torch.testing.assert_close(a, b, rtol=0.0, atol=1e-9)
+        assert "pass the model" in res["slow_without_model"]
+
+
+def test_losses_sharing_a_forward_need_no_retain_graph_under_fsdp2(results):
+    """One encoder forward feeding every head, PCGrad without retain_graph=True: each task's
+    backward through FSDP2 keeps the graph for the next, so it equals one process with
+    retain_graph=True (where autograd.grad needs it)."""
+    ref = _fsdp_worker.shared_forward(_fsdp_worker.SharedNet(), 0, 1, retain_graph=True)
+    for res in results:
+        for a, b in zip(res["shared_forward"], ref):
+            torch.testing.assert_close(a, b, rtol=0.0, atol=1e-9)
+
+
+def test_local_trajectories_on_sharded_parameters_are_refused_when_built(results):
+    for res in results:
+        assert "sharded (FSDP2)" in res["local_trajectories"]

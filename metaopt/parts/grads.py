@@ -14,6 +14,7 @@ False
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,7 +23,15 @@ from torch import Tensor
 from ..jacobian import compiled_graph, reaches_any
 from .placement import agree, local_tensor, sharded
 
-__all__ = ["all_finite", "check_grads", "check_losses", "graph_problem", "summed_backward", "unscale"]
+__all__ = [
+    "all_finite",
+    "bad_losses",
+    "check_grads",
+    "check_losses",
+    "graph_problem",
+    "summed_backward",
+    "unscale",
+]
 
 
 def graph_problem(message: str) -> str | None:
@@ -156,6 +165,17 @@ def summed_backward(
                     p.grad = None
 
 
+def bad_losses(losses: Mapping[str, Tensor], ok: Sequence[bool]) -> dict[str, float | str]:
+    """The losses flagged not ``ok``, for an error: each value, or where it is finite here, a
+    note that another rank's was not (the flags of a sharded model are agreed over the ranks)."""
+    out: dict[str, float | str] = {}
+    for t, v, good in zip(losses, losses.values(), ok):
+        if not good:
+            value = float(v)
+            out[t] = value if not math.isfinite(value) else "non-finite on another rank"
+    return out
+
+
 def check_grads(
     params: Sequence[Tensor],
     losses: Mapping[str, Tensor] | None,
@@ -187,20 +207,20 @@ def check_grads(
                 "or pass allow_unused=True if they are legitimately unused by some steps "
                 "(task-specific heads)"
             )
-    grads_ok = agree(all_finite([local_tensor(g) for g in grads]), grads)  # every shard finite
-    loss_ok = None
-    ok = grads_ok
+    flags = all_finite([local_tensor(g) for g in grads]).reshape(1)
     if losses:
         values = list(losses.values())
         if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
             loss_ok = torch.stack(values).isfinite()
         else:
             loss_ok = torch.stack([v.isfinite() for v in values])
-        ok = loss_ok.all() & grads_ok.to(loss_ok.device)
-    if bool(ok):
+        flags = torch.cat([flags.to(loss_ok.device), loss_ok])
+    # a sharded model's ranks decide together: every shard's gradient and every rank's losses
+    flags = agree(flags, grads)
+    if bool(flags.all()):
         return
-    if losses and loss_ok is not None and not bool(loss_ok.all()):
-        bad = {t: float(v) for t, v, good in zip(losses, losses.values(), loss_ok.tolist()) if not good}
+    if losses and not bool(flags[1:].all()):
+        bad = bad_losses(losses, flags[1:].tolist())
         raise ValueError(f"{name}.step: non-finite loss for task(s) {bad}; nothing was updated")
     source = f"the finite loss(es) of {list(losses)}" if losses else "the backward pass"
     raise ValueError(

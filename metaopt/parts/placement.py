@@ -29,7 +29,15 @@ from torch import Tensor
 
 from ..jacobian import TaskJacobian, parameter_slices
 
-__all__ = ["Sharding", "agree", "jacobian_through_engine", "local_tensor", "placed_like", "sharded"]
+__all__ = [
+    "Sharding",
+    "agree",
+    "jacobian_through_engine",
+    "local_tensor",
+    "placed_like",
+    "reshard_gathered",
+    "sharded",
+]
 
 
 def _is_dtensor(t: object) -> bool:
@@ -124,6 +132,20 @@ class Sharding:
         return placed_like(local, param)
 
 
+def reshard_gathered(module: Any) -> None:
+    """Drop the gathered (unsharded) parameters FSDP2 holds for the FSDP modules in ``module``
+    (``FSDPModule.reshard()``), so that the next forward gathers the shards as they are now:
+    FSDP2 keeps the root module's gathered parameters after a forward without backward.
+    Nothing for ``None`` or a model without FSDP modules."""
+    if module is None or not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def placed_like(local: Tensor, param: Tensor) -> Tensor:
     """``local`` (this rank's elements of a tensor shaped like ``param``) as a ``DTensor`` placed
     as ``param`` is, without a copy, where ``param`` is a ``DTensor``; ``local`` otherwise. How
@@ -166,14 +188,18 @@ def jacobian_through_engine(
     copies and reduce-scatters their gradients into the shards' ``.grad`` from its own backward
     hooks. So each loss runs its own ``backward()`` as after ``loss.backward()``, and its row is
     read from ``.grad``, which is cleared before each task and left cleared. A parameter whose
-    ``.grad`` stays ``None`` is unreached by that task."""
+    ``.grad`` stays ``None`` is unreached by that task. Every backward but the last keeps the
+    graph, whatever ``retain_graph`` says: losses that share part of their graph (one encoder
+    forward) then need no ``retain_graph=True``, and a backward cannot fail half-way on a freed
+    graph, which would leave FSDP2's hooks mid-backward. The graphs are held no longer than the
+    losses are: the peak is the T graphs the forward built."""
     locals_ = [local_tensor(p) for p in params]
     slices = parameter_slices(locals_)
     reached: list[list[bool]] = []
     for t, loss in enumerate(losses):
         for p in params:
             p.grad = None
-        torch.autograd.backward(loss, retain_graph=retain_graph)
+        torch.autograd.backward(loss, retain_graph=retain_graph or t < len(losses) - 1)
         row = out[t]
         hits = []
         for p, sl in zip(params, slices):
