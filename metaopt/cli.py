@@ -27,6 +27,7 @@ __all__ = ["info", "main"]
 _OPTIONAL = {
     "bench": ("torchjd", "matplotlib", "tqdm"),
     "hf": ("transformers", "accelerate"),
+    "peft": ("peft",),
     "test": ("pytest", "hypothesis", "mypy", "ruff"),
 }
 # What the checkout's scripts import from the bench extra (import names): a script that stops on

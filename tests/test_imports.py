@@ -20,6 +20,7 @@ OPTIONAL = (
     "cvxpy",
     "transformers",
     "accelerate",
+    "peft",
     "matplotlib",
     "tqdm",
     "babel",
