@@ -165,6 +165,18 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         """The wrapped optimizer's param groups (LR schedulers act on these)."""
         return self.base_optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups: Any) -> None:
+        # DeepSpeed's ZeRO optimizers replace an optimizer's param groups with flattened fp32
+        # partitions of the parameters: metaopt's state (slow weights, per-task rows) is kept
+        # beside the model's own parameters and would silently stop matching them
+        raise TypeError(
+            f"{type(self).__name__}: its param groups are the wrapped optimizer's and cannot be "
+            "replaced (DeepSpeed's ZeRO stages replace them with flattened partitions of the "
+            "parameters, which metaopt does not support: use FSDP2, or DeepSpeed without ZeRO "
+            "and without handing it the optimizer); add groups with add_param_group"
+        )
+
     @property
     def state(self) -> Any:  # type: ignore[override]
         """The wrapped optimizer's per-parameter state."""

@@ -181,3 +181,14 @@ def test_load_state_dict_validation():
         diff.load_state_dict({"state": {}})
     with pytest.raises(TypeError, match="closure"):
         opt.step({}, closure=lambda: 0.0)
+
+
+def test_replacing_the_param_groups_is_refused_naming_deepspeed():
+    """DeepSpeed's ZeRO stages replace an optimizer's param groups with flattened partitions;
+    metaopt's state sits beside the model's parameters, so that is refused, saying why, and the
+    groups stay as they were."""
+    model, opt, _ = trained_opt()
+    groups = opt.param_groups
+    with pytest.raises(TypeError, match="DeepSpeed's ZeRO"):
+        opt.param_groups = [{"params": [torch.zeros(3, requires_grad=True)]}]
+    assert opt.param_groups is groups and opt.param_groups is opt.base_optimizer.param_groups
