@@ -22,7 +22,7 @@ from ._options import Option, flag, optional_fraction, optional_positive, option
 from .base import MultiTaskOptimizer
 from .interpolation import Interpolator, Method
 from .parts.outer import ACC, OUTER, SLOW, OuterRecord, OuterStep, migrate_v1, parse_fields
-from .parts.placement import local_tensor, placed_like, reshard_gathered, sharded
+from .parts.placement import check_replica_group, local_tensor, placed_like, reshard_gathered, sharded
 from .parts.ranks import compare_local_ranks
 from .parts.slots import SLOT, TrajectorySlots, slot_field
 from .parts.state_dict import V1_MIGRATIONS
@@ -239,12 +239,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         if isinstance(group, str):
             raise ValueError(f"{name}: process_group must be a process group or None, got {group!r}")
         if sharded(self._param_list):
-            raise ValueError(
-                f"{name}: local_trajectories=True needs every rank to hold a whole replica of the "
-                "model, and its parameters are sharded (FSDP2): each rank's shard would be a "
-                "different trajectory stitched into one model. FSDP within a replica and local "
-                "trajectories across replicas (hybrid) is not supported yet"
-            )
+            check_replica_group(self._param_list, None if group is None else group, name)
         # the default group is looked up at each use, not held: a ProcessGroup kept alive past
         # destroy_process_group() is destroyed at interpreter exit, where gloo can abort
         group = _WORLD if group is None or group is dist.group.WORLD else group
@@ -633,7 +628,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             else f"{name}.step (before outer step {self._outer_count + 1}, verify_ranks=True)"
         )
         config = (*self._rank_config(), self._outer_count, self._inner_count, self._trajectory)
-        grads = [p.grad for p in self._trainable() if p.grad is not None] if with_grads else []
+        grads = [local_tensor(p.grad) for p in self._trainable() if p.grad is not None] if with_grads else []
         stream = _distributed.fingerprint(self.generator.get_state())
         compare_local_ranks(
             config, self.engine.slow_buffers, grads, stream, group, self.timeout, where, with_grads=with_grads

@@ -32,6 +32,7 @@ from ..jacobian import TaskJacobian, parameter_slices
 __all__ = [
     "Sharding",
     "agree",
+    "check_replica_group",
     "jacobian_through_engine",
     "local_tensor",
     "placed_like",
@@ -130,6 +131,32 @@ class Sharding:
     def like(self, local: Tensor, param: Tensor) -> Tensor:
         """A ``DTensor`` placed as ``param``, whose local shard is ``local`` (no copy)."""
         return placed_like(local, param)
+
+
+def check_replica_group(params: Sequence[Tensor], group: Any, where: str) -> None:
+    """Local trajectories over sharded parameters (hybrid: FSDP2 within each replica of the
+    model, one trajectory per replica): ``group`` must be the replica dimension's group, whose
+    ranks hold the same shard of the model in different replicas, so that averaging each rank's
+    shard over it averages the replicas. Refused when it is missing or crosses the mesh the
+    parameters are sharded over (it must meet that mesh in this rank only)."""
+    if group is None:
+        raise ValueError(
+            f"{where}: local_trajectories=True on sharded parameters (FSDP2) needs process_group="
+            "the replica dimension's group: shard the model within each replica (fully_shard("
+            "model, mesh=mesh['shard']) on a 2-D DeviceMesh) and pass mesh.get_group('replicate'); "
+            "with the default group every rank would average a different shard"
+        )
+    dist = torch.distributed
+    meshes = {tuple(p.device_mesh.mesh.flatten().tolist()) for p in params if _is_dtensor(p)}  # type: ignore[attr-defined]
+    replicas = set(dist.get_process_group_ranks(group))
+    me = dist.get_rank()
+    if any(set(m) & replicas != {me} for m in meshes):
+        raise ValueError(
+            f"{where}: process_group {sorted(replicas)} is not the replica dimension of the mesh "
+            f"the parameters are sharded over ({sorted(meshes)}): it must hold one rank of each "
+            "replica, each holding this rank's shard (mesh.get_group('replicate') of a 2-D "
+            "DeviceMesh whose other dimension FSDP2 shards over)"
+        )
 
 
 def reshard_gathered(module: Any) -> None:
