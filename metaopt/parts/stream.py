@@ -50,6 +50,13 @@ class StreamRecord:
     """A task held for a whole trajectory (Reptile), or ``None``."""
 
 
+def _on_cpu(state: Any) -> Any:
+    """A generator state as ``torch.Generator.set_state`` takes it: on the CPU. Tools that move
+    a whole optimizer state dict to the model's device (Accelerate's ``prepare`` does, through
+    ``load_state_dict``) move the saved state too."""
+    return state.cpu() if isinstance(state, torch.Tensor) else state
+
+
 class TaskStream:
     """The draws and counters of one optimizer (each optimizer of a composition has its own).
 
@@ -125,8 +132,8 @@ class TaskStream:
         if isinstance(clock, bool) or not isinstance(clock, int) or clock < step:
             raise ValueError(f"{where}: saved clock {clock!r} is not an int >= the step count {step}")
         try:
-            torch.Generator().set_state(own["generator"])
-        except (KeyError, TypeError, RuntimeError, ValueError):
+            torch.Generator().set_state(_on_cpu(own["generator"]))
+        except (KeyError, TypeError, RuntimeError, ValueError, NotImplementedError):
             raise ValueError(f"{where}: the saved generator state is unreadable") from None
         pending = own.get("pending")
         if pending is not None and (
@@ -138,7 +145,7 @@ class TaskStream:
         """Take the fields :meth:`check_saved` accepted."""
         self.step = int(own["step"])
         self.clock = int(own.get("clock", self.step))
-        self.generator.set_state(own["generator"])
+        self.generator.set_state(_on_cpu(own["generator"]))
         pending = own.get("pending")
         self.pending = None if pending is None else tuple(pending)
 
