@@ -78,7 +78,9 @@ def test_sinusoid_example_runs_first_order_maml(capsys, monkeypatch):
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def _torchrun(*args: str) -> str:
+def _torchrun(
+    *args: str, script: str = "distributed.py", nproc: int = 2, done: str = "outer steps from step"
+) -> str:
     """Run the example under torchrun. gloo sometimes aborts a rank at interpreter exit, after
     the script has finished and destroyed its process group (about 1 run in 20 on this 2-core
     machine, with or without metaopt's collectives; pytorch/pytorch#179291 describes the
@@ -89,13 +91,13 @@ def _torchrun(*args: str) -> str:
         "-m",
         "torch.distributed.run",
         "--standalone",
-        "--nproc_per_node=2",
-        str(EXAMPLES / "distributed.py"),
+        f"--nproc_per_node={nproc}",
+        str(EXAMPLES / script),
         *args,
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if run.returncode != 0:
-        assert TEARDOWN_ABORT in run.stderr and "outer steps from step" in run.stdout, run.stderr[-3000:]
+        assert TEARDOWN_ABORT in run.stderr and done in run.stdout, run.stderr[-3000:]
     return run.stdout
 
 
@@ -108,3 +110,22 @@ def test_distributed_example_runs_under_torchrun_and_resumes(tmp_path, mode):
     assert f"{mode}: 2 ranks (gloo), 4 outer steps from step 0" in first
     again = _torchrun("--mode", mode, "--steps", "60", "--inner-steps", "10", "--checkpoint", ckpt)
     assert f"{mode}: 2 ranks (gloo), 6 outer steps from step 40" in again
+
+
+@pytest.mark.parametrize("method", ["SequentialReptile", "PCGrad"])
+def test_fsdp2_example_runs_under_torchrun_and_resumes_from_dcp(tmp_path, method):
+    """examples/fsdp.py (FSDP2 on 2 CPU ranks, PyTorch's DCP recipe), then again from its
+    checkpoint: the second run starts where the first saved."""
+    ckpt = str(tmp_path / "dcp")
+    args = ("--method", method, "--inner-steps", "5", "--checkpoint", ckpt)
+    first = _torchrun(*args, "--steps", "10", script="fsdp.py", done="held-out loss")
+    assert f"{method} fsdp2: 2 ranks (gloo), steps 0 to 10" in first
+    again = _torchrun(*args, "--steps", "15", script="fsdp.py", done="held-out loss")
+    assert f"{method} fsdp2: 2 ranks (gloo), steps 10 to 15" in again
+
+
+def test_hybrid_example_runs_under_torchrun_on_four_ranks():
+    """examples/fsdp.py --layout hybrid: FSDP2 within 2 replicas of 2 ranks, one local
+    trajectory per replica."""
+    out = _torchrun("--layout", "hybrid", "--steps", "20", script="fsdp.py", nproc=4, done="held-out loss")
+    assert "SequentialReptile hybrid: 4 ranks (gloo), steps 0 to 20" in out
