@@ -147,6 +147,9 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
         # the wrapped optimizer's state was created by DCP's initialization, not by a step
         self._initialized_state = False
+        self.last_report: StepReport | None = None
+        """The report of the last step taken or skipped (``None`` before the first): what
+        ``step()`` returned, for code that does not see that value (a Trainer's logs)."""
         self._ranks_checked = False
         # attributes torch.optim.Optimizer's machinery (hooks, schedulers, repr) expects
         self.defaults = base.defaults
@@ -530,7 +533,9 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         fields = self._after_step()
         losses = self._backward_losses or {}
         self._clear_backward()
-        return StepReport(tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, **fields)
+        report = StepReport(tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, **fields)
+        self.last_report = report
+        return report
 
     def _skip(self) -> StepReport:
         """A step ``GradScaler`` skipped (non-finite scaled gradients): a step with no update.
@@ -546,9 +551,11 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self.stream.served(taken=False)
         fields = self._after_skip()
         self._clear_backward()
-        return StepReport(
+        report = StepReport(
             tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, skipped=True, **fields
         )
+        self.last_report = report
+        return report
 
     def _after_skip(self) -> dict[str, Any]:
         """Hook: a step was skipped; what a served batch moves besides the draw (the Reptile
