@@ -77,10 +77,11 @@ def report_logs(report: StepReport, optimizer: MultiTaskOptimizer) -> dict[str, 
 class Trainer(transformers.Trainer):  # type: ignore[misc]
     """``transformers.Trainer`` for every metaopt method (see the module).
 
-    A model for a per-task method returns ``{"losses": {task: loss}}`` with the tasks of
-    ``opt.next_tasks()``; it may return ``"loss"`` too (ignored for the backward pass, which
-    is ``opt.backward(losses)``, each loss divided by ``gradient_accumulation_steps``). A model
-    for the Reptile family or MTL returns ``"loss"``, as for ``transformers.Trainer``.
+    When the optimizer's step wants several tasks (the per-task methods, MTL, compositions over
+    them), the model returns ``{"losses": {task: loss}}`` with the tasks of ``opt.next_tasks()``
+    (and may return ``"loss"`` too, for evaluation); the backward pass is
+    ``opt.backward(losses)``, each loss divided by ``gradient_accumulation_steps``. When it wants
+    one task (the Reptile family), the step is ``transformers.Trainer``'s own, on ``"loss"``.
     """
 
     def _metaopt(self) -> MultiTaskOptimizer | None:
@@ -92,20 +93,18 @@ class Trainer(transformers.Trainer):  # type: ignore[misc]
         self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> Tensor:
         opt = self._metaopt()
-        if opt is None:
+        if opt is None or len(opt.next_tasks()) == 1:  # one task, one loss: loss.backward()
             return super().training_step(model, inputs, *args, **kwargs)
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             outputs = model(**inputs)
         losses = outputs.get("losses") if isinstance(outputs, dict) else None
-        if losses is None:  # one loss: loss.backward(), as transformers.Trainer does
-            del outputs
-            return super().training_step(model, inputs, *args, **kwargs)
         if not isinstance(losses, dict):
             raise TypeError(
-                "metaopt.hf.Trainer: the model's 'losses' must be a dict {task: loss}, got "
-                f"{type(losses).__name__}"
+                f"metaopt.hf.Trainer: every step of {type(opt).__name__} wants the loss of each of "
+                f"{opt.next_tasks()}: the model must return {{'losses': {{task: loss}}}} from a "
+                f"batch holding every task's examples, got {type(losses).__name__}"
             )
         steps = self.args.gradient_accumulation_steps
         scaled = {t: v / steps for t, v in losses.items()}

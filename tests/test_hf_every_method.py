@@ -139,3 +139,30 @@ def test_evaluation_is_at_the_slow_weights(tmp_path):
     metrics = trainer.evaluate(eval_dataset=held_out)
     assert metrics["eval_loss"] == pytest.approx(at_phi, rel=1e-12)
     assert all(torch.equal(a, p) for a, p in zip(fast, model.parameters()))
+
+
+def test_for_the_reptile_family_it_is_the_trainers_own_step(tmp_path):
+    """One task per step: ``metaopt.hf.Trainer`` leaves the step to ``transformers.Trainer``
+    (one forward, ``loss.backward()``): the example's run is the same with either, bit for bit."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import hf_trainer
+
+    finals = []
+    for ours in (False, True):
+        plain, model, opt = hf_trainer.make_trainer(str(tmp_path / f"run{ours}"), steps=12)
+        trainer = plain
+        if ours:
+            trainer = Trainer(
+                model=model,
+                args=plain.args,
+                train_dataset=plain.train_dataset,
+                data_collator=plain.data_collator,
+                optimizers=(opt, plain.lr_scheduler),
+            )
+        trainer.train()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)
