@@ -73,3 +73,20 @@ def test_timing_script_runs(script, args, expect):
         [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=120, check=True
     ).stdout
     assert expect in out
+
+
+def test_memory_script_measures_one_shard_of_slow_weights_under_fsdp2():
+    """benchmarks/memory.py counts the tensors metaopt holds per rank (bytes, not time): Sequential
+    Reptile's slow weights are one fp32 copy of the parameters in one process and under DDP, and
+    one shard of them (half, on 2 ranks, up to FSDP2's padding) under FSDP2."""
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True, timeout=240, check=True
+    ).stdout
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+        for line in out.split("# extrapolated")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| mode")
+    }
+    assert float(rows["one process"][0]) == 1.0 and float(rows["ddp"][0]) == 1.0
+    assert 0.5 <= float(rows["fsdp2"][0]) <= 0.51
+    assert float(rows["fsdp2"][2]) < float(rows["one process"][2]) / 1.9  # PCGrad's rows: sharded too
