@@ -757,6 +757,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         elif len(pending) != 1:
             raise ValueError("every step wants one task")
 
+    def _trajectory_key(self) -> str | None:
+        group = self._local_group
+        if group is None or not torch.distributed.is_initialized():
+            return None
+        return f"rank{torch.distributed.get_rank(None if isinstance(group, str) else group)}"
+
     def _after_initialization(self) -> None:
         self._record_versions()  # DCP's initialization stepped the wrapped optimizer at lr 0
         self.outer_step.initialize_state()  # a load template holds the outer optimizer's fields

@@ -73,6 +73,11 @@ class StateDictProtocol:
     def _after_load(self) -> None:
         """Hook: the whole state dict was loaded."""
 
+    def _trajectory_key(self) -> str | None:
+        """``"rank<r>"`` when this rank's state is its own trajectory's (local trajectories),
+        so that the state dict keys it apart (:func:`metaopt.parts.state_dict.with_record`)."""
+        return None
+
     def _drop_initialized_state(self) -> None:
         """See :meth:`metaopt.MultiTaskOptimizer._drop_initialized_state`."""
 
@@ -105,7 +110,7 @@ class StateDictProtocol:
         }
         if self.inner is not None:
             own["inner"] = record_of(inner)
-        return with_record(state, inner["param_groups"], own)
+        return with_record(state, inner["param_groups"], own, self._trajectory_key())
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """Everything needed to continue identically, in ``torch.optim``'s layout: ``state``

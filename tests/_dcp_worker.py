@@ -20,10 +20,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _ddp_worker import half  # noqa: E402
 from _fsdp_worker import build, sharded_net  # noqa: E402
 
-from _spawn import leave  # noqa: E402
-from _stacks import Net, loss_of, torch_way_step  # noqa: E402
+import metaopt  # noqa: E402
 
-SAVED_AT, END = 6, 10
+from _spawn import leave  # noqa: E402
+from _stacks import TASKS, Net, loss_of, torch_way_step  # noqa: E402
+
+SAVED_AT, END = 6, 10  # local trajectories: K = 3, saved at an outer step (every rank's θ = φ)
 
 
 class AppState(Stateful):
@@ -43,6 +45,18 @@ class AppState(Stateful):
 
 
 def _build(engine: str, name: str):
+    if engine == "local":  # local trajectories: one per rank, each on its rank's own data
+        model = Net()
+        opt = metaopt.SequentialReptile(
+            torch.optim.Adam(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=3,
+            outer_lr=0.5,
+            seed=0,
+            allow_unused=True,
+            local_trajectories=True,
+        )
+        return model, model, opt
     if engine == "fsdp2":
         model = sharded_net()
         return model, model, build(name, model)
@@ -73,7 +87,7 @@ def resume(rank: int, engine: str, name: str, directory: str) -> dict:
     model2, forward2, opt2 = _build(engine, name)
     template = AppState(forward2, opt2)
     template.state_dict()  # what dcp.load does first: DCP initializes a fresh optimizer's state
-    hidden = (opt2.step_count, opt2.clock, opt2.next_tasks() == build(name, Net()).next_tasks())
+    hidden = (opt2.step_count, opt2.clock, opt2.next_tasks() == _build(engine, name)[2].next_tasks())
     dcp.load({"app": template}, checkpoint_id=directory)
     loaded_count = opt2.step_count
     _steps(name, opt2, forward2, rank, SAVED_AT, END)

@@ -61,23 +61,55 @@ torch.optim's layout with metaopt's per-parameter fields beside the wrapped opti
 record under ``"metaopt"``; 3 moves that record into the first param group."""
 
 RECORD = "metaopt"
-"""The key of metaopt's record: in the first param group (layout 3), at the top (1 and 2)."""
+"""The key of metaopt's record: in the first param group (layout 3), at the top (1 and 2).
+Local trajectories key it by the trajectory, ``"metaopt@rank<r>"`` (:func:`with_record`)."""
+
+SHARED_FIELDS = ("metaopt_slow", "metaopt_outer_")
+"""Per-parameter fields every trajectory of a local-trajectory run holds alike (φ and the outer
+optimizer's state); the others (the wrapped optimizer's, the trajectory mean, parked states)
+are the trajectory's own."""
+
+
+def _record_key(group: Mapping[str, Any]) -> str | None:
+    if RECORD in group:
+        return RECORD
+    keyed = [k for k in group if isinstance(k, str) and k.startswith(RECORD + "@")]
+    return keyed[0] if len(keyed) == 1 else None
 
 
 def record_of(state_dict: Mapping[str, Any]) -> Any:
     """The metaopt record of a saved state dict of any layout (``None`` if it has none)."""
     groups = state_dict.get("param_groups")
-    if isinstance(groups, list) and groups and isinstance(groups[0], Mapping) and RECORD in groups[0]:
-        return groups[0][RECORD]
+    if isinstance(groups, list) and groups and isinstance(groups[0], Mapping):
+        key = _record_key(groups[0])
+        if key is not None:
+            return groups[0][key]
     return state_dict.get(RECORD)
 
 
-def with_record(state: Mapping[Any, Any], groups: Sequence[Mapping[str, Any]], record: Any) -> dict[str, Any]:
+def with_record(
+    state: Mapping[Any, Any], groups: Sequence[Mapping[str, Any]], record: Any, trajectory: str | None = None
+) -> dict[str, Any]:
     """A layout-3 state dict: ``state``, and ``groups`` (without any record of their own, such
-    as a wrapped metaopt optimizer's) with ``record`` in the first one."""
-    clean = [{k: v for k, v in g.items() if k != RECORD} for g in groups]
-    clean[0][RECORD] = record
-    return {"state": state, "param_groups": clean}
+    as a wrapped metaopt optimizer's) with ``record`` in the first one.
+
+    ``trajectory`` (``"rank<r>"``, local trajectories): the record and every per-parameter
+    field that is the trajectory's own (not :data:`SHARED_FIELDS`) are keyed by it, so that
+    ``torch.distributed.checkpoint``, which keeps one copy of a key that every rank saves,
+    keeps each trajectory's state apart; :func:`split_state` takes the keys off again."""
+    clean = [{k: v for k, v in g.items() if _record_key({k: v}) is None} for g in groups]
+    if trajectory is None:
+        clean[0][RECORD] = record
+        return {"state": state, "param_groups": clean}
+    clean[0][f"{RECORD}@{trajectory}"] = record
+    keyed = {
+        i: {
+            (f if isinstance(f, str) and f.startswith(SHARED_FIELDS) else f"{trajectory}/{f}"): v
+            for f, v in e.items()
+        }
+        for i, e in state.items()
+    }
+    return {"state": keyed, "param_groups": clean}
 
 
 V1_MIGRATIONS: dict[
@@ -213,7 +245,16 @@ def split_state(
     per_param, groups = state_dict.get("state"), state_dict.get("param_groups")
     if not isinstance(own, Mapping) or not isinstance(per_param, Mapping) or not isinstance(groups, list):
         raise ValueError(f"{where}.load_state_dict: not a metaopt state dict")
-    groups = [{k: v for k, v in g.items() if k != RECORD} for g in groups]
+    key = _record_key(groups[0]) if groups and isinstance(groups[0], Mapping) else None
+    groups = [{k: v for k, v in g.items() if _record_key({k: v}) is None} for g in groups]
+    if key is not None and key != RECORD:  # a trajectory's keys (local trajectories)
+        prefix = key.removeprefix(RECORD + "@") + "/"
+        per_param = {
+            i: {(f.removeprefix(prefix) if isinstance(f, str) else f): v for f, v in e.items()}
+            if isinstance(e, Mapping)
+            else e
+            for i, e in per_param.items()
+        }
     per_param, groups = _by_index(per_param, groups, where)
     rest: dict[Any, dict[str, Any]] = {}
     fields: dict[int, dict[str, Any]] = {}
