@@ -23,7 +23,7 @@ from _fsdp_worker import build, sharded_net  # noqa: E402
 import metaopt  # noqa: E402
 
 from _spawn import leave  # noqa: E402
-from _stacks import TASKS, Net, loss_of, torch_way_step  # noqa: E402
+from _stacks import TASKS, Net, batch, loss_of, torch_way_step  # noqa: E402
 
 SAVED_AT, END = 6, 10  # local trajectories: K = 3, saved at an outer step (every rank's θ = φ)
 
@@ -65,9 +65,20 @@ def _build(engine: str, name: str):
     return model, ddp, build(name, model)
 
 
-def _steps(name: str, opt, forward, rank: int, start: int, end: int) -> None:
+def _part(step: int, task: str, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s share of the step's batch, of ``world`` shares."""
+    if world == 2:
+        return half(step, task, rank)
+    x, y = batch(step, task)
+    rows = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    return x[rows], y[rows]
+
+
+def _steps(name: str, opt, forward, rank: int, start: int, end: int, world: int = 2) -> None:
     for s in range(start, end):
-        losses = {t: loss_of(forward, t, half(s, t, rank), reduction="mean") for t in opt.next_tasks()}
+        losses = {
+            t: loss_of(forward, t, _part(s, t, rank, world), reduction="mean") for t in opt.next_tasks()
+        }
         torch_way_step(name, opt, losses)
 
 
@@ -109,6 +120,25 @@ def run(rank: int, cases: list[tuple[str, str]], store: str, out: str) -> None:
             directory = os.path.join(out, f"ckpt-{engine}-{name}")
             results[(engine, name)] = resume(rank, engine, name, directory)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    leave(0)
+
+
+def reshard(rank: int, names: list[str], store: str, out: str) -> None:
+    """4 ranks load the 2-rank FSDP2 checkpoints ``run`` saved (each rank's shard of the slow
+    weights and of Adam's moments re-cut by DCP for 4) and continue on quarter batches."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=4, timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        for name in names:
+            model, forward, opt = _build("fsdp2", name)
+            dcp.load({"app": AppState(forward, opt)}, checkpoint_id=os.path.join(out, f"ckpt-fsdp2-{name}"))
+            loaded = opt.step_count
+            _steps(name, opt, forward, rank, SAVED_AT, END, world=4)
+            results[name] = {"loaded": loaded, "resumed": _full(model)}
+        torch.save(results, os.path.join(out, f"reshard{rank}.pt"))
     finally:
         dist.destroy_process_group()
     leave(0)
