@@ -36,6 +36,7 @@ import torch
 
 from . import _distributed
 from .checkpoint import CheckpointError, MapLocation, load_checkpoint, save_checkpoint
+from .parts.placement import sharded
 from .parts.state_dict import map_tensors
 
 __all__ = ["load_distributed_checkpoint", "save_distributed_checkpoint"]
@@ -92,6 +93,20 @@ def save_distributed_checkpoint(
     try:  # everything that can fail on this rank alone, before the ranks exchange anything
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        found: list[torch.Tensor] = []
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            found.append(t)
+            return t
+
+        map_tensors(dict(state), keep)
+        if sharded(found):
+            raise ValueError(
+                "the state holds sharded tensors (DTensor: FSDP2 or tensor parallel), which one "
+                "file on rank 0 cannot hold as shards; save with torch.distributed.checkpoint "
+                "(PyTorch's AppState recipe over get_state_dict / set_state_dict, "
+                "docs/checkpoints.md)"
+            )
         payload = pickle.dumps(map_tensors(dict(state), lambda t: t.detach().cpu()))
     except Exception as err:
         problem = err

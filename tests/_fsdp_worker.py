@@ -224,6 +224,13 @@ def review_cases(rank: int) -> dict:
     fully_shard(shared)
     out["shared_forward"] = shared_forward(shared, rank, 2, retain_graph=False)
     try:
+        metaopt.save_distributed_checkpoint(
+            os.path.join(os.devnull, "never.ckpt"), {"optimizer": opt.state_dict()}
+        )
+        out["rank0_checkpoint"] = None
+    except ValueError as err:
+        out["rank0_checkpoint"] = str(err)
+    try:
         metaopt.SequentialReptile(
             torch.optim.SGD(sharded_net().parameters(), lr=0.1), tasks=TASKS, local_trajectories=True
         )

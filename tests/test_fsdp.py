@@ -143,3 +143,8 @@ def test_local_trajectories_on_sharded_parameters_are_refused_when_built(results
     average a different shard."""
     for res in results:
         assert "needs process_group=the replica dimension's group" in res["local_trajectories"]
+
+
+def test_metaopts_rank_0_checkpoint_refuses_sharded_state_naming_dcp(results):
+    for res in results:
+        assert "torch.distributed.checkpoint" in res["rank0_checkpoint"]
