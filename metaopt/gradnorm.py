@@ -16,7 +16,7 @@ from ._options import Option, non_negative
 from .base import MultiTaskOptimizer
 from .functional import unique_tensors
 from .parts.loss_weights import LossWeights
-from .parts.placement import Sharding, jacobian_through_engine, local_tensor
+from .parts.placement import Sharding, jacobian_through_engine, local_tensor, refuse_fsdp1
 
 __all__ = ["GradNorm"]
 
@@ -121,6 +121,7 @@ class GradNorm(MultiTaskOptimizer):
         ids = {id(p) for p in self._param_list}
         if any(id(p) not in ids for p in self.layer):
             raise ValueError(f"{name}: layer must be parameters of the wrapped optimizer")
+        refuse_fsdp1(self.layer, name)
         self.alpha = alpha
         # the part holding w, L(0) and w's optimizer
         self.loss_weights = LossWeights(len(self.tasks), self.layer[0].device, weight_optimizer, name)

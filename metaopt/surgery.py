@@ -26,7 +26,7 @@ from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
 from .parts.grads import bad_losses
-from .parts.placement import Sharding, jacobian_through_engine, local_tensor
+from .parts.placement import Sharding, jacobian_through_engine, local_tensor, refuse_fsdp1
 
 __all__ = ["GradientSurgery"]
 
@@ -161,6 +161,7 @@ class GradientSurgery(MultiTaskOptimizer):
             )
         self._params = ordered
         # FSDP2: the columns are this rank's shards, and the Gramian is summed over the ranks
+        refuse_fsdp1(ordered, type(self).__name__)
         self._sharding = Sharding.of(ordered, type(self).__name__)
         self._slices = parameter_slices([local_tensor(p) for p in ordered])
         self.num_params = self._slices[-1].stop if ordered else 0

@@ -192,3 +192,34 @@ def test_replacing_the_param_groups_is_refused_naming_deepspeed():
     with pytest.raises(TypeError, match="DeepSpeed's ZeRO"):
         opt.param_groups = [{"params": [torch.zeros(3, requires_grad=True)]}]
     assert opt.param_groups is groups and opt.param_groups is opt.base_optimizer.param_groups
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "gradnorm", "mtl_one_loop", "sr_one_loop"])
+def test_fsdp1_parameters_are_refused_naming_fsdp1(method):
+    """FSDP1 marks the parameters it manages ``_fsdp_flattened`` (torch's own attribute) and
+    computes with flat parameters built from them: per-task gradients cannot reach them, so
+    the per-task methods refuse when built, and a one-loop step (a backward with ``inputs=``)
+    refuses before anything moves, each naming FSDP1 and FSDP2. (FSDP1 itself needs an
+    accelerator, so the mark is set here by hand.)"""
+    model = make_model(0)
+    for p in model.parameters():
+        p._fsdp_flattened = True
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    if method == "pcgrad":
+        with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+            metaopt.PCGrad(inner, tasks=TASKS)
+        return
+    if method == "gradnorm":
+        with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+            metaopt.GradNorm(metaopt.MTL(inner, tasks=TASKS), layer=list(model.parameters())[:1])
+        return
+    opt = (
+        metaopt.MTL(inner, tasks=TASKS)
+        if method == "mtl_one_loop"
+        else metaopt.SequentialReptile(inner, tasks=TASKS, inner_steps=2, allow_unused=True)
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    data = make_data()
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        opt.step({t: task_loss(model, data, t) for t in opt.next_tasks()})
+    assert opt.step_count == 0 and all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

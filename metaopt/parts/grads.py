@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..jacobian import compiled_graph, reaches_any
-from .placement import agree, local_tensor, sharded
+from .placement import agree, local_tensor, refuse_fsdp1, sharded
 
 __all__ = [
     "all_finite",
@@ -135,6 +135,7 @@ def summed_backward(
     and whether every parameter got a gradient is checked at the step instead."""
     if not params:
         raise ValueError(f"{where}: every parameter of the optimizer is frozen")
+    refuse_fsdp1(params, where)
     through_engine = sharded(params)
     stray = [] if through_engine else [t for t, v in losses.items() if not reaches_any(v, params)]
     if stray and len(losses) == 1:

@@ -36,6 +36,7 @@ __all__ = [
     "jacobian_through_engine",
     "local_tensor",
     "placed_like",
+    "refuse_fsdp1",
     "reshard_gathered",
     "sharded",
 ]
@@ -131,6 +132,20 @@ class Sharding:
     def like(self, local: Tensor, param: Tensor) -> Tensor:
         """A ``DTensor`` placed as ``param``, whose local shard is ``local`` (no copy)."""
         return placed_like(local, param)
+
+
+def refuse_fsdp1(params: Sequence[Tensor], where: str) -> None:
+    """Refuse parameters that FSDP1 (``FullyShardedDataParallel``) manages: it marks the original
+    parameters ``_fsdp_flattened`` and computes with flat parameters built from them, which are
+    what autograd reaches, so per-task gradients (and a backward pass with ``inputs=``) cannot
+    be taken with respect to the parameters the optimizer holds."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise ValueError(
+            f"{where}: the parameters are managed by FSDP1 (FullyShardedDataParallel), whose flat "
+            "parameters autograd reaches instead of these, so per-task gradients cannot be taken; "
+            "shard with FSDP2 (torch.distributed.fsdp.fully_shard), which metaopt supports, or "
+            "drive the Reptile family the torch way (loss.backward())"
+        )
 
 
 def check_replica_group(params: Sequence[Tensor], group: Any, where: str) -> None:
