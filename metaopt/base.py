@@ -49,7 +49,7 @@ from ._options import Option, flag
 from .parts.grads import check_grads, check_losses, graph_problem, summed_backward, unscale
 from .parts.params import ParamSet
 from .parts.ranks import compare_ranks
-from .parts.state_dict import initializes_state
+from .parts.state_dict import initialize_optimizer_state, initializes_state
 from .parts.stream import StreamRecord, TaskStream
 from .report import StepReport
 from .state_protocol import StateDictProtocol
@@ -145,8 +145,8 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self.seed = seed
         self.stream = TaskStream(self.tasks, seed)  # draws, their generator, the step counters
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
-        # the wrapped optimizer's state was created by DCP's initialization, not by a step
-        self._initialized_state = False
+        # torch optimizers whose state an initialization created, not a step (INITIALIZED)
+        self._initialized: set[str] = set()
         self.last_report: StepReport | None = None
         """The report of the last step taken or skipped (``None`` before the first): what
         ``step()`` returned, for code that does not see that value (a Trainer's logs)."""
@@ -373,7 +373,8 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             # nothing of metaopt's moves: no hidden step, no draw
             self.base_optimizer.step()
             self._after_initialization()
-            self._initialized_state = True
+            self._initialized.add("optimizer")
+            self._initialize_parts()
             return StepReport(tasks=(), losses={}, step=self.stream.step)
         self._drop_initialized_state()
         if losses is None:
@@ -419,20 +420,30 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         return initializes_state(self.base_optimizer, self._trainable())
 
     def _after_initialization(self) -> None:
-        """Hook: DCP's initialization stepped the wrapped optimizer (at lr 0); initialize any
-        other optimizer state that a load template needs in the same way."""
+        """Hook: DCP's initialization stepped the wrapped optimizer (at lr 0)."""
+
+    def _initialize_parts(self) -> None:
+        """Create the state of the torch optimizers this method owns besides the wrapped one
+        (an outer optimizer, GradNorm's weight optimizer) where they have not stepped yet, as
+        DCP creates a torch optimizer's, and name them in :attr:`_initialized`: every saved
+        state dict, and every DCP template, then has their fields."""
+        for part, optimizer in self._owned_optimizers().items():
+            if initialize_optimizer_state(optimizer):
+                self._initialized.add(part)
+
+    def _owned_optimizers(self) -> dict[str, Optimizer]:
+        """The torch optimizers this method owns besides the wrapped one, by the names of
+        :data:`metaopt.parts.state_dict.INITIALIZED`."""
+        return {}
 
     def _drop_initialized_state(self) -> None:
-        """Forget the state DCP's initialization created, at the next real step (a run goes on
-        as if it had never been made: Adam's step count, SGD's first momentum), or now, before
-        a load replaces it (the loaded state is then kept)."""
-        if self._initialized_state:
-            self.base_optimizer.state.clear()
-            self._clear_initialized_state()
-            self._initialized_state = False
-
-    def _clear_initialized_state(self) -> None:
-        """Hook: clear what :meth:`_after_initialization` created."""
+        """Forget the optimizer state an initialization created (:attr:`_initialized`), at the
+        next real step (the run goes on as if it had never been made: Adam's step count, SGD's
+        first momentum), or before a load replaces it."""
+        owned = self._owned_optimizers()
+        for part in self._initialized:
+            (self.base_optimizer if part == "optimizer" else owned[part]).state.clear()
+        self._initialized.clear()
 
     def _draw_tasks(self) -> Sequence[str]:
         raise NotImplementedError

@@ -311,6 +311,9 @@ class GradNorm(MultiTaskOptimizer):
         self._layer_sharding = None
         self._scale = 1.0
 
+    def _owned_optimizers(self) -> dict[str, Optimizer]:
+        return {"weights": self.loss_weights.optimizer}
+
     def _extra_state(self) -> dict[str, Any]:
         return self.loss_weights.saved()
 

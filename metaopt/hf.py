@@ -38,8 +38,10 @@ import torch
 from torch import Tensor
 
 from .base import MultiTaskOptimizer
+from .gradnorm import GradNorm
 from .report import StepReport
 from .slow_fast import SlowFastOptimizer
+from .surgery import GradientSurgery
 
 try:
     import transformers
@@ -77,23 +79,35 @@ def report_logs(report: StepReport, optimizer: MultiTaskOptimizer) -> dict[str, 
 class Trainer(transformers.Trainer):  # type: ignore[misc]
     """``transformers.Trainer`` for every metaopt method (see the module).
 
-    When the optimizer's step wants several tasks (the per-task methods, MTL, compositions over
-    them), the model returns ``{"losses": {task: loss}}`` with the tasks of ``opt.next_tasks()``
-    (and may return ``"loss"`` too, for evaluation); the backward pass is
-    ``opt.backward(losses)``, each loss divided by ``gradient_accumulation_steps``. When it wants
-    one task (the Reptile family), the step is ``transformers.Trainer``'s own, on ``"loss"``.
+    For a per-task method (PCGrad, GradVac, ``Weighted``, GradNorm, alone or wrapped, as in
+    ``SequentialReptile(PCGrad(...))``) the model returns ``{"losses": {task: loss}}`` with the
+    tasks of ``opt.next_tasks()`` (and may return ``"loss"`` too, for evaluation); the backward
+    pass is ``opt.backward(losses)``, each loss divided by the micro-batches of the optimizer
+    step. For the others (the Reptile family over a torch optimizer, MTL) the step is
+    ``transformers.Trainer``'s own, on ``"loss"``.
     """
 
     def _metaopt(self) -> MultiTaskOptimizer | None:
         opt = getattr(self, "optimizer", None)
-        opt = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps it
+        if not isinstance(opt, MultiTaskOptimizer):  # Accelerate's AcceleratedOptimizer wraps it
+            opt = getattr(opt, "optimizer", None)
         return opt if isinstance(opt, MultiTaskOptimizer) else None
+
+    @staticmethod
+    def _wants_task_losses(opt: MultiTaskOptimizer) -> bool:
+        """Whether the method needs each task's loss (a per-task method, alone or wrapped)."""
+        level: MultiTaskOptimizer | None = opt
+        while level is not None:
+            if isinstance(level, (GradientSurgery, GradNorm)):
+                return True
+            level = level.inner
+        return False
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any
     ) -> Tensor:
         opt = self._metaopt()
-        if opt is None or len(opt.next_tasks()) == 1:  # one task, one loss: loss.backward()
+        if opt is None or not self._wants_task_losses(opt):  # one loss: loss.backward()
             return super().training_step(model, inputs, *args, **kwargs)
         model.train()
         inputs = self._prepare_inputs(inputs)
@@ -106,7 +120,12 @@ class Trainer(transformers.Trainer):  # type: ignore[misc]
                 f"{opt.next_tasks()}: the model must return {{'losses': {{task: loss}}}} from a "
                 f"batch holding every task's examples, got {type(losses).__name__}"
             )
-        steps = self.args.gradient_accumulation_steps
+        # the micro-batches of this optimizer step (fewer in a last, shorter window), as the
+        # Trainer divides its own loss
+        steps = (
+            getattr(self, "current_gradient_accumulation_steps", None)
+            or self.args.gradient_accumulation_steps
+        )
         scaled = {t: v / steps for t, v in losses.items()}
         opt.backward(scaled, grad_scaler=getattr(self.accelerator, "scaler", None))
         return sum((v.detach() for v in scaled.values()), torch.zeros((), device=self.args.device))

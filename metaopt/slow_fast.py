@@ -765,10 +765,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
 
     def _after_initialization(self) -> None:
         self._record_versions()  # DCP's initialization stepped the wrapped optimizer at lr 0
-        self.outer_step.initialize_state()  # a load template holds the outer optimizer's fields
 
-    def _clear_initialized_state(self) -> None:
-        self.outer_step.clear_initialized_state()
+    def _owned_optimizers(self) -> dict[str, Optimizer]:
+        return {} if self.outer_optimizer is None else {"outer": self.outer_optimizer}
 
     def _after_load(self) -> None:
         # The model's parameters may be loaded after the optimizer's state as well as before

@@ -78,8 +78,17 @@ class StateDictProtocol:
         so that the state dict keys it apart (:func:`metaopt.parts.state_dict.with_record`)."""
         return None
 
+    _initialized: set[str]
+
     def _drop_initialized_state(self) -> None:
         """See :meth:`metaopt.MultiTaskOptimizer._drop_initialized_state`."""
+
+    def _initialize_parts(self) -> None:
+        """See :meth:`metaopt.MultiTaskOptimizer._initialize_parts`."""
+
+    def _owned_optimizers(self) -> dict[str, Optimizer]:
+        """See :meth:`metaopt.MultiTaskOptimizer._owned_optimizers`."""
+        return {}
 
     @classmethod
     def _option_names(cls) -> dict[str, Option[Any]]:
@@ -96,6 +105,7 @@ class StateDictProtocol:
         the wrapped optimizer's fields and this method's ``metaopt_*`` fields; the first param
         group's ``metaopt`` holds the rest (counters, the task stream, options, a wrapped metaopt
         optimizer's), where ``get_state_dict`` keeps it."""
+        self._initialize_parts()  # every saved dict (and DCP template) has their fields
         inner = self.optimizer.state_dict()
         state: dict[Any, dict[str, Any]] = {i: dict(v) for i, v in inner["state"].items()}
         for i, fields in self._param_state().items():
@@ -106,6 +116,7 @@ class StateDictProtocol:
             "tasks": list(self.tasks),
             **self.stream.saved(),
             "options": {name: getattr(self, name) for name in self._option_names()},
+            "initialized": sorted(self._initialized),
             **self._extra_state(),
         }
         if self.inner is not None:
@@ -161,6 +172,17 @@ class StateDictProtocol:
                 known[key].check(value, key, name)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"{name}.load_state_dict: saved option: {err}") from None
+        initialized = own.get("initialized", [])
+        allowed = {"optimizer", *self._owned_optimizers()}
+        if (
+            not isinstance(initialized, (list, tuple))
+            or not all(isinstance(part, str) for part in initialized)
+            or not set(initialized) <= allowed
+        ):
+            raise ValueError(
+                f"{name}.load_state_dict: saved initialized states {initialized!r} are not among "
+                f"this optimizer's {sorted(allowed)}"
+            )
         self._check_extra_state(own)
         self._check_param_state(fields, own)
         pending = own.get("pending")
@@ -193,6 +215,9 @@ class StateDictProtocol:
         if self.inner is None:
             load_optimizer_state(self.optimizer, inner)
         self.stream.load_saved(own)
+        # state the saving run had from an initialization, not from steps: dropped at the next
+        # step here as it would have been there
+        self._initialized = set(own.get("initialized", []))
         self._ranks_checked = False  # under torch.distributed the next step compares the ranks
         self._after_load()
 

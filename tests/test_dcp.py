@@ -136,3 +136,74 @@ def test_state_keyed_by_parameter_names_loads_as_by_index():
     bad = {**by_name, "state": {**by_name["state"], "nothing": {}}}
     with pytest.raises(ValueError, match="keyed by names"):
         fresh.load_state_dict(bad)
+
+
+def _one_process(kind: str):
+    """A model and optimizer for the single-process DCP cases (``_stacks`` methods, and two
+    Sequential Reptiles with an outer optimizer)."""
+    from _stacks import TASKS, Net, make_opt
+
+    model = Net()
+    if kind == "sr_nesterov":  # Adam inside, Nesterov outside
+        return model, metaopt.SequentialReptile(
+            torch.optim.Adam(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=3,
+            outer_optimizer=lambda p: torch.optim.SGD(p, lr=0.7, momentum=0.9, nesterov=True),
+            allow_unused=True,
+        )
+    if kind == "sr_sgd_outer_adam":  # a stateless inner optimizer, a stateful outer one
+        return model, metaopt.SequentialReptile(
+            torch.optim.SGD(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=3,
+            outer_optimizer=lambda p: torch.optim.Adam(p, lr=0.1),
+            allow_unused=True,
+        )
+    return model, make_opt(kind, model)
+
+
+@pytest.mark.parametrize(
+    "kind, saved_at",
+    [
+        ("gradnorm", 3),  # GradNorm's weight optimizer, which a fresh template has not stepped
+        ("gradnorm_pcgrad", 3),
+        ("sr_nesterov", 1),  # saved before the first outer step, the inner Adam stepped
+        ("sr_sgd_outer_adam", 1),
+        ("sequential_reptile", 0),  # saved before any step: the state DCP's initialization made
+        ("pcgrad", 0),
+        ("mtl", 0),
+    ],
+)
+def test_dcp_resumes_from_any_step_in_one_process(tmp_path, kind, saved_at):
+    """Found by review: a template lacked the fields of optimizers that had not stepped yet
+    (GradNorm's weight optimizer, an outer optimizer before the first outer step), and state
+    made by DCP's initialization (a checkpoint taken at step 0) was kept by the resumed run
+    though the saving run dropped it. Every saved dict now has those fields, the record names
+    the state an initialization made, and each run drops it at its next step."""
+    import torch.distributed.checkpoint as dcp
+
+    from _stacks import batch, loss_of
+
+    def steps(model, opt, start, end):
+        for s in range(start, end):
+            # every parameter in every loss (at weight 0): the inner Adam has stepped them all, so
+            # the checkpoint holds its state for all, as DCP's template does (docs/checkpoints.md)
+            opt.step(
+                {
+                    t: loss_of(model, t, batch(s, t), reduction="mean")
+                    + 0.0 * sum(p.sum() for p in model.parameters())
+                    for t in opt.next_tasks()
+                }
+            )
+
+    model, opt = _one_process(kind)
+    steps(model, opt, 0, saved_at)
+    dcp.save({"app": _dcp_worker.AppState(model, opt)}, checkpoint_id=str(tmp_path))
+    steps(model, opt, saved_at, 7)
+    model2, opt2 = _one_process(kind)
+    dcp.load({"app": _dcp_worker.AppState(model2, opt2)}, checkpoint_id=str(tmp_path))
+    assert opt2.step_count == saved_at
+    steps(model2, opt2, saved_at, 7)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

@@ -166,3 +166,44 @@ def test_for_the_reptile_family_it_is_the_trainers_own_step(tmp_path):
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals):
         assert torch.equal(a, b)
+
+
+def test_evaluate_before_train_is_at_the_slow_weights(tmp_path):
+    """Found by review: before ``train()`` the Trainer holds the metaopt optimizer itself (not
+    Accelerate's wrapper), whose ``.optimizer`` is the wrapped one: ``evaluate`` must still see
+    the metaopt optimizer (an evaluation-only script after a resume)."""
+    trainer, model, opt, _ = _trainer("sequential_reptile_gradvac", tmp_path, label_names=["y"])
+    for s in range(3):  # mid-trajectory (inner_steps 2 in _stacks): θ ≠ φ
+        opt.step(
+            model(**next(iter(torch.utils.data.DataLoader(Steps(1, offset=s), batch_size=len(TASKS) * B))))[
+                "losses"
+            ]
+        )
+    held_out = Steps(1, offset=100)
+    inputs = next(iter(torch.utils.data.DataLoader(held_out, batch_size=len(TASKS) * B)))
+    with torch.no_grad(), opt.use_slow_weights():
+        at_phi = float(model(**inputs)["loss"])
+    assert trainer.evaluate(eval_dataset=held_out)["eval_loss"] == pytest.approx(at_phi, rel=1e-12)
+
+
+class OneLoss(Routed):
+    def forward(self, x, y, task_id):  # type: ignore[override]
+        return {"loss": super().forward(x, y, task_id)["loss"]}
+
+
+def test_mtl_with_one_loss_is_the_trainers_own_step(tmp_path):
+    """MTL needs only the summed loss (``loss.backward()``): with a model that returns only
+    ``"loss"`` it trains under ``metaopt.hf.Trainer`` as under ``transformers.Trainer``."""
+    finals = []
+    for cls in (transformers.Trainer, Trainer):
+        model = OneLoss()
+        opt = make_opt("mtl", model)
+        cls(
+            model=model,
+            args=_args(tmp_path / cls.__module__, max_grad_norm=1.0),
+            train_dataset=Steps(STEPS),
+            optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)),
+        ).train()
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)

@@ -109,34 +109,6 @@ class OuterStep:
         else:
             self.engine.interpolate(lr)
 
-    @torch.no_grad()
-    def initialize_state(self) -> None:
-        """Create the outer optimizer's state as ``torch.distributed.checkpoint`` creates a torch
-        optimizer's (a step at lr 0 from zero gradients), so that a load template has its
-        fields; φ does not move. :meth:`clear_initialized_state` forgets it again."""
-        outer = self.optimizer
-        if outer is None or outer.state:
-            return
-        lrs = [g["lr"] for g in outer.param_groups]
-        try:
-            for g in outer.param_groups:
-                g["lr"] = 0.0
-            for phi in self.engine.slow:
-                phi.grad = torch.zeros_like(phi)
-            outer.step()
-        finally:
-            for g, lr in zip(outer.param_groups, lrs):
-                g["lr"] = lr
-            for phi in self.engine.slow:
-                phi.grad = None
-        self._initialized = True
-
-    def clear_initialized_state(self) -> None:
-        """Forget the state :meth:`initialize_state` created (if it did)."""
-        if self.optimizer is not None and getattr(self, "_initialized", False):
-            self.optimizer.state.clear()
-        self._initialized = False
-
     def rebind(self, where: str) -> None:
         """Point the outer optimizer at φ again after a copy or unpickle, which rebuilt φ as
         views of the copied slow buffers while the optimizer got tensors of its own (equal

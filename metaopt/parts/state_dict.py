@@ -43,6 +43,8 @@ __all__ = [
     "STATE_VERSION",
     "V1_MIGRATIONS",
     "check_like",
+    "INITIALIZED",
+    "initialize_optimizer_state",
     "initializes_state",
     "load_optimizer_state",
     "map_tensors",
@@ -285,6 +287,40 @@ def split_state(
                 "optimizer's (saved by another method or composition?)"
             )
     return own, inner, fields
+
+
+INITIALIZED = ("optimizer", "outer", "weights")
+"""The torch optimizers of a metaopt optimizer whose state an initialization can create: the
+wrapped one (DCP's ``get_state_dict`` / ``set_state_dict`` step it at lr 0), an outer optimizer
+and GradNorm's weight optimizer (created by :func:`initialize_optimizer_state` when a state dict
+is taken before their first step, so that every saved dict, and every DCP template, has their
+fields). Such state is named in the record (``"initialized"``) and dropped at the next real
+step in whichever run holds it, the saving one or the resumed one: a run goes on as if it had
+never been made."""
+
+
+@torch.no_grad()
+def initialize_optimizer_state(optimizer: Optimizer) -> bool:
+    """Create ``optimizer``'s state as ``torch.distributed.checkpoint`` creates a torch
+    optimizer's: a step at lr 0 from zero gradients (its parameters do not move). Returns
+    whether it did (``False`` when the optimizer has state already)."""
+    if optimizer.state:
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    grads = [p.grad for p in params]
+    try:
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    finally:
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        for p, grad in zip(params, grads):
+            p.grad = grad
+    return True
 
 
 def initializes_state(optimizer: Optimizer, trainable: list[Tensor]) -> bool:
