@@ -376,7 +376,6 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             self._initialized.add("optimizer")
             self._initialize_parts()
             return StepReport(tasks=(), losses={}, step=self.stream.step)
-        self._drop_initialized_state()
         if losses is None:
             # set by GradScaler.step(opt), which deletes them again once step() returns
             found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
@@ -437,9 +436,10 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         return {}
 
     def _drop_initialized_state(self) -> None:
-        """Forget the optimizer state an initialization created (:attr:`_initialized`), at the
-        next real step (the run goes on as if it had never been made: Adam's step count, SGD's
-        first momentum), or before a load replaces it."""
+        """Forget the optimizer state an initialization created (:attr:`_initialized`) at the
+        next step taken or skipped, once its checks have passed (the run goes on as if it had
+        never been made: Adam's step count, SGD's first momentum; a refused step keeps it), or
+        before a load replaces it."""
         owned = self._owned_optimizers()
         for part in self._initialized:
             (self.base_optimizer if part == "optimizer" else owned[part]).state.clear()
@@ -511,6 +511,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self._check_ranks()
         self._check_step()
         # everything is checked: from here on the step moves
+        self._drop_initialized_state()
         if self.inner is not None:
             # the wrapped optimizer divides the scale out once its own checks have passed
             if grad_scale is not None:
@@ -557,6 +558,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         never sees)."""
         tasks = tuple(self.next_tasks())
         self._prepare()
+        self._drop_initialized_state()
         losses = self._backward_losses or {}
         inner_report = self.inner._skip() if self.inner is not None else None
         self.stream.served(taken=False)

@@ -207,3 +207,28 @@ def test_dcp_resumes_from_any_step_in_one_process(tmp_path, kind, saved_at):
     steps(model2, opt2, saved_at, 7)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_refused_step_keeps_the_state_dcps_initialization_made():
+    """The state is dropped once a step's checks have passed: a refused step changes nothing,
+    that state included; the next real step then runs as a twin's that never met DCP."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    (model, opt), (twin_model, twin) = _one_process("sequential_reptile"), _one_process("sequential_reptile")
+    get_state_dict(model, opt)
+    before = opt.state_dict()
+    assert before["state"] and "optimizer" in before["param_groups"][0]["metaopt"]["initialized"]
+    with pytest.raises(ValueError, match="no parameter has a gradient"):
+        opt.step()
+    after = opt.state_dict()
+    old, new = before["param_groups"][0]["metaopt"], after["param_groups"][0]["metaopt"]
+    assert (new["initialized"], new["step"], new["clock"]) == (old["initialized"], old["step"], old["clock"])
+    assert torch.equal(new["generator"], old["generator"])
+    assert all(torch.equal(before["state"][i][k], v) for i, e in after["state"].items() for k, v in e.items())
+    from _stacks import batch, loss_of
+
+    for s in range(4):
+        for m, o in ((model, opt), (twin_model, twin)):
+            o.step({t: loss_of(m, t, batch(s, t)) for t in o.next_tasks()})
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
