@@ -769,6 +769,12 @@ class SlowFastOptimizer(MultiTaskOptimizer):
     def _owned_optimizers(self) -> dict[str, Optimizer]:
         return {} if self.outer_optimizer is None else {"outer": self.outer_optimizer}
 
+    def _untracked_state(self) -> Any:
+        return None if self._versions is None else list(self._versions)
+
+    def _restore_untracked_state(self, state: Any) -> None:
+        self._versions = state
+
     def _after_load(self) -> None:
         # The model's parameters may be loaded after the optimizer's state as well as before
         # (DCP's set_state_dict loads the optimizer first): until the next step, writes to

@@ -73,6 +73,14 @@ class StateDictProtocol:
     def _after_load(self) -> None:
         """Hook: the whole state dict was loaded."""
 
+    def _untracked_state(self) -> Any:
+        """What a load resets that the state dict does not hold (the Reptile family's record of
+        the parameters' versions), for a failed load to put back."""
+        return None
+
+    def _restore_untracked_state(self, state: Any) -> None:
+        """Put back :meth:`_untracked_state` after a failed load."""
+
     def _trajectory_key(self) -> str | None:
         """``"rank<r>"`` when this rank's state is its own trajectory's (local trajectories),
         so that the state dict keys it apart (:func:`metaopt.parts.state_dict.with_record`)."""
@@ -234,6 +242,7 @@ class StateDictProtocol:
         own, inner, fields = self._check_state(state_dict)
         self._drop_initialized_state()  # the load replaces it: the next step must not clear that
         backup = self._own_state_dict()
+        untracked = self._untracked_state()
         if self.inner is not None:  # composed: the wrapped optimizer validates (and rolls back) its part
             self.inner.load_state_dict(inner)
         try:
@@ -243,6 +252,7 @@ class StateDictProtocol:
             if self.inner is not None:
                 self.inner.load_state_dict(restored[1])
             self._load_checked(*restored)
+            self._restore_untracked_state(untracked)  # a failed load changes nothing at all
             raise
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -195,3 +195,25 @@ def test_plain_pickle_keeps_the_slow_weights_views_of_their_buffer():
         assert torch.equal(p, phi)  # θ ← φ just happened
     saved = copy_opt.state_dict()["state"]
     assert all(torch.equal(saved[i]["metaopt_slow"], phi) for i, phi in enumerate(copy_opt.slow_weights))
+
+
+def test_a_load_that_fails_late_keeps_detecting_writes_behind_the_optimizer():
+    """A load refused late (in the wrapped torch optimizer's own load: a meta tensor among Adam's
+    moments) is rolled back, but the rollback went through the after-load hook, which accepts
+    parameter writes until the next step (DCP loads the model after the optimizer): a write
+    behind the optimizer's back was then no longer refused."""
+    model = make_model(0)
+    data = make_data()
+    opt = metaopt.Reptile(
+        torch.optim.Adam(model.parameters(), lr=0.05), tasks=TASKS, inner_steps=2, tasks_per_outer_step=2
+    )
+    run(opt, model, data, 1)
+    state = opt.state_dict()
+    field = next(k for k, v in state["state"][0].items() if torch.is_tensor(v) and v.dim())
+    state["state"][0][field] = torch.empty_like(state["state"][0][field], device="meta")
+    with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
+        opt.load_state_dict(state)
+    with torch.no_grad():
+        next(model.parameters()).mul_(0.5)
+    with pytest.raises(ValueError, match="changed outside the optimizer"):
+        run(opt, model, data, 1)
