@@ -42,12 +42,25 @@ __all__ = [
 ]
 
 
-def _is_dtensor(t: object) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list[type] = []  # DTensor, looked up once (none where torch.distributed is not built)
 
-    return isinstance(t, DTensor)
+
+def _dtensor_class() -> type | None:
+    if not _DTENSOR:
+        if not torch.distributed.is_available():
+            return None
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
+
+
+def _is_dtensor(t: object) -> bool:
+    # checked at every step for every gradient: a plain tensor returns at the first test
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:
+        return False
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def local_tensor(t: Tensor) -> Tensor:
