@@ -440,6 +440,8 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         next step taken or skipped, once its checks have passed (the run goes on as if it had
         never been made: Adam's step count, SGD's first momentum; a refused step keeps it), or
         before a load replaces it."""
+        if not self._initialized:  # every step but the first after an initialization
+            return
         owned = self._owned_optimizers()
         for part in self._initialized:
             (self.base_optimizer if part == "optimizer" else owned[part]).state.clear()

@@ -26,7 +26,7 @@ from .base import MultiTaskOptimizer
 from .interpolation import master_dtype
 from .jacobian import parameter_slices, task_jacobian
 from .parts.grads import bad_losses
-from .parts.placement import Sharding, jacobian_through_engine, local_tensor, refuse_fsdp1
+from .parts.placement import Sharding, jacobian_through_engine, local_tensor, placed_like, refuse_fsdp1
 
 __all__ = ["GradientSurgery"]
 
@@ -376,7 +376,7 @@ class GradientSurgery(MultiTaskOptimizer):
             else:
                 view = grad[sl].view_as(local_tensor(p))
                 view = view if grad.dtype == p.dtype else view.to(p.dtype)
-                p.grad = view if sharding is None else sharding.like(view, p)
+                p.grad = placed_like(view, p)  # a DTensor placed as p where p is one
         for p in self._all_params:
             if not p.requires_grad:
                 p.grad = None

@@ -142,10 +142,6 @@ class Sharding:
             torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN, group=group)
         return out.bool()
 
-    def like(self, local: Tensor, param: Tensor) -> Tensor:
-        """A ``DTensor`` placed as ``param``, whose local shard is ``local`` (no copy)."""
-        return placed_like(local, param)
-
 
 def refuse_fsdp1(params: Sequence[Tensor], where: str) -> None:
     """Refuse parameters that FSDP1 (``FullyShardedDataParallel``) manages: it marks the original
