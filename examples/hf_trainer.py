@@ -123,7 +123,8 @@ def make_trainer(
     so the run goes on where the uninterrupted one would (the model has no dropout, and the
     Trainer restores the RNG state too). Keep ``ignore_data_skip`` False: the data set's
     batches are indexed by the Trainer's global step and its check refuses to train on
-    batches that are not the step's.
+    batches that are not the step's. On several processes (``torchrun``), pass
+    ``accelerator_config={"split_batches": True}``: each step's batch is split across them.
     """
     tf = _transformers()
     model, opt, scheduler = build(seed, steps)

@@ -70,6 +70,18 @@ class _Watch:
 _WATCHES: weakref.WeakKeyDictionary[MultiTaskOptimizer, _Watch] = weakref.WeakKeyDictionary()
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _dispatched_from_process_0() -> bool:
+    """Whether this process is one that Accelerate's ``DataLoaderDispatcher`` (the default for
+    an iterable dataset on several processes) feeds by broadcast: it creates an iterator over
+    the stream on every process but draws from it on process 0 only."""
+    return _world_size() > 1 and torch.distributed.get_rank() != 0
+
+
 def _check_step(optimizer: Any, args: Any, kwargs: Any) -> None:
     """Step pre-hook (``hook(optimizer, args, kwargs)``, torch.optim's): runs before every
     ``step()``, ``step(losses)`` and step skipped by a GradScaler; raising prevents the step."""
@@ -248,6 +260,8 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
         if progress is None:
             return
         step, drawn = opt.clock, progress.yielded
+        if drawn == 0 and _dispatched_from_process_0():
+            return  # Accelerate's dispatcher: process 0 draws every batch and checks them
         per_step = self.micro_batches * self.batch_size
         low = (step + 1) * per_step  # every batch of steps 0..step
         if low <= drawn <= low + self.lookahead * self.batch_size:
@@ -299,4 +313,14 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
             f"while opt.clock was {start}), or its batches hold more than batch_size = "
             f"{self.batch_size} examples, or it fetches more than lookahead = {self.lookahead} "
             "batch(es) ahead of the step being taken (then raise lookahead)"
+            + (
+                ". With several processes, Accelerate's dispatcher (the Trainer's, for this "
+                "iterable dataset) draws one batch per process at each step, so that the "
+                "processes would train on the batches of different steps: give each step's "
+                "batch to all processes, split, with split_batches=True (the Trainer's "
+                'accelerator_config={"split_batches": True}, or Accelerator(dataloader_config='
+                "DataLoaderConfiguration(split_batches=True)))"
+                if _world_size() > 1
+                else ""
+            )
         )

@@ -2,7 +2,9 @@
 model, its default) resume every method bit for bit, driven the torch way, through the one
 loop, with ``accelerator.accumulate`` over two micro-batches, and with ``GradScaler`` skips;
 in one process, each run also equals the same training without Accelerate. The model file holds
-every tensor and the optimizer file carries metaopt's record."""
+every tensor and the optimizer file carries metaopt's record. On two processes (gloo,
+``prepare`` wrapping the model in DDP) every method resumes bit for bit too, the torch way and
+through the one loop, and equals one process on the whole batch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+from _spawn import file_store, spawn
 from _stacks import (
     METHODS,
     REPTILE_FAMILY,
@@ -127,3 +130,50 @@ def test_save_state_and_load_state_resume_bit_for_bit(tmp_path, name, drive):
         assert opt2.clock - opt2.step_count == len(BAD)
     for a, b in zip(uninterrupted, _plain(name, drive)):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    import _accelerate_worker
+
+    out = str(tmp_path_factory.mktemp("accelerate2"))
+    cases = [(name, drive) for name in METHODS for drive in ("torch", "one_loop")]
+    spawn(_accelerate_worker.run, 2, (cases, file_store(out), out))
+    return [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def _one_process(name: str, drive: str, steps: int) -> list[torch.Tensor]:
+    """The oracle of the two-process runs: one process on the whole batch (DDP's mean of the
+    two halves' mean gradients is the whole batch's mean gradient)."""
+    model = Net(0)
+    opt = make_opt(name, model)
+    for s in range(steps):
+        losses = {t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()}
+        if drive == "one_loop":
+            opt.step(losses)
+        else:
+            backward_the_torch_way(name, opt, losses)
+            opt.step()
+        opt.zero_grad()
+    return list(model.parameters())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+@pytest.mark.parametrize("drive", ["torch", "one_loop"])
+@pytest.mark.parametrize("name", METHODS)
+def test_two_processes_resume_bit_for_bit_and_equal_one_process(two_processes, name, drive):
+    import _accelerate_worker as w
+
+    for rank in two_processes:
+        r = rank[(name, drive)]
+        assert r["clocks"] == (w.N, w.N)  # the loaded optimizer is at the saved step
+        assert len(r["resumed_state"]) == len(r["uninterrupted_state"])
+        for a, b in zip(
+            [*r["uninterrupted"], *r["uninterrupted_state"]], [*r["resumed"], *r["resumed_state"]]
+        ):
+            assert torch.equal(a, b)
+    ranks = [rank[(name, drive)]["uninterrupted"] for rank in two_processes]
+    for a, b in zip(*ranks):
+        assert torch.equal(a, b)  # the replicas agree
+    for a, b in zip(ranks[0], _one_process(name, drive, w.N + w.M)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -4,6 +4,10 @@ batches (loss.backward, clip, step, scheduler, zero_grad); a run resumed from a 
 where the uninterrupted one ends, on the same batches; a consumer that trains on batches other
 than the step's (no skip on resume, a wrong batch size) is refused before the step moves anything.
 
+On two processes (gloo; the Trainer wraps the model in DDP and, with ``split_batches=True``,
+gives each process half of the step's batch) the run resumes bit for bit as well, and equals the
+one-process run; Accelerate's default of one batch per process is refused at the first step.
+
 The example's model has no dropout, so the model's RNG plays no part in these equalities (the
 Trainer restores the RNG state on resume as well)."""
 
@@ -354,3 +358,45 @@ def test_the_example_runs_with_no_arguments():
         check=True,
     ).stdout
     assert "inner steps" in out and "accuracy per task" in out
+
+
+# ---------------------------------------------------------------------- two processes
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    import _hf_worker
+
+    from _spawn import file_store, spawn
+
+    out = tmp_path_factory.mktemp("hf2")
+    spawn(_hf_worker.run, 2, (file_store(str(out)), str(out)))
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return ranks, torch.load(out / "refusal.pt", weights_only=True)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_resume_bit_for_bit_and_equal_one_process(two_processes):
+    import _hf_worker as w
+
+    ranks, _ = two_processes
+    ref_model, ref_opt, ref_tasks = _hand_written(w.STEPS)
+    for rank in ranks:
+        run, resumed = rank["uninterrupted"], rank["resumed"]
+        assert run["counts"] == resumed["counts"] == (w.STEPS, w.STEPS, w.STEPS // K)
+        # every process trained on half of each step's batch, of the step's task
+        assert run["seen"] == [(TASK_NAMES.index(t), 4) for t in ref_tasks]
+        assert resumed["seen"] == run["seen"][w.SAVE :]
+        for a, b in zip([*run["params"], *run["slow"]], [*resumed["params"], *resumed["slow"]]):
+            assert torch.equal(a, b)
+    for a, b in zip(ranks[0]["uninterrupted"]["params"], ranks[1]["uninterrupted"]["params"]):
+        assert torch.equal(a, b)  # the replicas agree
+    # DDP's mean of the halves' mean gradients is the whole batch's (float32: to rounding)
+    for a, b in zip(ranks[0]["uninterrupted"]["params"], ref_model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-4, atol=5e-5)  # it moved 8e-3
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_processes_without_split_batches_are_refused_at_the_first_step(two_processes):
+    _, refusal = two_processes
+    assert refusal is not None
+    assert "step 0" in refusal and "The step was not taken" in refusal
+    assert 'accelerator_config={"split_batches": True}' in refusal
