@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 from ._distributed import default_group
 from ._options import Option, flag
 from .parts.grads import check_grads, check_losses, graph_problem, summed_backward, unscale
-from .parts.params import ParamSet
+from .parts.params import ParamSet, deepspeed_zero
 from .parts.ranks import compare_ranks
 from .parts.state_dict import initialize_optimizer_state, initializes_state
 from .parts.stream import StreamRecord, TaskStream
@@ -170,14 +170,10 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
 
     @param_groups.setter
     def param_groups(self, groups: Any) -> None:
-        # DeepSpeed's ZeRO optimizers replace an optimizer's param groups with flattened fp32
-        # partitions of the parameters: metaopt's state (slow weights, per-task rows) is kept
-        # beside the model's own parameters and would silently stop matching them
+        # DeepSpeed's ZeRO stages 1 and 2 assign them at each step
         raise TypeError(
             f"{type(self).__name__}: its param groups are the wrapped optimizer's and cannot be "
-            "replaced (DeepSpeed's ZeRO stages replace them with flattened partitions of the "
-            "parameters, which metaopt does not support: use FSDP2, or DeepSpeed without ZeRO "
-            "and without handing it the optimizer); add groups with add_param_group"
+            f"replaced (add groups with add_param_group){deepspeed_zero()}"
         )
 
     @property

@@ -20,7 +20,26 @@ from _ddp_worker import STEPS, _CountingAllReduce, half, train_steps  # noqa: E4
 import metaopt  # noqa: E402
 
 from _spawn import leave  # noqa: E402
-from _stacks import TASKS, Net, loss_of, make_opt  # noqa: E402
+from _stacks import (  # noqa: E402
+    METHODS,
+    TASKS,
+    Net,
+    backward_the_torch_way,
+    batch,
+    loss_of,
+    make_opt,
+    torch_way_step,
+)
+
+# tensor parallelism: the methods that equal one process, and those refused when built
+TP_SUPPORTED = ["sequential_reptile", "reptile", "sequential_reptile_nesterov", "mtl", "gradnorm"]
+TP_REFUSED = [m for m in METHODS if m not in TP_SUPPORTED]
+# FSDP1 (use_orig_params): the torch way of the Reptile family equals one process
+# (loss.backward()); the per-task methods are refused when built
+# (loss.backward()); MTL's backward(losses) and every one loop refused at the step (autograd
+# reaches FSDP1's flat parameters, not the optimizer's)
+FSDP1_SUPPORTED = ["sequential_reptile", "reptile", "sequential_reptile_nesterov"]
+FSDP1_REFUSED = [m for m in METHODS if m not in FSDP1_SUPPORTED and m != "mtl"]
 
 __all__ = ["STEPS", "build", "run"]
 
@@ -104,6 +123,121 @@ def nan_in_one_shard(rank: int, name: str) -> dict:
     return {"refused": refused, "unchanged": unchanged, "steps": opt.step_count}
 
 
+def tp_net() -> Net:
+    """The shared model under tensor parallelism (Megatron's pairing): the encoder's output
+    features split over the ranks (``ColwiseParallel``), each head's input features likewise
+    (``RowwiseParallel``, its bias replicated and its output summed over the ranks). Every rank
+    runs the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = Net()
+    plan = {"enc": ColwiseParallel(), **{f"heads.{t}": RowwiseParallel() for t in TASKS}}
+    return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), plan)
+
+
+def tensor_parallel(rank: int, names: list[str], refused: list[str]) -> dict:
+    """The methods that combine per-parameter placements (the Reptile family, MTL, GradNorm
+    over MTL) trained the torch way and through the one loop, each rank on the whole batch;
+    the per-task gradient methods refused when built; a NaN in rank 1's shard of the encoder's
+    gradient refused on every rank, with nothing moved."""
+    out: dict = {}
+    for name in names:
+        for recipe in ("one_loop", "torch"):
+            model = tp_net()
+            opt = build(name, model)
+            for s in range(STEPS):
+                losses = {t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()}
+                if recipe == "one_loop":
+                    opt.step(losses)
+                else:
+                    torch_way_step(name, opt, losses)
+            out[("tp", name, recipe)] = [p.full_tensor() for p in model.parameters()]
+        model = tp_net()
+        opt = build(name, model)
+        losses = {t: loss_of(model, t, batch(0, t), reduction="mean") for t in opt.next_tasks()}
+        backward_the_torch_way(name, opt, losses)
+        before = [p.full_tensor() for p in model.parameters()]
+        if rank == 1:
+            model.enc.weight.grad.to_local().view(-1)[0] = float("nan")
+        try:
+            opt.step()
+            error = None
+        except ValueError as err:
+            error = str(err)
+        unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+        out[("tp_nan", name)] = {"refused": error, "unchanged": unchanged, "steps": opt.step_count}
+    for name in refused:
+        try:
+            build(name, tp_net())
+            out[("tp_refused", name)] = None
+        except ValueError as err:
+            out[("tp_refused", name)] = str(err)
+    return out
+
+
+def fsdp1_net() -> torch.nn.Module:
+    """The shared model under FSDP1 (``use_orig_params``, on the CPU): the encoder and each head
+    their own unit, then the root. (With the root's one unit only, every parameter is a view of
+    one flat parameter whose gradient is zero, not ``None``, where no loss reached it, so that
+    an inner Adam moves the idle heads on its momentum, which one process does not.)"""
+    from _hybrid_worker import fsdp1
+
+    model = Net()
+    model.enc = fsdp1(model.enc, None)
+    for t in TASKS:
+        model.heads[t] = fsdp1(model.heads[t], None)
+    return fsdp1(model, None)
+
+
+def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
+    """The Reptile family the torch way, each rank on its half of every batch (gathered with
+    ``summon_full_params``); the one loop (and MTL's, which backpropagates through it) refused
+    at the step; the per-task gradient methods refused when built; a NaN in one rank's shard
+    of a gradient refused on every rank."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    out: dict = {}
+    for name in [*names, "mtl"]:
+        model = fsdp1_net()
+        opt = build(name, model)
+        try:
+            opt.step({t: loss_of(model, t, half(0, t, rank), reduction="mean") for t in opt.next_tasks()})
+            out[("fsdp1_one_loop", name)] = None
+        except ValueError as err:
+            out[("fsdp1_one_loop", name)] = (str(err), opt.step_count)
+    for name in names:
+        model = fsdp1_net()
+        opt = build(name, model)
+        train_steps(name.removesuffix("_nesterov"), "torch", opt, model, rank)
+        with FullyShardedDataParallel.summon_full_params(model):
+            out[("fsdp1", name)] = [p.detach().clone() for p in model.parameters()]
+    for name in names:  # a NaN in rank 1's shard of the encoder's gradient
+        model = fsdp1_net()
+        opt = build(name, model)
+        (t,) = opt.next_tasks()
+        loss_of(model, t, half(0, t, rank), reduction="mean").backward()
+        with FullyShardedDataParallel.summon_full_params(model):
+            before = [p.detach().clone() for p in model.parameters()]
+        if rank == 1:
+            model.enc.weight.grad.view(-1)[0] = float("nan")
+        try:
+            opt.step()
+            error = None
+        except ValueError as err:
+            error = str(err)
+        with FullyShardedDataParallel.summon_full_params(model):
+            unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        out[("fsdp1_nan", name)] = {"refused": error, "unchanged": unchanged, "steps": opt.step_count}
+    for name in refused:
+        try:
+            build(name, fsdp1_net())
+            out[("fsdp1_refused", name)] = None
+        except ValueError as err:
+            out[("fsdp1_refused", name)] = str(err)
+    return out
+
+
 def run(rank: int, runs: list[tuple[str, str]], nan_runs: list[str], store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=store, rank=rank, world_size=2, timeout=timedelta(seconds=60))
@@ -111,6 +245,8 @@ def run(rank: int, runs: list[tuple[str, str]], nan_runs: list[str], store: str,
         results: dict = {(name, recipe): train(rank, name, recipe) for name, recipe in runs}
         results.update({("nan", name): nan_in_one_shard(rank, name) for name in nan_runs})
         results.update(review_cases(rank))
+        results.update(tensor_parallel(rank, TP_SUPPORTED, TP_REFUSED))
+        results.update(fsdp1_cases(rank, FSDP1_SUPPORTED, FSDP1_REFUSED))
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -183,14 +184,23 @@ def test_load_state_dict_validation():
         opt.step({}, closure=lambda: 0.0)
 
 
-def test_replacing_the_param_groups_is_refused_naming_deepspeed():
+@pytest.mark.parametrize("deepspeed_loaded", [False, True])
+def test_replacing_the_param_groups_is_refused_naming_deepspeed(monkeypatch, deepspeed_loaded):
     """DeepSpeed's ZeRO stages replace an optimizer's param groups with flattened partitions;
-    metaopt's state sits beside the model's parameters, so that is refused, saying why, and the
-    groups stay as they were."""
+    metaopt's state sits beside the model's parameters, so that is refused, saying why where
+    DeepSpeed is loaded (tests/test_deepspeed.py runs the engine), and the groups stay as they
+    were."""
+    import types
+
+    if deepspeed_loaded:
+        monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
+    else:
+        monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
     model, opt, _ = trained_opt()
     groups = opt.param_groups
-    with pytest.raises(TypeError, match="DeepSpeed's ZeRO"):
+    with pytest.raises(TypeError, match="cannot be replaced") as raised:
         opt.param_groups = [{"params": [torch.zeros(3, requires_grad=True)]}]
+    assert ("DeepSpeed's ZeRO" in str(raised.value)) == deepspeed_loaded
     assert opt.param_groups is groups and opt.param_groups is opt.base_optimizer.param_groups
 
 

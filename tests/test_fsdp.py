@@ -2,8 +2,12 @@
 loop, against one float64 process on the concatenated batches (1e-9): metaopt's state follows
 each parameter's shard (the slow weights, the per-task gradient rows), a per-task method sums
 its Gramian over the shards in one all-reduce, and a decision such as refusing a non-finite
-gradient is taken by every rank together. The ranks run in spawned processes with a deadline,
-so that a hang can never stall CI."""
+gradient is taken by every rank together. Under tensor parallelism (``parallelize_module``:
+some parameters sharded, others replicated) the Reptile family, MTL and GradNorm over MTL equal
+one process too, and the per-task gradient methods are refused when built. Under FSDP1
+(``use_orig_params``) the Reptile family driven the torch way equals one process; the one loop
+is refused at the step and the per-task gradient methods when built. The ranks run in spawned
+processes with a deadline, so that a hang can never stall CI."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 import torch
 
 from _spawn import file_store, spawn
-from _stacks import METHODS, Net, batch, loss_of
+from _stacks import METHODS, Net, batch, loss_of, torch_way_step
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
@@ -148,3 +152,70 @@ def test_local_trajectories_on_sharded_parameters_are_refused_when_built(results
 def test_metaopts_rank_0_checkpoint_refuses_sharded_state_naming_dcp(results):
     for res in results:
         assert "torch.distributed.checkpoint" in res["rank0_checkpoint"]
+
+
+# ---------------------------------------------------------------- tensor parallelism
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("name", _fsdp_worker.TP_SUPPORTED)
+def test_tensor_parallel_equals_one_process(results, name, recipe):
+    ranks = [res[("tp", name, recipe)] for res in results]
+    for a, b in zip(*ranks):
+        assert torch.equal(a, b)
+    for a, b in zip(ranks[0], _single_process(name)):  # every rank ran the whole batch
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-9)
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0], Net().parameters()))
+
+
+@pytest.mark.parametrize("name", _fsdp_worker.TP_SUPPORTED)
+def test_tensor_parallel_nan_in_one_ranks_shard_is_refused_on_every_rank(results, name):
+    for res in results:
+        r = res[("tp_nan", name)]
+        assert r["refused"] is not None and r["unchanged"] and r["steps"] == 0
+
+
+@pytest.mark.parametrize("name", _fsdp_worker.TP_REFUSED)
+def test_tensor_parallel_per_task_methods_are_refused_when_built(results, name):
+    for res in results:
+        message = res[("tp_refused", name)]
+        assert message is not None and "tensor parallelism" in message
+
+
+# ---------------------------------------------------------------- FSDP1
+def _single_process_torch_way(name: str) -> list[torch.Tensor]:
+    model = Net()
+    opt = _fsdp_worker.build(name, model)
+    for s in range(_fsdp_worker.STEPS):
+        losses = {t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()}
+        torch_way_step(name.removesuffix("_nesterov"), opt, losses)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", _fsdp_worker.FSDP1_SUPPORTED)
+def test_fsdp1_the_torch_way_equals_one_process(results, name):
+    ranks = [res[("fsdp1", name)] for res in results]
+    for a, b in zip(*ranks):
+        assert torch.equal(a, b)
+    for a, b in zip(ranks[0], _single_process_torch_way(name)):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=1e-9)
+    assert any(not torch.equal(a, b) for a, b in zip(ranks[0], Net().parameters()))
+
+
+@pytest.mark.parametrize("name", [*_fsdp_worker.FSDP1_SUPPORTED, "mtl"])
+def test_fsdp1_one_loop_is_refused_at_the_step_with_nothing_moved(results, name):
+    for res in results:
+        message, steps = res[("fsdp1_one_loop", name)]
+        assert "FSDP1" in message and "fully_shard" in message and steps == 0
+
+
+@pytest.mark.parametrize("name", _fsdp_worker.FSDP1_REFUSED)
+def test_fsdp1_per_task_methods_are_refused_when_built(results, name):
+    for res in results:
+        message = res[("fsdp1_refused", name)]
+        assert message is not None and "FSDP1" in message
+
+
+@pytest.mark.parametrize("name", _fsdp_worker.FSDP1_SUPPORTED)
+def test_fsdp1_nan_in_one_ranks_shard_is_refused_on_every_rank(results, name):
+    for res in results:
+        r = res[("fsdp1_nan", name)]
+        assert r["refused"] is not None and r["unchanged"] and r["steps"] == 0

@@ -1,4 +1,4 @@
-"""Hybrid: FSDP2 within each replica of the model and local trajectories across the replicas,
+"""Hybrid: FSDP2 (and FSDP1) within each replica of the model and local trajectories across the replicas,
 on a 2 x 2 DeviceMesh of 4 gloo ranks (spawned with a deadline). Equal to one process running
 one trajectory per replica per outer step (float64, 1e-9), as local trajectories on 2 unsharded
 ranks are; the two ranks of a replica draw the same tasks, the replicas their own. A process
@@ -26,8 +26,9 @@ def results(tmp_path_factory):
     return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(4)]
 
 
-@pytest.mark.parametrize("kind", ["equivalence", "diloco"])
+@pytest.mark.parametrize("kind", ["equivalence", "diloco", "fsdp1"])
 def test_fsdp_within_replicas_and_local_trajectories_across_them_equal_one_process(results, kind):
+    """``fsdp1``: FSDP1 (``use_orig_params``) within each replica, the equivalence case."""
     ranks = [r[kind] for r in results]
     by_replica = {0: [r for r in ranks if r["replica"] == 0], 1: [r for r in ranks if r["replica"] == 1]}
     assert all(len(v) == 2 for v in by_replica.values())
@@ -37,7 +38,9 @@ def test_fsdp_within_replicas_and_local_trajectories_across_them_equal_one_proce
     for r in ranks:
         assert r["outer"] == w.OUTER
         assert all(torch.equal(a, b) for a, b in zip(r["params"], ranks[0]["params"]))
-    model, _ = single_process(2, [by_replica[0][0]["tasks"], by_replica[1][0]["tasks"]], kind)
+    model, _ = single_process(
+        2, [by_replica[0][0]["tasks"], by_replica[1][0]["tasks"]], "equivalence" if kind == "fsdp1" else kind
+    )
     for a, b in zip(ranks[0]["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=0.0, atol=1e-9)
 

@@ -217,7 +217,7 @@ def check_grads(
             loss_ok = torch.stack([v.isfinite() for v in values])
         flags = torch.cat([flags.to(loss_ok.device), loss_ok])
     # a sharded model's ranks decide together: every shard's gradient and every rank's losses
-    flags = agree(flags, grads)
+    flags = agree(flags, params)
     if bool(flags.all()):
         return
     if losses and not bool(flags[1:].all()):

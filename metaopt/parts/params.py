@@ -17,10 +17,26 @@ reordering parameters is refused.
 
 from __future__ import annotations
 
+import sys
+
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["ParamSet"]
+__all__ = ["ParamSet", "deepspeed_zero"]
+
+
+def deepspeed_zero() -> str:
+    """Why an optimizer's parameters were replaced, where DeepSpeed is loaded (else ``""``):
+    its ZeRO stages 1 to 3 replace the parameters of the optimizer handed to
+    ``deepspeed.initialize`` with flattened fp32 partitions."""
+    if "deepspeed" not in sys.modules:
+        return ""
+    return (
+        " (DeepSpeed's ZeRO stages 1-3 do this to the optimizer handed to deepspeed.initialize: "
+        "they replace its parameters with flattened fp32 partitions, which metaopt's state, kept "
+        "beside the model's own parameters, cannot follow; use ZeRO stage 0, which metaopt "
+        "supports, or FSDP2 (torch.distributed.fsdp.fully_shard) to shard)"
+    )
 
 
 class ParamSet:
@@ -41,7 +57,7 @@ class ParamSet:
                     seen.add(id(p))
                     params.append(p)
         if not params:
-            raise ValueError(f"{self.where}: the wrapped optimizer has no parameters")
+            raise ValueError(f"{self.where}: the wrapped optimizer has no parameters{deepspeed_zero()}")
         return params
 
     def trainable(self) -> list[Tensor]:
@@ -59,7 +75,7 @@ class ParamSet:
             raise ValueError(
                 f"{self.where}: parameters were removed from (or reordered in) the wrapped "
                 "optimizer after wrapping; only adding param groups is supported "
-                "(opt.add_param_group)"
+                f"(opt.add_param_group){deepspeed_zero()}"
             )
         self.params = current
         return current[len(known) :]

@@ -217,9 +217,14 @@ def placed_like(local: Tensor, param: Tensor) -> Tensor:
 
 
 def agree(ok: Tensor, tensors: Sequence[Tensor]) -> Tensor:
-    """``ok`` (bool) and-reduced over every rank of the meshes ``tensors`` (any placements) are
-    spread over, so that every rank takes the same decision; ``ok`` itself when none is a
-    ``DTensor``."""
+    """``ok`` (bool) and-reduced over every rank of the meshes ``tensors`` (parameters, any
+    placements) are spread over, so that every rank takes the same decision; over every rank
+    of the default group for parameters FSDP1 manages (their plain tensors do not say which
+    ranks share them); ``ok`` itself otherwise."""
+    if any(getattr(t, "_fsdp_flattened", False) for t in tensors):
+        out = ok.to(torch.int32)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN)
+        return out.bool()
     meshes: list[Any] = []
     for t in tensors:
         # each fully_shard call may build its own mesh object over the same ranks: equal ones
