@@ -16,6 +16,14 @@ a registered kernel
     ``"auto"`` picks a kernel registered for the device type (:func:`register_kernel`; the seam
     for a fused kernel over lists of tensors), else ``"foreach"``.
 
+**Host placement** (``state_device="cpu"``): φ and the trajectory mean live in host memory
+(pinned when the fast tensors are on CUDA), and each operation streams them through the fast
+tensors' device in chunks of at most :data:`STREAM_ELEMENTS` elements (a chunk of φ copied in,
+interpolated and written to θ there, copied back), so that the device holds no slow weights
+between outer steps, as torchft's and PrimeIntellect's DiLoCo keep their outer state. Copies are
+non-blocking and ordered on the device's stream; reading φ on the host (:meth:`Interpolator.state_dict`)
+waits for them first.
+
 Low-precision parameters (float16, bfloat16) keep a float32 master copy of φ. θ starts each
 trajectory at φ rounded to θ's dtype, so the rounding error ``φ − round(φ)`` is not part of the
 trajectory's displacement: the interpolation uses the master fast weights ``θ + (φ − round(φ))``
@@ -37,6 +45,7 @@ from .functional import unique_tensors
 from .layout import Layout
 
 __all__ = [
+    "STREAM_ELEMENTS",
     "Interpolator",
     "Kernel",
     "Method",
@@ -54,6 +63,10 @@ Kernel = Callable[[list[Tensor], list[Tensor], float, "list[Tensor] | None", lis
 _KERNELS: dict[str, Kernel] = {}
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+STREAM_ELEMENTS = 1 << 23
+"""Most elements of φ (and of the trajectory mean) on the device at once under host placement:
+32 MiB in float32. Tensors larger than that are streamed in flat slices where contiguous."""
 
 
 def register_kernel(device_type: str, kernel: Kernel | None) -> None:
@@ -81,8 +94,10 @@ class _Group:
     keys: list[str]
     fast: list[Tensor]
     dtype: torch.dtype  # of the fast tensors when laid out
-    slow: Tensor  # flat, master dtype
+    device: torch.device  # of the fast tensors when laid out
+    slow: Tensor  # flat, master dtype; on the host under host placement
     slow_views: list[Tensor]
+    offloaded: bool = False  # host placement: φ and the mean streamed through ``device``
     acc: Tensor | None = None  # flat accumulator (batched Reptile), allocated on demand
     acc_views: list[Tensor] | None = None
 
@@ -112,22 +127,22 @@ class _Group:
         return self.slow.dtype != self.dtype
 
     def master_fast(self) -> list[Tensor]:
-        """θ as a master copy would hold it: θ itself, or for low-precision θ, θ plus the
-        rounding error φ − round(φ) that θ's trajectory started with."""
-        if not self.low_precision:
-            return self.fast
-        rounded = [v.to(self.dtype) for v in self.slow_views]
-        out = [f.to(self.slow.dtype) for f in self.fast]
-        torch._foreach_add_(
-            out, torch._foreach_sub(self.slow_views, [r.to(self.slow.dtype) for r in rounded])
-        )
-        return out
+        """θ as a master copy would hold it (:func:`_master`), on φ's device."""
+        fast = self.fast if not self.offloaded else [f.to(self.slow.device) for f in self.fast]
+        return _master(fast, self.slow_views)
 
     def signature(self) -> tuple[object, ...]:
         """Everything that decides where each element of φ lives in the slow buffer."""
         layout = Layout.of(self.fast)
         places = list(zip(layout.offsets, layout.shapes, layout.strides))
-        return (tuple(self.keys), tuple(places), self.slow.numel(), self.slow.dtype, self.slow.device)
+        return (
+            tuple(self.keys),
+            tuple(places),
+            self.slow.numel(),
+            self.slow.dtype,
+            self.slow.device,
+            self.device,
+        )
 
 
 class Interpolator:
@@ -143,6 +158,9 @@ class Interpolator:
             ``{key: tensor}``. Repeats are dropped. Keys identify each tensor's φ across
             :meth:`refresh` and in :meth:`state_dict`.
         method: ``"auto"`` (default), ``"foreach"`` or ``"reference"`` (module doc).
+        state_device: where φ and the trajectory mean live: ``None`` (default) beside each
+            fast tensor, or ``"cpu"``, host memory streamed through the fast tensors' device
+            at each operation (module doc).
 
     Example:
         >>> import torch
@@ -160,8 +178,10 @@ class Interpolator:
         fast: Sequence[Tensor] | Mapping[str, Tensor],
         *,
         method: Method = "auto",
+        state_device: torch.device | str | None = None,
     ) -> None:
         self.method: Method = _check_method(method)
+        self.state_device = _check_state_device(state_device)
         self._groups: list[_Group] = self._layout(_keyed(fast), previous=None)
 
     # ----------------------------------------------------------------- layout
@@ -194,8 +214,10 @@ class Interpolator:
             for (device, dtype), members in by_key.items():
                 keys, tensors = list(members), list(members.values())
                 size = sum(t.numel() for t in tensors)
-                slow = torch.empty(size, dtype=master_dtype(dtype), device=device)
-                g = _Group(keys, tensors, dtype, slow, [])
+                where = device if self.state_device is None else self.state_device
+                pin = where != device and device.type == "cuda" and torch.cuda.is_available()
+                slow = torch.empty(size, dtype=master_dtype(dtype), device=where, pin_memory=pin)
+                g = _Group(keys, tensors, dtype, device, slow, [], offloaded=self.state_device is not None)
                 g.slow_views = g.views(slow)
                 kept = next((o for o in previous or [] if o.signature() == g.signature()), None)
                 if kept is not None:  # same layout: keep the buffers (an outer optimizer holds them)
@@ -216,7 +238,7 @@ class Interpolator:
                     for k, v, t in zip(keys, g.slow_views, tensors):
                         v.copy_(old_phi.get(k, t))
                     if any(k in old_acc for k in keys):
-                        g.acc = torch.zeros_like(slow)
+                        g.acc = _zeros_like(slow)
                         g.acc_views = g.views(g.acc)
                         for k, v, t in zip(keys, g.acc_views, tensors):
                             v.copy_(old_acc.get(k, t))
@@ -231,7 +253,7 @@ class Interpolator:
         if list(current) != list(known) or any(current[k] is not known[k] for k in current):
             return True
         for g in self._groups:
-            if any(t.dtype != g.dtype or t.device != g.slow.device for t in g.fast):
+            if any(t.dtype != g.dtype or t.device != g.device for t in g.fast):
                 return True
             if any(t.shape != v.shape for t, v in zip(g.fast, g.slow_views)):
                 return True
@@ -282,8 +304,15 @@ class Interpolator:
 
     def _choose(self, g: _Group) -> str:
         if self.method == "auto":
-            return "kernel" if g.slow.device.type in _KERNELS else "foreach"
+            return "kernel" if g.device.type in _KERNELS else "foreach"
         return self.method
+
+    def settle(self) -> None:
+        """Wait for the copies of φ back to the host (host placement on an accelerator), before
+        φ is read there; nothing otherwise."""
+        for g in self._groups:
+            if g.offloaded and g.device.type != "cpu":
+                torch.get_device_module(g.device).current_stream(g.device).synchronize()
 
     # ----------------------------------------------------------------- operations
     def _lerp_then_restart(
@@ -303,15 +332,28 @@ class Interpolator:
         for gi, g in enumerate(self._groups):
             for _, _, finish in pending[gi] if pending is not None else []:
                 finish()
-            dst_views = g.accumulator()[1] if into == "acc" else g.slow_views
-            src_views = g.accumulator()[1] if source == "acc" else g.master_fast()
             path = self._choose(g)
-            if path == "kernel":
-                _KERNELS[g.slow.device.type](list(dst_views), list(src_views), weight, g.fast, g.slow_views)
-                continue
-            fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
-            interpolate_(dst_views, src_views, weight, sync=False, method=fn)
-            _copy(g.fast, g.slow_views, fn)
+            acc = g.accumulator()[1] if "acc" in (into, source) else None
+            columns = [g.fast, g.slow_views] if acc is None else [g.fast, g.slow_views, acc]
+            # host placement: chunk by chunk, φ (and the mean) copied to θ's device and back
+            chunks = _chunks(columns, STREAM_ELEMENTS) if g.offloaded else [columns]
+            for fast, host_slow, *host_acc in chunks:
+                slow = [_onto(v, g.device) for v in host_slow] if g.offloaded else host_slow
+                mean = None
+                if host_acc:
+                    mean = [_onto(v, g.device) for v in host_acc[0]] if g.offloaded else host_acc[0]
+                dst = mean if into == "acc" else slow
+                src = mean if source == "acc" else _master(fast, slow)
+                assert dst is not None and src is not None
+                if path == "kernel":
+                    _KERNELS[g.device.type](list(dst), list(src), weight, fast, slow)
+                else:
+                    fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
+                    interpolate_(dst, src, weight, sync=False, method=fn)
+                    _copy(fast, slow, fn)
+                if g.offloaded:
+                    for h, d in zip(host_acc[0] if into == "acc" else host_slow, dst):
+                        h.copy_(d, non_blocking=True)
 
     def _start_reduce(
         self, reduce: Reduce, bucket: int | None
@@ -340,7 +382,7 @@ class Interpolator:
             raise ValueError(f"accumulate: count must be an int >= 1, got {count!r}")
         for g in self._groups:
             if g.acc is None:
-                g.acc = torch.zeros_like(g.slow)
+                g.acc = _zeros_like(g.slow)
                 g.acc_views = g.views(g.acc)
             elif count == 1:
                 g.acc.zero_()  # lerp with weight 1 from a finite start gives θ exactly
@@ -371,24 +413,34 @@ class Interpolator:
     def sync_fast(self) -> None:
         """θ ← φ."""
         for g in self._groups:
-            _copy(g.fast, g.slow_views, "foreach")
+            if g.offloaded:  # a host-to-device copy per tensor, no device buffer
+                for f, v in zip(g.fast, g.slow_views):
+                    f.copy_(v, non_blocking=True)
+            else:
+                _copy(g.fast, g.slow_views, "foreach")
 
     @torch.no_grad()
     def reset_slow(self) -> None:
         """φ ← θ (and the accumulator is dropped)."""
         for g in self._groups:
-            _copy(g.slow_views, g.fast, "foreach")
+            if g.offloaded:
+                for v, f in zip(g.slow_views, g.fast):
+                    v.copy_(f)
+            else:
+                _copy(g.slow_views, g.fast, "foreach")
             g.acc, g.acc_views = None, None
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[Tensor]:
         """φ − θ per slow weight (θ as master weights: see the module doc), the Reptile
-        'meta-gradient', as fresh tensors shaped like :attr:`slow`."""
+        'meta-gradient', as fresh tensors shaped like :attr:`slow`, where φ is."""
+        self.settle()
         return [s - f for g in self._groups for s, f in zip(g.slow_views, g.master_fast())]
 
     @torch.no_grad()
     def accumulated_pseudo_gradient(self) -> list[Tensor]:
         """φ − mean θ per slow weight, the mean from :meth:`accumulate` (batched Reptile)."""
+        self.settle()
         return [s - a for g in self._groups for s, a in zip(g.slow_views, g.accumulator()[1])]
 
     # ----------------------------------------------------------------- state
@@ -396,6 +448,7 @@ class Interpolator:
         """φ (and the accumulator, if any) per key (those starting with ``prefix``), shaped like
         each fast tensor: independent of the layout, so a state saved on one path loads into
         any other."""
+        self.settle()
         acc = {
             k: v.clone()
             for g in self._groups
@@ -455,6 +508,7 @@ class Interpolator:
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         self.check_state_dict(state)
+        self.settle()
         slow = state["slow"]
         acc = state.get("acc")
         assert isinstance(slow, Mapping)
@@ -466,7 +520,7 @@ class Interpolator:
             else:
                 assert isinstance(acc, Mapping)
                 if g.acc is None:
-                    g.acc = torch.zeros_like(g.slow)
+                    g.acc = _zeros_like(g.slow)
                     g.acc_views = g.views(g.acc)
                 assert g.acc_views is not None
                 for k, v in zip(g.keys, g.acc_views):
@@ -482,6 +536,67 @@ def _check_method(method: object) -> Method:
     if method not in _METHODS:
         raise ValueError(f"Interpolator: method must be one of {_METHODS}, got {method!r}")
     return method  # type: ignore[return-value]
+
+
+def _check_state_device(device: object) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        out = torch.device(device)  # type: ignore[call-overload]
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"Interpolator: state_device must be None or 'cpu', got {device!r}") from err
+    if out.type != "cpu":
+        raise ValueError(
+            f"Interpolator: state_device must be None (beside the parameters) or 'cpu' (host "
+            f"memory), got {device!r}"
+        )
+    return out
+
+
+def _zeros_like(t: Tensor) -> Tensor:
+    """Zeros shaped like ``t``, pinned where ``t`` is."""
+    return torch.zeros(t.shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+
+
+def _master(fast: Sequence[Tensor], slow: Sequence[Tensor]) -> list[Tensor]:
+    """θ as a master copy would hold it: ``fast`` itself, or for low-precision θ (φ in a wider
+    dtype), θ plus the rounding error φ − round(φ) that θ's trajectory started with."""
+    if not slow or slow[0].dtype == fast[0].dtype:
+        return list(fast)
+    dtype = slow[0].dtype
+    out = [f.to(dtype) for f in fast]
+    torch._foreach_add_(out, torch._foreach_sub(list(slow), [v.to(fast[0].dtype).to(dtype) for v in slow]))
+    return out
+
+
+def _onto(t: Tensor, device: torch.device) -> Tensor:
+    """A copy of ``t`` on ``device`` (always a new buffer, also on ``t``'s own device), made
+    without waiting where ``t`` is pinned."""
+    return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t, non_blocking=True)
+
+
+def _chunks(columns: list[list[Tensor]], limit: int) -> list[list[list[Tensor]]]:
+    """Aligned tensor lists (index by index of one shape) cut into chunks of at most ``limit``
+    elements each: consecutive tensors together, and a contiguous tensor larger than
+    ``limit`` in flat slices (one that is not stays whole)."""
+    out: list[list[list[Tensor]]] = []
+    chunk: list[list[Tensor]] = [[] for _ in columns]
+    size = 0
+    for row in zip(*columns):
+        n = row[0].numel()
+        if size and size + n > limit:
+            out.append(chunk)
+            chunk, size = [[] for _ in columns], 0
+        if n > limit and all(t.is_contiguous() for t in row):
+            flat = [t.view(-1) for t in row]
+            out += [[[f[a : a + limit]] for f in flat] for a in range(0, n, limit)]
+            continue
+        for c, t in zip(chunk, row):
+            c.append(t)
+        size += n
+    if chunk[0]:
+        out.append(chunk)
+    return out
 
 
 def _keyed(fast: Sequence[Tensor] | Mapping[str, Tensor]) -> dict[str, Tensor]:

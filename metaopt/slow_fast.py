@@ -74,6 +74,13 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             the model's parameters into its own buffer (it re-pointed the user's tensors, which
             broke FSDP2, Accelerate's checkpoints and safetensors). Default ``False``.
         interpolation: ``"auto"``, ``"foreach"`` or ``"reference"`` (:mod:`metaopt.interpolation`).
+        state_device: where the slow weights, the trajectory mean and an ``outer_optimizer``'s
+            state live. ``None`` (default): beside each parameter (its shard under FSDP2).
+            ``"cpu"``: host memory, pinned when the parameters are on CUDA, streamed through
+            the parameters' device in chunks at each outer step, so that the device holds none
+            of metaopt's state between outer steps (torchft's and PrimeIntellect's DiLoCo keep
+            their outer state so); an ``outer_optimizer`` then steps on the host. Not with
+            ``local_trajectories``.
         local_trajectories: under ``torch.distributed``, each rank runs its own trajectory of
             ``inner_steps`` steps without communicating, drawing its tasks from its own stream
             (seeded by :func:`metaopt._distributed.rank_seed` from ``seed`` and the rank, so
@@ -144,6 +151,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         buffers: nn.Module | None = None,
         flatten: bool = False,
         interpolation: Method = "auto",
+        state_device: torch.device | str | None = None,
         seed: int = 0,
         allow_unused: bool = False,
         local_trajectories: bool = False,
@@ -201,7 +209,16 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 stacklevel=2,
             )
         # the parts: φ with the outer rule, and the parked trajectories' inner-optimizer states
-        engine = Interpolator(self._fast_tensors(), method=interpolation)
+        if state_device is not None and local_trajectories:
+            raise ValueError(
+                f"{name}: state_device={state_device!r} is not supported with "
+                "local_trajectories=True (the outer step's all-reduce would run on host memory, "
+                "which NCCL cannot reduce); keep the state beside the parameters (state_device=None)"
+            )
+        try:
+            engine = Interpolator(self._fast_tensors(), method=interpolation, state_device=state_device)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
         self.outer_step = OuterStep(engine, outer_optimizer, name)
         self.slots = TrajectorySlots(self.base_optimizer)
         self._check_outer_options()

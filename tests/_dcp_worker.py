@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _ddp_worker import half  # noqa: E402
-from _fsdp_worker import build, sharded_net  # noqa: E402
+from _fsdp_worker import build, method, sharded_net  # noqa: E402
 
 import metaopt  # noqa: E402
 
@@ -79,7 +79,7 @@ def _steps(name: str, opt, forward, rank: int, start: int, end: int, world: int 
         losses = {
             t: loss_of(forward, t, _part(s, t, rank, world), reduction="mean") for t in opt.next_tasks()
         }
-        torch_way_step(name, opt, losses)
+        torch_way_step(method(name), opt, losses)
 
 
 def _full(model) -> list[torch.Tensor]:

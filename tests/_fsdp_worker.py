@@ -44,8 +44,24 @@ FSDP1_REFUSED = [m for m in METHODS if m not in FSDP1_SUPPORTED and m != "mtl"]
 __all__ = ["STEPS", "build", "run"]
 
 
+def method(name: str) -> str:
+    """The method a name of :func:`build` trains with (how the torch way backpropagates)."""
+    return name.removesuffix("_nesterov").removesuffix("_host")
+
+
 def build(name: str, model: Net) -> metaopt.MultiTaskOptimizer:
-    """``_stacks.make_opt``, and Sequential Reptile with DiLoCo's outer Nesterov step."""
+    """``_stacks.make_opt``, Sequential Reptile with DiLoCo's outer Nesterov step, and with its
+    state in host memory (``state_device="cpu"``: each rank's shard streamed at the outer
+    step)."""
+    if name == "sequential_reptile_host":
+        return metaopt.SequentialReptile(
+            torch.optim.Adam(model.parameters(), lr=0.05),
+            tasks=TASKS,
+            inner_steps=3,
+            outer_lr=0.5,
+            allow_unused=True,
+            state_device="cpu",
+        )
     if name == "sequential_reptile_nesterov":
         return metaopt.SequentialReptile(
             torch.optim.Adam(model.parameters(), lr=0.05),
@@ -84,7 +100,7 @@ def train(rank: int, name: str, recipe: str) -> dict:
     dist.all_reduce = counter
     try:
         opt = build(name, model)
-        train_steps(name.removesuffix("_nesterov"), recipe, opt, model, rank)
+        train_steps(method(name), recipe, opt, model, rank)
     except ValueError as err:
         return {"error": str(err)}
     finally:
@@ -209,7 +225,7 @@ def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
     for name in names:
         model = fsdp1_net()
         opt = build(name, model)
-        train_steps(name.removesuffix("_nesterov"), "torch", opt, model, rank)
+        train_steps(method(name), "torch", opt, model, rank)
         with FullyShardedDataParallel.summon_full_params(model):
             out[("fsdp1", name)] = [p.detach().clone() for p in model.parameters()]
     for name in names:  # a NaN in rank 1's shard of the encoder's gradient

@@ -77,16 +77,45 @@ def test_timing_script_runs(script, args, expect):
 
 def test_memory_script_measures_one_shard_of_slow_weights_under_fsdp2():
     """benchmarks/memory.py counts the tensors metaopt holds per rank (bytes, not time): Sequential
-    Reptile's slow weights are one fp32 copy of the parameters in one process and under DDP, and
-    one shard of them (half, on 2 ranks, up to FSDP2's padding) under FSDP2."""
+    Reptile's slow weights are one fp32 copy of the parameters (4 bytes per parameter) in one
+    process and under DDP, and one shard of them (half, on 2 ranks, up to FSDP2's padding) under
+    FSDP2, for fp32 and bf16 parameters alike (fp32 masters); with host placement none of it is
+    beside the parameters."""
     out = subprocess.run(
         [sys.executable, str(BENCH / "memory.py")], capture_output=True, text=True, timeout=240, check=True
     ).stdout
-    rows = {
-        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
-        for line in out.split("# extrapolated")[0].splitlines()
-        if line.startswith("| ") and not line.startswith("| mode")
+    measured = out.split("# extrapolated")[0]
+    for table in measured.split("## ")[1:]:  # fp32, then bf16 parameters
+        rows = {
+            line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:-1]]
+            for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")
+        }
+        assert float(rows["one process"][0]) == 4.0 and float(rows["ddp"][0]) == 4.0
+        assert 2.0 <= float(rows["fsdp2"][0]) <= 2.04
+        assert float(rows["fsdp2"][3]) < float(rows["one process"][3]) / 1.9  # PCGrad's rows: sharded too
+        assert rows["one process"][2] == "0.000 (+4.000 host)"  # host placement
+        device, host = rows["fsdp2"][2].split(" (+")
+        assert float(device) == 0.0 and 2.0 <= float(host.split()[0]) <= 2.04
+        assert rows["local"][2] == "n/a"  # refused with local trajectories
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu():
+    """benchmarks/gpu_check.py (the prepared GPU run for host placement) on the CPU: both
+    placements train to the same parameters bit for bit, near the float64 reference."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    ).stdout
+    rows = [json.loads(line) for line in out.splitlines()[1:]]
+    assert {(r["dtype"], r["state_device"]) for r in rows} == {
+        (d, p) for d in ("fp32", "bf16") for p in (None, "cpu")
     }
-    assert float(rows["one process"][0]) == 1.0 and float(rows["ddp"][0]) == 1.0
-    assert 0.5 <= float(rows["fsdp2"][0]) <= 0.51
-    assert float(rows["fsdp2"][2]) < float(rows["one process"][2]) / 1.9  # PCGrad's rows: sharded too
+    for r in rows:
+        assert r["equal_across_placements"] and r["outer_steps"] == 2
+        assert r["max_rel"] < (1e-5 if r["dtype"] == "fp32" else 5e-2)

@@ -25,13 +25,14 @@ CASES = [
     ("fsdp2", "sequential_reptile"),
     ("fsdp2", "pcgrad"),
     ("fsdp2", "sequential_reptile_nesterov"),
+    ("fsdp2", "sequential_reptile_host"),
     ("ddp", "sequential_reptile"),
     ("ddp", "gradvac"),
     ("local", "sequential_reptile"),
 ]
 
 
-RESHARDED = ["sequential_reptile", "pcgrad", "sequential_reptile_nesterov"]
+RESHARDED = ["sequential_reptile", "pcgrad", "sequential_reptile_nesterov", "sequential_reptile_host"]
 
 
 @pytest.fixture(scope="module")

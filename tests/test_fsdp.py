@@ -22,7 +22,7 @@ from _stacks import METHODS, Net, batch, loss_of, torch_way_step
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
 
-SUPPORTED = [*METHODS, "sequential_reptile_nesterov"]
+SUPPORTED = [*METHODS, "sequential_reptile_nesterov", "sequential_reptile_host"]
 RECIPES = ["one_loop", "torch"]
 NAN_RUNS = ["sequential_reptile", "mtl", "pcgrad", "gradvac", "gradnorm"]
 
@@ -89,7 +89,7 @@ def test_state_and_communication_per_rank(results, name):
     one all-reduce of the step's check (one flag for the gradients' shards, one per loss of the
     step). Everything else is FSDP2's own reduce-scatters and all-gathers."""
     T, steps = 3, _fsdp_worker.STEPS
-    per_step = 1 if name in ("sequential_reptile", "reptile", "sequential_reptile_nesterov") else T
+    per_step = 1 if _fsdp_worker.method(name) in ("sequential_reptile", "reptile") else T
     calls, elements = 1, 1 + per_step  # the step's check: every shard's gradient, each loss
     if name in PER_TASK or name == "gradnorm_pcgrad":
         calls, elements = calls + 2, elements + T * T + 2 * T + 2
@@ -186,7 +186,7 @@ def _single_process_torch_way(name: str) -> list[torch.Tensor]:
     opt = _fsdp_worker.build(name, model)
     for s in range(_fsdp_worker.STEPS):
         losses = {t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()}
-        torch_way_step(name.removesuffix("_nesterov"), opt, losses)
+        torch_way_step(_fsdp_worker.method(name), opt, losses)
     return [p.detach().clone() for p in model.parameters()]
 
 
