@@ -1,16 +1,21 @@
-"""Checkpoints of a run on several ranks: rank 0 writes every rank's state into one file with
-:func:`metaopt.save_checkpoint`, and every rank loads its own part back.
+"""Checkpoints of a run on several ranks: every rank writes its own part, a manifest names
+them, and every rank loads its own part back.
 
 With local trajectories (``local_trajectories=True``) the ranks differ between outer steps:
 each has its own fast weights, inner-optimizer moments and task stream. A resume that is to
-continue the run exactly needs all of them, from the same moment, so they travel together: the
-ranks' states are gathered to rank 0 (``all_gather``-style, over the process group, after
-moving them to the CPU), rank 0 writes one atomic checkpoint, and the outcome is broadcast so
-that every rank returns or raises together. A crash at any moment leaves the previous complete
-checkpoint or the new one (see :mod:`metaopt.checkpoint`), never a mixture of two moments.
+continue the run exactly needs all of them, from the same moment, so they are committed
+together: each rank writes its state (moved to the CPU) to its own part file beside the
+checkpoint with :func:`metaopt.save_checkpoint` (atomic, checksummed), the ranks agree that
+every part is complete, then rank 0 replaces the checkpoint, a small manifest naming the parts,
+atomically, and each rank removes its part of the previous checkpoint. A crash at any moment
+leaves the previous complete checkpoint or the new one (see :mod:`metaopt.checkpoint`), never
+a mixture of two moments. No rank holds another rank's state: each writes and reads its own
+part (the parts must be on a file system every rank sees, as the manifest is). Sharded state
+(FSDP2, tensor parallel: DTensors) is refused: save it with ``torch.distributed.checkpoint``,
+PyTorch's ``AppState`` recipe (docs/checkpoints.md), which metaopt's state supports whole.
 
 Under data parallelism (DDP) every rank holds the same state, so rank 0 may simply call
-:func:`metaopt.save_checkpoint` alone; these functions work there too (at W times the size).
+:func:`metaopt.save_checkpoint` alone; these functions work there too (W parts).
 
 Every collective here runs under the process group's timeout (``init_process_group(timeout=
 ...)``): if a rank has died, the others raise a ``RuntimeError`` saying so instead of waiting
@@ -27,8 +32,10 @@ Example (on every rank)::
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
-import pickle
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,33 +70,54 @@ def _collective(fn: Any, where: str, *args: Any, **kwargs: Any) -> None:
         ) from err
 
 
+def _part_name(path: str, nonce: str, rank: int) -> str:
+    return f"{os.path.basename(path)}.{nonce}.rank{rank}"
+
+
+def _unlink(name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+
+
+def _remove_parts(path: str, rank: int, keep: str) -> None:
+    """This rank's part files of ``path`` other than ``keep`` (those of earlier checkpoints,
+    and of saves that never committed)."""
+    nonce = "[0-9a-f]" * 32  # of this function's parts only, not of a file named like them
+    pattern = os.path.join(
+        glob.escape(os.path.dirname(os.path.abspath(path))),
+        f"{glob.escape(os.path.basename(path))}.{nonce}.rank{rank}",
+    )
+    for name in glob.glob(pattern):
+        if os.path.basename(name) != keep:
+            _unlink(name)
+
+
 def save_distributed_checkpoint(
     path: str | os.PathLike[str], state: Mapping[str, Any], *, group: Any = None, timeout: float | None = None
 ) -> None:
     """Every rank calls this with its own ``state`` (a mapping as for
-    :func:`metaopt.save_checkpoint`); rank 0 of ``group`` (default: all ranks) writes all of
-    them to ``path``, atomically, and every rank returns once the file is complete, or raises
-    (a bad state on any rank, a failed write: the same failure on every rank, and the previous
-    checkpoint is left in place).
+    :func:`metaopt.save_checkpoint`); each writes its own part beside ``path``, then rank 0 of
+    ``group`` (default: all ranks) commits them by writing ``path``, atomically. Every rank
+    returns once the checkpoint is complete, or raises (a bad state on any rank, a failed
+    write: the same failure on every rank, and the previous checkpoint is left in place).
 
     Args:
-        path: the checkpoint file, as seen by rank 0 (a shared file system for several hosts).
+        path: the checkpoint (the manifest); the parts are written beside it, as
+            ``<name>.<nonce>.rank<r>``, on a file system every rank sees.
         state: this rank's state, e.g. ``{"model": model.state_dict(), "optimizer":
             opt.state_dict(), "step": step}``.
         group: the process group (default: all ranks).
         timeout: seconds to wait for the other ranks to arrive (default: the process group's
-            timeout); the transfer itself runs under the process group's timeout.
-
-    Rank 0 holds every rank's state in memory while it writes (under NCCL the transfer also
-    stages each rank's pickled state on rank 0's GPU): W times one state.
+            timeout).
     """
     where = "save_distributed_checkpoint"
     dist = torch.distributed
     group = _group(group, where)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     root = dist.get_global_rank(group, 0)
+    target = os.fspath(path)
     problem = None
-    payload = b""
+    cpu_state: dict[str, Any] = {}
     try:  # everything that can fail on this rank alone, before the ranks exchange anything
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a mapping, got {type(state).__name__}")
@@ -102,72 +130,102 @@ def save_distributed_checkpoint(
         map_tensors(dict(state), keep)
         if sharded(found):
             raise ValueError(
-                "the state holds sharded tensors (DTensor: FSDP2 or tensor parallel), which one "
-                "file on rank 0 cannot hold as shards; save with torch.distributed.checkpoint "
+                "the state holds sharded tensors (DTensor: FSDP2 or tensor parallel), which "
+                "a part per rank cannot hold as shards; save with torch.distributed.checkpoint "
                 "(PyTorch's AppState recipe over get_state_dict / set_state_dict, "
                 "docs/checkpoints.md)"
             )
-        payload = pickle.dumps(map_tensors(dict(state), lambda t: t.detach().cpu()))
+        cpu_state = map_tensors(dict(state), lambda t: t.detach().cpu())
     except Exception as err:
         problem = err
-    flags = _distributed.gather_digests([int(problem is not None)], group, timeout, where)
-    failed = [r for r, (f,) in enumerate(flags) if f]
-    if failed:
-        if problem is not None:
-            problem.add_note(f"{where}: on rank {rank}; nothing was written")
-            raise problem
-        raise RuntimeError(
-            f"{where}: the state of rank(s) {failed} could not be prepared; nothing was written"
-        )
-    gathered: list[Any] | None = [None] * size if rank == 0 else None
-    _collective(dist.gather_object, where, payload, gathered, dst=root, group=group)
+    _agree(problem, rank, group, timeout, where, "could not be prepared")
+    named: list[Any] = [uuid.uuid4().hex if rank == 0 else None]
+    _collective(dist.broadcast_object_list, where, named, src=root, group=group)
+    nonce: str = named[0]
+    mine = os.path.join(os.path.dirname(os.path.abspath(target)), _part_name(target, nonce, rank))
+    try:
+        save_checkpoint(mine, cpu_state)
+    except Exception as err:
+        problem = err
+    try:
+        _agree(problem, rank, group, timeout, where, "could not be written")
+    except Exception:
+        _unlink(mine)
+        raise
     outcome: list[Any] = [None]
     error: Exception | None = None
-    if rank == 0:
-        assert gathered is not None
+    if rank == 0:  # the commit: one atomic replace of the manifest
+        parts = [_part_name(target, nonce, r) for r in range(size)]
         try:
-            save_checkpoint(path, {_KEY: {"world_size": size, "ranks": [pickle.loads(b) for b in gathered]}})
+            save_checkpoint(target, {_KEY: {"world_size": size, "parts": parts}})
         except Exception as err:  # reported on every rank, then raised here as it is
             outcome, error = [f"{type(err).__name__}: {err}"], err
     _collective(dist.broadcast_object_list, where, outcome, src=root, group=group)
+    if outcome[0] is None:  # committed: the previous checkpoint's part goes (and strays)
+        _remove_parts(target, rank, keep=os.path.basename(mine))
+    else:  # not committed: the previous checkpoint stands, with its parts
+        _unlink(mine)
     if error is not None:
         raise error
     if outcome[0] is not None:
         raise RuntimeError(f"{where}: rank 0 could not write the checkpoint: {outcome[0]}")
 
 
+def _agree(
+    problem: Exception | None, rank: int, group: Any, timeout: float | None, where: str, what: str
+) -> None:
+    """Raise on every rank if ``problem`` happened on any: this rank's own error as it is, the
+    others a ``RuntimeError`` naming the ranks; nothing is committed."""
+    flags = _distributed.gather_digests([int(problem is not None)], group, timeout, where)
+    failed = [r for r, (f,) in enumerate(flags) if f]
+    if not failed:
+        return
+    if problem is not None:
+        problem.add_note(f"{where}: on rank {rank}; nothing was written")
+        raise problem
+    raise RuntimeError(f"{where}: the state of rank(s) {failed} {what}; nothing was written")
+
+
 def load_distributed_checkpoint(
     path: str | os.PathLike[str], *, group: Any = None, map_location: MapLocation = None
 ) -> dict[str, Any]:
     """This rank's part of a checkpoint written by :func:`save_distributed_checkpoint`; every
-    rank reads the file itself (no collective). Raises :class:`metaopt.CheckpointError` for a
-    damaged file (see :func:`metaopt.load_checkpoint`), for a single-process checkpoint, and
-    for one written by another number of ranks: local trajectories cannot be re-sharded (each
-    rank's moments and task stream belong to its trajectory).
+    rank reads the manifest and its own part (no collective). Raises
+    :class:`metaopt.CheckpointError` for a damaged manifest or part (see
+    :func:`metaopt.load_checkpoint`), for a single-process checkpoint, and for one written by
+    another number of ranks: local trajectories cannot be re-sharded (each rank's moments and
+    task stream belong to its trajectory). Reads the single-file checkpoints of earlier
+    versions (every rank's state in the one file) too.
     """
     where = "load_distributed_checkpoint"
     dist = torch.distributed
     group = _group(group, where)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    loaded = load_checkpoint(path, map_location=map_location)
     target = os.fspath(path)
+    loaded = load_checkpoint(target, map_location=map_location)
     saved = loaded.get(_KEY)
-    if not isinstance(saved, Mapping) or not isinstance(saved.get("ranks"), list):
+    parts = saved.get("parts", saved.get("ranks")) if isinstance(saved, Mapping) else None
+    if not isinstance(saved, Mapping) or not isinstance(parts, list):
         raise CheckpointError(
             target,
             "undecodable",
             f"{where}: not a distributed checkpoint (written by "
             "metaopt.save_checkpoint? load it with metaopt.load_checkpoint)",
         )
-    ranks = saved["ranks"]
-    if saved.get("world_size") != size or len(ranks) != size:
+    if saved.get("world_size") != size or len(parts) != size:
         raise CheckpointError(
             target,
             "undecodable",
             f"{where}: written by {saved.get('world_size')} ranks, this run has "
             f"{size}; restart with the same number of ranks",
         )
-    part = ranks[rank]
+    part = parts[rank]
+    if "parts" in saved:  # this version's: a file per rank
+        if not isinstance(part, str) or os.path.basename(part) != part:
+            raise CheckpointError(target, "undecodable", f"{where}: rank {rank}'s part is not a file name")
+        part = load_checkpoint(
+            os.path.join(os.path.dirname(os.path.abspath(target)), part), map_location=map_location
+        )
     if not isinstance(part, dict):
         raise CheckpointError(target, "undecodable", f"{where}: rank {rank}'s part is not a dict")
     return part

@@ -53,6 +53,18 @@ def launch(
     return [p.exitcode for p in procs]
 
 
+def _parts(ckpt: str) -> list[dict]:
+    """Every rank's part of a distributed checkpoint, through its manifest."""
+    manifest = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]
+    assert manifest["world_size"] == len(manifest["parts"])
+    return [metaopt.load_checkpoint(os.path.join(os.path.dirname(ckpt), p)) for p in manifest["parts"]]
+
+
+def _files(directory, name: str) -> int:
+    """The checkpoint's files: the manifest and the parts it names (no stray part left)."""
+    return len([f for f in os.listdir(directory) if f == name or f.startswith(name + ".")])
+
+
 def _params(out: str, rank: int) -> dict:
     return torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=True)
 
@@ -73,8 +85,8 @@ def test_sigkill_one_rank_then_restart_all_resumes_bit_exactly(tmp_path):
     assert "Another rank has probably died" in message and "checkpoint" in message, message
     assert not (crash / "rank0.pt").exists()
 
-    saved = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]
-    assert saved["world_size"] == 2 and saved["ranks"][0]["step"] == 8
+    saved = _parts(ckpt)
+    assert len(saved) == 2 and saved[0]["step"] == 8
     assert launch(str(crash), ckpt, resume=True) == [0, 0]
     for rank in range(2):
         resumed, reference = _params(str(crash), rank), _params(str(whole), rank)
@@ -115,8 +127,16 @@ def test_load_refuses_other_world_sizes_and_plain_checkpoints(tmp_path):
     _single_rank_group(tmp_path)
     try:
         path = str(tmp_path / "one.ckpt")
+        metaopt.save_distributed_checkpoint(path, {"step": 2, "w": torch.ones(2)})
         metaopt.save_distributed_checkpoint(path, {"step": 3, "w": torch.ones(2)})
         assert metaopt.load_distributed_checkpoint(path)["step"] == 3
+        assert _files(tmp_path, "one.ckpt") == 2  # the manifest and this rank's one part
+        (tmp_path / "one.ckpt.x.rank0").write_text("a file named like a part: not ours")
+        metaopt.save_distributed_checkpoint(path, {"step": 4})
+        assert (tmp_path / "one.ckpt.x.rank0").exists() and _files(tmp_path, "one.ckpt") == 3
+        # a checkpoint of an earlier version: every rank's state in the one file
+        metaopt.save_checkpoint(path, {"metaopt_ranks": {"world_size": 1, "ranks": [{"step": 5}]}})
+        assert metaopt.load_distributed_checkpoint(path) == {"step": 5}
         metaopt.save_checkpoint(path, {"metaopt_ranks": {"world_size": 2, "ranks": [{}, {}]}})
         with pytest.raises(metaopt.CheckpointError, match="written by 2 ranks, this run has 1"):
             metaopt.load_distributed_checkpoint(path)
@@ -146,5 +166,6 @@ def test_a_bad_state_on_one_rank_fails_the_save_on_every_rank(tmp_path):
         "RuntimeError: save_distributed_checkpoint: the state of rank(s) [1] "
         "could not be prepared; nothing was written"
     ), other
-    saved = metaopt.load_checkpoint(ckpt)["metaopt_ranks"]["ranks"]
+    saved = _parts(ckpt)
     assert [s["step"] for s in saved] == [1, 1] and [s["rank"] for s in saved] == [0, 1]
+    assert _files(tmp_path, "run.ckpt") == 3  # the failed save left no part behind
