@@ -657,4 +657,5 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             self.allow_unused,
             self._param_name,
             type(self).__name__,
+            default_group(getattr(self, "process_group", None)),
         )

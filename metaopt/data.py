@@ -119,7 +119,11 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
     placeholders (``TrainingArguments(ignore_data_skip=True)``, a loop that resumes without
     skipping), one that skipped too much (a Trainer resumed without the optimizer's state), a
     data loader batch size other than ``batch_size`` and a Trainer run longer than ``steps``. The
-    check needs the stream iterated in the process that steps the optimizer: with
+    check needs the stream iterated in the process that steps the optimizer. On several
+    processes under Accelerate's dispatcher (the Trainer's default for this iterable dataset),
+    process 0 draws every batch and alone checks them: the other processes, whose iterator
+    draws nothing, skip the check, and a refusal on process 0 stops it (a launcher, torchrun
+    or ``accelerate launch``, then stops the others). With
     ``num_workers=1`` it cannot run (a warning says so), and more workers would each yield the
     whole stream, which raises. The examples are in memory: use ``num_workers=0``.
 

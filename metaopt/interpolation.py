@@ -110,9 +110,16 @@ class _Group:
             raise RuntimeError("Interpolator: nothing was accumulated")
         return self.acc, self.acc_views
 
+    def settle(self) -> None:
+        """Wait for this group's copies of φ back to the host (host placement on an
+        accelerator: on every stream of the device, ``torch.accelerator.synchronize``)."""
+        if self.offloaded and self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
+
     def __getstate__(self) -> dict[str, object]:
         # pickle writes every tensor with its own storage, so views would come back as copies
         # of the buffers they view: keep the buffers and rebuild the views from them
+        self.settle()
         state = dict(self.__dict__)
         state["slow_views"] = state["acc_views"] = None
         return state
@@ -272,6 +279,7 @@ class Interpolator:
         """
         if not self.stale(fast):
             return False
+        self.settle()
         current = self._current() if fast is None else _keyed(fast)
         self._groups = self._layout(current, previous=self._groups, keep_buffers=keep_buffers)
         return True
@@ -291,11 +299,13 @@ class Interpolator:
     @property
     def slow(self) -> list[Tensor]:
         """φ as tensors shaped like the fast tensors (views into the slow buffers)."""
+        self.settle()
         return [v for g in self._groups for v in g.slow_views]
 
     @property
     def slow_buffers(self) -> list[Tensor]:
         """The flat buffers the slow weights are views of, one per (device, dtype)."""
+        self.settle()
         return [g.slow for g in self._groups]
 
     def path(self) -> list[str]:
@@ -309,10 +319,11 @@ class Interpolator:
 
     def settle(self) -> None:
         """Wait for the copies of φ back to the host (host placement on an accelerator), before
-        φ is read there; nothing otherwise."""
+        φ is read or written there; nothing otherwise. Every read of φ through this class
+        (:attr:`slow`, :attr:`slow_buffers`, :meth:`state_dict`, a re-layout, a pickle) settles
+        first."""
         for g in self._groups:
-            if g.offloaded and g.device.type != "cpu":
-                torch.get_device_module(g.device).current_stream(g.device).synchronize()
+            g.settle()
 
     # ----------------------------------------------------------------- operations
     def _lerp_then_restart(

@@ -245,6 +245,8 @@ def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
         with FullyShardedDataParallel.summon_full_params(model):
             unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
         out[("fsdp1_nan", name)] = {"refused": error, "unchanged": unchanged, "steps": opt.step_count}
+    out["fsdp1_frozen_shard"] = fsdp1_frozen_shard(rank)
+    out["fsdp1_local"] = fsdp1_on_rank_0_only(rank)
     for name in refused:
         try:
             build(name, fsdp1_net())
@@ -252,6 +254,61 @@ def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
         except ValueError as err:
             out[("fsdp1_refused", name)] = str(err)
     return out
+
+
+def frozen_encoder_sr(model: torch.nn.Module) -> metaopt.SequentialReptile:
+    """Sequential Reptile over plain SGD (an idle head's zero gradient moves nothing)."""
+    return metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=2,
+        outer_lr=0.5,
+        allow_unused=True,
+    )
+
+
+def fsdp1_frozen_shard(rank: int) -> list[torch.Tensor]:
+    """FSDP1 with one unit, the encoder frozen: its 30 elements fill rank 0's shard of the 51,
+    so that rank 0 holds no trainable element and has no gradient of its own. Every rank must
+    step (the "no gradient" decision is agreed), as one process does."""
+    from _hybrid_worker import fsdp1
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    net = Net()
+    net.enc.requires_grad_(False)
+    model = fsdp1(net, None)
+    opt = frozen_encoder_sr(model)
+    for s in range(5):
+        (t,) = opt.next_tasks()
+        loss_of(model, t, half(s, t, rank), reduction="mean").backward()
+        opt.step()
+        opt.zero_grad()
+    with FullyShardedDataParallel.summon_full_params(model):
+        return [p.detach().clone() for p in model.parameters()]
+
+
+def fsdp1_on_rank_0_only(rank: int) -> int | None:
+    """FSDP1 over a group of rank 0 alone, its optimizer built with process_group="local": its
+    steps join no collective of the other ranks (which do not step)."""
+    from _hybrid_worker import fsdp1
+
+    group = dist.new_group([0])  # every rank takes part in creating it
+    if rank != 0:
+        return None
+    model = fsdp1(Net(), group)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        tasks=TASKS,
+        inner_steps=2,
+        allow_unused=True,
+        process_group="local",
+    )
+    for s in range(3):
+        (t,) = opt.next_tasks()
+        loss_of(model, t, batch(s, t), reduction="mean").backward()
+        opt.step()
+        opt.zero_grad()
+    return opt.step_count
 
 
 def run(rank: int, runs: list[tuple[str, str]], nan_runs: list[str], store: str, out: str) -> None:

@@ -219,3 +219,26 @@ def test_fsdp1_nan_in_one_ranks_shard_is_refused_on_every_rank(results, name):
     for res in results:
         r = res[("fsdp1_nan", name)]
         assert r["refused"] is not None and r["unchanged"] and r["steps"] == 0
+
+
+def test_fsdp1_a_rank_whose_shard_is_all_frozen_steps_with_the_others(results):
+    """Rank 0's shard holds frozen elements only, so it has no gradient of its own: the ranks
+    agree that some rank has one, and both step, as one process does."""
+    model = Net()
+    model.enc.requires_grad_(False)
+    opt = _fsdp_worker.frozen_encoder_sr(model)
+    for s in range(5):
+        (t,) = opt.next_tasks()
+        loss_of(model, t, batch(s, t), reduction="mean").backward()
+        opt.step()
+        opt.zero_grad()
+    ranks = [res["fsdp1_frozen_shard"] for res in results]
+    for a, b, c in zip(*ranks, model.parameters()):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c.detach(), rtol=0.0, atol=1e-9)
+
+
+def test_fsdp1_with_process_group_local_joins_no_collective(results):
+    """Rank 0 alone trains under FSDP1 over its own group; the other rank never steps, so a
+    collective over all ranks would hang (the spawn's deadline would fail the test)."""
+    assert [res["fsdp1_local"] for res in results] == [3, None]

@@ -261,6 +261,7 @@ def _sr_bn(m, s):
         inner_steps=2,
         outer_lr=0.4,
         buffers=m,
+        state_device="cpu",  # host placement: φ streamed through the (CPU) device
         seed=s,
     )
 
@@ -301,6 +302,7 @@ def _reptile_outer_opt(m, s):
         tasks_per_outer_step=2,
         outer_optimizer=_outer_sgd,
         interpolation="foreach",
+        state_device="cpu",
         seed=s,
         allow_unused=True,
     )

@@ -161,3 +161,33 @@ def _tensors(value):
     from _stacks import tensors_of
 
     return tensors_of(value)
+
+
+def test_every_host_read_of_the_slow_weights_waits_for_the_device(monkeypatch):
+    """On an accelerator the copies of φ back to the host are non-blocking: every read of φ on
+    the host (the slow weights, the buffers, a state dict, a pickle, a re-layout) first waits
+    for the device (``torch.accelerator.synchronize``, every stream; MPS has no current_stream).
+    Simulated: the group's device is marked as an accelerator, and the wait recorded."""
+    import pickle
+
+    waits: list[torch.device] = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: waits.append(device))
+    theta = [torch.ones(3)]
+    engine = Interpolator(theta, state_device="cpu")
+    engine._groups[0].device = torch.device("mps")
+    reads = [
+        lambda: engine.slow,
+        lambda: engine.slow_buffers,
+        lambda: engine.state_dict(),
+        lambda: engine.pseudo_gradient(),
+        lambda: pickle.dumps(engine),
+    ]
+    for i, read in enumerate(reads):
+        before = len(waits)
+        read()
+        assert len(waits) > before and waits[-1] == torch.device("mps"), i
+    beside = Interpolator([torch.ones(3)])  # no host placement: nothing to wait for
+    beside._groups[0].device = torch.device("mps")
+    n = len(waits)
+    beside.state_dict()
+    assert len(waits) == n

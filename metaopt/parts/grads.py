@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..jacobian import compiled_graph, reaches_any
-from .placement import agree, local_tensor, refuse_fsdp1, sharded
+from .placement import agree, fsdp1_managed, local_tensor, refuse_fsdp1, sharded
 
 __all__ = [
     "all_finite",
@@ -183,10 +184,14 @@ def check_grads(
     allow_unused: bool,
     param_name: Callable[[Tensor], str],
     name: str,
+    group: Any = None,
 ) -> None:
     """Before a step moves anything: some parameter of ``params`` (the trainable ones) has a
     gradient; after a ``backward(losses)`` (``losses``: the step's, detached), every one has,
-    unless ``allow_unused``; every gradient and loss is finite. One host sync.
+    unless ``allow_unused``; every gradient and loss is finite. One host sync. A sharded
+    model's ranks decide together (:func:`~metaopt.parts.placement.agree`; FSDP1's over
+    ``group``, the optimizer's, where a rank whose shard holds no trainable element has no
+    gradient of its own).
 
     >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.tensor([1.0, float("inf")])
     >>> check_grads([w], None, False, str, "X")  # doctest: +ELLIPSIS
@@ -194,11 +199,13 @@ def check_grads(
     ValueError: X.step: non-finite gradient (NaN or inf) from the backward pass; nothing was updated...
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        raise ValueError(
-            f"{name}.step: no parameter has a gradient; call loss.backward() or "
-            "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
-        )
+    no_grad = ValueError(
+        f"{name}.step: no parameter has a gradient; call loss.backward() or "
+        "opt.backward(losses) before opt.step(), or pass the losses: opt.step(losses)"
+    )
+    fsdp1 = fsdp1_managed(params)
+    if not grads and not fsdp1:
+        raise no_grad
     if losses is not None and not allow_unused:
         unused = [p for p in params if p.grad is None]
         if unused:
@@ -208,7 +215,11 @@ def check_grads(
                 "or pass allow_unused=True if they are legitimately unused by some steps "
                 "(task-specific heads)"
             )
-    flags = all_finite([local_tensor(g) for g in grads]).reshape(1)
+    flags = (
+        all_finite([local_tensor(g) for g in grads]).reshape(1) if grads else torch.ones(1, dtype=torch.bool)
+    )
+    if fsdp1:  # last: whether this rank has no gradient, and-reduced to "no rank has one"
+        flags = torch.cat([flags, torch.tensor([not grads], device=flags.device)])
     if losses:
         values = list(losses.values())
         if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
@@ -217,7 +228,11 @@ def check_grads(
             loss_ok = torch.stack([v.isfinite() for v in values])
         flags = torch.cat([flags.to(loss_ok.device), loss_ok])
     # a sharded model's ranks decide together: every shard's gradient and every rank's losses
-    flags = agree(flags, params)
+    flags = agree(flags, params, group)
+    if fsdp1:
+        if bool(flags[1]):
+            raise no_grad
+        flags = torch.cat([flags[:1], flags[2:]])
     if bool(flags.all()):
         return
     if losses and not bool(flags[1:].all()):

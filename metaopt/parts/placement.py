@@ -27,12 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._distributed import _device
 from ..jacobian import TaskJacobian, parameter_slices
 
 __all__ = [
     "Sharding",
     "agree",
     "check_replica_group",
+    "fsdp1_managed",
     "jacobian_through_engine",
     "local_tensor",
     "placed_like",
@@ -148,7 +150,7 @@ def refuse_fsdp1(params: Sequence[Tensor], where: str) -> None:
     parameters ``_fsdp_flattened`` and computes with flat parameters built from them, which are
     what autograd reaches, so per-task gradients (and a backward pass with ``inputs=``) cannot
     be taken with respect to the parameters the optimizer holds."""
-    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+    if fsdp1_managed(params):
         raise ValueError(
             f"{where}: the parameters are managed by FSDP1 (FullyShardedDataParallel), whose flat "
             "parameters autograd reaches instead of these, so per-task gradients cannot be taken; "
@@ -216,15 +218,24 @@ def placed_like(local: Tensor, param: Tensor) -> Tensor:
     )
 
 
-def agree(ok: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+def fsdp1_managed(params: Sequence[Tensor]) -> bool:
+    """Whether FSDP1 (``FullyShardedDataParallel``) manages any of ``params``: it marks the
+    original parameters ``_fsdp_flattened``."""
+    return any(getattr(p, "_fsdp_flattened", False) for p in params)
+
+
+def agree(ok: Tensor, tensors: Sequence[Tensor], group: Any = None) -> Tensor:
     """``ok`` (bool) and-reduced over every rank of the meshes ``tensors`` (parameters, any
-    placements) are spread over, so that every rank takes the same decision; over every rank
-    of the default group for parameters FSDP1 manages (their plain tensors do not say which
-    ranks share them); ``ok`` itself otherwise."""
-    if any(getattr(t, "_fsdp_flattened", False) for t in tensors):
-        out = ok.to(torch.int32)
-        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN)
-        return out.bool()
+    placements) are spread over, so that every rank takes the same decision. For parameters
+    FSDP1 manages, whose plain tensors do not say which ranks share them, over ``group`` (the
+    optimizer's; ``None``: no collective, a single process or ``process_group="local"``).
+    ``ok`` itself otherwise."""
+    if fsdp1_managed(tensors):
+        if group is None:
+            return ok
+        out = ok.to(device=_device(group), dtype=torch.int32)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MIN, group=group)
+        return out.to(ok.device).bool()
     meshes: list[Any] = []
     for t in tensors:
         # each fully_shard call may build its own mesh object over the same ranks: equal ones
