@@ -41,12 +41,14 @@ class _CountingAllReduce:
         return self.real(tensor, *args, **kwargs)
 
 
-def train_steps(name: str, recipe: str, opt, model, rank: int) -> None:
-    """``STEPS`` steps, each rank on its half of every batch, through the one loop or the torch
-    way (``name`` picks how the torch way's backward is made)."""
+def train_steps(name: str, recipe: str, opt, model, rank: int, part=None) -> None:
+    """``STEPS`` steps, each rank on its half of every batch (or its ``part(step, task,
+    rank)``), through the one loop or the torch way (``name`` picks how the torch way's
+    backward is made)."""
+    part = half if part is None else part
     for s in range(STEPS):
         wanted = opt.next_tasks()
-        losses = {t: loss_of(model, t, half(s, t, rank), reduction="mean") for t in wanted}
+        losses = {t: loss_of(model, t, part(s, t, rank), reduction="mean") for t in wanted}
         if recipe == "one_loop":
             opt.step(losses)
         else:

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _ddp_worker import STEPS, _CountingAllReduce, half, train_steps  # noqa: E402
 
 import metaopt  # noqa: E402
+from metaopt.parts.placement import local_tensor as local  # noqa: E402
 
 from _spawn import leave  # noqa: E402
 from _stacks import (  # noqa: E402
@@ -28,7 +29,6 @@ from _stacks import (  # noqa: E402
     batch,
     loss_of,
     make_opt,
-    torch_way_step,
 )
 
 # tensor parallelism: the methods that equal one process, and those refused when built
@@ -117,26 +117,42 @@ def train(rank: int, name: str, recipe: str) -> dict:
     }
 
 
-def nan_in_one_shard(rank: int, name: str) -> dict:
+def _gathered(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The whole parameters: DTensors gathered, FSDP1's summoned."""
+    if any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model):
+            return [p.detach().clone() for p in model.parameters()]
+    return [p.full_tensor() for p in model.parameters()]
+
+
+def nan_in_one_shard(rank: int, name: str, model=None, part=half) -> dict:
     """A backward, then a NaN written into rank 1's shard of the encoder's gradient: every rank
-    must refuse the step, with nothing moved."""
-    model = sharded_net()
+    must refuse the step, with nothing moved. FSDP2 (default), or ``model`` under another
+    engine (``part``: a rank's batch of a step and task)."""
+    model = sharded_net() if model is None else model
     opt = build(name, model)
-    losses = {t: loss_of(model, t, half(0, t, rank), reduction="mean") for t in opt.next_tasks()}
-    if name in ("sequential_reptile", "reptile", "mtl"):
-        sum(losses.values()).backward()
-    else:
-        opt.backward(losses)
-    before = [p.full_tensor() for p in model.parameters()]
+    backward_the_torch_way(
+        method(name),
+        opt,
+        {t: loss_of(model, t, part(0, t, rank), reduction="mean") for t in opt.next_tasks()},
+    )
+    before = _gathered(model)
     if rank == 1:
-        model.enc.weight.grad.to_local().view(-1)[0] = float("nan")
+        local(model.enc.weight.grad).view(-1)[0] = float("nan")
     try:
         opt.step()
         refused = None
     except ValueError as err:
         refused = str(err)
-    unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, _gathered(model)))
     return {"refused": refused, "unchanged": unchanged, "steps": opt.step_count}
+
+
+def whole(step: int, task: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's batch under tensor parallelism: the whole one."""
+    return batch(step, task)
 
 
 def tp_net() -> Net:
@@ -161,28 +177,9 @@ def tensor_parallel(rank: int, names: list[str], refused: list[str]) -> dict:
     for name in names:
         for recipe in ("one_loop", "torch"):
             model = tp_net()
-            opt = build(name, model)
-            for s in range(STEPS):
-                losses = {t: loss_of(model, t, batch(s, t), reduction="mean") for t in opt.next_tasks()}
-                if recipe == "one_loop":
-                    opt.step(losses)
-                else:
-                    torch_way_step(name, opt, losses)
+            train_steps(method(name), recipe, build(name, model), model, rank, part=whole)
             out[("tp", name, recipe)] = [p.full_tensor() for p in model.parameters()]
-        model = tp_net()
-        opt = build(name, model)
-        losses = {t: loss_of(model, t, batch(0, t), reduction="mean") for t in opt.next_tasks()}
-        backward_the_torch_way(name, opt, losses)
-        before = [p.full_tensor() for p in model.parameters()]
-        if rank == 1:
-            model.enc.weight.grad.to_local().view(-1)[0] = float("nan")
-        try:
-            opt.step()
-            error = None
-        except ValueError as err:
-            error = str(err)
-        unchanged = all(torch.equal(a, p.full_tensor()) for a, p in zip(before, model.parameters()))
-        out[("tp_nan", name)] = {"refused": error, "unchanged": unchanged, "steps": opt.step_count}
+        out[("tp_nan", name)] = nan_in_one_shard(rank, name, tp_net(), whole)
     for name in refused:
         try:
             build(name, tp_net())
@@ -211,8 +208,6 @@ def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
     ``summon_full_params``); the one loop (and MTL's, which backpropagates through it) refused
     at the step; the per-task gradient methods refused when built; a NaN in one rank's shard
     of a gradient refused on every rank."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
     out: dict = {}
     for name in [*names, "mtl"]:
         model = fsdp1_net()
@@ -226,25 +221,9 @@ def fsdp1_cases(rank: int, names: list[str], refused: list[str]) -> dict:
         model = fsdp1_net()
         opt = build(name, model)
         train_steps(method(name), "torch", opt, model, rank)
-        with FullyShardedDataParallel.summon_full_params(model):
-            out[("fsdp1", name)] = [p.detach().clone() for p in model.parameters()]
+        out[("fsdp1", name)] = _gathered(model)
     for name in names:  # a NaN in rank 1's shard of the encoder's gradient
-        model = fsdp1_net()
-        opt = build(name, model)
-        (t,) = opt.next_tasks()
-        loss_of(model, t, half(0, t, rank), reduction="mean").backward()
-        with FullyShardedDataParallel.summon_full_params(model):
-            before = [p.detach().clone() for p in model.parameters()]
-        if rank == 1:
-            model.enc.weight.grad.view(-1)[0] = float("nan")
-        try:
-            opt.step()
-            error = None
-        except ValueError as err:
-            error = str(err)
-        with FullyShardedDataParallel.summon_full_params(model):
-            unchanged = all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
-        out[("fsdp1_nan", name)] = {"refused": error, "unchanged": unchanged, "steps": opt.step_count}
+        out[("fsdp1_nan", name)] = nan_in_one_shard(rank, name, fsdp1_net())
     out["fsdp1_frozen_shard"] = fsdp1_frozen_shard(rank)
     out["fsdp1_local"] = fsdp1_on_rank_0_only(rank)
     for name in refused:
@@ -272,7 +251,6 @@ def fsdp1_frozen_shard(rank: int) -> list[torch.Tensor]:
     so that rank 0 holds no trainable element and has no gradient of its own. Every rank must
     step (the "no gradient" decision is agreed), as one process does."""
     from _hybrid_worker import fsdp1
-    from torch.distributed.fsdp import FullyShardedDataParallel
 
     net = Net()
     net.enc.requires_grad_(False)
@@ -283,8 +261,7 @@ def fsdp1_frozen_shard(rank: int) -> list[torch.Tensor]:
         loss_of(model, t, half(s, t, rank), reduction="mean").backward()
         opt.step()
         opt.zero_grad()
-    with FullyShardedDataParallel.summon_full_params(model):
-        return [p.detach().clone() for p in model.parameters()]
+    return _gathered(model)
 
 
 def fsdp1_on_rank_0_only(rank: int) -> int | None:
