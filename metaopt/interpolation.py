@@ -13,8 +13,9 @@ dtype, which costs nothing and gives collectives one buffer to reduce). The path
 ``"reference"``
     A plain per-tensor loop, kept as the readable reference for tests.
 a registered kernel
-    ``"auto"`` picks a kernel registered for the device type (:func:`register_kernel`; the seam
-    for a fused kernel over lists of tensors), else ``"foreach"``.
+    ``"auto"`` picks a kernel registered for the device type (:func:`register_kernel`: a fused
+    kernel over lists of tensors), else ``"foreach"``. On CUDA, with Triton installed, that is
+    :mod:`metaopt.triton_kernel`'s, registered at the first outer step.
 
 **Host placement** (``state_device="cpu"``): φ and the trajectory mean live in host memory
 (pinned when the fast tensors are on CUDA), and each operation streams them through the fast
@@ -80,6 +81,23 @@ def register_kernel(device_type: str, kernel: Kernel | None) -> None:
         _KERNELS.pop(device_type, None)
     else:
         _KERNELS[device_type] = kernel
+
+
+_TRITON_TRIED = False
+
+
+def _kernel_for(device_type: str) -> bool:
+    """Whether a kernel is registered for ``device_type``; on CUDA, Triton's
+    (:mod:`metaopt.triton_kernel`) is registered at the first look when Triton is installed."""
+    global _TRITON_TRIED
+    if device_type == "cuda" and device_type not in _KERNELS and not _TRITON_TRIED:
+        _TRITON_TRIED = True
+        try:
+            from .triton_kernel import register
+        except ImportError:
+            return False
+        register("cuda")
+    return device_type in _KERNELS
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -314,7 +332,7 @@ class Interpolator:
 
     def _choose(self, g: _Group) -> str:
         if self.method == "auto":
-            return "kernel" if g.device.type in _KERNELS else "foreach"
+            return "kernel" if _kernel_for(g.device.type) else "foreach"
         return self.method
 
     def settle(self) -> None:

@@ -27,6 +27,7 @@ OPTIONAL = (
     "qpsolvers",
     "quadprog",
     "triton",
+    "deepspeed",
     "hypothesis",
 )
 
