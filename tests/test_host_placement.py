@@ -5,7 +5,7 @@ all the same (every chunk is copied into a new buffer, interpolated there and co
 these tests check it against the path without host placement, bit for bit, with chunks small
 enough to cut tensors into slices. The FSDP2 case (each rank's shard streamed) is in
 tests/test_fsdp.py; the GPU check (pinned memory, no device bytes between outer steps) is in
-benchmarks/gpu_check.py."""
+benchmarks/gpu.py."""
 
 from __future__ import annotations
 
