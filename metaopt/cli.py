@@ -28,6 +28,8 @@ _OPTIONAL = {
     "bench": ("torchjd", "matplotlib", "tqdm"),
     "hf": ("transformers", "accelerate"),
     "peft": ("peft",),
+    "deepspeed": ("deepspeed",),
+    "triton": ("triton",),
     "test": ("pytest", "hypothesis", "mypy", "ruff"),
 }
 # What the checkout's scripts import from the bench extra (import names): a script that stops on
@@ -82,11 +84,16 @@ def info() -> dict[str, object]:
             else "not available"
         ),
         "triton": "importable" if importlib.util.find_spec("triton") is not None else "not installed",
-        "interpolation paths": "flat, foreach, reference"
+        "interpolation paths": "foreach, reference"
         + (
             f"; device kernels: {', '.join(sorted(_KERNELS))}"
             if _KERNELS
-            else "; no device kernel registered (auto uses flat where packed)"
+            else "; no device kernel registered"
+        )
+        + (
+            "; Triton's kernel registered on CUDA at the first outer step"
+            if "cuda" not in _KERNELS and importlib.util.find_spec("triton") is not None
+            else ""
         ),
         "torch.distributed": ", ".join(backends) if backends else "not available",
         **{

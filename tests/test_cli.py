@@ -21,7 +21,7 @@ def test_info_reports_versions_paths_backends_and_extras():
 
     report = cli.info()
     assert report["torch"] == torch.__version__
-    assert report["interpolation paths"].startswith("flat, foreach, reference")
+    assert report["interpolation paths"].startswith("foreach, reference;")  # "flat" is gone
     assert ("gloo" in report["torch.distributed"]) == torch.distributed.is_gloo_available()
     assert report["cuda"] == "not available" or "device(s)" in report["cuda"]
     out = _run("info")
