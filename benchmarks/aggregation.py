@@ -12,7 +12,7 @@ Run::
     python benchmarks/aggregation.py --baseline ../old-checkout   # before / after, see below
     python benchmarks/aggregation.py --step     # whole training steps against TorchJD, see below
 
-TorchJD is optional (the ``bench`` extra: ``pip install 'metaopt-torch[bench]'``); without it only
+TorchJD is optional (the ``bench`` extra: ``pip install torchjd matplotlib tqdm``); without it only
 metaopt's timings are printed.
 
 ``--baseline DIR`` loads a second copy of metaopt from the checkout ``DIR`` (for instance a
@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from metaopt._extras import install_hint
 from metaopt.aggregation import (
     aggregate,
     gradvac,
@@ -522,7 +523,7 @@ def main() -> None:
         return
     if args.step:
         if tjd is None:
-            raise SystemExit("--step compares with TorchJD: pip install 'metaopt-torch[bench]'")
+            raise SystemExit(f"--step compares with TorchJD: {install_hint('bench')}")
         print(f"# CPU: {cpu_model()}, torch.get_num_threads() = {torch.get_num_threads()}")
         print(
             f"# torch {torch.__version__}, torchjd {importlib.metadata.version('torchjd')}, "
@@ -542,7 +543,7 @@ def main() -> None:
     tjd_text = tjd_version or "not installed"
     print(f"# torch {torch.__version__}, torchjd {tjd_text}, Python {platform.python_version()}")
     if tjd is None:
-        print("# torchjd is not installed: pip install 'metaopt-torch[bench]' to compare")
+        print(f"# torchjd is not installed (to compare: {install_hint('bench')})")
     print("# median ms per call; ratio = torchjd / metaopt (higher: metaopt faster)")
     print()
     header = (

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import metaopt
+from metaopt._extras import install_hint
 
 CENTERS = torch.tensor([[2.0, 0.0], [-1.0, 1.8], [-1.0, -1.8]])
 SCALES = [
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("benchmarks/toy.py needs matplotlib: pip install 'metaopt-torch[bench]'") from None
+        raise SystemExit(f"benchmarks/toy.py needs matplotlib: {install_hint('bench')}") from None
 
     start = (0.0, 3.0)
     total = lambda th: sum(task_loss(th, i) for i in range(3))  # noqa: E731

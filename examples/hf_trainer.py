@@ -7,7 +7,7 @@ optimizer, passed through ``optimizers=(opt, scheduler)``, and the data side,
 :class:`metaopt.data.ScheduledTaskDataset`, whose batches follow the optimizer's task schedule
 and carry a ``task_id`` that the model routes to the task's head.
 
-    pip install 'metaopt-torch[hf]'      # transformers and accelerate
+    pip install transformers accelerate      # the hf extra
     python examples/hf_trainer.py  # about 10 s on a laptop CPU
 
 ``run(...)`` and ``make_trainer(...)`` are also what the tests call; they check that the
@@ -34,7 +34,9 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as err:  # the optional extra
-        raise SystemExit("this example needs the 'hf' extra: pip install 'metaopt-torch[hf]'") from err
+        from metaopt._extras import install_hint
+
+        raise SystemExit(f"this example needs the 'hf' extra: {install_hint('hf')}") from err
     return transformers
 
 

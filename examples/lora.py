@@ -6,7 +6,7 @@ The optimizers are built over ``model.parameters()``, as a PEFT user builds them
 state (slow weights, per-task gradient rows, the wrapped AdamW's moments) for the adapters and
 heads only, and never copies or touches the frozen base.
 
-Run with ``python examples/lora.py`` (needs the ``peft`` extra: ``pip install 'metaopt-torch[peft]'``).
+Run with ``python examples/lora.py`` (needs the ``peft`` extra: ``pip install peft``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def lora_model(seed: int = 0) -> torch.nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("examples/lora.py needs peft: pip install 'metaopt-torch[peft]'") from err
+        from metaopt._extras import install_hint
+
+        raise ImportError(f"examples/lora.py needs peft: {install_hint('peft')}") from err
     torch.manual_seed(seed)
     config = LoraConfig(
         r=4, lora_alpha=8, target_modules=["embed", "mix"], modules_to_save=[f"heads.{t}" for t in TASKS]

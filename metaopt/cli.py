@@ -20,18 +20,11 @@ from pathlib import Path
 import torch
 
 import metaopt
+from metaopt._extras import EXTRAS, install_hint
 from metaopt.interpolation import _KERNELS
 
 __all__ = ["info", "main"]
 
-_OPTIONAL = {
-    "bench": ("torchjd", "matplotlib", "tqdm"),
-    "hf": ("transformers", "accelerate"),
-    "peft": ("peft",),
-    "deepspeed": ("deepspeed",),
-    "triton": ("triton",),
-    "test": ("pytest", "hypothesis", "mypy", "ruff"),
-}
 # What the checkout's scripts import from the bench extra (import names): a script that stops on
 # one of these missing is reported with the install command instead of a bare traceback.
 _BENCH_MODULES = frozenset(
@@ -98,7 +91,7 @@ def info() -> dict[str, object]:
         "torch.distributed": ", ".join(backends) if backends else "not available",
         **{
             f"extra [{extra}]": ", ".join(f"{d} {_version(d)}" for d in dists)
-            for extra, dists in _OPTIONAL.items()
+            for extra, dists in EXTRAS.items()
         },
     }
 
@@ -131,7 +124,7 @@ def _run(script: Path, argv: Sequence[str], relative: str) -> int:
         if missing not in _BENCH_MODULES:
             raise
         raise SystemExit(
-            f"metaopt: {relative} needs {missing}, from the bench extra: pip install 'metaopt-torch[bench]'"
+            f"metaopt: {relative} needs {missing}, from the bench extra: {install_hint('bench')}"
         ) from err
     finally:
         sys.argv = saved

@@ -187,6 +187,15 @@ class ScheduledTaskDataset(torch.utils.data.IterableDataset):  # type: ignore[ty
                 raise ValueError(
                     f"{name}: task {t!r} has {len(datasets[t])} examples, fewer than batch_size {batch_size}"
                 )
+        inner_steps = getattr(optimizer, "inner_steps", None)
+        if isinstance(inner_steps, int) and steps < inner_steps:
+            warnings.warn(
+                f"{name}: a stream of {steps} step(s) is shorter than one trajectory "
+                f"(inner_steps={inner_steps}): the run takes no outer step and its slow weights "
+                "stay the initial model; lower inner_steps or train longer",
+                UserWarning,
+                stacklevel=2,
+            )
         self.optimizer = optimizer
         self.datasets = datasets
         self.batch_size = batch_size

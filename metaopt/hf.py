@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._extras import install_hint
 from .base import MultiTaskOptimizer
 from .gradnorm import GradNorm
 from .report import StepReport
@@ -46,9 +47,7 @@ from .surgery import GradientSurgery
 try:
     import transformers
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "metaopt.hf needs transformers and accelerate: pip install 'metaopt-torch[hf]'"
-    ) from err
+    raise ImportError(f"metaopt.hf needs transformers and accelerate: {install_hint('hf')}") from err
 
 __all__ = ["Trainer", "report_logs"]
 

@@ -362,6 +362,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         (as of the last outer step); on exit they get their fast values θ back. Evaluate a
         Reptile-family model here.
 
+        After steps but before the first outer step φ is still the initial model: a warning
+        says so (a run shorter than ``inner_steps`` takes no outer step).
+
         Under FSDP2 pass the model, ``use_slow_weights(model)``: FSDP2 keeps the root module's
         gathered parameters after a forward without backward, so a forward would not see the
         swap (or, after the block, would keep computing with φ); every FSDP module in
@@ -371,8 +374,9 @@ class SlowFastOptimizer(MultiTaskOptimizer):
             >>> import torch, metaopt
             >>> model = torch.nn.Linear(2, 1)
             >>> opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1),
-            ...                                 tasks=["a"], inner_steps=5, outer_lr=0.5)
-            >>> _ = opt.step({"a": model(torch.ones(1, 2)).sum()})   # θ moved, φ not yet
+            ...                                 tasks=["a"], inner_steps=2, outer_lr=0.5)
+            >>> for _ in range(3):   # an outer step after 2 steps, then θ moves on from φ
+            ...     _ = opt.step({"a": model(torch.ones(1, 2)).sum()})
             >>> with opt.use_slow_weights():
             ...     at_phi = model.weight.detach().clone()
             >>> torch.equal(at_phi, opt.slow_weights[0]), torch.equal(model.weight, at_phi)
@@ -388,6 +392,15 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 f"{type(self).__name__}.use_slow_weights: the parameters are sharded (FSDP2); pass "
                 "the model, use_slow_weights(model), so that FSDP2's gathered copies are dropped "
                 "before and after the swap (the root module keeps them after a forward)"
+            )
+        if self.outer_step_count == 0 and self.step_count > 0:
+            warnings.warn(
+                f"{type(self).__name__}.use_slow_weights: no outer step yet ({self.step_count} "
+                f"step(s) taken, inner_steps={self.inner_steps}), so the slow weights are still the "
+                "initial model; evaluate after an outer step, or lower inner_steps for a run this "
+                "short",
+                UserWarning,
+                stacklevel=3,  # the with statement (contextmanager's __enter__ is between)
             )
         # re-examined for casts and moves, the set of tensors kept: a parameter frozen for the
         # evaluation keeps its slow weights until the trajectory ends, as without it

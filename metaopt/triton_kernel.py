@@ -33,13 +33,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._extras import install_hint
+
 try:
     import triton  # type: ignore[import-untyped]
     import triton.language as tl  # type: ignore[import-untyped]
 except ImportError as err:  # pragma: no cover - the optional extra is missing
-    raise ImportError(
-        "metaopt.triton_kernel needs Triton: pip install triton (or metaopt-torch[triton])"
-    ) from err
+    raise ImportError(f"metaopt.triton_kernel needs Triton: {install_hint('triton')}") from err
 
 __all__ = ["BLOCK", "outer_step", "register"]
 

@@ -107,11 +107,14 @@ print("ok", len(makers))
 def test_the_command_names_the_extra_a_script_needs(argv, missing, extra):
     out = _without_optional("from metaopt.cli import main; raise SystemExit(main(sys.argv[1:]))", *argv)
     assert out.returncode != 0
-    assert missing in out.stderr and f"pip install 'metaopt-torch[{extra}]'" in out.stderr, out.stderr
+    # the distributions themselves (metaopt-torch is on no index), and the checkout's extra
+    assert missing in out.stderr and "pip install torchjd matplotlib tqdm" in out.stderr, out.stderr
+    assert f"-e '{ROOT}[{extra}]'" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr, out.stderr
 
 
 def test_the_hf_example_names_its_extra():
     out = _without_optional("import runpy; runpy.run_path('examples/hf_trainer.py', run_name='__main__')")
     assert out.returncode == 1
-    assert "pip install 'metaopt-torch[hf]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert "pip install transformers accelerate" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert f"-e '{ROOT}[hf]'" in out.stderr, out.stderr

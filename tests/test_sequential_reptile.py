@@ -518,3 +518,45 @@ def test_step_hooks_run_around_each_step():
     post.remove()
     run(opt, model, data, 1)
     assert len(calls) == 2
+
+
+def test_slow_weights_read_before_any_outer_step_warn():
+    """A run shorter than K takes no outer step: evaluating at φ then evaluates the initial
+    model, which a warning says (not before any step, nor after an outer step)."""
+    import warnings
+
+    model = torch.nn.Linear(2, 1)
+    opt = metaopt.SequentialReptile(
+        torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a"], inner_steps=3, outer_lr=0.5
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.use_slow_weights():  # before any step: the initial model is what φ is
+            pass
+    for step in range(3):
+        opt.step({"a": model(torch.ones(1, 2)).sum()})
+        if step < 2:
+            with pytest.warns(UserWarning, match=r"no outer step yet \(\d step\(s\) taken, inner_steps=3\)"):
+                with opt.use_slow_weights():
+                    pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with opt.use_slow_weights():
+            pass
+
+
+def test_a_stream_shorter_than_one_trajectory_warns():
+    """Where the run's length is known (a ScheduledTaskDataset of ``steps`` steps), K above it
+    means no outer step at all: a warning at construction."""
+    model = torch.nn.Linear(1, 1)
+    data = {t: [{"v": torch.tensor(float(i) + 1)} for i in range(4)] for t in "ab"}
+    opt = metaopt.Reptile(torch.optim.SGD(model.parameters(), lr=0.1), tasks=["a", "b"], inner_steps=10)
+    with pytest.warns(
+        UserWarning, match=r"stream of 9 step\(s\) is shorter than one trajectory \(inner_steps=10\)"
+    ):
+        metaopt.data.ScheduledTaskDataset(opt, data, batch_size=2, steps=9)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metaopt.data.ScheduledTaskDataset(opt, data, batch_size=2, steps=10)
