@@ -2,7 +2,9 @@
 
 Trains with a checkpoint every few steps, "crashes" (drops every object) part-way, rebuilds the
 model, optimizer and LR scheduler from scratch, resumes from the checkpoint and finishes; the
-final parameters equal those of a run that was never interrupted, bit for bit.
+final parameters equal those of a run that was never interrupted, bit for bit. The model has
+dropout, whose masks come from torch's random number generator: the checkpoint holds its state
+(:func:`rng_state`), or the resumed run would draw other masks than the uninterrupted one.
 
     python examples/resume.py
 """
@@ -28,12 +30,29 @@ def batch(task: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build() -> tuple[torch.nn.Module, metaopt.SequentialReptile, torch.optim.lr_scheduler.LRScheduler]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(16, 1)
+    )
     opt = metaopt.SequentialReptile(
         torch.optim.AdamW(model.parameters(), lr=1e-2), tasks=TASKS, inner_steps=4, outer_lr=0.3, seed=0
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40)
     return model, opt, sched
+
+
+def rng_state() -> dict[str, object]:
+    """The random number generators' states a resumed run needs (dropout draws from them): the
+    CPU's, and every CUDA device's when there is one."""
+    state: dict[str, object] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(path: str, steps: int, stop_at: int | None = None) -> torch.nn.Module:
@@ -45,6 +64,7 @@ def train(path: str, steps: int, stop_at: int | None = None) -> torch.nn.Module:
         model.load_state_dict(state["model"])  # the model first, then the optimizer
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])  # the dropout masks go on as they would have
         start = state["step"]
     for step in range(start, steps):
         if step == stop_at:
@@ -60,6 +80,7 @@ def train(path: str, steps: int, stop_at: int | None = None) -> torch.nn.Module:
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
+                    "rng": rng_state(),
                     "step": step + 1,
                 },
             )

@@ -129,3 +129,16 @@ def test_hybrid_example_runs_under_torchrun_on_four_ranks():
     trajectory per replica."""
     out = _torchrun("--layout", "hybrid", "--steps", "20", script="fsdp.py", nproc=4, done="held-out loss")
     assert "SequentialReptile hybrid: 4 ranks (gloo), steps 0 to 20" in out
+
+
+def test_the_resume_example_needs_the_rng_state_for_dropout(monkeypatch):
+    """Without the RNG state in the checkpoint, the example's dropout draws other masks after
+    the resume, and the run ends elsewhere: the state is what makes it bit for bit."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import resume
+
+    try:
+        monkeypatch.setattr(resume, "set_rng_state", lambda state: None)
+        assert resume.main(steps=30, crash_at=12) is False
+    finally:
+        sys.modules.pop("resume", None)
