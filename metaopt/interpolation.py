@@ -75,7 +75,10 @@ def register_kernel(device_type: str, kernel: Kernel | None) -> None:
 
     ``"auto"`` uses it for tensors on that device. The kernel must compute, for each index,
     exactly ``dst ← dst + w·(src − dst)`` then ``fast ← copy_from`` (when ``fast`` is given), and
-    is checked against the reference path by the test suite's helpers.
+    is checked against the reference path by the test suite's helpers. ``src`` is θ's master
+    form (module doc), unless the kernel has an attribute ``forms_master = True``: then ``src``
+    is θ as it is, and where it is of lower precision than ``dst`` the kernel forms
+    ``src + (φ − round(φ))`` itself, φ being ``copy_from`` before the update.
     """
     if kernel is None:
         _KERNELS.pop(device_type, None)
@@ -372,10 +375,16 @@ class Interpolator:
                 if host_acc:
                     mean = [_onto(v, g.device) for v in host_acc[0]] if g.offloaded else host_acc[0]
                 dst = mean if into == "acc" else slow
-                src = mean if source == "acc" else _master(fast, slow)
+                kernel = _KERNELS.get(g.device.type) if path == "kernel" else None
+                if source == "acc":
+                    src = mean
+                elif getattr(kernel, "forms_master", False):
+                    src = list(fast)  # the kernel forms θ's master form itself (in one pass)
+                else:
+                    src = _master(fast, slow)
                 assert dst is not None and src is not None
-                if path == "kernel":
-                    _KERNELS[g.device.type](list(dst), list(src), weight, fast, slow)
+                if kernel is not None:
+                    kernel(list(dst), list(src), weight, fast, slow)
                 else:
                     fn: Literal["foreach", "reference"] = "reference" if path == "reference" else "foreach"
                     interpolate_(dst, src, weight, sync=False, method=fn)

@@ -88,6 +88,7 @@ def _outer_kernel(
     FAST: tl.constexpr,
     HAS_FAST: tl.constexpr,
     COPY_IS_DST: tl.constexpr,
+    MASTER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     c = tl.program_id(0)
@@ -97,15 +98,20 @@ def _outer_kernel(
     dst = tl.load(dst_at + i).to(tl.pointer_type(DST))
     src = tl.load(src_at + i).to(tl.pointer_type(SRC))
     d = tl.load(dst + offs, mask=mask)
-    s = _as_master(tl.load(src + offs, mask=mask), SRC, DST)
+    raw = tl.load(src + offs, mask=mask)
+    s = _as_master(raw, SRC, DST)
+    if COPY_IS_DST:
+        phi = d  # φ before the update
+    else:
+        phi = tl.load(tl.load(copy_at + i).to(tl.pointer_type(DST)) + offs, mask=mask)
+    if MASTER:  # θ of lower precision: its master form θ + (φ − round(φ))
+        s = s + (phi - _as_master(_rounded(phi, SRC), SRC, DST))
     # torch's lerp: exact at both ends (w = 1 gives src exactly: a trajectory mean starts so)
     d = tl.where(w < 0.5, d + w * (s - d), s - (s - d) * (1.0 - w))
     tl.store(dst + offs, d, mask=mask)
     if HAS_FAST:
         if COPY_IS_DST:
-            phi = d
-        else:
-            phi = tl.load(tl.load(copy_at + i).to(tl.pointer_type(DST)) + offs, mask=mask)
+            phi = d  # φ after the update
         fast = tl.load(fast_at + i).to(tl.pointer_type(FAST))
         tl.store(fast + offs, _rounded(phi, FAST), mask=mask)
 
@@ -120,7 +126,10 @@ def outer_step(
     """``dst ← dst + w·(src − dst)`` then, if ``fast`` is given, ``fast ← copy_from`` rounded to
     ``fast``'s dtype, pairwise over the lists (the :func:`metaopt.interpolation.register_kernel`
     contract), in one launch for the contiguous tensors. ``dst`` and ``copy_from`` share one
-    dtype (the master: float32 or float64); ``src`` and ``fast`` may be lower precision."""
+    dtype (the master: float32 or float64); ``src`` and ``fast`` may be lower precision, and a
+    lower-precision ``src`` is θ as it is, taken in its master form ``θ + (φ − round(φ))`` with φ
+    = ``copy_from`` before the update (``outer_step.forms_master``): one pass, where torch
+    would form it first."""
     n = len(dst)
     if len(src) != n or len(copy_from) != n or (fast is not None and len(fast) != n):
         raise ValueError("outer_step: the tensor lists differ in length")
@@ -134,9 +143,10 @@ def outer_step(
     ]
     rest = [i for i in range(n) if dst[i].numel() and i not in set(rows)]
     if rest:  # not contiguous: torch's foreach path, the same computation
-        from .interpolation import interpolate_
+        from .interpolation import _master, interpolate_
 
-        interpolate_([dst[i] for i in rest], [src[i] for i in rest], w, sync=False)
+        masters = [_master([src[i]], [copy_from[i]])[0] for i in rest]
+        interpolate_([dst[i] for i in rest], masters, w, sync=False)
         if fast_list is not None:
             torch._foreach_copy_([fast_list[i] for i in rest], [copy_from[i] for i in rest])
     if not rows:
@@ -188,8 +198,12 @@ def _launch(
         FAST=_TL[f[0].dtype],
         HAS_FAST=fast is not None,
         COPY_IS_DST=copy_is_dst,
+        MASTER=s[0].dtype != d[0].dtype,
         BLOCK=BLOCK,
     )
+
+
+outer_step.forms_master = True  # type: ignore[attr-defined]
 
 
 def register(device_type: str = "cuda") -> None:

@@ -25,6 +25,14 @@ from metaopt.triton_kernel import BLOCK, outer_step  # noqa: E402
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
+def _master(theta, phi):
+    """θ's master form in float64: θ + (φ − round(φ)) for lower-precision θ (the kernel's
+    ``forms_master``), θ itself otherwise."""
+    if theta.dtype == phi.dtype:
+        return theta.double()
+    return theta.double() + (phi.double() - phi.to(theta.dtype).double())
+
+
 def _random(shapes, dtype, seed, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(s, generator=g, dtype=torch.float64) * scale + 0.25).to(dtype) for s in shapes]
@@ -38,12 +46,12 @@ def _random(shapes, dtype, seed, scale=1.0):
     seed=st.integers(0, 2**16),
 )
 def test_the_outer_step_against_float64(sizes, dtype, w, seed):
-    """φ ← φ + w(θ − φ) in the master dtype, within its rounding of the float64 result; θ ← φ
-    rounded exactly as torch's ``.to(dtype)``."""
+    """φ ← φ + w(θ̂ − φ) in the master dtype (θ̂: θ's master form), within its rounding of the
+    float64 result; θ ← φ rounded exactly as torch's ``.to(dtype)``."""
     master = master_dtype(dtype)
     phi = _random([(n,) for n in sizes], master, seed)
     theta = _random([(n,) for n in sizes], dtype, seed + 1, scale=3.0)
-    expected = [p.double() + w * (t.double() - p.double()) for p, t in zip(phi, theta)]
+    expected = [p.double() + w * (_master(t, p) - p.double()) for p, t in zip(phi, theta)]
     outer_step(phi, list(theta), w, theta, phi)
     tol = 1e-12 if master == torch.float64 else 2e-6
     for p, t, e in zip(phi, theta, expected):
@@ -58,7 +66,7 @@ def test_the_trajectory_mean_and_a_copy_from_another_tensor(dtype):
     master = master_dtype(dtype)
     mean, phi = _random([(5,), (1030,)], master, 1), _random([(5,), (1030,)], master, 2)
     theta = _random([(5,), (1030,)], dtype, 3)
-    expected = [m.double() + 0.5 * (t.double() - m.double()) for m, t in zip(mean, theta)]
+    expected = [m.double() + 0.5 * (_master(t, p) - m.double()) for m, t, p in zip(mean, theta, phi)]
     outer_step(mean, list(theta), 0.5, theta, phi)
     for m, t, p, e in zip(mean, theta, phi, expected):
         assert torch.allclose(m.double(), e, rtol=2e-6, atol=2e-6)
@@ -152,3 +160,21 @@ def test_an_interpolator_on_the_kernel_against_float64(kernel_on_cpu):
     for p, p0, m, t in zip(engine.slow, phi0, moved, theta):
         assert torch.allclose(p.double(), p0.double() + 0.25 * (m - p0.double()), rtol=2e-6, atol=2e-6)
         assert torch.equal(t, p.to(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_master_form_is_what_torch_forms_first(dtype):
+    """The kernel forms θ + (φ − round(φ)) itself: the same slow weights as the foreach path,
+    which forms it with torch before interpolating, to float32 rounding."""
+    from metaopt.interpolation import _master as torch_master
+    from metaopt.interpolation import interpolate_
+
+    phi = _random([(37,), (BLOCK + 3,)], torch.float32, 11)  # φ off bfloat16's grid
+    theta = [(p + 0.1).to(dtype) for p in phi]
+    ref_phi = [p.clone() for p in phi]
+    interpolate_(ref_phi, torch_master(theta, ref_phi), 0.7, sync=False)
+    outer_step(phi, list(theta), 0.7, theta, phi)
+    for p, r, t in zip(phi, ref_phi, theta):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(p.to(dtype).float(), p)  # the rounding error was there to keep
+        assert torch.equal(t, p.to(dtype))
