@@ -472,14 +472,14 @@ class Interpolator:
     def pseudo_gradient(self) -> list[Tensor]:
         """φ − θ per slow weight (θ as master weights: see the module doc), the Reptile
         'meta-gradient', as fresh tensors shaped like :attr:`slow`, where φ is."""
-        self.settle()
-        return [s - f for g in self._groups for s, f in zip(g.slow_views, g.master_fast())]
+        self.settle()  # one multi-tensor launch per group
+        return [d for g in self._groups for d in torch._foreach_sub(g.slow_views, g.master_fast())]
 
     @torch.no_grad()
     def accumulated_pseudo_gradient(self) -> list[Tensor]:
         """φ − mean θ per slow weight, the mean from :meth:`accumulate` (batched Reptile)."""
         self.settle()
-        return [s - a for g in self._groups for s, a in zip(g.slow_views, g.accumulator()[1])]
+        return [d for g in self._groups for d in torch._foreach_sub(g.slow_views, g.accumulator()[1])]
 
     # ----------------------------------------------------------------- state
     def state_dict(self, prefix: str = "") -> dict[str, object]:
