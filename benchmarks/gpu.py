@@ -85,9 +85,9 @@ def paths(device: torch.device, scale: int, repeat: int) -> None:
     rows = []
     if device.type == "cpu":  # the dry run: the Triton kernel through the interpreter
         try:
-            from metaopt.triton_kernel import register
+            from metaopt.triton_kernel import outer_step
 
-            register("cpu")
+            register_kernel("cpu", outer_step)
         except ImportError:
             pass
     for dtype in (torch.float32, torch.bfloat16):

@@ -44,6 +44,7 @@ from torch import Tensor
 from ._distributed import Reduce
 from .functional import unique_tensors
 from .layout import Layout
+from .precision import master_dtype, master_form
 
 __all__ = [
     "STREAM_ELEMENTS",
@@ -63,7 +64,6 @@ _METHODS = ("auto", "foreach", "reference")
 Kernel = Callable[[list[Tensor], list[Tensor], float, "list[Tensor] | None", list[Tensor]], None]
 _KERNELS: dict[str, Kernel] = {}
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 STREAM_ELEMENTS = 1 << 23
 """Most elements of φ (and of the trajectory mean) on the device at once under host placement:
@@ -96,16 +96,11 @@ def _kernel_for(device_type: str) -> bool:
     if device_type == "cuda" and device_type not in _KERNELS and not _TRITON_TRIED:
         _TRITON_TRIED = True
         try:
-            from .triton_kernel import register
+            from .triton_kernel import outer_step
         except ImportError:
             return False
-        register("cuda")
+        register_kernel("cuda", outer_step)
     return device_type in _KERNELS
-
-
-def master_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the slow copy kept for parameters of ``dtype``: float32 for half types."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 @dataclass
@@ -157,7 +152,7 @@ class _Group:
     def master_fast(self) -> list[Tensor]:
         """θ as a master copy would hold it (:func:`_master`), on φ's device."""
         fast = self.fast if not self.offloaded else [f.to(self.slow.device) for f in self.fast]
-        return _master(fast, self.slow_views)
+        return master_form(fast, self.slow_views)
 
     def signature(self) -> tuple[object, ...]:
         """Everything that decides where each element of φ lives in the slow buffer."""
@@ -381,7 +376,7 @@ class Interpolator:
                 elif getattr(kernel, "forms_master", False):
                     src = list(fast)  # the kernel forms θ's master form itself (in one pass)
                 else:
-                    src = _master(fast, slow)
+                    src = master_form(fast, slow)
                 assert dst is not None and src is not None
                 if kernel is not None:
                     kernel(list(dst), list(src), weight, fast, slow)
@@ -594,17 +589,6 @@ def _check_state_device(device: object) -> torch.device | None:
 def _zeros_like(t: Tensor) -> Tensor:
     """Zeros shaped like ``t``, pinned where ``t`` is."""
     return torch.zeros(t.shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
-
-
-def _master(fast: Sequence[Tensor], slow: Sequence[Tensor]) -> list[Tensor]:
-    """θ as a master copy would hold it: ``fast`` itself, or for low-precision θ (φ in a wider
-    dtype), θ plus the rounding error φ − round(φ) that θ's trajectory started with."""
-    if not slow or slow[0].dtype == fast[0].dtype:
-        return list(fast)
-    dtype = slow[0].dtype
-    out = [f.to(dtype) for f in fast]
-    torch._foreach_add_(out, torch._foreach_sub(list(slow), [v.to(fast[0].dtype).to(dtype) for v in slow]))
-    return out
 
 
 def _onto(t: Tensor, device: torch.device) -> Tensor:

@@ -13,10 +13,10 @@ the bits, so that it rounds alike on a GPU and in Triton's CPU interpreter)::
 both ends),
 which is the contract of :func:`metaopt.interpolation.register_kernel`: the outer step
 ``φ ← φ + η(θ − φ); θ ← φ`` (``dst = φ``, ``src = θ``, ``copy_from = φ``), and the trajectory
-mean's ``m ← m + (θ − m)/n; θ ← φ`` (``dst = m``, ``copy_from = φ``). :func:`register` makes
-``interpolation="auto"`` choose it on CUDA; :mod:`metaopt.interpolation` registers it there by
-itself when Triton is installed. Tensors that are not contiguous are handed to torch's foreach
-path, which computes the same.
+mean's ``m ← m + (θ − m)/n; θ ← φ`` (``dst = m``, ``copy_from = φ``). ``interpolation="auto"``
+chooses it on CUDA: :mod:`metaopt.interpolation` registers it there by itself when Triton is
+installed (``register_kernel("cuda", outer_step)``). Tensors that are not contiguous go through
+torch's ``lerp``, which computes the same.
 
 Tested on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``) against a float64
 reference (``tests/test_triton_kernel.py``). Example (needs ``triton``; on a CPU, set
@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ._extras import install_hint
+from .precision import master_form
 
 try:
     import triton  # type: ignore[import-untyped]
@@ -41,7 +42,7 @@ try:
 except ImportError as err:  # pragma: no cover - the optional extra is missing
     raise ImportError(f"metaopt.triton_kernel needs Triton: {install_hint('triton')}") from err
 
-__all__ = ["BLOCK", "outer_step", "register"]
+__all__ = ["BLOCK", "outer_step"]
 
 BLOCK = 1024
 """Elements per program: one block of one tensor."""
@@ -142,11 +143,9 @@ def outer_step(
         and (fast_list is None or fast_list[i].is_contiguous())
     ]
     rest = [i for i in range(n) if dst[i].numel() and i not in set(rows)]
-    if rest:  # not contiguous: torch's foreach path, the same computation
-        from .interpolation import _master, interpolate_
-
-        masters = [_master([src[i]], [copy_from[i]])[0] for i in rest]
-        interpolate_([dst[i] for i in rest], masters, w, sync=False)
+    if rest:  # not contiguous: torch's lerp, the same computation
+        masters = master_form([src[i] for i in rest], [copy_from[i] for i in rest])
+        torch._foreach_lerp_([dst[i] for i in rest], masters, w)
         if fast_list is not None:
             torch._foreach_copy_([fast_list[i] for i in rest], [copy_from[i] for i in rest])
     if not rows:
@@ -204,10 +203,3 @@ def _launch(
 
 
 outer_step.forms_master = True  # type: ignore[attr-defined]
-
-
-def register(device_type: str = "cuda") -> None:
-    """Make ``interpolation="auto"`` use :func:`outer_step` for tensors on ``device_type``."""
-    from .interpolation import register_kernel
-
-    register_kernel(device_type, outer_step)

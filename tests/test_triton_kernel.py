@@ -166,8 +166,8 @@ def test_an_interpolator_on_the_kernel_against_float64(kernel_on_cpu):
 def test_the_master_form_is_what_torch_forms_first(dtype):
     """The kernel forms θ + (φ − round(φ)) itself: the same slow weights as the foreach path,
     which forms it with torch before interpolating, to float32 rounding."""
-    from metaopt.interpolation import _master as torch_master
     from metaopt.interpolation import interpolate_
+    from metaopt.precision import master_form as torch_master
 
     phi = _random([(37,), (BLOCK + 3,)], torch.float32, 11)  # φ off bfloat16's grid
     theta = [(p + 0.1).to(dtype) for p in phi]
