@@ -11,7 +11,7 @@ model can route it to the task's head.
 >>> import torch, metaopt
 >>> model = torch.nn.Linear(2, 1)
 >>> opt = metaopt.SequentialReptile(torch.optim.SGD(model.parameters(), lr=0.1),
-...                                 tasks=["a", "b"], inner_steps=4, seed=0)
+...                                 tasks=["a", "b"], inner_steps=2, seed=0)
 >>> data = {"a": [{"x": torch.zeros(2)}] * 6, "b": [{"x": torch.ones(2)}] * 6}
 >>> stream = metaopt.data.ScheduledTaskDataset(opt, data, batch_size=3, steps=2)
 >>> ids = [opt.tasks[int(item["task_id"])] for item in stream]

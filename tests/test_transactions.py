@@ -428,6 +428,7 @@ def test_a_run_that_froze_a_parameter_resumes_identically():
         assert same(run(at), whole)
 
 
+@pytest.mark.filterwarnings("ignore:.*no outer step yet")  # evaluated mid-trajectory on purpose
 def test_use_slow_weights_with_a_parameter_frozen_for_a_while_changes_nothing():
     def run(evaluate: bool) -> torch.Tensor:
         model = net()
