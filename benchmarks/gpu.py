@@ -41,6 +41,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _timing import median_time, sync  # noqa: E402
+
 TASKS8 = [f"t{i}" for i in range(8)]
 
 
@@ -50,22 +52,9 @@ def _setup(device: torch.device) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _median_ms(fn: Callable[[], object], device: torch.device, repeat: int) -> float:
+    """Median milliseconds of ``fn`` (:func:`_timing.median_time`, synchronised on a GPU)."""
+    return median_time(fn, repeat=repeat, warmup=2, device=device) * 1e3
 
 
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> None:
@@ -314,10 +303,10 @@ def host(device: torch.device, width: int, layers: int, steps_: int) -> None:
             opt.next_tasks()
             model(torch.randn(8, width, generator=g).to(device)).pow(2).mean().backward()
             before = opt.outer_step_count
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             opt.step()
-            _sync(device)
+            sync(device)
             if opt.outer_step_count > before:
                 outer.append((time.perf_counter() - start) * 1e3)
             opt.zero_grad(set_to_none=True)
