@@ -35,6 +35,7 @@ targets, GradNorm weights, the task draw) commits only when ``step`` runs.
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ from torch.optim import Optimizer
 from ._distributed import default_group
 from ._options import Option, flag
 from .parts.grads import check_grads, check_losses, graph_problem, summed_backward, unscale
+from .parts.guard import SkipCounter, defers, guarded_step, nonfinite_mode
 from .parts.params import ParamSet, deepspeed_zero
 from .parts.ranks import compare_ranks
 from .parts.state_dict import initialize_optimizer_state, initializes_state
@@ -95,6 +97,17 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             raises, because a disconnected parameter is usually a bug. Set ``True``
             where parameters are legitimately unused by some steps (task-specific heads): those
             keep ``grad = None`` and the inner optimizer skips them, as in plain PyTorch.
+        nonfinite: what a step whose gradients or losses are not finite does. ``"raise"``:
+            it is refused at once with a ``ValueError``, nothing moved (one host read of a
+            device flag per step). ``"skip"``: it is skipped on the device with no host read
+            (:mod:`metaopt.parts.guard`: nothing of the parameters, the wrapped optimizer's
+            state on their device or this method's state moves; the task stream and the
+            trajectory advance, as on a step a ``GradScaler`` skips), counted in
+            :attr:`skipped_steps`, and reported by a ``RuntimeWarning`` at the next
+            :meth:`state_dict` (a checkpoint, which waits for the device anyway).
+            ``"auto"`` (default): ``"skip"`` when a trainable parameter is on an accelerator,
+            ``"raise"`` on CPU. Steps whose structure is wrong (no gradient, an unused
+            parameter) raise at once in every mode.
 
     Parameter groups added later go through :meth:`add_param_group`; a group added to the
     wrapped torch optimizer directly is picked up at the next step the same way. Frozen
@@ -103,6 +116,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
     """
 
     allow_unused = Option(flag)
+    nonfinite = Option(nonfinite_mode)
 
     # GradScaler.step(opt) then always calls step(), with ``found_inf`` and ``grad_scale`` set
     # on the optimizer (torch.amp's contract for optimizers that handle scaling themselves): a
@@ -116,6 +130,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         tasks: Iterable[str] | None = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer):
@@ -142,7 +157,10 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self.optimizer = optimizer
         self.base_optimizer: Optimizer = base
         self.allow_unused = allow_unused
+        self.nonfinite = nonfinite
         self.seed = seed
+        self._skips = SkipCounter()  # steps skipped on the device (nonfinite="skip")
+        self._step_ok: Tensor | None = None  # the last step's device flag (None: read on the host)
         self.stream = TaskStream(self.tasks, seed)  # draws, their generator, the step counters
         self._backward_losses: dict[str, Tensor] | None = None  # a backward() pending
         # torch optimizers whose state an initialization created, not a step (INITIALIZED)
@@ -225,6 +243,8 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_option_nonfinite", "auto")  # pickled by an earlier version
+        self.__dict__.setdefault("_skips", SkipCounter())
         self._patch_step_function()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -241,6 +261,30 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
     def step_count(self) -> int:
         """Inner steps taken so far."""
         return self.stream.step
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on the device so far (``nonfinite="skip"``; their gradients or losses
+        were not finite), by this optimizer and those it wraps, since it was built. Reads a
+        device counter: one host sync, on request."""
+        self._skips.take()
+        return self._skips.total + (self.inner.skipped_steps if self.inner is not None else 0)
+
+    def _report_skips(self) -> None:
+        """Warn of the steps skipped on the device since the last report (one host read)."""
+        new = 0
+        opt: MultiTaskOptimizer | None = self
+        while opt is not None:
+            new += opt._skips.take()
+            opt = opt.inner
+        if new:
+            warnings.warn(
+                f"{type(self).__name__}: {new} step(s) were skipped on the device since the last "
+                "report because their gradients or losses were not finite (nonfinite='skip'; "
+                f"{self.skipped_steps} in all); nothing moved on them but the task stream",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     @property
     def clock(self) -> int:
@@ -376,11 +420,11 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             # set by GradScaler.step(opt), which deletes them again once step() returns
             found_inf, grad_scale = self.__dict__.get("found_inf"), self.__dict__.get("grad_scale")
             try:
-                if found_inf is not None and bool(found_inf):  # GradScaler's own skip test
-                    with self._transaction():
+                if found_inf is not None and not self._defers() and bool(found_inf):
+                    with self._transaction():  # GradScaler's own skip test, read on the host
                         return self._skip()
-                with self._transaction():
-                    return self._take_step(grad_scale=grad_scale)
+                with self._transaction():  # deferred: found_inf joins the step's device flag
+                    return self._take_step(grad_scale=grad_scale, found_inf=found_inf)
             except BaseException:  # GradScaler does not get to delete them: never reuse them
                 self.__dict__.pop("found_inf", None)
                 self.__dict__.pop("grad_scale", None)
@@ -455,16 +499,37 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         """Gradients and combination: write this method's update into ``.grad``. Default:
         the summed losses' gradient, through the wrapped metaopt optimizer when composed."""
         if self.inner is not None:
-            self.inner.backward(losses, grad_scaler=grad_scaler)
+            with self._wrapping():
+                self.inner.backward(losses, grad_scaler=grad_scaler)
         else:
             self._summed_backward(losses, grad_scaler)
 
-    def _check_step(self) -> None:
+    def _check_step(self) -> Tensor | None:
         """Raise if the step cannot be taken (nothing has moved yet). Default: with a wrapped
         metaopt optimizer, that optimizer's own step checks; otherwise ``.grad`` (its
-        finiteness, and unused parameters after :meth:`backward`) in one host sync."""
+        finiteness, and unused parameters after :meth:`backward`) in one host sync. Where the
+        step's finiteness is decided on the device (:meth:`_defers`), returns its flag (0-dim
+        bool) instead of reading it."""
         if self.inner is None:
-            self._check_grads()
+            return self._check_grads()
+        return None
+
+    @contextmanager
+    def _wrapping(self) -> Iterator[None]:
+        """While this optimizer drives the one it wraps (its backward or step), that one follows
+        this one's ``nonfinite`` (the outermost optimizer's option governs a composition)."""
+        assert self.inner is not None
+        self.inner.__dict__["_outer_nonfinite"] = self.__dict__.get("_outer_nonfinite", self.nonfinite)
+        try:
+            yield
+        finally:
+            self.inner.__dict__.pop("_outer_nonfinite", None)
+
+    def _defers(self) -> bool:
+        """Whether this step decides its finiteness on the device (the ``nonfinite`` option;
+        in a composition, the outermost optimizer's applies to every one it wraps)."""
+        mode = self.__dict__.get("_outer_nonfinite", self.nonfinite)
+        return defers(mode, self._trainable())
 
     def _after_step(self) -> dict[str, Any]:
         """After the inner step: commit method state, the outer update; returns report fields."""
@@ -497,27 +562,39 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         self._ranks_checked = True
 
     def _take_step(
-        self, checked: Callable[[], None] | None = None, grad_scale: Tensor | None = None
+        self,
+        checked: Callable[[], None] | None = None,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
     ) -> StepReport:
         """The step template after the backward pass. ``checked`` runs once nothing can refuse
         the step any more (the one loop then drops the ``.grad`` it kept for a refusal, so that
         memory is free for the inner step). ``grad_scale``: the scale ``GradScaler.step`` left
-        in ``.grad`` (it did not unscale them), divided out once every check has passed."""
+        in ``.grad`` (it did not unscale them), divided out once every check has passed.
+        ``found_inf``: ``GradScaler``'s flag, not read on the host, where the step is skipped
+        on the device (:meth:`_defers`)."""
         tasks = tuple(self.next_tasks())
         self._drop_if_cleared()
         self._prepare()
         self._check_ranks()
-        self._check_step()
+        ok = self._check_step()
+        if ok is not None and found_inf is not None:
+            ok = ok & found_inf.to(ok.device).eq(0).reshape(())
         # everything is checked: from here on the step moves
         self._drop_initialized_state()
         if self.inner is not None:
+            if ok is not None:  # this method's own flag (GradNorm's) vetoes the wrapped step
+                found_inf = (~ok).to(torch.float32)
             # the wrapped optimizer divides the scale out once its own checks have passed
-            if grad_scale is not None:
-                self.inner.__dict__["grad_scale"] = grad_scale
+            passed = {"grad_scale": grad_scale, "found_inf": found_inf}
+            self.inner.__dict__.update((k, v) for k, v in passed.items() if v is not None)
             try:
-                inner_report: StepReport | None = self.inner.step()  # refuses before it moves
+                with self._wrapping():
+                    inner_report: StepReport | None = self.inner.step()  # refuses before it moves
             finally:
-                self.inner.__dict__.pop("grad_scale", None)
+                for key in ("grad_scale", "found_inf"):
+                    self.inner.__dict__.pop(key, None)
+            ok = self.inner._step_ok
             if checked is not None:
                 checked()
         else:
@@ -530,7 +607,11 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             for p, _ in hidden:
                 p.grad = None
             try:
-                self.base_optimizer.step()
+                if ok is None:
+                    self.base_optimizer.step()
+                else:
+                    guarded_step(self.base_optimizer, self._param_list, ok)
+                    self._skips.add(ok)
             except BaseException:
                 if grad_scale is not None:  # refused by the torch optimizer (a hook): scale back
                     unscale(self._param_list, grad_scale.double().reciprocal())
@@ -539,11 +620,14 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
                 for p, g in hidden:
                     p.grad = g
             inner_report = None
+        self._step_ok = ok
         self.stream.served(taken=True)
         fields = self._after_step()
         losses = self._backward_losses or {}
         self._clear_backward()
-        report = StepReport(tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, **fields)
+        report = StepReport(
+            tasks=tasks, losses=losses, step=self.stream.step, inner=inner_report, finite=ok, **fields
+        )
         self.last_report = report
         return report
 
@@ -557,6 +641,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         tasks = tuple(self.next_tasks())
         self._prepare()
         self._drop_initialized_state()
+        self._step_ok = None
         losses = self._backward_losses or {}
         inner_report = self.inner._skip() if self.inner is not None else None
         self.stream.served(taken=False)
@@ -647,15 +732,16 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
             losses, self._trainable(), self._param_list, first, where, lambda v: self._scaled(v, grad_scaler)
         )
 
-    def _check_grads(self) -> None:
+    def _check_grads(self) -> Tensor | None:
         """Before the inner step: every gradient and pending loss finite, and every trainable
         parameter reached after :meth:`backward` unless ``allow_unused``
         (:func:`metaopt.parts.grads.check_grads`). One host sync."""
-        check_grads(
+        return check_grads(
             self._trainable(),
             self._backward_losses,
             self.allow_unused,
             self._param_name,
             type(self).__name__,
             default_group(getattr(self, "process_group", None)),
+            defer=self._defers(),
         )

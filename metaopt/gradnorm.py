@@ -53,7 +53,7 @@ class GradNorm(MultiTaskOptimizer):
         process_group: under ``torch.distributed``, the group whose ranks' per-task layer
             gradients are averaged (one collective); default: the default group when there is
             more than one rank (see :class:`~metaopt.surgery.GradientSurgery`).
-        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+        seed, allow_unused, nonfinite: as in :class:`~metaopt.MultiTaskOptimizer`.
 
     With a ``torch.amp.GradScaler``, pass it to :meth:`backward` (``opt.backward(losses,
     grad_scaler=scaler)``) rather than scaling the losses yourself: the norms are then
@@ -106,8 +106,9 @@ class GradNorm(MultiTaskOptimizer):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
-        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused, nonfinite=nonfinite)
         self.process_group = process_group
         self._layer_rows: Tensor | None = None  # a backward is pending: per-task rows at W
         self._layer_sharding: Sharding | None = None  # how W's rows are spread (FSDP2)
@@ -240,7 +241,7 @@ class GradNorm(MultiTaskOptimizer):
         assert self._layer_rows is not None
         return self._layer_rows[:, -1] / self._scale
 
-    def _check_step(self) -> None:
+    def _check_step(self) -> Tensor | None:
         if self._layer_rows is None:
             raise ValueError(
                 "GradNorm.step: no per-task gradients; call opt.backward(losses) (instead of "
@@ -252,14 +253,22 @@ class GradNorm(MultiTaskOptimizer):
         norms = self._norms()
         # the weights' gradient is ±‖∇_W L_i‖ in the weights' dtype: every norm must fit it
         fits = norms.isfinite() & (norms <= torch.finfo(self.weights.dtype).max)
-        flags = torch.stack([current.isfinite().all().to(norms.device), fits.all()]).tolist()
+        flags_t = torch.stack([current.isfinite().all().to(norms.device), fits.all()])
+        if self._defers():
+            # on the device: a norm that overflows the gradients' dtype skips the step (the
+            # host path recomputes it in float64 first)
+            self._step_norms = norms
+            ok = flags_t.all()
+            inner_ok = super()._check_step()
+            return ok if inner_ok is None else ok & inner_ok.to(ok.device)
+        flags = flags_t.tolist()
         if not flags[0]:
             bad = {t: v for t, v in zip(losses, current.tolist()) if not math.isfinite(v)}
             raise ValueError(f"GradNorm.step: non-finite loss for task(s) {bad}; nothing was updated")
         if not flags[1]:
             norms = self._refuse_or_recompute_norms(list(losses))
         self._step_norms = norms
-        super()._check_step()
+        return super()._check_step()
 
     def _refuse_or_recompute_norms(self, tasks: list[str]) -> Tensor:
         """The rare path of :meth:`_check_step`, once some norm came out non-finite or too
@@ -298,7 +307,9 @@ class GradNorm(MultiTaskOptimizer):
         norms = self._step_norms
         assert norms is not None
         used = self.weights.detach().clone()
-        grad_loss = self.loss_weights.update(norms, self._current_losses(), self.alpha, self.MIN_WEIGHT)
+        grad_loss = self.loss_weights.update(
+            norms, self._current_losses(), self.alpha, self.MIN_WEIGHT, self._step_ok
+        )
         assert self._layer_rows is not None
         report = torch.promote_types(self.weights.dtype, self._layer_rows.dtype)
         extra = {"grad_norms": norms.to(report), "gradnorm_loss": grad_loss.to(report)}

@@ -37,7 +37,7 @@ class GradVac(GradientSurgery):
             group, a finer granularity in the spirit of the paper's per-layer variants), or a
             list of lists of shared parameters. Each group has its own Gramian and targets.
         reduction: ``"sum"`` (default) or ``"mean"`` of the corrected gradients.
-        shared, retain_graph, batched, process_group, seed, allow_unused: see
+        shared, retain_graph, batched, process_group, seed, allow_unused, nonfinite: see
             :class:`~metaopt.surgery.GradientSurgery`. With ``groups`` other than ``"all"``,
             ``shared`` must be given.
 
@@ -75,6 +75,7 @@ class GradVac(GradientSurgery):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         shared_list = None if shared is None else list(shared)
         super().__init__(
@@ -86,6 +87,7 @@ class GradVac(GradientSurgery):
             process_group=process_group,
             seed=seed,
             allow_unused=allow_unused,
+            nonfinite=nonfinite,
         )
         self.beta = beta
         self.reduction = reduction

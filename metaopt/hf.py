@@ -71,7 +71,8 @@ def report_logs(report: StepReport, optimizer: MultiTaskOptimizer) -> dict[str, 
             logs["metaopt/conflicts"] = float(source.conflicts)
     if isinstance(optimizer, SlowFastOptimizer):
         logs["metaopt/outer_steps"] = float(optimizer.outer_step_count)
-    logs["metaopt/skipped_steps"] = float(optimizer.clock - optimizer.step_count)
+    # skipped by a GradScaler (never counted as steps) and on the device (nonfinite="skip")
+    logs["metaopt/skipped_steps"] = float(optimizer.clock - optimizer.step_count + optimizer.skipped_steps)
     return logs
 
 

@@ -32,7 +32,7 @@ class MTL(MultiTaskOptimizer):
         process_group: under ``torch.distributed``, the ranks whose options and schedules the
             first step compares (DDP averages the gradients themselves); ``"local"`` opts out,
             for a run on some ranks only. Default ``None``: the default group.
-        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+        seed, allow_unused, nonfinite: as in :class:`~metaopt.MultiTaskOptimizer`.
 
     Example:
         >>> import torch, metaopt
@@ -55,10 +55,11 @@ class MTL(MultiTaskOptimizer):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         if isinstance(optimizer, MultiTaskOptimizer):
             raise TypeError("MTL: wrap a torch optimizer")
-        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused, nonfinite=nonfinite)
         self.reduction = reduction
         default_group(process_group)  # validated: a group, None or "local"
         self.process_group = process_group

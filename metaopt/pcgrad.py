@@ -31,7 +31,7 @@ class PCGrad(GradientSurgery):
         optimizer: the torch optimizer that applies the combined gradient.
         tasks: task names; ``next_tasks()`` always returns all of them.
         reduction: ``"sum"`` (default, as in the paper) or ``"mean"``.
-        shared, retain_graph, batched, process_group, seed, allow_unused: see
+        shared, retain_graph, batched, process_group, seed, allow_unused, nonfinite: see
             :class:`~metaopt.surgery.GradientSurgery`.
 
     The report carries ``weights`` (T), ``cosine`` (T×T) and ``conflicts`` (the fraction of
@@ -68,6 +68,7 @@ class PCGrad(GradientSurgery):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         super().__init__(
             optimizer,
@@ -78,6 +79,7 @@ class PCGrad(GradientSurgery):
             process_group=process_group,
             seed=seed,
             allow_unused=allow_unused,
+            nonfinite=nonfinite,
         )
         self.reduction = reduction
 

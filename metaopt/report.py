@@ -27,6 +27,9 @@ class StepReport:
         step: number of inner steps taken so far, this one included.
         skipped: ``GradScaler`` skipped this step (non-finite scaled gradients): nothing moved
             but the task stream, whose draw the skipped batch used up.
+        finite: where the step's finiteness was decided on the device (``nonfinite="skip"``),
+            that 0-dim bool flag: ``False`` when the step was skipped there. ``None`` where it
+            was checked on the host (a non-finite step then raised).
 
     Example:
         >>> import torch
@@ -44,4 +47,5 @@ class StepReport:
     inner: StepReport | None = None
     step: int = 0
     skipped: bool = False
+    finite: Tensor | None = None
     extra: dict[str, object] = field(default_factory=dict)

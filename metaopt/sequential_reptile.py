@@ -39,7 +39,7 @@ class SequentialReptile(SlowFastOptimizer):
             options (``inner_steps``, ``outer_lr``, ``tasks_per_outer_step``, annealing,
             ``outer_optimizer``, ``reset_inner_state``, ``schedule``, ``task_sizes``,
             ``temperature``, ``buffers``, ``flatten``, ``interpolation``, ``seed``,
-            ``allow_unused``, and for several processes ``local_trajectories``,
+            ``allow_unused``, ``nonfinite``, and for several processes ``local_trajectories``,
             ``process_group``, ``verify_ranks``, ``bucket_elements``, ``timeout``: see
             docs/scaling.md) and the construction order it documents.
 

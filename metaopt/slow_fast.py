@@ -154,6 +154,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         state_device: torch.device | str | None = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
         local_trajectories: bool = False,
         process_group: Any = None,
         verify_ranks: bool = False,
@@ -166,7 +167,7 @@ class SlowFastOptimizer(MultiTaskOptimizer):
                 f"{name}: wrap a torch optimizer; a metaopt optimizer wants several tasks per "
                 "step, which contradicts one task per trajectory (use SequentialReptile)"
             )
-        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused, nonfinite=nonfinite)
         self.inner_steps = inner_steps
         self.tasks_per_outer_step = tasks_per_outer_step
         if outer_optimizer is not None and outer_lr is not None:

@@ -98,6 +98,9 @@ class StateDictProtocol:
         """See :meth:`metaopt.MultiTaskOptimizer._owned_optimizers`."""
         return {}
 
+    def _report_skips(self) -> None:
+        """See :meth:`metaopt.MultiTaskOptimizer._report_skips`."""
+
     @classmethod
     def _option_names(cls) -> dict[str, Option[Any]]:
         """The validated hyper-parameters of this class, by name."""
@@ -140,6 +143,7 @@ class StateDictProtocol:
         restored on load, as torch.optim restores the hyper-parameters of its param groups).
         Loads under ``torch.load(..., weights_only=True)``. Registered state-dict hooks run as
         in ``torch.optim``. State dicts of earlier layouts load too (migrated)."""
+        self._report_skips()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state = self._own_state_dict()

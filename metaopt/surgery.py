@@ -77,7 +77,7 @@ class GradientSurgery(MultiTaskOptimizer):
             ranks' per-task gradient rows are averaged before combining (one collective over
             the T rows per backward pass). Default ``None``: the default group when
             ``torch.distributed`` is initialized with more than one rank, else no averaging.
-        seed, allow_unused: as in :class:`~metaopt.MultiTaskOptimizer`.
+        seed, allow_unused, nonfinite: as in :class:`~metaopt.MultiTaskOptimizer`.
 
     Driven the torch way, :meth:`backward` replaces ``loss.backward()``: it takes the per-task
     gradients (each task on its own graph, freed when done unless ``retain_graph``), combines
@@ -100,6 +100,7 @@ class GradientSurgery(MultiTaskOptimizer):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         name = type(self).__name__
         if isinstance(optimizer, MultiTaskOptimizer):
@@ -107,7 +108,7 @@ class GradientSurgery(MultiTaskOptimizer):
                 f"{name}: wrap a torch optimizer; to combine with Sequential Reptile or GradNorm, "
                 f"wrap the {name} in them instead"
             )
-        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused)
+        super().__init__(optimizer, tasks=tasks, seed=seed, allow_unused=allow_unused, nonfinite=nonfinite)
         params = self._param_list
         if shared is None:
             self._shared: list[Tensor] | None = None
@@ -131,6 +132,7 @@ class GradientSurgery(MultiTaskOptimizer):
         self._reached: Tensor | None = None
         self._proposal: Proposal | None = None  # the pending backward's, for step() to commit
         self._refusal: str | None = None
+        self._backward_ok: Tensor | None = None  # the backward's flags, decided on the device
         self.weighting_state: Tensor | None = None  # the weighting's record (GradVac's targets)
         self._lay_out_columns()
         self.retain_graph = retain_graph
@@ -338,9 +340,18 @@ class GradientSurgery(MultiTaskOptimizer):
         # the one host sync of the backward pass: losses, each task's gradient, the update's
         # range, split
         flags_t = torch.cat([ok, loss_ok, torch.stack([fits & (heads <= update_limit(J.dtype)), split])])
-        flags = (flags_t if sharding is None else sharding.agree(flags_t)).tolist()
+        if sharding is not None:
+            flags_t = sharding.agree(flags_t)
         T = len(names)
         grad = self._grad_buffer(params[0])
+        if self._defers():  # no host read: the flags join the step's, which skips on the device
+            self._refusal = None
+            self._backward_ok = flags_t[:-1].all()
+            self._write_update(groups, weights, J, head_runs, grad)
+            self._place_grads(params, by_any, grad, weights, G, groups, generator, next_state)
+            return
+        self._backward_ok = None
+        flags = flags_t.tolist()
         bad = [t for t, good in zip(names, flags[:T]) if not good]
         bad_loss = bad_losses(dict(zip(names, values)), flags[T : 2 * T])
         flags = flags[:T] + flags[2 * T :]
@@ -364,12 +375,34 @@ class GradientSurgery(MultiTaskOptimizer):
         else:
             self._refusal = None
             # weights outside J's dtype's range are applied split (exactly), the others cast
-            applied = weights if flags[-1] else weights.to(J.dtype)
-            for g, w in zip(groups, applied):
-                for sl in g:
-                    aggregate(J[:, sl], w, out=grad[sl])
-            for sl in head_runs:
-                torch.sum(J[:, sl], dim=0, out=grad[sl])
+            self._write_update(groups, weights if flags[-1] else weights.to(J.dtype), J, head_runs, grad)
+        self._place_grads(params, by_any, grad, weights, G, groups, generator, next_state)
+
+    @staticmethod
+    def _write_update(
+        groups: list[list[slice]], weights: Tensor, J: Tensor, head_runs: list[slice], grad: Tensor
+    ) -> None:
+        """``grad`` ← each group's ``wᵀJ`` over its columns, and each head's row sum. Weights
+        wider than ``J``'s dtype are applied split, exactly (:func:`~metaopt.aggregation.aggregate`)."""
+        for g, w in zip(groups, weights):
+            for sl in g:
+                aggregate(J[:, sl], w, out=grad[sl])
+        for sl in head_runs:
+            torch.sum(J[:, sl], dim=0, out=grad[sl])
+
+    def _place_grads(
+        self,
+        params: list[Tensor],
+        by_any: list[bool],
+        grad: Tensor,
+        weights: Tensor,
+        G: Tensor,
+        groups: list[list[slice]],
+        generator: torch.Generator,
+        next_state: Tensor | None,
+    ) -> None:
+        """``.grad`` of each parameter some loss reaches ← its view of ``grad``; the others
+        ``None``; the proposal (draws, weighting state, report) for :meth:`step` to commit."""
         for p, sl, used in zip(params, self._slices, by_any):
             if not used:
                 p.grad = None
@@ -388,7 +421,7 @@ class GradientSurgery(MultiTaskOptimizer):
         }
         self._proposal = Proposal(generator.get_state(), next_state, report)
 
-    def _check_step(self) -> None:
+    def _check_step(self) -> Tensor | None:
         name = type(self).__name__
         if self._proposal is None and self._rows is not None:
             # rows were accumulated, then the backward raised before it proposed its update
@@ -406,14 +439,30 @@ class GradientSurgery(MultiTaskOptimizer):
             raise ValueError(f"{name}.step: {self._refusal}")
         # .grad as it is now (clipped, unscaled, or written to since the backward): present
         # where the backward put it and finite, as for a step after loss.backward()
-        self._check_grads()
+        ok = self._check_grads()
+        backward_ok = self._backward_ok  # the backward's flags, where it decided on the device
+        if backward_ok is None:
+            return ok
+        if ok is not None:
+            return ok & backward_ok.to(ok.device)
+        if not bool(backward_ok):  # the option changed since the backward: read it now
+            raise ValueError(
+                f"{name}.step: non-finite gradient or loss, or an update outside the gradients' "
+                "dtype, in the backward pass; nothing was updated"
+            )
+        return None
 
     def _after_step(self) -> dict[str, Any]:
-        # the commit point of the backward's proposal: the draws and the weighting's state
+        # the commit point of the backward's proposal: the draws and the weighting's state (on
+        # a step skipped on the device, the state stays as it was)
         proposal = self._proposal
         assert proposal is not None
         self.generator.set_state(proposal.generator)
-        self.weighting_state = proposal.state
+        new, ok = proposal.state, self._step_ok
+        if ok is not None and new is not None and self.weighting_state is not None:
+            old = self.weighting_state.to(new.device)
+            new = torch.where(ok.to(new.device), new, old)
+        self.weighting_state = new
         return dict(proposal.report)
 
     def _clear_backward(self) -> None:
@@ -421,4 +470,5 @@ class GradientSurgery(MultiTaskOptimizer):
         self._rows = None
         self._reached = None
         self._proposal = None
+        self._backward_ok = None
         self._refusal = None

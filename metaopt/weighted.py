@@ -58,7 +58,7 @@ class Weighted(GradientSurgery):
     Args:
         optimizer: the torch optimizer that applies the combined gradient.
         weighting: ``G (T, T) -> w (T,)``.
-        tasks, shared, retain_graph, batched, process_group, seed, allow_unused: see
+        tasks, shared, retain_graph, batched, process_group, seed, allow_unused, nonfinite: see
             :class:`~metaopt.surgery.GradientSurgery`.
 
     Example:
@@ -86,6 +86,7 @@ class Weighted(GradientSurgery):
         process_group: Any = None,
         seed: int = 0,
         allow_unused: bool = False,
+        nonfinite: str = "auto",
     ) -> None:
         name = type(self).__name__
         if not callable(weighting):
@@ -112,6 +113,7 @@ class Weighted(GradientSurgery):
             process_group=process_group,
             seed=seed,
             allow_unused=allow_unused,
+            nonfinite=nonfinite,
         )
         self.weighting = weighting
 

@@ -93,7 +93,9 @@ def random_order(
     keys = torch.rand((T, T), generator=generator, device=generator.device, dtype=torch.float64)
     keys.fill_diagonal_(2.0)  # uniform keys are < 1: each task's own index sorts last
     order = keys.argsort(dim=1)[:, : T - 1]
-    return order.to(device) if device is not None else order
+    # drawn on the host, where the generator is; copied without waiting for the device (an
+    # asynchronous copy from pageable memory returns once the few bytes are staged)
+    return order.to(device, non_blocking=True) if device is not None else order
 
 
 def _fresh_generator(generator: torch.Generator | None) -> torch.Generator:

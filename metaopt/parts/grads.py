@@ -185,18 +185,23 @@ def check_grads(
     param_name: Callable[[Tensor], str],
     name: str,
     group: Any = None,
-) -> None:
+    defer: bool = False,
+) -> Tensor | None:
     """Before a step moves anything: some parameter of ``params`` (the trainable ones) has a
     gradient; after a ``backward(losses)`` (``losses``: the step's, detached), every one has,
-    unless ``allow_unused``; every gradient and loss is finite. One host sync. A sharded
-    model's ranks decide together (:func:`~metaopt.parts.placement.agree`; FSDP1's over
-    ``group``, the optimizer's, where a rank whose shard holds no trainable element has no
-    gradient of its own).
+    unless ``allow_unused``; every gradient and loss is finite. One host sync; with ``defer``,
+    none: the finiteness is returned as a 0-dim bool on the device, for a step skipped there
+    (:mod:`metaopt.parts.guard`), and only the structure raises. A sharded model's ranks decide
+    together (:func:`~metaopt.parts.placement.agree`; FSDP1's over ``group``, the optimizer's,
+    where a rank whose shard holds no trainable element has no gradient of its own, which
+    costs a host read even with ``defer``).
 
     >>> w = torch.nn.Parameter(torch.ones(2)); w.grad = torch.tensor([1.0, float("inf")])
     >>> check_grads([w], None, False, str, "X")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ValueError: X.step: non-finite gradient (NaN or inf) from the backward pass; nothing was updated...
+    >>> check_grads([w], None, False, str, "X", defer=True)
+    tensor(False)
     """
     grads = [p.grad for p in params if p.grad is not None]
     no_grad = ValueError(
@@ -215,8 +220,11 @@ def check_grads(
                 "or pass allow_unused=True if they are legitimately unused by some steps "
                 "(task-specific heads)"
             )
+    device = local_tensor(grads[0]).device if grads else None
     flags = (
-        all_finite([local_tensor(g) for g in grads]).reshape(1) if grads else torch.ones(1, dtype=torch.bool)
+        all_finite([local_tensor(g) for g in grads]).reshape(1)
+        if grads
+        else torch.ones(1, dtype=torch.bool, device=device)
     )
     if fsdp1:  # last: whether this rank has no gradient, and-reduced to "no rank has one"
         flags = torch.cat([flags, torch.tensor([not grads], device=flags.device)])
@@ -225,16 +233,18 @@ def check_grads(
         if len({(v.dtype, v.device) for v in values}) == 1:  # one op, not one per task
             loss_ok = torch.stack(values).isfinite()
         else:
-            loss_ok = torch.stack([v.isfinite() for v in values])
-        flags = torch.cat([flags.to(loss_ok.device), loss_ok])
+            loss_ok = torch.stack([v.isfinite().to(flags.device) for v in values])
+        flags = torch.cat([flags, loss_ok.to(flags.device)])
     # a sharded model's ranks decide together: every shard's gradient and every rank's losses
     flags = agree(flags, params, group)
     if fsdp1:
         if bool(flags[1]):
             raise no_grad
         flags = torch.cat([flags[:1], flags[2:]])
+    if defer:
+        return flags.all()
     if bool(flags.all()):
-        return
+        return None
     if losses and not bool(flags[1:].all()):
         bad = bad_losses(losses, flags[1:].tolist())
         raise ValueError(f"{name}.step: non-finite loss for task(s) {bad}; nothing was updated")

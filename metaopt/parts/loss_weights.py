@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .guard import guarded_step
 from .state_dict import load_optimizer_state, probe_optimizer_state
 
 __all__ = ["LossWeights"]
@@ -80,12 +81,18 @@ class LossWeights:
         # L_i(0): the first *positive* loss of each task; 0 until that task has had one
         self.initial_losses = torch.zeros(T, device=device)
 
-    def update(self, norms: Tensor, current: Tensor, alpha: float, min_weight: float) -> Tensor:
+    def update(
+        self, norms: Tensor, current: Tensor, alpha: float, min_weight: float, ok: Tensor | None = None
+    ) -> Tensor:
         """One update of w from this step's layer-gradient norms ‖∇_W L_i‖ (checked to fit w's
         dtype) and (unscaled) losses, each weight then floored at ``min_weight`` and the weights
         renormalised to sum T; records L(0) for tasks with their first positive loss. Returns
-        ``L_grad``. Nothing here can fail."""
+        ``L_grad``. Nothing here can fail. ``ok``: the step's flag where it was decided on the
+        device (:mod:`metaopt.parts.guard`): where false, nothing here moves."""
         initial = torch.where((self.initial_losses > 0) | (current <= 0), self.initial_losses, current)
+        if ok is not None:
+            initial = torch.where(ok.to(initial.device), initial, self.initial_losses)
+            kept = self.weights.detach().clone()
         self.initial_losses = initial
         r = inverse_training_rates(current, initial)
         # in float64: w_i ‖∇_W L_i‖, their mean and the target cannot overflow there, and the
@@ -96,11 +103,16 @@ class LossWeights:
         grad_loss = (weighted_norms - target).abs().sum()
         (g,) = torch.autograd.grad(grad_loss, [self.weights])
         self.weights.grad = g
-        self.optimizer.step()
+        if ok is None:
+            self.optimizer.step()
+        else:
+            guarded_step(self.optimizer, [self.weights], ok)
         self.weights.grad = None
         with torch.no_grad():
             self.weights.clamp_(min=min_weight)
             self.weights.mul_(len(self.weights) / self.weights.sum())
+            if ok is not None:
+                self.weights.copy_(torch.where(ok.to(kept.device), self.weights, kept))
         return grad_loss.detach()
 
     # ------------------------------------------------------------------ saved form
