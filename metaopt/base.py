@@ -600,25 +600,7 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         else:
             if checked is not None:
                 checked()
-            if grad_scale is not None:
-                unscale(self._param_list, grad_scale)
-            # a parameter frozen since its backward pass is skipped, as at every other step
-            hidden = [(p, p.grad) for p in self._param_list if not p.requires_grad and p.grad is not None]
-            for p, _ in hidden:
-                p.grad = None
-            try:
-                if ok is None:
-                    self.base_optimizer.step()
-                else:
-                    guarded_step(self.base_optimizer, self._param_list, ok)
-                    self._skips.add(ok)
-            except BaseException:
-                if grad_scale is not None:  # refused by the torch optimizer (a hook): scale back
-                    unscale(self._param_list, grad_scale.double().reciprocal())
-                raise
-            finally:
-                for p, g in hidden:
-                    p.grad = g
+            self._torch_step(ok, grad_scale)
             inner_report = None
         self._step_ok = ok
         self.stream.served(taken=True)
@@ -630,6 +612,31 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         )
         self.last_report = report
         return report
+
+    def _torch_step(self, ok: Tensor | None, grad_scale: Tensor | None) -> None:
+        """The wrapped torch optimizer's step, once every check has passed: ``grad_scale``
+        divided out first, and the step conditional on ``ok`` where it was decided on the
+        device. Its own frame, so that under ``torch.compile`` the graph breaks torch.optim
+        makes around every step do not fall inside the step template's."""
+        if grad_scale is not None:
+            unscale(self._param_list, grad_scale)
+        # a parameter frozen since its backward pass is skipped, as at every other step
+        hidden = [(p, p.grad) for p in self._param_list if not p.requires_grad and p.grad is not None]
+        for p, _ in hidden:
+            p.grad = None
+        try:
+            if ok is None:
+                self.base_optimizer.step()
+            else:
+                guarded_step(self.base_optimizer, self._param_list, ok)
+                self._skips.add(ok)
+        except BaseException:
+            if grad_scale is not None:  # refused by the torch optimizer (a hook): scale back
+                unscale(self._param_list, grad_scale.double().reciprocal())
+            raise
+        finally:
+            for p, g in hidden:
+                p.grad = g
 
     def _skip(self) -> StepReport:
         """A step ``GradScaler`` skipped (non-finite scaled gradients): a step with no update.

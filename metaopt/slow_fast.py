@@ -508,12 +508,18 @@ class SlowFastOptimizer(MultiTaskOptimizer):
         )
 
     def _record_versions(self) -> None:
+        if torch.compiler.is_compiling():
+            # version counters are not traced: under torch.compile the check of writes behind
+            # the optimizer's back pauses, and the next eager step takes the parameters as
+            # they are (as after a load)
+            self._versions = None
+            return
         self._versions = [p._version for p in self._param_list]
 
     def _changed_params(self) -> list[Tensor]:
         """Parameters written in place since the optimizer last synced with them (none since a
-        load: see :meth:`_after_load`)."""
-        if self._versions is None:
+        load, see :meth:`_after_load`, or a step compiled by ``torch.compile``)."""
+        if self._versions is None or torch.compiler.is_compiling():
             return []
         return [p for p, v in zip(self._param_list, self._versions) if p._version != v]
 
