@@ -16,6 +16,12 @@ Sections (each prints one markdown table):
 * **host**: Sequential Reptile with ``state_device="cpu"`` against its state beside the
   parameters: equal bit for bit, the device bytes metaopt holds between outer steps (the
   allocator's), pinned buffers, the outer step's time.
+* **gramian**: the float64 Gramian of T = 8 float32 gradient rows (BERT-base length) by the
+  Triton kernel and by the chunked float64 path, against ``J @ J.T`` in float32 (TF32 off, the
+  target's unit of cost): the largest error relative to the two rows' norms (against float64)
+  and the median time.
+* **capture**: Sequential Reptile's inner step over a capturable AdamW, compiled with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), against the eager steps.
 
 Run::
 
@@ -327,6 +333,87 @@ def host(device: torch.device, width: int, layers: int, steps_: int) -> None:
     )
 
 
+# ---------------------------------------------------------------------- gramian
+def gramian_paths(device: torch.device, T: int, P: int, repeat: int) -> None:
+    import importlib
+
+    from metaopt.aggregation import gramian
+
+    module = importlib.import_module("metaopt.aggregation.gramian")
+    g = torch.Generator(device=device).manual_seed(0)
+    J = torch.randn(T, P, generator=g, device=device) * torch.logspace(-3, 3, T, device=device)[:, None]
+    J[1] = -J[0] + 1e-3 * J[2]  # a nearly antiparallel pair
+    exact = torch.zeros(T, T, dtype=torch.float64, device=device)
+    for s in range(0, P, 1 << 22):  # float64 reference, chunk by chunk
+        c = J[:, s : s + (1 << 22)].double()
+        exact += c @ c.T
+    norms = exact.diagonal().sqrt()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    floor = _median_ms(lambda: J @ J.T, device, repeat)
+    rows: list[list[Any]] = [["J @ J.T float32 (TF32 off)", "n/a", floor, 1.0]]
+    if device.type != "cuda":  # the kernel through Triton's interpreter, for the dry run
+        from metaopt.triton_gramian import gramian_float64, supports
+
+        module._FLOAT64_KERNELS[device.type] = (gramian_float64, supports)
+    saved = dict(module._FLOAT64_KERNELS)
+    for label, use_kernel in (("Triton kernel (float64 sums)", True), ("float64 chunks", False)):
+        if not use_kernel:
+            module._FLOAT64_KERNELS[device.type] = None
+        elif module._float64_kernel(J) is None:
+            rows.append([label, "not available", float("nan"), float("nan")])
+            continue
+        G = gramian(J, dtype=torch.float64)
+        err = float(((G - exact).abs() / (norms[:, None] * norms[None, :])).max())
+        ms = _median_ms(lambda: gramian(J, dtype=torch.float64), device, repeat)
+        rows.append([label, err, ms, ms / floor])
+    module._FLOAT64_KERNELS.clear()
+    module._FLOAT64_KERNELS.update(saved)
+    _table(
+        f"float64 Gramian, T = {T}, P = {P} ({device})",
+        ["path", "max error / (norm_i norm_j)", "ms", "x J@J.T"],
+        rows,
+    )
+
+
+# ---------------------------------------------------------------------- capture
+def capture(device: torch.device, width: int, steps_: int) -> None:
+    import metaopt
+
+    if device.type != "cuda":
+        _table("CUDA-graph capture of the inner step", ["case", "result"], [["capture", "n/a (needs CUDA)"]])
+        return
+    ends: dict[str, Any] = {}
+    for mode in ("eager", "reduce-overhead"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
+        ).to(device)
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+        opt = metaopt.SequentialReptile(adamw, tasks=TASKS8[:3], inner_steps=4, outer_lr=0.5)
+        step = opt.step if mode == "eager" else torch.compile(opt.step, mode="reduce-overhead")
+        g = torch.Generator(device=device).manual_seed(1)
+        try:
+            for _ in range(steps_):
+                opt.next_tasks()
+                x = torch.randn(16, width, generator=g, device=device)
+                model(x).pow(2).mean().backward()
+                step()
+                opt.zero_grad()
+            ends[mode] = [p.detach().clone() for p in model.parameters()]
+        except Exception as err:  # reported, not raised: the table says what failed
+            ends[mode] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    compiled, eager = ends["reduce-overhead"], ends["eager"]
+    if isinstance(compiled, str) or isinstance(eager, str):
+        result = compiled if isinstance(compiled, str) else f"eager failed: {eager}"
+    else:
+        gap = max(float((a - b).abs().max()) for a, b in zip(compiled, eager))
+        result = f"ran; max |compiled - eager| = {gap:.3g}"
+    title = "CUDA-graph capture of the inner step (capturable AdamW)"
+    _table(title, ["case", "result"], [["reduce-overhead", result]])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -348,11 +435,15 @@ def main(argv: list[str] | None = None) -> None:
         syncs(device, width=32, layers=1, batch=2, seq=4)
         steps(device, width=32, layers=1, batch=2, seq=4, tasks=3, repeat=2)
         host(device, width=16, layers=2, steps_=8)
+        gramian_paths(device, T=8, P=3000, repeat=2)
+        capture(device, width=16, steps_=4)
     else:
         paths(device, scale=1, repeat=20)
         syncs(device, width=768, layers=2, batch=8, seq=64)
         steps(device, width=768, layers=12, batch=8, seq=128, tasks=8, repeat=10)
         host(device, width=4096, layers=8, steps_=40)
+        gramian_paths(device, T=8, P=110_000_000, repeat=10)
+        capture(device, width=1024, steps_=12)
 
 
 if __name__ == "__main__":

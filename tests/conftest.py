@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Triton's kernels run on CPU tensors through its interpreter (tests/test_triton_*.py). Read
+# when triton is first imported, which defines its own library functions (tl.sum, tl.zeros)
+# for the interpreter or not: so before any test module imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 import torch
 from hypothesis import settings
 

@@ -173,7 +173,9 @@ def _surgery_breaks(cls: type, T: int) -> tuple[int, int]:
     tasks = [f"t{i}" for i in range(T)]
     torch.manual_seed(0)
     enc, heads = nn.Linear(4, 6), nn.ModuleList(nn.Linear(6, 1) for _ in tasks)
-    opt = cls(torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1), tasks=tasks, nonfinite="skip")
+    opt = cls(
+        torch.optim.SGD([*enc.parameters(), *heads.parameters()], lr=0.1), tasks=tasks, nonfinite="skip"
+    )
 
     def losses(s: int) -> dict[str, torch.Tensor]:
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(s))

@@ -16,6 +16,7 @@ tensor(1.)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,6 +33,27 @@ __all__ = ["conflict_fraction", "cosine_from_gramian", "gramian"]
 # 2^20 elements in one piece was slower (T = 40, P = 2e4, one thread, 2026-12-07: 2.9 ms against
 # 2.6 ms): the copy then runs at memory bandwidth instead of in cache.
 _CHUNK_ELEMENTS = 1 << 18
+
+
+Float64Kernel = tuple[Callable[[Tensor], Tensor], Callable[[Tensor], bool]]
+_FLOAT64_KERNELS: dict[str, Float64Kernel | None] = {}
+"""By device type: a one-pass float64 Gramian and the test of which ``J`` it takes (Triton's,
+:mod:`metaopt.triton_gramian`, for CUDA, looked up at the first use), or ``None``."""
+
+
+def _float64_kernel(J: Tensor) -> Callable[[Tensor], Tensor] | None:
+    kind = J.device.type
+    if kind not in _FLOAT64_KERNELS:
+        _FLOAT64_KERNELS[kind] = None
+        if kind == "cuda":
+            try:
+                from ..triton_gramian import gramian_float64, supports
+            except ImportError:
+                pass
+            else:
+                _FLOAT64_KERNELS[kind] = (gramian_float64, supports)
+    found = _FLOAT64_KERNELS[kind]
+    return found[0] if found is not None and found[1](J) else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,6 +77,10 @@ def gramian(jacobian: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
     largest square, 1.2e77, and smallest, 2e-90, are normal float64 numbers), so the Gramian of
     *any* finite float32 gradients is finite, does not underflow, and is accurate to float64
     rounding: exactly antiparallel float32 rows cancel to about 1e-16 of their size, not 1e-7.
+    On CUDA with Triton installed, a 2-d float32 or half ``J`` of at most 32 rows takes a
+    one-pass kernel instead (:mod:`metaopt.triton_gramian`): the same range, each entry within
+    about 5e-7 of the product of the two rows' norms, and exactly antiparallel rows still
+    cancel exactly.
 
     Args:
         jacobian: (..., T, P) floating tensor, row ``t`` = flattened gradient of task ``t``.
@@ -81,7 +107,10 @@ def gramian(jacobian: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
         dtype = torch.float32 if J.dtype in (torch.float16, torch.bfloat16) else J.dtype
     elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"gramian: dtype must be a floating torch.dtype, got {dtype!r}")
-    if dtype == J.dtype:
+    kernel = _float64_kernel(J) if dtype == torch.float64 and J.dtype != dtype else None
+    if kernel is not None:
+        G = kernel(J)
+    elif dtype == J.dtype:
         G = J @ J.mT
     else:
         T, P = J.shape[-2], J.shape[-1]
