@@ -194,3 +194,27 @@ def test_surgery_breaks_the_graph_no_more_with_more_tasks(cls):
     """No graph break per task or per pair: the T - 1 rounds of the weight loop and the T rows
     trace into the same graphs at T = 2 and at T = 4."""
     assert _surgery_breaks(cls, 2) == _surgery_breaks(cls, 4)
+
+
+def test_steps_skipped_under_compilation_equal_the_eager_ones():
+    """``nonfinite="skip"`` under ``torch.compile(opt.step)``: non-finite steps after a head's
+    optimizer state appeared are skipped as eagerly, parameters and state bit for bit."""
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = AllHeads()
+        opt = _step_opt("sequential_reptile", model)
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        for s in range(9):
+            (task,) = opt.next_tasks()
+            x, y = batch(s, task, dtype=torch.float32)
+            loss = (model(x)[task] - y).pow(2).mean()
+            (loss * float("nan") if s in (3, 5, 7) else loss).backward()
+            step()
+            opt.zero_grad()
+        state = [v.clone() for p in model.parameters() for v in opt.state[p].values()]
+        runs.append(([p.detach().clone() for p in model.parameters()], state, opt.skipped_steps))
+    (params_a, state_a, skipped_a), (params_b, state_b, skipped_b) = runs
+    assert skipped_a == skipped_b == 3
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+    assert len(state_a) == len(state_b) and all(torch.equal(a, b) for a, b in zip(state_a, state_b))
