@@ -28,6 +28,7 @@ reference (``tests/test_triton_kernel.py``). Example (needs ``triton``; on a CPU
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -121,6 +122,38 @@ def _table(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64).to(device, non_blocking=True)
 
 
+_TABLES: OrderedDict[tuple[object, ...], tuple[Tensor, ...]] = OrderedDict()
+"""The launch tables of recent calls, by the tensors' addresses and sizes: an outer step over
+the same tensors reuses them instead of building and uploading one entry per block again
+(174k blocks for mBERT's 178M parameters). A table holds addresses only, so it stays right for
+any tensors at those addresses with those sizes."""
+
+_TABLES_KEPT = 8
+
+
+def _tables(lists: Sequence[Sequence[Tensor]], device: torch.device) -> tuple[Tensor, ...]:
+    """The address tables of ``lists`` (each a list of tensors), their sizes, and each block's
+    tensor and start, on ``device``."""
+    sizes = [t.numel() for t in lists[0]]
+    key = (device, tuple(sizes), *(tuple(t.data_ptr() for t in ts) for ts in lists))
+    found = _TABLES.get(key)
+    if found is not None:
+        _TABLES.move_to_end(key)
+        return found
+    chunk_tensor = [k for k, size in enumerate(sizes) for _ in range(0, size, BLOCK)]
+    chunk_start = [a for size in sizes for a in range(0, size, BLOCK)]
+    tables = (
+        *(_table(ts, device) for ts in lists),
+        torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True),
+        torch.tensor(chunk_tensor, dtype=torch.int64).to(device, non_blocking=True),
+        torch.tensor(chunk_start, dtype=torch.int64).to(device, non_blocking=True),
+    )
+    _TABLES[key] = tables
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return tables
+
+
 def outer_step(
     dst: list[Tensor], src: list[Tensor], w: float, fast: list[Tensor] | None, copy_from: list[Tensor]
 ) -> None:
@@ -179,18 +212,16 @@ def _launch(
     d, s = [dst[i] for i in rows], [src[i] for i in rows]
     c = [copy_from[i] for i in rows]
     f = [fast[i] for i in rows] if fast is not None else d
-    sizes = [t.numel() for t in d]
-    chunk_tensor = [k for k, size in enumerate(sizes) for _ in range(0, size, BLOCK)]
-    chunk_start = [a for size in sizes for a in range(0, size, BLOCK)]
     copy_is_dst = all(a.data_ptr() == b.data_ptr() for a, b in zip(c, d))
+    d_at, s_at, f_at, c_at, sizes, chunk_tensor, chunk_start = _tables([d, s, f, c], device)
     _outer_kernel[(len(chunk_tensor),)](
-        _table(d, device),
-        _table(s, device),
-        _table(f, device),
-        _table(c, device),
-        torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True),
-        torch.tensor(chunk_tensor, dtype=torch.int64).to(device, non_blocking=True),
-        torch.tensor(chunk_start, dtype=torch.int64).to(device, non_blocking=True),
+        d_at,
+        s_at,
+        f_at,
+        c_at,
+        sizes,
+        chunk_tensor,
+        chunk_start,
         float(w),
         DST=_TL[d[0].dtype],
         SRC=_TL[s[0].dtype],

@@ -178,3 +178,23 @@ def test_the_master_form_is_what_torch_forms_first(dtype):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-6)
         assert not torch.equal(p.to(dtype).float(), p)  # the rounding error was there to keep
         assert torch.equal(t, p.to(dtype))
+
+
+def test_the_launch_tables_are_reused_for_the_same_tensors():
+    """A second outer step over the same tensors launches from the tables of the first (no
+    rebuilding or uploading of one entry per block), and its result is still exact; other
+    tensors get their own."""
+    from metaopt import triton_kernel
+
+    phi, theta, other = _random([(3 * BLOCK + 5,)] * 3, torch.float32, seed=11)
+    triton_kernel._TABLES.clear()
+    outer_step([phi], [theta], 0.5, [theta], [phi])  # φ ← (φ + θ)/2; θ ← φ
+    (first,) = triton_kernel._TABLES.values()
+    theta.add_(1.0)
+    expected = phi.double() + 0.5 * (theta.double() - phi.double())
+    outer_step([phi], [theta], 0.5, [theta], [phi])
+    assert list(triton_kernel._TABLES.values()) == [first]
+    torch.testing.assert_close(phi.double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(theta, phi)
+    outer_step([other], [theta], 0.5, None, [other])
+    assert len(triton_kernel._TABLES) == 2
