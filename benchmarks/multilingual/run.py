@@ -37,7 +37,7 @@ from .methods import METHODS
 from .plots import all_figures
 from .prepare import Bench, build_suites
 from .report import markdown, reference_numbers, write_json
-from .system import load_average, machine, versions
+from .system import default_threads, load_average, machine, versions
 from .train import Trainer, warm_up
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -115,7 +115,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--outer-lr", type=_positive(float), metavar="ETA", help="η of the Reptile family")
     p.add_argument("--frozen-layers", type=int, metavar="k", help="frozen bottom layers (0-5)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
-    p.add_argument("--threads", type=_positive(int), help="torch CPU threads")
+    p.add_argument(
+        "--threads", type=_positive(int), help="torch CPU threads (default: 1 on a CPU, torch's own on a GPU)"
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -267,8 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         suites = build_suites(cfg)
     except ValueError as exc:
         p.error(str(exc))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or default_threads(cfg.device)
+    torch.set_num_threads(threads)
+    why = "" if cfg.threads else " (the default on a CPU: threads on busy cores wait for each other)"
+    _log(f"torch threads: {threads}{why}")
     for note in cfg.budget_notes():
         _log(f"note: {note}")
     if cfg.mode == "full" and cfg.device == "cpu":
