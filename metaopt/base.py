@@ -271,11 +271,14 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         return self._skips.total + (self.inner.skipped_steps if self.inner is not None else 0)
 
     def _report_skips(self) -> None:
-        """Warn of the steps skipped on the device since the last report (one host read)."""
+        """Warn of the steps skipped on the device since the last warning (one host read;
+        reading :attr:`skipped_steps` in between does not use them up)."""
         new = 0
         opt: MultiTaskOptimizer | None = self
         while opt is not None:
-            new += opt._skips.take()
+            opt._skips.take()
+            new += opt._skips.total - opt._skips.reported
+            opt._skips.reported = opt._skips.total
             opt = opt.inner
         if new:
             warnings.warn(

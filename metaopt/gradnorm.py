@@ -114,7 +114,8 @@ class GradNorm(MultiTaskOptimizer):
         self._layer_sharding: Sharding | None = None  # how W's rows are spread (FSDP2)
         self._step_norms: Tensor | None = None  # the norms the step's checks computed
         self._layer_count = 0
-        self._scale = 1.0
+        self._scale: float | Tensor = 1.0  # the loss scale (a device tensor where steps defer)
+        self._scale_same: Tensor | None = None  # on the device: the scale stayed within the step
         name = "GradNorm"
         self.layer = unique_tensors(layer)
         if not self.layer:
@@ -183,7 +184,10 @@ class GradNorm(MultiTaskOptimizer):
         layer_rows = torch.cat([rows, losses_col], dim=1)
         if group is not None and sharding is None:
             average_(layer_rows, group)
-        scale = 1.0 if grad_scaler is None else float(grad_scaler.get_scale())
+        scale: float | Tensor = 1.0
+        if grad_scaler is not None:  # on the device, read as a tensor there: no host read
+            one = torch.ones((), dtype=torch.float32, device=rows.device)
+            scale = grad_scaler.scale(one) if self._defers() else float(grad_scaler.get_scale())
         used = self.weights.detach()
         weighted = {t: used[i].to(v) * v for i, (t, v) in enumerate(losses.items())}
         super()._backward(weighted, grad_scaler)
@@ -191,7 +195,10 @@ class GradNorm(MultiTaskOptimizer):
         if self._layer_rows is None:
             self._layer_rows, self._scale, self._layer_sharding = layer_rows, scale, sharding
         else:
-            if scale != self._scale:
+            if isinstance(scale, Tensor) or isinstance(self._scale, Tensor):
+                same = torch.as_tensor(scale == self._scale)
+                self._scale_same = same if self._scale_same is None else self._scale_same & same
+            elif scale != self._scale:
                 raise ValueError(
                     "GradNorm.backward: the loss scale changed between backward passes of one step"
                 )
@@ -252,15 +259,22 @@ class GradNorm(MultiTaskOptimizer):
         current = self._current_losses()
         norms = self._norms()
         # the weights' gradient is ±‖∇_W L_i‖ in the weights' dtype: every norm must fit it
-        fits = norms.isfinite() & (norms <= torch.finfo(self.weights.dtype).max)
+        largest = torch.finfo(self.weights.dtype).max
+        fits = norms.isfinite() & (norms <= largest)
         flags_t = torch.stack([current.isfinite().all().to(norms.device), fits.all()])
         if self._defers():
-            # on the device: a norm that overflows the gradients' dtype skips the step (the
-            # host path recomputes it in float64 first)
-            self._step_norms = norms
-            ok = flags_t.all()
+            # on the device, both forms at once: the norm in the gradients' dtype where it fits
+            # (the host path's), else in float64, where finite entries give a finite norm (the
+            # host path's second look); refused where even that does not fit the weights
+            wide = self._norms(torch.float64)
+            self._step_norms = torch.where(fits, norms.to(torch.float64), wide)
+            ok = current.isfinite().all().to(wide.device) & (wide <= largest).all()
+            if self._scale_same is not None:
+                ok = ok & self._scale_same.to(ok.device)
             inner_ok = super()._check_step()
             return ok if inner_ok is None else ok & inner_ok.to(ok.device)
+        if self._scale_same is not None and not bool(self._scale_same):  # the option changed
+            raise ValueError("GradNorm.backward: the loss scale changed between backward passes of one step")
         flags = flags_t.tolist()
         if not flags[0]:
             bad = {t: v for t, v in zip(losses, current.tolist()) if not math.isfinite(v)}
@@ -321,6 +335,7 @@ class GradNorm(MultiTaskOptimizer):
         self._layer_rows = None
         self._layer_sharding = None
         self._scale = 1.0
+        self._scale_same = None
 
     def _owned_optimizers(self) -> dict[str, Optimizer]:
         return {"weights": self.loss_weights.optimizer}

@@ -435,11 +435,13 @@ class GradientSurgery(MultiTaskOptimizer):
                 f"{name}.step: no per-task gradients; call opt.backward(losses) (instead of "
                 "loss.backward()) before opt.step(), or pass the losses: opt.step(losses)"
             )
-        if self._refusal is not None:
+        if self._refusal is not None and not self._defers():
             raise ValueError(f"{name}.step: {self._refusal}")
         # .grad as it is now (clipped, unscaled, or written to since the backward): present
         # where the backward put it and finite, as for a step after loss.backward()
         ok = self._check_grads()
+        if self._refusal is not None and ok is not None:  # refused at the backward, read on the
+            return torch.zeros_like(ok)  # host there; the option now skips it on the device
         backward_ok = self._backward_ok  # the backward's flags, where it decided on the device
         if backward_ok is None:
             return ok

@@ -14,8 +14,11 @@ whose ``found_inf`` a ``GradScaler`` set:
   State kept on the host (the step count of a non-fused, non-capturable torch Adam) cannot be
   put back without a host read, and advances on a skipped step.
 
-Either way, state the step creates (a parameter's first step) is put back to zeros, as a fresh
-state starts: a fused SGD fills a new momentum buffer from the gradient even when skipped.
+A step that creates some parameter's optimizer state (its first step, or the first after the
+state was cleared) puts it back to zeros where the flag is false, for the torch optimizers
+whose fresh state is zeros (Adam, AdamW, SGD without dampening, ...:
+:func:`fresh_state_is_zeros`). For any other optimizer it reads the flag once instead, and
+steps or not: its fresh state is its own (NAdam's ``mu_product`` starts at 1).
 
 The skips are counted on the device (:class:`SkipCounter`) and read at a point that already
 synchronises, or on request.
@@ -40,7 +43,15 @@ from torch.optim import Optimizer
 
 from .placement import local_tensor
 
-__all__ = ["MODES", "SkipCounter", "defers", "guarded_step", "nonfinite_mode", "takes_found_inf"]
+__all__ = [
+    "MODES",
+    "SkipCounter",
+    "defers",
+    "fresh_state_is_zeros",
+    "guarded_step",
+    "nonfinite_mode",
+    "takes_found_inf",
+]
 
 MODES = ("auto", "raise", "skip")
 """``nonfinite``: ``"raise"`` refuses a non-finite step at once (one host read per step);
@@ -70,48 +81,75 @@ def takes_found_inf(optimizer: Optimizer) -> bool:
 
 def guarded_step(optimizer: Optimizer, params: Sequence[Tensor], ok: Tensor) -> None:
     """``optimizer.step()``, which moves nothing on the device where ``ok`` (0-dim bool) is
-    false; no host read. ``params``: the parameters the step may move (those with a
-    gradient are; the others are not looked at)."""
+    false; no host read in steady state. ``params``: the parameters the step may move (those
+    with a gradient are; the others are not looked at).
+
+    A step that creates some parameter's optimizer state (its first step) puts that state
+    back to zeros where ``ok`` is false, for the torch optimizers whose fresh state is zeros
+    (:func:`fresh_state_is_zeros`). For any other optimizer it reads ``ok`` once instead and
+    steps or not: its fresh state is its own (NAdam's ``mu_product`` starts at 1, Rprop's step
+    sizes at lr), and a skipped first step must leave none."""
     moving = [p for p in params if p.grad is not None]
-    fresh = [p for p in moving if not optimizer.state.get(p)]  # whose state the step creates
+    fresh = [p for p in moving if not optimizer.state.get(p)]
+    if fresh and not fresh_state_is_zeros(optimizer):
+        if bool(ok):
+            optimizer.step()
+        return
+    before: list[tuple[Tensor, Tensor]] = []  # (tensor the step may change, its value before)
     if takes_found_inf(optimizer):
         optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
-        # a fused SGD's first step fills its momentum from the gradient even when skipped
+    else:
         with torch.no_grad():
-            _put_back(optimizer, [], fresh, ok)
-        return
-    before: list[tuple[Tensor, Tensor]] = []  # (tensor the step may change, its value before)
+            for p in moving:
+                local = local_tensor(p)
+                before.append((local, local.clone()))
+                before.extend((t, t.clone()) for t in _device_state(optimizer.state[p], local.device))
+        optimizer.step()
     with torch.no_grad():
-        for p in moving:
-            local = local_tensor(p)
-            before.append((local, local.clone()))
-            state = optimizer.state.get(p)
-            if not state:
-                continue
-            before.extend((t, t.clone()) for t in _device_state(state, local.device))
-    optimizer.step()
-    with torch.no_grad():
-        _put_back(optimizer, before, fresh, ok)
+        flags: dict[torch.device, Tensor] = {}
+
+        def flag(device: torch.device) -> Tensor:
+            # onto another accelerator without waiting; onto the host (a model with parameters
+            # there) the copy must finish before the host reads it
+            return flags.setdefault(device, ok.to(device, non_blocking=device.type != "cpu"))
+
+        for t, old in before:
+            t.copy_(torch.where(flag(t.device), t, old))
+        for p in fresh:  # a fused SGD fills a new momentum buffer even when told to skip
+            device = local_tensor(p).device
+            for t in _device_state(optimizer.state.get(p, {}), device):
+                t.copy_(torch.where(flag(device), t, torch.zeros_like(t)))
 
 
-def _put_back(
-    optimizer: Optimizer, before: list[tuple[Tensor, Tensor]], fresh: list[Tensor], ok: Tensor
-) -> None:
-    """Where ``ok`` is false: each tensor of ``before`` back to its value, the state of each
-    ``fresh`` parameter to zeros."""
-    flags: dict[torch.device, Tensor] = {}
-    for t, old in before:
-        flag = flags.setdefault(t.device, ok.to(t.device, non_blocking=True))
-        t.copy_(torch.where(flag, t, old))
-    for p in fresh:
-        device = local_tensor(p).device
-        flag = flags.setdefault(device, ok.to(device, non_blocking=True))
-        for t in _device_state(optimizer.state.get(p, {}), device):
-            t.copy_(torch.where(flag, t, torch.zeros_like(t)))
+_ZEROS_WHEN_FRESH = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+)
+
+
+def fresh_state_is_zeros(optimizer: Optimizer) -> bool:
+    """Whether every tensor of a fresh per-parameter state of ``optimizer`` is zeros, so that
+    zeros stand for "no state yet": torch's Adam, AdamW, Adamax, RAdam, RMSprop and Adadelta
+    (their moments and step count start at 0), Adagrad with ``initial_accumulator_value=0``,
+    and SGD without dampening (its momentum buffer starts as the first gradient, and a zero
+    buffer gives that gradient at the next step). Exactly these classes, not subclasses."""
+    kind = type(optimizer)
+    groups = optimizer.param_groups
+    if kind in _ZEROS_WHEN_FRESH:
+        return True
+    if kind is torch.optim.SGD:
+        return all(g.get("dampening", 0) == 0 for g in groups)
+    if kind is torch.optim.Adagrad:
+        return all(g.get("initial_accumulator_value", 0) == 0 for g in groups)
+    return False
 
 
 def _device_state(state: dict[str, Any], device: torch.device) -> list[Tensor]:
@@ -123,11 +161,13 @@ def _device_state(state: dict[str, Any], device: torch.device) -> list[Tensor]:
 
 class SkipCounter:
     """Steps skipped on the device, counted there: :meth:`add` takes a step's flag with no
-    host read; :meth:`take` reads and resets the count (one host read)."""
+    host read; :meth:`take` reads the count into :attr:`total` (one host read), and
+    :attr:`reported` is the total at the last warning."""
 
     def __init__(self) -> None:
         self.count: Tensor | None = None
         self.total = 0  # read so far
+        self.reported = 0  # of which a warning told
 
     def add(self, ok: Tensor) -> None:
         skipped = (~ok).to(torch.int64)
