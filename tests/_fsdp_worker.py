@@ -127,12 +127,15 @@ def _gathered(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor() for p in model.parameters()]
 
 
-def nan_in_one_shard(rank: int, name: str, model=None, part=half) -> dict:
+def nan_in_one_shard(rank: int, name: str, model=None, part=half, skip: bool = False) -> dict:
     """A backward, then a NaN written into rank 1's shard of the encoder's gradient: every rank
-    must refuse the step, with nothing moved. FSDP2 (default), or ``model`` under another
-    engine (``part``: a rank's batch of a step and task)."""
+    must refuse the step (``skip``: skip it on the device, as on a GPU), with nothing moved.
+    FSDP2 (default), or ``model`` under another engine (``part``: a rank's batch of a step and
+    task)."""
     model = sharded_net() if model is None else model
     opt = build(name, model)
+    if skip:
+        opt.nonfinite = "skip"
     backward_the_torch_way(
         method(name),
         opt,
@@ -141,13 +144,21 @@ def nan_in_one_shard(rank: int, name: str, model=None, part=half) -> dict:
     before = _gathered(model)
     if rank == 1:
         local(model.enc.weight.grad).view(-1)[0] = float("nan")
+    finite = None
     try:
-        opt.step()
+        report = opt.step()
         refused = None
+        finite = None if report.finite is None else bool(report.finite)
     except ValueError as err:
         refused = str(err)
     unchanged = all(torch.equal(a, b) for a, b in zip(before, _gathered(model)))
-    return {"refused": refused, "unchanged": unchanged, "steps": opt.step_count}
+    return {
+        "refused": refused,
+        "unchanged": unchanged,
+        "steps": opt.step_count,
+        "finite": finite,
+        "skipped": opt.skipped_steps,
+    }
 
 
 def whole(step: int, task: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +305,7 @@ def run(rank: int, runs: list[tuple[str, str]], nan_runs: list[str], store: str,
     try:
         results: dict = {(name, recipe): train(rank, name, recipe) for name, recipe in runs}
         results.update({("nan", name): nan_in_one_shard(rank, name) for name in nan_runs})
+        results.update({("nan_skip", name): nan_in_one_shard(rank, name, skip=True) for name in nan_runs})
         results.update(review_cases(rank))
         results.update(tensor_parallel(rank, TP_SUPPORTED, TP_REFUSED))
         results.update(fsdp1_cases(rank, FSDP1_SUPPORTED, FSDP1_REFUSED))

@@ -71,6 +71,16 @@ def test_a_nan_in_one_ranks_shard_is_refused_on_every_rank(results, name):
         assert r["unchanged"] and r["steps"] == 0
 
 
+@pytest.mark.parametrize("name", NAN_RUNS)
+def test_a_nan_in_one_ranks_shard_is_skipped_on_every_rank_on_the_device_path(results, name):
+    """``nonfinite="skip"`` (a GPU's default): the ranks agree on the flag with no host read,
+    and every rank skips the step with nothing moved."""
+    for res in results:
+        r = res[("nan_skip", name)]
+        assert r["refused"] is None and r["finite"] is False and r["skipped"] == 1
+        assert r["unchanged"]
+
+
 PER_TASK = {
     "pcgrad",
     "gradvac",
