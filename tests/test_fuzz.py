@@ -74,7 +74,7 @@ if LONG:
     MIN_STEPS = 10_000
 else:
     SETTINGS = settings(
-        max_examples=10,
+        max_examples=12,
         stateful_step_count=12,
         deadline=None,
         derandomize=True,
@@ -622,6 +622,38 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
 STEPS = st.lists(st.integers(0, N_BATCHES - 1), min_size=1, max_size=3)
 
 
+# Fields of a state dict's records that a step skipped on the device moves: the task stream
+# and the trajectory (served as on any step), the options (the rule forces one)
+_SERVED = {
+    "step",
+    "clock",
+    "generator",
+    "pending",
+    "inner_count",
+    "trajectory",
+    "schedule",
+    "task",
+    "options",
+}
+
+
+def _held_state(state: dict[str, Any], fresh_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a step skipped on the device must hold still: per-parameter state (the wrapped
+    optimizer's, the slow weights) and every record's fields but :data:`_SERVED`. With
+    ``fresh_from`` (the state before), per-parameter fields that did not exist then are left
+    out once checked to be zeros: the fresh state a skipped first step leaves."""
+    per_param = {i: dict(fields) for i, fields in state["state"].items()}
+    if fresh_from is not None:
+        for i, fields in per_param.items():
+            for key in set(fields) - set(fresh_from["state"].get(i, {})):
+                assert not torch.as_tensor(fields.pop(key)).any(), (i, key)
+        per_param = {i: f for i, f in per_param.items() if f or i in fresh_from["state"]}
+    records = [
+        {k: v for k, v in level.items() if k not in _SERVED and k != "inner"} for level in _levels(state)
+    ]
+    return {"state": per_param, "records": records}
+
+
 # ---------------------------------------------------------------- the machine
 class OptimizerMachine(RuleBasedStateMachine):
     """Drives one (model, optimizer) pair built by ``spec``; subclassed per factory."""
@@ -761,6 +793,48 @@ class OptimizerMachine(RuleBasedStateMachine):
             assert_same(before["params"], after["params"])
         assert report.outer_update <= ends
         count(self.name, "skipped_steps")
+
+    @rule(
+        kind=st.sampled_from(["nan_gradient", "nan", "inf", "overflowing_gradient"]),
+        batch=st.integers(0, N_BATCHES - 1),
+        pick=st.integers(0, len(TASKS) - 1),
+        torch_way=st.booleans(),
+    )
+    def device_skipped_step(self, kind: str, batch: int, pick: int, torch_way: bool) -> None:
+        """``nonfinite="skip"`` (a GPU's default) forced here: a non-finite step does not raise
+        but is skipped on the device. No parameter (unless the step ends a trajectory), no
+        inner-optimizer or method state moves (a state the step created is a fresh one, zeros);
+        the step is served and counted, and reported once at the next state_dict."""
+        model, opt = self.model, self.opt
+        make_bad, _, _ = BAD_INPUTS[kind]
+        wanted = opt.next_tasks()
+        losses = self.losses(model, opt, batch)
+        losses[wanted[pick % len(wanted)]] = make_bad(
+            self.spec.model, model, wanted[pick % len(wanted)], batch
+        )
+        before = snapshot(model, opt)
+        clock, taken, skipped = opt.clock, opt.step_count, opt.skipped_steps
+        ends = self.spec.slow_fast and opt._inner_count + 1 >= opt.inner_steps
+        mode = opt.nonfinite
+        opt.nonfinite = "skip"
+        try:
+            if torch_way:
+                opt.backward(losses)
+                report = opt.step()
+            else:
+                report = opt.step(losses)
+        finally:
+            opt.nonfinite = mode
+        opt.zero_grad()
+        self.accepted += 1  # served and counted, as the host cannot know it was skipped
+        assert report.finite is not None and not bool(report.finite)
+        assert (opt.clock, opt.step_count, opt.skipped_steps) == (clock + 1, taken + 1, skipped + 1)
+        with pytest.warns(RuntimeWarning, match=r"1 step\(s\) were skipped on the device"):
+            after = snapshot(model, opt, draw=False)
+        if not ends:
+            assert_same(before["params"], after["params"])
+            assert_same(_held_state(before["state"]), _held_state(after["state"], fresh_from=before["state"]))
+        count(self.name, "device_skipped_steps")
 
     @rule(batch=st.integers(0, N_BATCHES - 1), steps=STEPS)
     def model_zero_grad_drops_backward(self, batch: int, steps: list[int]) -> None:
