@@ -466,3 +466,15 @@ def test_a_surgery_backward_refused_on_the_host_is_skipped_if_the_option_changes
     assert report.finite is not None and not bool(report.finite)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert opt.skipped_steps == 1
+
+
+def test_a_stateless_optimizer_gains_no_state_entries():
+    """torch.optim's state is a defaultdict: a guarded step over plain SGD must not leave empty
+    entries (they would change its state dict, and a reload would drop them)."""
+    w = torch.nn.Parameter(torch.ones(3))
+    sgd = torch.optim.SGD([w], lr=0.1)
+    for ok in (True, False):
+        w.grad = torch.full((3,), 2.0)
+        guarded_step(sgd, [w], torch.tensor(ok))
+    assert len(sgd.state) == 0 and sgd.state_dict()["state"] == {}
+    assert torch.equal(w.detach(), torch.full((3,), 0.8))

@@ -806,12 +806,15 @@ class OptimizerMachine(RuleBasedStateMachine):
         inner-optimizer or method state moves (a state the step created is a fresh one, zeros);
         the step is served and counted, and reported once at the next state_dict."""
         model, opt = self.model, self.opt
+        # a step first, so that every part's state is a stepped one: a state created only for
+        # a state dict (DCP's initialization) is dropped by the next step, skipped or taken
+        self.take_step(model, opt, batch)
+        self.accepted += 1
         make_bad, _, _ = BAD_INPUTS[kind]
         wanted = opt.next_tasks()
         losses = self.losses(model, opt, batch)
-        losses[wanted[pick % len(wanted)]] = make_bad(
-            self.spec.model, model, wanted[pick % len(wanted)], batch
-        )
+        task = wanted[pick % len(wanted)]
+        losses[task] = make_bad(self.spec.model, model, task, batch)
         before = snapshot(model, opt)
         clock, taken, skipped = opt.clock, opt.step_count, opt.skipped_steps
         ends = self.spec.slow_fast and opt._inner_count + 1 >= opt.inner_steps

@@ -107,7 +107,11 @@ def guarded_step(optimizer: Optimizer, params: Sequence[Tensor], ok: Tensor) -> 
             for p in moving:
                 local = local_tensor(p)
                 before.append((local, local.clone()))
-                before.extend((t, t.clone()) for t in _device_state(optimizer.state[p], local.device))
+                # .get: torch.optim's state is a defaultdict, and a stateless optimizer's must
+                # not gain empty entries (they would change its state dict)
+                state = optimizer.state.get(p)
+                if state:
+                    before.extend((t, t.clone()) for t in _device_state(state, local.device))
         optimizer.step()
     with torch.no_grad():
         flags: dict[torch.device, Tensor] = {}
@@ -140,13 +144,14 @@ def fresh_state_is_zeros(optimizer: Optimizer) -> bool:
     zeros stand for "no state yet": torch's Adam, AdamW, Adamax, RAdam, RMSprop and Adadelta
     (their moments and step count start at 0), Adagrad with ``initial_accumulator_value=0``,
     and SGD without dampening (its momentum buffer starts as the first gradient, and a zero
-    buffer gives that gradient at the next step). Exactly these classes, not subclasses."""
+    buffer gives that gradient at the next step) or without momentum (no state). Exactly these
+    classes, not subclasses."""
     kind = type(optimizer)
     groups = optimizer.param_groups
     if kind in _ZEROS_WHEN_FRESH:
         return True
-    if kind is torch.optim.SGD:
-        return all(g.get("dampening", 0) == 0 for g in groups)
+    if kind is torch.optim.SGD:  # without momentum it keeps no state at all
+        return all(g.get("dampening", 0) == 0 or g.get("momentum", 0) == 0 for g in groups)
     if kind is torch.optim.Adagrad:
         return all(g.get("initial_accumulator_value", 0) == 0 for g in groups)
     return False
