@@ -75,3 +75,29 @@ def assert_same(before: dict[str, Any], after: dict[str, Any]) -> None:
 
 def assert_unchanged(before: dict[str, Any], model: torch.nn.Module, opt: Any) -> None:
     assert_same(before, snapshot(model, opt))
+
+
+# Fields of a state dict's records that a step skipped on the device moves: the task stream
+# and the trajectory (served as on any step) and the options (tests force one)
+SERVED = {"step", "clock", "generator", "pending", "inner_count", "trajectory", "schedule", "task", "options"}
+
+
+def held_state(state: dict[str, Any], fresh_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a step skipped on the device must hold still, from a state dict: per-parameter
+    state (the wrapped optimizer's, the slow weights) and every metaopt record's fields but
+    :data:`SERVED`, outermost first. With ``fresh_from`` (the state dict before the step),
+    per-parameter fields that did not exist then are left out once checked to be zeros: the
+    fresh state a skipped first step leaves (metaopt.parts.guard)."""
+    from metaopt.parts.state_dict import record_of
+
+    per_param = {i: dict(fields) for i, fields in state["state"].items()}
+    if fresh_from is not None:
+        for i, fields in per_param.items():
+            for key in set(fields) - set(fresh_from["state"].get(i, {})):
+                assert not torch.as_tensor(fields.pop(key)).any(), (i, key)
+        per_param = {i: f for i, f in per_param.items() if f or i in fresh_from["state"]}
+    records, level = [], record_of(state)
+    while isinstance(level, dict):
+        records.append({k: v for k, v in level.items() if k not in SERVED and k != "inner"})
+        level = level.get("inner")
+    return {"state": per_param, "records": records}

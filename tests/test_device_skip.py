@@ -18,9 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import metaopt
 from metaopt.parts.guard import SkipCounter, defers, guarded_step
-from metaopt.parts.state_dict import record_of
 
-from _snapshot import assert_same
+from _snapshot import assert_same, held_state, snapshot
 from _stacks import METHODS, TASKS, Net, batch, loss_of, make_opt
 
 META = torch.device("meta")
@@ -138,42 +137,6 @@ def test_the_meta_device_catches_a_host_read() -> None:
 
 
 # ---------------------------------------------------------------------------- semantics on CPU
-MOVING_KEYS = {
-    "step",
-    "clock",
-    "generator",
-    "pending",
-    "inner_count",
-    "trajectory",
-    "schedule",
-    "task",
-    "options",
-}
-
-
-def _method_state(opt: Any) -> Any:
-    """Everything of the state dict a skipped step must leave as it was: per-parameter state
-    (the wrapped optimizer's, the slow weights) and the method's own record, but not the task
-    stream's position (which a skipped step advances) or the options."""
-
-    def strip(record: Any) -> Any:
-        out = {k: v for k, v in record.items() if k not in MOVING_KEYS}
-        if isinstance(out.get("inner"), dict):
-            out["inner"] = strip(out["inner"])
-        return out
-
-    sd = opt.state_dict()
-    return {"state": sd["state"], "record": strip(record_of(sd))}
-
-
-def _drop_fresh_state(before: Any, after: Any) -> None:
-    """State the skipped step created (a head's first gradient) is a fresh state, zeros, as
-    :mod:`metaopt.parts.guard` documents: checked, then left out of the comparison."""
-    for index, fields in after["state"].items():
-        for key in set(fields) - set(before["state"].get(index, {})):
-            assert not torch.as_tensor(fields.pop(key)).any(), (index, key)
-
-
 def _losses(model: Net, opt: Any, step: int, poison: bool) -> dict[str, torch.Tensor]:
     losses = {t: loss_of(model, t, batch(step, t)) for t in opt.next_tasks()}
     if poison:
@@ -192,16 +155,15 @@ def test_a_skipped_step_moves_nothing_but_the_stream(name: str, way: str) -> Non
         _drive(opt, model, _losses(model, opt, step, poison=False), way)
         opt.zero_grad()
     params = [p.detach().clone() for p in model.parameters()]
-    before = _method_state(opt)
+    before = snapshot(model, opt, draw=False)["state"]  # cloned: the step updates in place
     clock, count = opt.clock, opt.step_count
     report = _drive(opt, model, _losses(model, opt, 4, poison=True), way)
     opt.zero_grad()
     assert report.finite is not None and not bool(report.finite)
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
     with pytest.warns(RuntimeWarning, match=r"1 step\(s\) were skipped on the device"):
-        after = _method_state(opt)
-    _drop_fresh_state(before, after)
-    assert_same(before, after)
+        after = snapshot(model, opt, draw=False)["state"]
+    assert_same(held_state(before), held_state(after, fresh_from=before))
     assert (opt.clock, opt.step_count) == (clock + 1, count + 1)  # the batch used its draw
     assert opt.skipped_steps == 1
     with warnings.catch_warnings():
@@ -225,7 +187,8 @@ def test_finite_steps_decided_on_the_device_equal_the_host_check(name: str) -> N
         for step in range(7):
             report = opt.step(_losses(model, opt, step, poison=False))
             assert (report.finite is None) == (mode == "raise")
-        runs.append(([p.detach().clone() for p in model.parameters()], _method_state(opt)))
+        held = held_state(snapshot(model, opt, draw=False)["state"])
+        runs.append(([p.detach().clone() for p in model.parameters()], held))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
     assert_same(runs[0][1], runs[1][1])
 

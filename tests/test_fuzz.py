@@ -58,7 +58,7 @@ from hypothesis.stateful import (
 import metaopt
 from metaopt.parts.state_dict import record_of
 
-from _snapshot import assert_same, assert_unchanged, snapshot
+from _snapshot import assert_same, assert_unchanged, held_state, snapshot
 
 # ---------------------------------------------------------------- budget
 SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
@@ -622,38 +622,6 @@ BAD_STATES: dict[str, tuple[Callable[[dict[str, Any]], bool], Any, str | None]] 
 STEPS = st.lists(st.integers(0, N_BATCHES - 1), min_size=1, max_size=3)
 
 
-# Fields of a state dict's records that a step skipped on the device moves: the task stream
-# and the trajectory (served as on any step), the options (the rule forces one)
-_SERVED = {
-    "step",
-    "clock",
-    "generator",
-    "pending",
-    "inner_count",
-    "trajectory",
-    "schedule",
-    "task",
-    "options",
-}
-
-
-def _held_state(state: dict[str, Any], fresh_from: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What a step skipped on the device must hold still: per-parameter state (the wrapped
-    optimizer's, the slow weights) and every record's fields but :data:`_SERVED`. With
-    ``fresh_from`` (the state before), per-parameter fields that did not exist then are left
-    out once checked to be zeros: the fresh state a skipped first step leaves."""
-    per_param = {i: dict(fields) for i, fields in state["state"].items()}
-    if fresh_from is not None:
-        for i, fields in per_param.items():
-            for key in set(fields) - set(fresh_from["state"].get(i, {})):
-                assert not torch.as_tensor(fields.pop(key)).any(), (i, key)
-        per_param = {i: f for i, f in per_param.items() if f or i in fresh_from["state"]}
-    records = [
-        {k: v for k, v in level.items() if k not in _SERVED and k != "inner"} for level in _levels(state)
-    ]
-    return {"state": per_param, "records": records}
-
-
 # ---------------------------------------------------------------- the machine
 class OptimizerMachine(RuleBasedStateMachine):
     """Drives one (model, optimizer) pair built by ``spec``; subclassed per factory."""
@@ -836,7 +804,7 @@ class OptimizerMachine(RuleBasedStateMachine):
             after = snapshot(model, opt, draw=False)
         if not ends:
             assert_same(before["params"], after["params"])
-            assert_same(_held_state(before["state"]), _held_state(after["state"], fresh_from=before["state"]))
+            assert_same(held_state(before["state"]), held_state(after["state"], fresh_from=before["state"]))
         count(self.name, "device_skipped_steps")
 
     @rule(batch=st.integers(0, N_BATCHES - 1), steps=STEPS)
