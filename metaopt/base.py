@@ -528,11 +528,12 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         finally:
             self.inner.__dict__.pop("_outer_nonfinite", None)
 
-    def _defers(self) -> bool:
+    def _defers(self, trainable: list[Tensor] | None = None) -> bool:
         """Whether this step decides its finiteness on the device (the ``nonfinite`` option;
-        in a composition, the outermost optimizer's applies to every one it wraps)."""
+        in a composition, the outermost optimizer's applies to every one it wraps).
+        ``trainable``: :meth:`_trainable`, where the caller has it already."""
         mode = self.__dict__.get("_outer_nonfinite", self.nonfinite)
-        return defers(mode, self._trainable())
+        return defers(mode, self._trainable() if trainable is None else trainable)
 
     def _after_step(self) -> dict[str, Any]:
         """After the inner step: commit method state, the outer update; returns report fields."""
@@ -746,12 +747,13 @@ class MultiTaskOptimizer(StateDictProtocol, Optimizer):
         """Before the inner step: every gradient and pending loss finite, and every trainable
         parameter reached after :meth:`backward` unless ``allow_unused``
         (:func:`metaopt.parts.grads.check_grads`). One host sync."""
+        trainable = self._trainable()
         return check_grads(
-            self._trainable(),
+            trainable,
             self._backward_losses,
             self.allow_unused,
             self._param_name,
             type(self).__name__,
             default_group(getattr(self, "process_group", None)),
-            defer=self._defers(),
+            defer=self._defers(trainable),
         )

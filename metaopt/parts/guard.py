@@ -68,8 +68,8 @@ def nonfinite_mode(value: Any, name: str, where: str) -> str:
 
 def defers(mode: str, params: Sequence[Tensor]) -> bool:
     """Whether a step over ``params`` under ``mode`` decides its finiteness on the device."""
-    if mode == "auto":
-        return any(local_tensor(p).device.type != "cpu" for p in params)
+    if mode == "auto":  # a DTensor's device is its local shard's
+        return any(p.device.type != "cpu" for p in params)
     return mode == "skip"
 
 
