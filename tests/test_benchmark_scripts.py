@@ -139,3 +139,20 @@ def test_the_gpu_script_dry_run_on_the_cpu():
     assert all(float(r[3]) > 0 for r in rows("whole steps"))
     (title,) = [k for k in sections if k.startswith("host placement")]
     assert "equal bit for bit across placements: True" in title
+
+
+def test_the_gramian_accuracy_script_on_the_cpu():
+    """benchmarks/gramian_accuracy.py (docs/performance.md's accuracy figure) at a few cases,
+    through Triton's interpreter: its largest error stays within the bound it prints."""
+    pytest.importorskip("triton")
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "gramian_accuracy.py"), "--cases", "12"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    line = out.strip().splitlines()[-1]
+    error = float(line.split("largest error ")[1].split()[0])
+    bound = float(line.split("bound ")[1])
+    assert line.startswith("12 cases") and 0 < error <= bound
