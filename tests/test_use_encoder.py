@@ -119,3 +119,13 @@ def test_cross_lingual_retrieval_measures_alignment(encoder):
     assert before > 0.6 and after < before / 2, (before, after)  # chance: 1/300
     with pytest.raises(ValueError, match="same shape"):
         retrieval_accuracy(torch.ones(3, 2), torch.ones(2, 2))
+
+
+def test_the_alignment_module_examples():
+    """benchmarks/ is outside the doctest paths: its examples run here."""
+    import doctest
+
+    from multilingual import alignment
+
+    result = doctest.testmod(alignment)
+    assert result.attempted > 0 and result.failed == 0
