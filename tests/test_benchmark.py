@@ -93,12 +93,19 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
         assert r["examples"] == SMOKE.examples, r["method"]  # the equal-examples budget
         assert r["ms_per_example"] > 0
         if r["method"] == "scratch":
-            assert r["lid_loss"] is None
+            assert r["lid_loss"] is None and r["retrieval"] is None and r["forgetting"] is None
         else:
-            assert math.isfinite(r["lid_loss"])
+            assert math.isfinite(r["lid_loss"]) and 0.0 <= r["retrieval"] <= 1.0
+            # on USE (the default encoder) forgetting is the cross-lingual retrieval error
+            assert r["forgetting"] == r["retrieval_error"] == pytest.approx(1.0 - r["retrieval"])
         if r["method"] not in ("stl",):
             assert r["curve"][0]["step"] == 0 and -1.0 <= r["curve"][-1]["cosine"] <= 1.0
     by = {r["method"]: r for r in results["runs"]}
+    # the linear probe trains the head only: the encoder, and so its alignment, is unchanged
+    ref = results["reference"]
+    assert by["linear-probe"]["retrieval"] == pytest.approx(ref["retrieval_pretrained"], abs=1e-12)
+    assert by["linear-probe"]["drift"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < ref["retrieval_pretrained"] < 1.0 and results["config"]["encoder"] == "use"
     # the Reptile family ends on an outer-step boundary
     assert by["seq-reptile"]["outer_steps"] == SMOKE.steps // SMOKE.inner_steps
     assert by["control"]["effective_lr"] == pytest.approx(SMOKE.lrs[0] * SMOKE.outer_lr)
@@ -129,6 +136,50 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
         assert r["other_cpu_cores"] is None or r["other_cpu_cores"] >= 0
     timings = results["analysis"]["timings_load_dependent"]
     assert timings["seq-reptile"]["ms_per_step_ratio_to_sr"] == pytest.approx(1.0)
+
+
+def test_smoke_on_minilm(tmp_path: Path) -> None:
+    """The English MiniLM behind the same interface: its forgetting measure is the LID-probe
+    loss, and its scratch init has a bottom of its own."""
+    threads = torch.get_num_threads()
+    try:
+        code = bench_run.main(
+            ["--smoke", "--encoder", "minilm", "--methods", "linear-probe", "seq-reptile", "scratch"]
+            + ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+            + ["--threads", "1"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = json.loads((tmp_path / "entity.json").read_text())
+    assert results["config"]["encoder"] == "minilm"
+    by = {r["method"]: r for r in results["runs"]}
+    assert by["seq-reptile"]["forgetting"] == by["seq-reptile"]["lid_loss"]
+    assert by["linear-probe"]["lid_loss"] == pytest.approx(
+        results["reference"]["lid_loss_pretrained"], abs=1e-5
+    )
+    assert by["scratch"]["forgetting"] is None and 0.0 <= by["scratch"]["test_mean"] <= 1.0
+    assert "| LID loss ↓ | retrieval error ↓ |" in (tmp_path / "entity.md").read_text()
+
+
+def test_a_selection_at_the_grid_edge_is_a_warning(smoke: tuple[Path, dict]) -> None:
+    """Three grid lrs built from the smoke runs: every method but Sequential Reptile is best at
+    the lowest, which is reported; Sequential Reptile's best is inside the grid."""
+    _, results = smoke
+    lrs = (1e-4, 3e-4, 1e-3)
+    records = []
+    for r in results["runs"]:
+        for i, lr in enumerate(lrs):
+            dev = 0.5 + (0.1 * (i == 1) if r["method"] == "seq-reptile" else -0.1 * i)
+            records.append({**r, "lr": lr, "dev_mean": dev})
+    analysis = Analysis(dataclasses.replace(SMOKE, lrs=lrs), records)
+    warnings = analysis.edge_warnings()
+    flagged = {w.split(":")[0] for w in warnings}
+    assert flagged == set(ALL_METHODS) - {"seq-reptile", "control"}
+    assert all("lowest of the grid" in w and "--lrs" in w for w in warnings)
+    assert analysis.to_dict()["lr_at_grid_edge"] == warnings
+    single = Analysis(SMOKE, results["runs"])
+    assert single.edge_warnings() == []
 
 
 def test_cached_preparation_gives_identical_results(smoke: tuple[Path, dict], tmp_path: Path) -> None:

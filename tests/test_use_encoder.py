@@ -81,6 +81,45 @@ def test_bottom_and_top(encoder):
         encoder.pooled([[]])
 
 
+def test_the_benchmark_trains_the_encoders_own_top():
+    """What the benchmark fine-tunes: pooled vectors through the state bank (one row per name,
+    batched as the training loop batches them) into a copy of the DAN. Normalised, its features
+    are the package's embeddings (1e-5); they equal the probe's sentence features; the scratch
+    init re-draws the DAN from its seed only."""
+    from multilingual.backbone import USEBackbone
+    from multilingual.features import build_bank
+
+    backbone = USEBackbone()
+    texts = TEXTS[:8] + TEXTS[:2]  # repeats: the bank keeps one row per distinct sequence
+    ids = backbone.tokenize(texts)
+    bank = build_bank(backbone.bottom("pretrained", 0), ids)
+    assert bank.states.shape == (8, 512)
+    split = bank.split(ids, [0] * len(ids))
+    states, mask, _ = split.batch(torch.arange(len(ids)))
+    assert mask.shape == (len(ids), 1)
+    top = backbone.top("pretrained", 0, num_classes=5)
+    with torch.no_grad():
+        feats = top.features(states, mask)
+        logits = top(states, mask)
+    reference = USE(threads=1).encode(texts)
+    unit = torch.nn.functional.normalize(feats, dim=1).numpy()
+    assert float(np.abs(unit - reference).max()) <= 1e-5
+    torch.testing.assert_close(backbone.sentence_features(ids), feats, rtol=0, atol=1e-5)  # other batches
+    assert logits.shape == (len(ids), 5)
+    assert sum(p.numel() for p in top.layers.parameters()) == 1_019_904
+    assert not any(p is q for p in top.parameters() for q in backbone.encoder.parameters())
+
+    def drawn(seed: int) -> list[torch.Tensor]:
+        return [p.detach() for p in backbone.top("scratch", seed, 5).layers.values()]
+
+    a, b, c = drawn(0), drawn(0), drawn(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, y) for x, y in zip(a, c))
+    assert not any(torch.equal(x, y) for x, y in zip(a, top.layers.values()))
+    with pytest.raises(ValueError, match="one pooled vector per name"):
+        top(states, torch.ones(len(ids), 2, dtype=torch.bool))
+
+
 def test_cross_lingual_retrieval_measures_alignment(encoder):
     """The forgetting measure for a multilingual encoder: translations of the same CLDR entity
     (de/fr) find each other far above chance with the pre-trained weights, and far less after

@@ -9,6 +9,9 @@ language, so the names of the same entities in two languages are parallel text.
 nearest neighbour (cosine) among the other language's names is their translation. It is
 measured before and after fine-tuning; the drop is the forgetting.
 
+The benchmark scores every pair of its languages on their test entities (:func:`pairs`,
+:func:`mean_retrieval`).
+
 Example::
 
     keys, a, b = aligned_names("de", "fr")
@@ -23,7 +26,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .data import entity_names
+from .data import Split, entity_names
+
+Pair = tuple[str, str, Tensor, Tensor]
+"""Two languages and the rows of their splits that name the same entities (:func:`pairs`)."""
 
 
 def aligned_names(
@@ -39,6 +45,42 @@ def aligned_names(
         wanted &= set(keys)
     chosen = sorted(k for k in wanted if names_a[k] != names_b[k])
     return chosen, [names_a[k] for k in chosen], [names_b[k] for k in chosen]
+
+
+def pairs(splits: dict[str, Split]) -> list[Pair]:
+    """Every pair of the languages of ``splits`` (their test splits, say), with the rows that
+    name the same entity in both, by entity key; an entity named by the same string in both is
+    left out, as in :func:`aligned_names`, and so is a pair with fewer than 2 such entities.
+
+    >>> de = Split(("Frankreich", "Polen", "Peru"), (0, 0, 0), (("t", "FR"), ("t", "PL"), ("t", "PE")))
+    >>> fr = Split(("Pérou", "France"), (0, 0), (("t", "PE"), ("t", "FR")))
+    >>> [(a, b, ra.tolist(), rb.tolist()) for a, b, ra, rb in pairs({"de": de, "fr": fr})]
+    [('de', 'fr', [0, 2], [1, 0])]
+    """
+    out: list[Pair] = []
+    codes = list(splits)
+    for i, a in enumerate(codes):
+        rows_a = {k: r for r, k in enumerate(splits[a].keys)}
+        for b in codes[i + 1 :]:
+            sb = splits[b]
+            both = sorted(
+                (rows_a[k], r)
+                for r, k in enumerate(sb.keys)
+                if k in rows_a and splits[a].names[rows_a[k]] != sb.names[r]
+            )
+            if len(both) >= 2:
+                ra, rb = zip(*both)
+                out.append((a, b, torch.tensor(ra), torch.tensor(rb)))
+    return out
+
+
+def mean_retrieval(features: dict[str, Tensor], pairs: list[Pair]) -> float:
+    """:func:`retrieval_accuracy` averaged over ``pairs``, from each language's features (rows
+    in its split's order)."""
+    if not pairs:
+        raise ValueError("mean_retrieval: no language pairs with shared entities")
+    scores = [retrieval_accuracy(features[a][ra], features[b][rb]) for a, b, ra, rb in pairs]
+    return sum(scores) / len(scores)
 
 
 def retrieval_accuracy(source: Tensor, target: Tensor) -> float:

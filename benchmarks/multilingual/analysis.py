@@ -48,6 +48,9 @@ METRICS = (
         "test_mean",
         "zero_shot_mean",
         "dev_mean",
+        "forgetting",
+        "retrieval",
+        "retrieval_error",
         "lid_loss",
         "lid_acc",
         "drift",
@@ -160,7 +163,14 @@ class Analysis:
                 continue
             out[m] = {
                 metric: paired(self.at_selected(reference, metric), self.at_selected(m, metric))
-                for metric in ("test_mean", "zero_shot_mean", "lid_loss", "drift", "cosine_mean")
+                for metric in (
+                    "test_mean",
+                    "zero_shot_mean",
+                    "forgetting",
+                    "lid_loss",
+                    "drift",
+                    "cosine_mean",
+                )
             }
         return out
 
@@ -176,6 +186,7 @@ class Analysis:
                 for metric in (
                     "test_mean",
                     "zero_shot_mean",
+                    "forgetting",
                     "lid_loss",
                     "drift",
                     "cosine_mean",
@@ -186,7 +197,7 @@ class Analysis:
         }
 
     def _lr_path(self, method: str, seed: int, metric: str) -> list[tuple[float, float]]:
-        """(LID loss, metric) of the method's runs in order of the lr they ran at; sampled MTL
+        """(forgetting, metric) of the method's runs in order of the lr they ran at; sampled MTL
         (and the control, the same algorithm) take the runs of both, so the path spans
         lr·η to lr."""
         members = [method]
@@ -196,18 +207,18 @@ class Analysis:
         for m in members:
             for lr in self.lrs:
                 r = self.run(m, lr, seed)
-                if r and r.get("lid_loss") is not None and r.get(metric) is not None:
-                    by_lr[round(r["effective_lr"], 12)] = (r["lid_loss"], r[metric])
+                if r and r.get("forgetting") is not None and r.get(metric) is not None:
+                    by_lr[round(r["effective_lr"], 12)] = (r["forgetting"], r[metric])
         return [by_lr[k] for k in sorted(by_lr)]
 
     def matched_forgetting(self) -> dict[str, dict[str, Any]]:
         """Accuracy at equal forgetting, both ways, per seed: the best accuracy a method reaches
-        where its lr path (straight lines between neighbouring grid lrs in the (LID loss,
+        where its lr path (straight lines between neighbouring grid lrs in the (forgetting,
         accuracy) plane) crosses the level; never extrapolated.
 
-        * ``at_sr_level``: the method's accuracy at the LID loss of Sequential Reptile's
+        * ``at_sr_level``: the method's accuracy at the forgetting of Sequential Reptile's
           selected run, and Sequential Reptile minus it;
-        * ``sr_at_level``: Sequential Reptile's accuracy at the LID loss of the method's
+        * ``sr_at_level``: Sequential Reptile's accuracy at the forgetting of the method's
           selected run, minus the method's.
         """
         if SR not in self.methods:
@@ -222,17 +233,17 @@ class Analysis:
                 for seed in self.seeds:
                     a = self.run(SR, self.selected[SR], seed) or {}
                     b = self.run(m, self.selected[m], seed) or {}
-                    fwd_sr.append(a.get(metric) if a.get("lid_loss") is not None else None)
+                    fwd_sr.append(a.get(metric) if a.get("forgetting") is not None else None)
                     fwd_other.append(
                         None
-                        if a.get("lid_loss") is None
-                        else _on_path(self._lr_path(m, seed, metric), a["lid_loss"])
+                        if a.get("forgetting") is None
+                        else _on_path(self._lr_path(m, seed, metric), a["forgetting"])
                     )
-                    rev_other.append(b.get(metric) if b.get("lid_loss") is not None else None)
+                    rev_other.append(b.get(metric) if b.get("forgetting") is not None else None)
                     rev_sr.append(
                         None
-                        if b.get("lid_loss") is None
-                        else _on_path(self._lr_path(SR, seed, metric), b["lid_loss"])
+                        if b.get("forgetting") is None
+                        else _on_path(self._lr_path(SR, seed, metric), b["forgetting"])
                     )
                 res[metric] = {
                     "at_sr_level": {"method": summary(fwd_other), **paired(fwd_sr, fwd_other)},
@@ -292,14 +303,14 @@ class Analysis:
 
     def _claim_forgetting(self) -> dict[str, Any]:
         rule = (
-            "Sequential Reptile (selected lr) has a lower LID-probe loss than the baseline "
-            "(selected lr) on every seed"
+            f"Sequential Reptile (selected lr) has a lower {forgetting_label(self.cfg)} than "
+            "the baseline (selected lr) on every seed"
         )
         vs = self.versus()
-        per = {m: -vs[m]["lid_loss"]["holds"] for m in self._baselines() if m in vs}
-        out = _verdict(rule, per, {m: vs[m]["lid_loss"] for m in per})
+        per = {m: -vs[m]["forgetting"]["holds"] for m in self._baselines() if m in vs}
+        out = _verdict(rule, per, {m: vs[m]["forgetting"] for m in per})
         ctrl = self.sr_vs_control()
-        out["sr_minus_control_lid_per_lr"] = {repr(lr): v["lid_loss"] for lr, v in ctrl.items()}
+        out["sr_minus_control_forgetting_per_lr"] = {repr(lr): v["forgetting"] for lr, v in ctrl.items()}
         return out
 
     def _claim_accuracy(self) -> dict[str, Any]:
@@ -317,7 +328,7 @@ class Analysis:
             if m in matched
         }
         second = _verdict(
-            "at Sequential Reptile's LID loss, Sequential Reptile beats the "
+            f"at Sequential Reptile's {forgetting_label(self.cfg)}, Sequential Reptile beats the "
             "baseline's best accuracy at that forgetting on test and zero-shot, on "
             "every seed where the baseline's lr path reaches it",
             at_level,
@@ -420,10 +431,27 @@ class Analysis:
         ]
         return out
 
+    def edge_warnings(self) -> list[str]:
+        """One line per method whose selected lr is the lowest or the highest of a grid of two
+        or more (the best lr may lie outside it: widen the grid). The control is left out: it
+        takes Sequential Reptile's lr."""
+        if len(self.lrs) < 2:
+            return []
+        out = []
+        for m, lr in self.selected.items():
+            if m != CONTROL and lr in (self.lrs[0], self.lrs[-1]):
+                end = "lowest" if lr == self.lrs[0] else "highest"
+                out.append(
+                    f"{m}: the selected lr {lr:g} is the {end} of the grid; its best lr may lie "
+                    f"outside it (widen the grid with --lrs)"
+                )
+        return out
+
     # ------------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
         return {
             "selected_lr": self.selected,
+            "lr_at_grid_edge": self.edge_warnings(),
             "grid": {m: {repr(lr): cell for lr, cell in cells.items()} for m, cells in self.grid.items()},
             "pretraining_gap": self.pretraining_gap(),
             "versus_seq_reptile": self.versus(),
@@ -451,7 +479,7 @@ def _interp(points: Sequence[tuple[float, float]], x: float) -> float | None:
 
 
 def _on_path(path: Sequence[tuple[float, float]], level: float) -> float | None:
-    """The best y where the polyline through ``path`` (x = LID loss) crosses x = ``level``;
+    """The best y where the polyline through ``path`` (x = forgetting) crosses x = ``level``;
     ``None`` if it never does."""
     best: float | None = None
     for (x0, y0), (x1, y1) in zip(path, path[1:]):
@@ -490,6 +518,11 @@ def _common_levels(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, fl
     if hi == lo:
         return [lo]
     return [float(x) for x in np.linspace(lo, hi, LOSS_LEVELS)]
+
+
+def forgetting_label(cfg: Config) -> str:
+    """What the ``forgetting`` field measures on the run's encoder (:mod:`backbone`)."""
+    return "cross-lingual retrieval error" if cfg.encoder == "use" else "LID-probe loss"
 
 
 def _relation(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:

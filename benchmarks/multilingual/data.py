@@ -56,6 +56,16 @@ DEFAULT_TRAIN_LANGUAGES: tuple[str, ...] = ("de", "fr", "es", "it", "pt", "sv", 
 DEFAULT_ZERO_SHOT_LANGUAGES: tuple[str, ...] = ("nl", "da", "ro", "hu")
 """Held-out Latin-script languages for zero-shot evaluation."""
 
+USE_TRAIN_LANGUAGES: tuple[str, ...] = ("de", "fr", "es", "it", "pl", "pt", "ru", "ja", "zh")
+"""Nine of USE-multilingual v3's 16 languages (Latin, Cyrillic and CJK scripts), one task each:
+the default of the benchmark on that encoder. ``zh`` is CLDR's Simplified Chinese (USE's
+zh-cn)."""
+
+USE_ZERO_SHOT_LANGUAGES: tuple[str, ...] = ("nl", "tr", "ar", "ko", "th", "zh_Hant")
+"""USE's other languages but English (the reference language of the suite), held out for
+zero-shot evaluation: two Latin-script, and Arabic, Korean, Thai and Traditional Chinese
+scripts."""
+
 LARGE_TRAIN_LANGUAGES: tuple[str, ...] = (
     # 40 languages: Latin-script European, other Latin-script, Cyrillic, Greek, other scripts.
     "de", "fr", "es", "it", "pt", "sv", "pl", "cs", "fi", "nb",
@@ -78,10 +88,12 @@ class Entity:
 
 @dataclass(frozen=True)
 class Split:
-    """Names and integer labels of one language, in a fixed (seeded) order."""
+    """Names, integer labels and entity keys of one language, in a fixed (seeded) order (the
+    keys line up names of the same entity across languages, :mod:`alignment`)."""
 
     names: tuple[str, ...]
     labels: tuple[int, ...]
+    keys: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
@@ -230,7 +242,9 @@ def _entity_partition(
 
 
 def _as_split(entities: Sequence[Entity]) -> Split:
-    return Split(tuple(e.name for e in entities), tuple(e.label for e in entities))
+    return Split(
+        tuple(e.name for e in entities), tuple(e.label for e in entities), tuple(e.key for e in entities)
+    )
 
 
 def build_entity_suite(

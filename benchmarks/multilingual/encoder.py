@@ -327,6 +327,17 @@ def bottom_states(
     return [t for t in out if t is not None]
 
 
+def shared_head(dim: int, num_classes: int, seed: int) -> nn.Linear:
+    """The linear head all languages share: N(0, 0.02) weights drawn from ``seed`` (BERT's
+    init), zero bias."""
+    head = nn.Linear(dim, num_classes)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.02, generator=g)
+        head.bias.zero_()
+    return head
+
+
 class TopClassifier(nn.Module):
     """Trainable layers ``k..`` of the encoder (deep copies), mean pooling, and one linear head
     shared by all languages (so zero-shot languages are classified by the same head). Takes the
@@ -335,11 +346,13 @@ class TopClassifier(nn.Module):
     def __init__(self, model: MiniLM, k: int, num_classes: int, seed: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(list(model.encoder.layer[k:])))
-        self.head = nn.Linear(model.dim, num_classes)
-        g = torch.Generator().manual_seed(10_000 + seed)
-        with torch.no_grad():
-            self.head.weight.normal_(0.0, 0.02, generator=g)
-            self.head.bias.zero_()
+        self.head = shared_head(model.dim, num_classes, seed)
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        """The last dense layer of the top encoder layer (GradNorm's W), or the head's
+        parameters when no encoder layer is trainable."""
+        layer = self.layers[-1].output.dense if len(self.layers) else self.head
+        return list(layer.parameters())
 
     def features(self, tokens: Tensor, mask: Tensor) -> Tensor:
         """Mean-pooled sentence features ``(B, hidden)``."""

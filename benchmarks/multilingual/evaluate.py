@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import metaopt
 
+from .alignment import mean_retrieval
 from .features import SplitFeatures
 from .forgetting import LidProbe, drift_of
 from .prepare import SeedData
@@ -93,20 +94,37 @@ def checkpoint(model: nn.Module, probes: Mapping[str, SplitFeatures]) -> dict[st
     }
 
 
-def final_metrics(model: nn.Module, data: SeedData, probe: LidProbe | None) -> dict[str, Any]:
-    """Per-language dev, test and zero-shot accuracy; LID-probe loss/accuracy and embedding drift
-    (pre-trained encoder only: for a scratch encoder the probe has nothing to measure)."""
+def final_metrics(
+    model: nn.Module, data: SeedData, probe: LidProbe | None, forgetting: str
+) -> dict[str, Any]:
+    """Per-language dev, test and zero-shot accuracy; the forgetting measures (pre-trained
+    encoder only: a scratch encoder has nothing to forget): LID-probe loss and accuracy,
+    embedding drift, and cross-lingual retrieval among the test and zero-shot languages on
+    their test entities (:mod:`alignment`), its error ``1 − retrieval``; ``forgetting`` names
+    the one of them (``"lid_loss"`` or ``"retrieval_error"``) copied to the ``forgetting``
+    field, the measure the verdicts read."""
+    out: dict[str, Any] = {}
     with eval_mode(model):
-        out: dict[str, Any] = {
-            part: {code: accuracy(model, split) for code, split in group.items()}
-            for part, group in (("dev", data.dev), ("test", data.test), ("zero_shot", data.zero_shot))
-        }
+        out["dev"] = {code: accuracy(model, split) for code, split in data.dev.items()}
+        feats = {}
+        for part, group in (("test", data.test), ("zero_shot", data.zero_shot)):
+            out[part] = {}
+            for code, split in group.items():
+                feats[code] = pooled_features(model, split)
+                logits = model.head(feats[code])
+                out[part][code] = (
+                    float((logits.argmax(-1) == split.labels).double().mean()) if len(split) else 0.0
+                )
         if probe is not None and data.lid is not None:
             pooled = pooled_features(model, data.lid)
             out.update(probe.score(pooled))
             out["drift"] = drift_of(pooled, probe.reference_features)
+            usable = [p for p in data.pairs if p[0] in feats and p[1] in feats]  # STL: its own
+            out["retrieval"] = mean_retrieval(feats, usable) if usable else None
         else:
-            out.update({"lid_loss": None, "lid_acc": None, "drift": None})
+            out.update({"lid_loss": None, "lid_acc": None, "drift": None, "retrieval": None})
+    out["retrieval_error"] = None if out["retrieval"] is None else 1.0 - out["retrieval"]
+    out["forgetting"] = out[forgetting]
     for part in ("dev", "test", "zero_shot"):
         values = list(out[part].values())
         out[f"{part}_mean"] = sum(values) / len(values) if values else None

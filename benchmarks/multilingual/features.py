@@ -1,26 +1,27 @@
-"""Frozen-bottom token states, computed once per encoder and indexed per data split.
+"""Frozen-bottom states, computed once per encoder and indexed per data split.
 
-The bottom of the split model (embeddings + first k layers, :func:`encoder.bottom_states`) never
-changes during fine-tuning, so its output for every name is computed once. A :class:`StateBank`
+The bottom of the split model (:mod:`backbone`: MiniLM's embeddings and first k layers, token
+by token; USE's pooled vector, one row per name) never changes during fine-tuning, so its
+output for every name is computed once. A :class:`StateBank`
 holds the states of a set of token sequences as one packed ``(n_tokens, hidden)`` tensor; a
 :class:`SplitFeatures` is one data split's view into a bank (a row index per token), from which
 a batch is two gathers: no Python loop per example, no padding in the dense layers.
 
-The pre-trained bank is cached on disk (``cache.py``), keyed by the encoder files, ``k`` and a
-digest of the token sequences.
+The banks are cached on disk (``cache.py``), keyed by what the bottom depends on (the encoder
+files, MiniLM's ``k``) and a digest of the token sequences.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .backbone import Bottom, Wrap
 from .cache import DiskCache
-from .encoder import MiniLM, bottom_states
 
 Sequences = Sequence[Sequence[int]]
 
@@ -36,11 +37,11 @@ def sequences_digest(seqs: Sequences) -> str:
 
 @dataclass
 class StateBank:
-    """Packed token states of distinct token sequences: rows ``offsets[i]:offsets[i+1]`` of
-    ``states`` belong to ``sequences[i]``."""
+    """Packed states of distinct token sequences: rows ``offsets[i]:offsets[i+1]`` of
+    ``states`` belong to ``sequences[i]`` (one per token for MiniLM, one per name for USE)."""
 
     sequences: list[tuple[int, ...]]
-    states: Tensor  # (n_tokens, hidden)
+    states: Tensor  # (n_rows, hidden)
     offsets: Tensor  # (len(sequences) + 1,) long
 
     def __post_init__(self) -> None:
@@ -54,10 +55,11 @@ class StateBank:
         missing = [s for s in ids if tuple(s) not in self._row]
         if missing:
             raise KeyError(f"{len(missing)} sequence(s) are not in the state bank")
-        lengths = torch.tensor([len(s) for s in ids], dtype=torch.long)
+        rows = torch.tensor([self._row[tuple(s)] for s in ids], dtype=torch.long)
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts  # a sequence's rows: its tokens, or one vector
         width = int(lengths.max()) if len(ids) else 0
         mask = torch.arange(width)[None, :] < lengths[:, None]
-        starts = self.offsets[[self._row[tuple(s)] for s in ids]]
         index = (starts[:, None] + torch.arange(width)[None, :]) * mask
         device = self.states.device
         return SplitFeatures(
@@ -102,45 +104,41 @@ class SplitFeatures:
         return SplitFeatures(self.states, self.index[:count], self.mask[:count], self.labels[:count])
 
 
-Wrap = Callable[[Iterable[int]], Iterable[int]]
-
-
-def build_bank(model: MiniLM, k: int, sequences: Sequences, wrap: Wrap | None = None) -> StateBank:
-    """Run the frozen bottom (embeddings + first ``k`` layers) over the distinct sequences
-    (``wrap``: an optional progress bar around the loop over chunks)."""
+def build_bank(bottom: Bottom, sequences: Sequences, wrap: Wrap | None = None) -> StateBank:
+    """Run the frozen ``bottom`` (:class:`backbone.Backbone`'s) over the distinct sequences
+    (``wrap``: an optional progress bar around its loop over chunks)."""
     uniq = sorted({tuple(s) for s in sequences})
-    states = bottom_states(model, k, uniq, wrap=wrap)
-    lengths = torch.tensor([0] + [len(s) for s in uniq], dtype=torch.long)
-    offsets = lengths.cumsum(0)
-    flat = torch.cat(states) if states else torch.zeros(0, model.dim)
-    return StateBank(uniq, flat, offsets)
+    if not uniq:
+        raise ValueError("build_bank: no sequences")
+    states = bottom(uniq, wrap)
+    lengths = torch.tensor([0] + [len(s) for s in states], dtype=torch.long)
+    return StateBank(uniq, torch.cat(states), lengths.cumsum(0))
 
 
 def cached_bank(
     cache: DiskCache | None,
-    model: MiniLM,
-    k: int,
+    bottom: Bottom,
     sequences: Sequences,
-    encoder_id: str,
+    identity: str,
     wrap: Wrap | None = None,
 ) -> StateBank:
     """:func:`build_bank`, stored in and reloaded from ``cache`` (when given) under a key made
-    of ``encoder_id``, ``k`` and the sequences' digest; the reloaded sequences are checked."""
+    of the bottom's ``identity`` and the sequences' digest; the reloaded sequences are checked."""
     uniq = sorted({tuple(s) for s in sequences})
     if cache is None:
-        return build_bank(model, k, uniq, wrap)
-    key = {"encoder": encoder_id, "k": k, "sequences": sequences_digest(uniq), "count": len(uniq)}
+        return build_bank(bottom, uniq, wrap)
+    key = {"bottom": identity, "sequences": sequences_digest(uniq), "count": len(uniq)}
 
     def build() -> tuple[dict[str, Tensor], dict[str, object]]:
-        bank = build_bank(model, k, uniq, wrap)
+        bank = build_bank(bottom, uniq, wrap)
         tokens = torch.tensor([t for s in uniq for t in s], dtype=torch.long)
-        return {"states": bank.states, "offsets": bank.offsets, "tokens": tokens}, {}
+        lengths = torch.tensor([len(s) for s in uniq], dtype=torch.long)
+        return {"states": bank.states, "offsets": bank.offsets, "tokens": tokens, "lengths": lengths}, {}
 
     tensors, _ = cache.load_or_build("bottom", key, build)
-    offsets = tensors["offsets"]
-    tokens, off = tensors["tokens"].tolist(), offsets.tolist()
-    stored = [tuple(tokens[off[i] : off[i + 1]]) for i in range(len(off) - 1)]
+    tokens = tensors["tokens"].split(tensors["lengths"].tolist())
+    stored = [tuple(t.tolist()) for t in tokens]
     if stored != uniq:  # a digest collision or a hand-edited entry: never use wrong states
         cache.log("cache: bottom states do not match their sequences; rebuilding them")
-        return build_bank(model, k, uniq, wrap)
-    return StateBank(uniq, tensors["states"], offsets)
+        return build_bank(bottom, uniq, wrap)
+    return StateBank(uniq, tensors["states"], tensors["offsets"])

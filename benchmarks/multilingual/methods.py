@@ -114,9 +114,9 @@ def mtl(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
 
 
 def gradnorm(a: BuildArgs) -> metaopt.MultiTaskOptimizer:
-    """GradNorm over MTL; W is the last dense layer of the top encoder layer (the last shared
-    layer before pooling and the head)."""
-    layer = a.model.layers[-1].output.dense.parameters() if len(a.model.layers) else a.model.head.parameters()
+    """GradNorm over MTL; W is the top's last shared layer before the head
+    (``last_shared_parameters``: MiniLM's last dense layer, the DAN's output layer)."""
+    layer = a.model.last_shared_parameters()
     return metaopt.GradNorm(
         metaopt.MTL(a.adamw(), tasks=a.tasks), layer=layer, alpha=a.cfg.gradnorm_alpha, seed=a.seed
     )

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .analysis import SR, Analysis
+from .analysis import SR, Analysis, forgetting_label
 from .methods import METHODS
 
 COLORS = {
@@ -102,7 +102,8 @@ def accuracy_figure(a: Analysis, ref: dict[str, Any], path: Path) -> None:
 
 
 def tradeoff_figure(a: Analysis, ref: dict[str, Any], path: Path) -> None:
-    """Accuracy against forgetting (LID-probe loss), one line per method through its lr grid
+    """Accuracy against forgetting (the encoder's ``forgetting`` measure), one line per method
+    through its lr grid
     (larger marker = larger lr; ringed = selected), error bars = std over seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
     methods = [m for m in a.methods if m != "scratch"]
@@ -114,11 +115,11 @@ def tradeoff_figure(a: Analysis, ref: dict[str, Any], path: Path) -> None:
             xs, ys, xe, ye, sizes = [], [], [], [], []
             for i, lr in enumerate(a.lrs):
                 c = a.grid[m][lr]
-                if c["lid_loss"]["mean"] is None or c[metric]["mean"] is None:
+                if c["forgetting"]["mean"] is None or c[metric]["mean"] is None:
                     continue
-                xs.append(c["lid_loss"]["mean"])
+                xs.append(c["forgetting"]["mean"])
                 ys.append(100 * c[metric]["mean"])
-                xe.append(c["lid_loss"]["std"])
+                xe.append(c["forgetting"]["std"])
                 ye.append(100 * c[metric]["std"])
                 sizes.append(4 + 3 * i)
                 if lr == a.selected[m]:
@@ -149,10 +150,10 @@ def tradeoff_figure(a: Analysis, ref: dict[str, Any], path: Path) -> None:
                 xs, ys, s=[s * s for s in sizes], color=COLORS[m], zorder=4, edgecolor="black", linewidth=0.4
             )
         ax.set_xscale("log")
-        ax.axvline(ref["lid_loss_pretrained"], color="black", linestyle=":", linewidth=1)
-        ax.text(ref["lid_loss_pretrained"], ax.get_ylim()[0], " pre-trained", fontsize=8, va="bottom")
+        ax.axvline(ref["forgetting_pretrained"], color="black", linestyle=":", linewidth=1)
+        ax.text(ref["forgetting_pretrained"], ax.get_ylim()[0], " pre-trained", fontsize=8, va="bottom")
         _log_ticks(ax)
-        ax.set_xlabel("forgetting: LID-probe loss, log scale (lower = less forgetting)")
+        ax.set_xlabel(f"forgetting: {forgetting_label(a.cfg)}, log scale (lower = less forgetting)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)

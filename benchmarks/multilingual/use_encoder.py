@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +146,7 @@ class USEMultilingual(nn.Module):
 
     def top(self, m: Tensor) -> Tensor:
         """The deep averaging network: (n, 512) pooled vectors to unit sentence embeddings."""
-        d = self.dan
-        y0 = F.relu(m @ d["d0"])
-        y1 = F.relu(m @ d["p1"] + y0 @ d["d1"])
-        y2 = F.relu(y1 @ d["d2"])
-        z = torch.tanh(y1 @ d["p3"] + y2 @ d["d3"])
+        z = dan(m, self.dan)
         return z / z.square().sum(1, keepdim=True).clamp(min=self.eps).sqrt()
 
     def forward(self, ids: Sequence[Sequence[int]]) -> Tensor:
@@ -159,6 +155,16 @@ class USEMultilingual(nn.Module):
     def top_parameters(self) -> list[nn.Parameter]:
         """The parameters of :meth:`top` (what the benchmark fine-tunes)."""
         return list(self.dan.values())
+
+
+def dan(m: Tensor, weights: Mapping[str, Tensor]) -> Tensor:
+    """The deep averaging network's layers (the keys of :data:`TOP_LAYERS`) on (n, 512) pooled
+    vectors, before the L2 normalisation: ``tanh`` outputs, (n, 512)."""
+    d = weights
+    y0 = F.relu(m @ d["d0"])
+    y1 = F.relu(m @ d["p1"] + y0 @ d["d1"])
+    y2 = F.relu(y1 @ d["d2"])
+    return torch.tanh(y1 @ d["p3"] + y2 @ d["d3"])
 
 
 def _windows(lens: Tensor, n: int) -> Tensor:
