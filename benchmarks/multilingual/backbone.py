@@ -224,6 +224,15 @@ class MiniLMBackbone(Backbone):
         return out
 
 
+def check_installed(name: str) -> None:
+    """Raise ``FileNotFoundError`` with the install command when the package that ships the
+    weights of encoder ``name`` is missing (before any work starts)."""
+    if name == "use":
+        resources()
+    elif name == "minilm":
+        model_dir()
+
+
 def make_backbone(name: str, frozen_layers: int = 5, dropout: float = 0.1) -> Backbone:
     """The encoder called ``name`` (one of :data:`ENCODERS`); ``frozen_layers`` and
     ``dropout`` apply to MiniLM only (USE's top has no dropout)."""

