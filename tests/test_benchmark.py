@@ -138,6 +138,45 @@ def test_smoke_numbers_are_sane(smoke: tuple[Path, dict]) -> None:
     assert timings["seq-reptile"]["ms_per_step_ratio_to_sr"] == pytest.approx(1.0)
 
 
+TIMED_FIELDS = {
+    "wall_seconds",
+    "train_seconds",
+    "ms_per_example",
+    "ms_per_step",
+    "load_1min_samples",
+    "load_1min_mean",
+    "load_1min_max",
+    "other_cpu_cores",
+    "own_cpu_cores",
+    "peak_mb",
+}
+
+
+def test_worker_processes_run_the_same_computations(smoke: tuple[Path, dict], tmp_path: Path) -> None:
+    """The smoke fixture ran on the default workers (two on a 2-core machine); in this process
+    alone the same runs give the same records, timings and memory aside."""
+    _, results = smoke
+    assert results["workers"] == bench_run.default_workers("cpu")
+    methods = ["seq-reptile", "pcgrad", "gradnorm"]
+    threads = torch.get_num_threads()
+    try:
+        code = bench_run.main(
+            ["--smoke", "--workers", "1", "--threads", "1", "--methods", *methods]
+            + ["--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    serial = json.loads((tmp_path / "entity.json").read_text())
+    assert serial["workers"] == 1
+    pooled = {r["method"]: r for r in results["runs"]}
+    for r in serial["runs"]:
+        other = pooled[r["method"]]
+        assert {k: v for k, v in r.items() if k not in TIMED_FIELDS} == {
+            k: v for k, v in other.items() if k not in TIMED_FIELDS
+        }, r["method"]
+
+
 def test_smoke_on_minilm(tmp_path: Path) -> None:
     """The English MiniLM behind the same interface: its forgetting measure is the LID-probe
     loss, and its scratch init has a bottom of its own."""

@@ -40,6 +40,7 @@ from .prepare import Bench, build_suites
 from .report import markdown, reference_numbers, write_json
 from .system import default_threads, load_average, machine, versions
 from .train import Trainer, warm_up
+from .workers import RunPool, default_workers
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -127,6 +128,11 @@ def parser() -> argparse.ArgumentParser:
         "--threads", type=_positive(int), help="torch CPU threads (default: 1 on a CPU, torch's own on a GPU)"
     )
     p.add_argument(
+        "--workers",
+        type=_positive(int),
+        help="worker processes for the runs (default: one per core, at most 2, on a CPU; 1 on a GPU)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         help="output folder (default benchmarks/results, or benchmarks/results/smoke|full)",
@@ -186,15 +192,28 @@ def run_key(cfg: Config, method: str, lr: float, seed: int) -> tuple[Any, ...]:
     return (m.family, m.init, m.head_only, m.single_task, round(m.effective_lr(lr, cfg), 12), seed)
 
 
-def execute(cfg: Config, bench: Bench, show_progress: bool) -> list[dict[str, Any]]:
-    """Every run of the plan, with one progress bar (ETA) over all training examples."""
-    trainer = Trainer(bench)
+def execute(
+    cfg: Config,
+    bench: Bench,
+    show_progress: bool,
+    workers: int = 1,
+    cache_dir: Path | None = None,
+    threads: int = 1,
+) -> list[dict[str, Any]]:
+    """Every run of the plan, in this process or in ``workers`` worker processes
+    (:mod:`workers`), with one progress bar (ETA) over all training examples. A run whose
+    computation another run of the plan already is (:func:`run_key`) is trained once and
+    recorded under both names."""
     runs = plan(cfg)
-    total = sum(cfg.examples for _ in runs)
+    first: dict[tuple[Any, ...], tuple[str, float, int]] = {}
+    copies: dict[tuple[Any, ...], int] = {}
+    for method, lr, seed in runs:
+        key = run_key(cfg, method, lr, seed)
+        first.setdefault(key, (method, lr, seed))
+        copies[key] = copies.get(key, 0) + 1
     done: dict[tuple[Any, ...], dict[str, Any]] = {}
-    records = []
     with tqdm(
-        total=total,
+        total=cfg.examples * len(runs),
         unit="ex",
         unit_scale=True,
         desc="training",
@@ -202,24 +221,33 @@ def execute(cfg: Config, bench: Bench, show_progress: bool) -> list[dict[str, An
         disable=not show_progress,
         smoothing=0.05,
     ) as bar:
-        for method, lr, seed in runs:
-            bar.set_postfix_str(f"{method} lr={lr:.0e} seed={seed}")
-            key = run_key(cfg, method, lr, seed)
-            if key in done:
-                record = {
-                    **done[key],
-                    "method": method,
-                    "lr": lr,
-                    "seed": seed,
-                    "same_run_as": f"{done[key]['method']} lr={done[key]['lr']:g}",
-                }
-                bar.update(cfg.examples)
-            else:
+        if workers <= 1:
+            trainer = Trainer(bench)
+            for key, (method, lr, seed) in first.items():
+                bar.set_postfix_str(f"{method} lr={lr:.0e} seed={seed}")
                 start = time.perf_counter()
-                record = trainer.run(METHODS[method], lr, seed, progress=bar.update)
-                record["wall_seconds"] = time.perf_counter() - start
-                done[key] = record
-            records.append(record)
+                done[key] = trainer.run(METHODS[method], lr, seed, progress=bar.update)
+                done[key]["wall_seconds"] = time.perf_counter() - start
+                bar.update(cfg.examples * (copies[key] - 1))
+        else:
+            with RunPool(cfg, cache_dir, workers, threads) as pool:
+                for key, record in pool.map(first):
+                    done[key] = record
+                    bar.set_postfix_str(f"{record['method']} lr={record['lr']:.0e} seed={record['seed']}")
+                    bar.update(cfg.examples * copies[key])
+    records = []
+    for method, lr, seed in runs:
+        key = run_key(cfg, method, lr, seed)
+        record = done[key]
+        if first[key] != (method, lr, seed):
+            record = {
+                **record,
+                "method": method,
+                "lr": lr,
+                "seed": seed,
+                "same_run_as": f"{record['method']} lr={record['lr']:g}",
+            }
+        records.append(record)
     return records
 
 
@@ -282,8 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(exc))
     threads = cfg.threads or default_threads(cfg.device)
     torch.set_num_threads(threads)
+    workers = args.workers or default_workers(cfg.device)
     why = "" if cfg.threads else " (the default on a CPU: threads on busy cores wait for each other)"
-    _log(f"torch threads: {threads}{why}")
+    _log(f"torch threads: {threads}{why}; worker processes: {workers}")
     for note in cfg.budget_notes():
         _log(f"note: {note}")
     if cfg.mode == "full" and cfg.device == "cpu":
@@ -291,10 +320,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (RESULTS if cfg.mode == "default" else RESULTS / cfg.mode)
     out.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress
-    cache = DiskCache(args.cache_dir or default_cache_dir(), log=_log)
-    bench = Bench(cfg, cache, _log, wrap=_bar_factory(show), suites=suites)
-    warm_up(bench)
-    records = execute(cfg, bench, show)
+    cache_dir = args.cache_dir or default_cache_dir()
+    bench = Bench(cfg, DiskCache(cache_dir, log=_log), _log, wrap=_bar_factory(show), suites=suites)
+    if workers == 1:
+        warm_up(bench)
+    records = execute(cfg, bench, show, workers, cache_dir, threads)
 
     command = "python benchmarks/multilingual/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     meta = {
@@ -304,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runtime_seconds": time.perf_counter() - t0,
         "prepare_seconds": bench.prepare_seconds,
+        "workers": workers,
+        "threads": threads,
         "load_average_start": load_start,
         "load_average_end": load_average(),
         "config": cfg.to_dict(),
