@@ -156,3 +156,25 @@ def test_the_gramian_accuracy_script_on_the_cpu():
     error = float(line.split("largest error ")[1].split()[0])
     bound = float(line.split("bound ")[1])
     assert line.startswith("12 cases") and 0 < error <= bound
+
+
+def test_time_demo_times_a_command_in_a_fresh_clone_and_stops_its_spinners(tmp_path: Path) -> None:
+    """benchmarks/time_demo.py (the README's demo times) on a short command: the clone holds the
+    committed files, the time covers the command, and the busy processes end with it."""
+    import importlib.util
+    import json
+    import os
+
+    spec = importlib.util.spec_from_file_location("time_demo", BENCH / "time_demo.py")
+    assert spec is not None and spec.loader is not None
+    time_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(time_demo)
+    probe = "import time, pathlib; assert pathlib.Path('benchmarks/time_demo.py').is_file(); time.sleep(0.3)"
+    summary = time_demo.main(["--busy", "1", "--command", f"{sys.executable} -c {json.dumps(probe)}"])
+    assert summary["returncode"] == 0 and summary["wall_seconds"] >= 0.3
+    assert "runtime_seconds" not in summary  # no results file: nothing was read
+    (pid,) = summary["busy_pids"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    failed = time_demo.main(["--command", f"{sys.executable} -c 'raise SystemExit(3)'"])
+    assert failed["returncode"] == 3 and failed["busy_pids"] == []
