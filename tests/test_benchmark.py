@@ -565,3 +565,38 @@ def test_cost_verdict_without_counts_is_neither_pass_nor_failure() -> None:
     assert c["verdict"].startswith("undetermined") and "fewer_backward_per_update" in c["verdict"]
     bare = [{k: v for k, v in r.items() if k != "peak_mb"} for r in records]
     assert _cost(bare)["verdict"] == "not measured"
+
+
+def test_k_eta_sweep_runs_the_cells_it_names(smoke: tuple[Path, dict], tmp_path: Path) -> None:
+    """benchmarks/multilingual/sweep.py --smoke: every cell's K divides the run; its cell at the
+    smoke run's own K and η, and its η = 1 cell, are the smoke run's Sequential Reptile and
+    sampled MTL (same computations, timings aside); a K that divides nothing is an error."""
+    from multilingual import sweep
+
+    _, results = smoke
+    threads = torch.get_num_threads()
+    try:
+        code = sweep.main(
+            ["--smoke", "--workers", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")]
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    payload = json.loads((tmp_path / "k_eta.json").read_text())
+    T, steps = len(SMOKE.train_languages), SMOKE.steps
+    cells = {(c["K"], c["eta"]): c for c in payload["cells"]}
+    assert set(cells) == {(3, 0.1), (6, 0.1), (12, 0.1), (SMOKE.inner_steps, 1.0)}
+    for (k, _eta), c in cells.items():
+        assert c["outer_steps"] == steps // k and c["K_per_task"] == k / T and c["lr"] == 1e-4
+    runs = {(r["K"], r["eta"]): r for r in payload["runs"]}  # one lr, one seed
+    smoke_runs = {r["method"]: r for r in results["runs"]}
+    for cell, method in (
+        ((SMOKE.inner_steps, SMOKE.outer_lr), "seq-reptile"),
+        ((SMOKE.inner_steps, 1.0), "mtl-sampled"),
+    ):
+        for field in ("test_mean", "zero_shot_mean", "dev_mean", "forgetting", "curve", "outer_steps"):
+            assert runs[cell][field] == smoke_runs[method][field], (method, field)
+    assert "| K | K / T | K / run |" in (tmp_path / "k_eta.md").read_text()
+    assert (tmp_path / "k_eta.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        sweep.main(["--smoke", "--multiples", "5", "--out", str(tmp_path)])

@@ -21,10 +21,11 @@ update; measurement points excluded), with the machine's load sampled around the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -57,6 +58,16 @@ class BatchStream:
         return idx
 
 
+OPTIONS: tuple[str, ...] = (
+    "inner_steps",
+    "outer_lr",
+    "reptile_inner_steps",
+    "gradvac_beta",
+    "gradnorm_alpha",
+)
+"""Config fields a single run may override (:meth:`Trainer.run`): the methods' own options."""
+
+
 class Trainer:
     """Runs methods on a prepared :class:`~prepare.Bench`; remembers the (method-independent)
     measurement at initialisation per (init, seed)."""
@@ -67,9 +78,23 @@ class Trainer:
         self._initial: dict[tuple[Any, ...], dict[str, Any]] = {}
 
     def run(
-        self, method: Method, lr: float, seed: int, progress: Progress = lambda n: None
+        self,
+        method: Method,
+        lr: float,
+        seed: int,
+        progress: Progress = lambda n: None,
+        options: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Train ``method`` at grid lr ``lr`` and ``seed``; return the run's record."""
+        """Train ``method`` at grid lr ``lr`` and ``seed``; return the run's record.
+        ``options`` replaces method options of the config for this run (:data:`OPTIONS`:
+        K, η, ...; the K × η sweep), never what the prepared data depend on."""
+        if options:
+            unknown = sorted(set(options) - set(OPTIONS))
+            if unknown:
+                raise ValueError(f"not method options: {unknown}; expected some of {list(OPTIONS)}")
+            view = copy.copy(self)  # shares the measurement at initialisation
+            view.cfg = dataclasses.replace(self.cfg, **options)
+            return view.run(method, lr, seed, progress)
         data = self.bench.data[(method.init, seed)]
         tasks = list(self.cfg.train_languages)
         if method.single_task:

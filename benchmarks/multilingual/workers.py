@@ -31,7 +31,8 @@ from .methods import METHODS
 from .prepare import Bench
 from .train import Trainer, warm_up
 
-Task = tuple[str, float, int]  # (method, grid lr, seed)
+Task = tuple[str, float, int] | tuple[str, float, int, dict[str, Any]]
+"""(method, grid lr, seed), and optionally method options for the run (``Trainer.run``)."""
 
 _TRAINER: Trainer | None = None
 
@@ -55,9 +56,10 @@ def _start(cfg: Config, cache_dir: Path | None, threads: int) -> None:
 
 def _run(task: Task) -> dict[str, Any]:
     assert _TRAINER is not None, "worker not started"
-    method, lr, seed = task
+    method, lr, seed = task[:3]
+    options = task[3] if len(task) > 3 else None
     start = time.perf_counter()
-    record = _TRAINER.run(METHODS[method], lr, seed)
+    record = _TRAINER.run(METHODS[method], lr, seed, options=options)
     record["wall_seconds"] = time.perf_counter() - start
     return record
 
