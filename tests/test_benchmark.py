@@ -600,3 +600,62 @@ def test_k_eta_sweep_runs_the_cells_it_names(smoke: tuple[Path, dict], tmp_path:
     assert (tmp_path / "k_eta.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         sweep.main(["--smoke", "--multiples", "5", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--multiples", "0"], "must be positive, got 0"),
+        (["--multiples", "5"], "divides"),
+        (["--seeds", "0"], "must be positive"),
+        (["--workers", "0"], "must be positive"),
+        (["--etas", "2"], "--etas must be in (0, 1]"),
+    ],
+)
+def test_sweep_bad_input_is_an_argparse_error(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multilingual import sweep
+
+    with pytest.raises(SystemExit) as exc:
+        sweep.main(["--smoke", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "k_eta.json").exists()
+
+
+def test_retrieval_is_scored_on_every_pair_whatever_the_split(tmp_path: Path) -> None:
+    """STL's data hold one test language; its retrieval is still over every language pair, so
+    it compares with every other method's: on the unchanged pre-trained top the two agree."""
+    from multilingual.evaluate import final_metrics
+    from multilingual.prepare import Bench
+
+    cfg = dataclasses.replace(SMOKE, methods=("linear-probe",))
+    bench = Bench(cfg, DiskCache(tmp_path, log=lambda m: None), log=lambda m: None)
+    data = bench.data[("pretrained", 0)]
+    model = bench.model("pretrained", 0)
+    full = final_metrics(model, data, bench.probe, "retrieval_error")
+    own = final_metrics(
+        model, dataclasses.replace(data, test={"de": data.test["de"]}), bench.probe, "retrieval_error"
+    )
+    assert any("de" not in pair[:2] for pair in data.pairs)  # pairs the STL data do not hold
+    assert own["retrieval"] == full["retrieval"] and set(own["test"]) == {"de"}
+
+
+def test_rebuild_reads_results_from_before_the_encoder_choice(
+    smoke: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """A results file written before USE became the default has no encoder, no forgetting field
+    and no forgetting reference: it was MiniLM's, whose forgetting is the LID loss."""
+    _, results = smoke
+    old = json.loads(json.dumps(results))
+    del old["config"]["encoder"]
+    del old["reference"]["forgetting_pretrained"]
+    for r in old["runs"]:
+        r.pop("forgetting")
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert bench_run.main(["--from-results", str(path)]) == 0
+    rebuilt = json.loads((tmp_path / "entity.json").read_text())
+    assert rebuilt["config"]["encoder"] == "minilm"
+    assert all(r["forgetting"] == r["lid_loss"] for r in rebuilt["runs"])
+    assert "| LID loss ↓ |" in (tmp_path / "entity.md").read_text()

@@ -41,6 +41,9 @@ COUNTED = (
 )
 """The cost measures the cost verdict reads: counted in the training loop from what ran (and the
 peak memory), so the machine's load cannot change them."""
+COMPARED = ("test_mean", "zero_shot_mean", "forgetting", "lid_loss", "drift", "cosine_mean")
+"""The measures paired by seed between two methods (:meth:`Analysis.versus`,
+:meth:`Analysis.sr_vs_control`)."""
 TIMED = ("ms_per_example", "ms_per_step", "load_1min_mean", "other_cpu_cores")
 """Timings and the load measured alongside them: reported, never used by a verdict."""
 METRICS = (
@@ -163,14 +166,7 @@ class Analysis:
                 continue
             out[m] = {
                 metric: paired(self.at_selected(reference, metric), self.at_selected(m, metric))
-                for metric in (
-                    "test_mean",
-                    "zero_shot_mean",
-                    "forgetting",
-                    "lid_loss",
-                    "drift",
-                    "cosine_mean",
-                )
+                for metric in COMPARED
             }
         return out
 
@@ -183,15 +179,7 @@ class Analysis:
         return {
             lr: {
                 metric: paired(self.values(SR, lr, metric), self.values(CONTROL, lr, metric))
-                for metric in (
-                    "test_mean",
-                    "zero_shot_mean",
-                    "forgetting",
-                    "lid_loss",
-                    "drift",
-                    "cosine_mean",
-                    "train_loss_final",
-                )
+                for metric in (*COMPARED, "train_loss_final")
             }
             for lr in self.lrs
         }
@@ -439,8 +427,8 @@ class Analysis:
             return []
         out = []
         for m, lr in self.selected.items():
-            if m != CONTROL and lr in (self.lrs[0], self.lrs[-1]):
-                end = "lowest" if lr == self.lrs[0] else "highest"
+            if m != CONTROL and lr in (min(self.lrs), max(self.lrs)):
+                end = "lowest" if lr == min(self.lrs) else "highest"
                 out.append(
                     f"{m}: the selected lr {lr:g} is the {end} of the grid; its best lr may lie "
                     f"outside it (widen the grid with --lrs)"

@@ -162,7 +162,7 @@ FULL = Config(
     checkpoints=10,
     cosine_probe_size=128,
 )
-"""The larger setting for a GPU (``--device cuda``): 5 seeds, a 5-point lr grid, 128 names per
+"""The larger setting for a GPU (``--device cuda``): 5 seeds, a 6-point lr grid, 128 names per
 language, 10,000 steps with K = 1000 (the paper's value); on MiniLM, 40 training languages
 (:func:`preset`). Untested on a CPU budget."""
 

@@ -119,8 +119,10 @@ def final_metrics(
             pooled = pooled_features(model, data.lid)
             out.update(probe.score(pooled))
             out["drift"] = drift_of(pooled, probe.reference_features)
-            usable = [p for p in data.pairs if p[0] in feats and p[1] in feats]  # STL: its own
-            out["retrieval"] = mean_retrieval(feats, usable) if usable else None
+            for code, split in data.aligned.items():  # STL's own data hold one test language
+                if code not in feats:
+                    feats[code] = pooled_features(model, split)
+            out["retrieval"] = mean_retrieval(feats, data.pairs) if data.pairs else None
         else:
             out.update({"lid_loss": None, "lid_acc": None, "drift": None, "retrieval": None})
     out["retrieval_error"] = None if out["retrieval"] is None else 1.0 - out["retrieval"]

@@ -161,17 +161,26 @@ METHODS: dict[str, Method] = {
 assert tuple(METHODS) == ALL_METHODS, "config.ALL_METHODS and methods.METHODS disagree"
 
 
+_LAST_LAYER = {"use": "the averaging network's output layer (p3, d3)", "minilm": "top layer output.dense"}
+"""GradNorm's W on each encoder (the top's ``last_shared_parameters``)."""
+
+
 def describe(cfg: Config) -> dict[str, str]:
     """One line per method with the settings used, for the report."""
     eta, k, k1 = cfg.outer_lr, cfg.inner_steps, cfg.reptile_inner_steps
     return {
-        "scratch": "sampled MTL from a random init (BERT init), same split",
+        "scratch": (
+            "sampled MTL from a random init, same split: the top re-drawn Glorot-uniform over the "
+            "pre-trained bottom"
+            if cfg.encoder == "use"
+            else "sampled MTL from a random init (BERT init), same split"
+        ),
         "linear-probe": "sampled MTL, head only",
         "stl": "MTL on one language per model",
         "mtl": "sum of the T task losses, one backward",
         "mtl-sampled": f"SequentialReptile(outer_lr=1.0, inner_steps={k})",
         "control": f"mtl-sampled at lr × {eta}",
-        "gradnorm": f"GradNorm(MTL, layer=top layer output.dense, alpha={cfg.gradnorm_alpha})",
+        "gradnorm": f"GradNorm(MTL, layer={_LAST_LAYER[cfg.encoder]}, alpha={cfg.gradnorm_alpha})",
         "pcgrad": "PCGrad(reduction='sum')",
         "gradvac": f"GradVac(beta={cfg.gradvac_beta}, groups='all')",
         "reptile": f"Reptile(inner_steps={k1}, outer_lr={eta})",

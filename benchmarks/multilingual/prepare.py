@@ -38,6 +38,7 @@ class SeedData:
     zero_shot: dict[str, SplitFeatures]
     lid: SplitFeatures | None  # the probe's held-out windows (pre-trained encoder only)
     pairs: list[Pair] = field(default_factory=list)  # test and zero-shot rows naming one entity
+    aligned: dict[str, SplitFeatures] = field(default_factory=dict)  # the splits ``pairs`` index
 
 
 def build_suites(cfg: Config) -> dict[int, EntitySuite]:
@@ -175,15 +176,17 @@ class Bench:
         def splits(part: str, group: dict) -> dict[str, SplitFeatures]:
             return {code: bank.split(ids[part][code], split.labels) for code, split in group.items()}
 
+        test, zero_shot = splits("test", suite.test), splits("zero_shot", suite.zero_shot)
         return SeedData(
             seed,
             init,
             splits("train", suite.train),
             splits("dev", suite.dev),
-            splits("test", suite.test),
-            splits("zero_shot", suite.zero_shot),
+            test,
+            zero_shot,
             lid,
             pairs({**suite.test, **suite.zero_shot}),
+            {**test, **zero_shot},
         )
 
     # ------------------------------------------------------------------ per run

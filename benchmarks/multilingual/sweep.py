@@ -2,7 +2,7 @@
 trajectory's length K and the outer step size η move accuracy, forgetting and gradient
 alignment, so a user can choose them from measurements (``docs/k-and-eta.md``).
 
-    python benchmarks/multilingual/sweep.py            # 6 K × 3 η + η = 1, 3 lrs, 3 seeds
+    python benchmarks/multilingual/sweep.py            # 6 K × 3 η + η = 1, 6 lrs, 3 seeds
     python benchmarks/multilingual/sweep.py --smoke    # tiny, end to end (the tests run it)
 
 K is given as a multiple of the number of tasks T (each task's share of a trajectory) and as a
@@ -28,12 +28,14 @@ if not __package__:  # run as a script (PEP 366), measuring this checkout's meta
 
 import torch
 
-from .analysis import summary
+from .analysis import derived, summary
+from .backbone import check_installed
 from .cache import DiskCache, default_cache_dir
 from .config import DEFAULT, SMOKE, Config
 from .methods import METHODS
 from .prepare import Bench, log_stderr
 from .report import write_json
+from .run import positive_number
 from .system import default_threads, versions
 from .train import Trainer
 from .workers import RunPool, default_workers
@@ -71,7 +73,8 @@ def analyse(cfg: Config, records: dict[Any, dict[str, Any]], lrs: Sequence[float
     out = []
 
     def at(k: int, eta: float, lr: float, metric: str) -> list[Any]:
-        return [records[(k, eta, lr, s)].get(metric) for s in cfg.seeds]
+        runs = [records[(k, eta, lr, s)] for s in cfg.seeds]
+        return [{**r, **derived(r)}.get(metric) for r in runs]
 
     def dev(k: int, eta: float, lr: float) -> float:
         mean = summary(at(k, eta, lr, "dev_mean"))["mean"]
@@ -161,25 +164,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     p = argparse.ArgumentParser(prog="python benchmarks/multilingual/sweep.py", description=__doc__)
     p.add_argument("--smoke", action="store_true", help="tiny end-to-end run")
-    p.add_argument("--multiples", nargs="+", type=int, help="K as multiples of T (default 1 3 6 12 30 60)")
-    p.add_argument("--etas", nargs="+", type=float, help="outer step sizes (default 0.03 0.1 0.3 1)")
-    p.add_argument("--lrs", nargs="+", type=float, help="lr grid per cell (default 1e-3 3e-3 1e-2)")
-    p.add_argument("--seeds", type=int, help="number of seeds (default 3)")
-    p.add_argument("--workers", type=int, help="worker processes (default as run.py)")
+    whole, number = positive_number(int), positive_number(float)
+    p.add_argument("--multiples", nargs="+", type=whole, help="K as multiples of T (default 1 3 6 12 30 60)")
+    p.add_argument(
+        "--etas", nargs="+", type=number, help="outer step sizes, in (0, 1] (default 0.03 0.1 0.3 1)"
+    )
+    p.add_argument(
+        "--lrs", nargs="+", type=number, help="lr grid per cell (default 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2)"
+    )
+    p.add_argument("--seeds", type=whole, help="number of seeds (default 3)")
+    p.add_argument("--workers", type=whole, help="worker processes (default as run.py)")
     p.add_argument("--out", type=Path, help="output folder (default benchmarks/results)")
     p.add_argument("--cache-dir", type=Path)
     args = p.parse_args(argv)
     base = SMOKE if args.smoke else DEFAULT
     multiples = args.multiples or ((1, 2, 4) if args.smoke else (1, 3, 6, 12, 30, 60))
     etas = args.etas or ((0.1, 1.0) if args.smoke else (0.03, 0.1, 0.3, 1.0))
-    lrs = args.lrs or ((1e-4,) if args.smoke else (1e-3, 3e-3, 1e-2))
-    if any(not 0 < eta <= 1 for eta in etas) or any(lr <= 0 for lr in lrs) or (args.seeds or 1) < 1:
-        p.error("η must be in (0, 1], lrs positive, seeds at least 1")
+    lrs = args.lrs or ((1e-4,) if args.smoke else (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
+    if any(eta > 1 for eta in etas):
+        p.error(f"--etas must be in (0, 1], got {list(etas)}")
     seeds = tuple(range(args.seeds)) if args.seeds else base.seeds
     cfg = Config(**{**base.to_dict(), "methods": ("seq-reptile",), "seeds": seeds, "lrs": tuple(lrs)})
     try:
         grid = cells(cfg, multiples, etas)
-    except ValueError as exc:
+        check_installed(cfg.encoder)
+    except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     threads = default_threads(cfg.device)
     torch.set_num_threads(threads)
