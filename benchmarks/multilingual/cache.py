@@ -50,7 +50,8 @@ def _digest(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -89,7 +90,7 @@ class DiskCache:
             raise CacheError("from another cache format")
         if info.get("key") != json.loads(json.dumps(dict(key), default=str)):
             raise CacheError("built for a different configuration")
-        if info.get("sha256") != _sha256(payload):
+        if info.get("sha256") != file_sha256(payload):
             raise CacheError("corrupt (checksum mismatch)")
         from safetensors.torch import load_file
 
@@ -109,7 +110,13 @@ class DiskCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = payload.with_suffix(".tmp")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        info = {"format": FORMAT, "name": name, "key": dict(key), "sha256": _sha256(tmp), "meta": dict(meta)}
+        info = {
+            "format": FORMAT,
+            "name": name,
+            "key": dict(key),
+            "sha256": file_sha256(tmp),
+            "meta": dict(meta),
+        }
         tmp_manifest = manifest.with_suffix(".json.tmp")
         tmp_manifest.write_text(json.dumps(info, indent=1, default=str))
         os.replace(tmp, payload)

@@ -56,11 +56,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: SplitFeatures) -> float:
-    """Fraction of ``split`` classified correctly (batched, no graph)."""
-    correct = 0
-    for tokens, mask, labels in split.chunks(EVAL_CHUNK):
-        correct += int((model(tokens, mask).argmax(-1) == labels).sum())
+def accuracy(model: nn.Module, split: SplitFeatures, features: Tensor | None = None) -> float:
+    """Fraction of ``split`` classified correctly by the model's head (batched, no graph);
+    ``features``: the split's :func:`pooled_features`, where the caller has them already."""
+    feats = pooled_features(model, split) if features is None else features
+    chunks = zip(feats.split(EVAL_CHUNK), split.labels.split(EVAL_CHUNK))
+    correct = sum(int((model.head(f).argmax(-1) == labels).sum()) for f, labels in chunks)
     return correct / max(len(split), 1)
 
 
@@ -111,10 +112,7 @@ def final_metrics(
             out[part] = {}
             for code, split in group.items():
                 feats[code] = pooled_features(model, split)
-                logits = model.head(feats[code])
-                out[part][code] = (
-                    float((logits.argmax(-1) == split.labels).double().mean()) if len(split) else 0.0
-                )
+                out[part][code] = accuracy(model, split, feats[code])
         if probe is not None and data.lid is not None:
             pooled = pooled_features(model, data.lid)
             out.update(probe.score(pooled))

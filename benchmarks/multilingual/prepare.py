@@ -16,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from .alignment import Pair, pairs
-from .backbone import Backbone, dist_version, make_backbone
+from .backbone import Backbone, make_backbone
 from .cache import DiskCache
 from .config import Config
 from .data import CATEGORIES, EntitySuite, build_entity_suite
 from .features import SplitFeatures, StateBank, cached_bank
 from .forgetting import LID_LANGUAGES, LidProbe
+from .system import dist_version
 
 Wrap = Callable[[Iterable[int]], Iterable[int]]
 
@@ -115,7 +116,7 @@ class Bench:
             "languages": list(languages),
             "max_windows": cfg.lid_max_windows,
             "min_windows": min(24, cfg.lid_max_windows),
-            "gflanguages": dist_version("gflanguages"),
+            "gflanguages": dist_version("gflanguages", "unknown"),
             "weight_decay": 1e-3,
             "seed": 0,
         }

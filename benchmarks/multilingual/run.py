@@ -40,8 +40,8 @@ from .plots import all_figures
 from .prepare import Bench, build_suites
 from .report import markdown, reference_numbers, write_json
 from .system import default_threads, load_average, machine, versions
-from .train import Trainer, warm_up
-from .workers import RunPool, default_workers
+from .train import warm_up
+from .workers import default_workers, run_tasks
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -233,20 +233,10 @@ def execute(
         disable=not show_progress,
         smoothing=0.05,
     ) as bar:
-        if workers <= 1:
-            trainer = Trainer(bench)
-            for key, (method, lr, seed) in first.items():
-                bar.set_postfix_str(f"{method} lr={lr:.0e} seed={seed}")
-                start = time.perf_counter()
-                done[key] = trainer.run(METHODS[method], lr, seed, progress=bar.update)
-                done[key]["wall_seconds"] = time.perf_counter() - start
-                bar.update(cfg.examples * (copies[key] - 1))
-        else:
-            with RunPool(cfg, cache_dir, workers, threads) as pool:
-                for key, record in pool.map(first):
-                    done[key] = record
-                    bar.set_postfix_str(f"{record['method']} lr={record['lr']:.0e} seed={record['seed']}")
-                    bar.update(cfg.examples * copies[key])
+        for key, record in run_tasks(bench, first, workers, cache_dir, threads, bar.update):
+            done[key] = record
+            bar.set_postfix_str(f"{record['method']} lr={record['lr']:.0e} seed={record['seed']}")
+            bar.update(cfg.examples * (copies[key] - 1))  # its copies under other names
     records = []
     for method, lr, seed in runs:
         key = run_key(cfg, method, lr, seed)

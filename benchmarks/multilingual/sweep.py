@@ -32,13 +32,11 @@ from .analysis import derived, summary
 from .backbone import check_installed
 from .cache import DiskCache, default_cache_dir
 from .config import DEFAULT, SMOKE, Config
-from .methods import METHODS
 from .prepare import Bench, log_stderr
 from .report import write_json
 from .run import positive_number
 from .system import default_threads, versions
-from .train import Trainer
-from .workers import RunPool, default_workers
+from .workers import default_workers, run_tasks
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 METRICS = ("dev_mean", "test_mean", "zero_shot_mean", "forgetting", "cosine_mean")
@@ -200,15 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(grid)} (K, η) cells × {len(lrs)} lrs × {len(seeds)} seeds = {len(todo)} runs, "
         f"{workers} workers"
     )
-    records: dict[Any, dict[str, Any]] = {}
-    if workers > 1:
-        with RunPool(cfg, cache_dir, workers, threads) as pool:
-            for key, record in pool.map(todo):
-                records[key] = record
-    else:
-        trainer = Trainer(bench)
-        for key, (method, lr, seed, options) in todo.items():
-            records[key] = trainer.run(METHODS[method], lr, seed, options=options)
+    records = dict(run_tasks(bench, todo, workers, cache_dir, threads))
     records = {key: {**records[key], "K": key[0], "eta": key[1]} for key in todo}  # plan order
     rows = analyse(cfg, records, lrs)
     from .report import reference_numbers

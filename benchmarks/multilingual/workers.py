@@ -29,7 +29,7 @@ from .cache import DiskCache
 from .config import Config
 from .methods import METHODS
 from .prepare import Bench
-from .train import Trainer, warm_up
+from .train import Progress, Trainer, warm_up
 
 Task = tuple[str, float, int] | tuple[str, float, int, dict[str, Any]]
 """(method, grid lr, seed), and optionally method options for the run (``Trainer.run``)."""
@@ -54,14 +54,41 @@ def _start(cfg: Config, cache_dir: Path | None, threads: int) -> None:
     _TRAINER = Trainer(bench)
 
 
-def _run(task: Task) -> dict[str, Any]:
-    assert _TRAINER is not None, "worker not started"
+def timed_run(trainer: Trainer, task: Task, progress: Progress = lambda n: None) -> dict[str, Any]:
+    """The record of ``task`` trained by ``trainer``, with its wall-clock ``wall_seconds``."""
     method, lr, seed = task[:3]
     options = task[3] if len(task) > 3 else None
     start = time.perf_counter()
-    record = _TRAINER.run(METHODS[method], lr, seed, options=options)
+    record = trainer.run(METHODS[method], lr, seed, progress=progress, options=options)
     record["wall_seconds"] = time.perf_counter() - start
     return record
+
+
+def _run(task: Task) -> dict[str, Any]:
+    assert _TRAINER is not None, "worker not started"
+    return timed_run(_TRAINER, task)
+
+
+def run_tasks(
+    bench: Bench,
+    tasks: dict[Any, Task],
+    workers: int,
+    cache_dir: Path | None,
+    threads: int,
+    progress: Progress = lambda n: None,
+) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """(key, record) of every task: in this process on ``bench`` when ``workers`` is 1 (in
+    order, ``progress`` told of every batch's examples), else in a :class:`RunPool` (as they
+    finish, ``progress`` told of a run's examples when it ends)."""
+    if workers <= 1:
+        trainer = Trainer(bench)
+        for key, task in tasks.items():
+            yield key, timed_run(trainer, task, progress)
+        return
+    with RunPool(bench.cfg, cache_dir, workers, threads) as pool:
+        for key, record in pool.map(tasks):
+            progress(record["examples"])
+            yield key, record
 
 
 class RunPool:
