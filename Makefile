@@ -1,7 +1,7 @@
 # Two entry points (see README): `make demo` runs the main job (the multilingual benchmark),
 # `make test` runs the test suite. Each creates/updates its own virtual environment: the demo's
-# holds torch and the benchmark's few packages only (about 50 s to set up), the tests' every
-# extra. torch is pinned through constraints.txt so set-up never pulls a CUDA build of torch.
+# holds torch and the benchmark's few packages only (benchmarks/time_demo.py times set-up and
+# run), the tests' every extra. torch is pinned through constraints.txt so set-up never pulls a CUDA build of torch.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

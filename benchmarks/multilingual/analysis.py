@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
+from .config import MEASURES, Config
 
 Record = dict[str, Any]
 
@@ -509,8 +509,8 @@ def _common_levels(a: Sequence[tuple[float, float]], b: Sequence[tuple[float, fl
 
 
 def forgetting_label(cfg: Config) -> str:
-    """What the ``forgetting`` field measures on the run's encoder (:mod:`backbone`)."""
-    return "cross-lingual retrieval error" if cfg.encoder == "use" else "LID-probe loss"
+    """What the ``forgetting`` field measures on the run's encoder, in prose."""
+    return MEASURES[cfg.forgetting][0]
 
 
 def _relation(a: Sequence[float | None], b: Sequence[float | None]) -> dict[str, Any]:

@@ -64,8 +64,6 @@ class Backbone:
     """One encoder, split into a cached bottom and a trainable top (see the module)."""
 
     name: str
-    forgetting: str
-    """The record field that measures forgetting for this encoder (higher: more forgotten)."""
     own_scratch_bottom: bool
     """Whether the ``scratch`` init has a bottom of its own (one state bank per seed)."""
 
@@ -98,7 +96,6 @@ class USEBackbone(Backbone):
     """USE-multilingual v3: frozen bottom to the pooled 512-d vector, the DAN as the top."""
 
     name = "use"
-    forgetting = "retrieval_error"
     own_scratch_bottom = False
 
     def __init__(self) -> None:
@@ -175,7 +172,6 @@ class MiniLMBackbone(Backbone):
     """all-MiniLM-L6-v2: frozen embeddings and layers ``< k``, trainable layers ``k..``."""
 
     name = "minilm"
-    forgetting = "lid_loss"
     own_scratch_bottom = True
 
     def __init__(self, frozen_layers: int, dropout: float) -> None:

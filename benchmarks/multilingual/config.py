@@ -41,6 +41,18 @@ SUITES: tuple[str, ...] = ("entity",)
 """Implemented suites (the ``lemma`` suite of the issue is not built)."""
 
 
+FORGETTING: dict[str, str] = {"use": "retrieval_error", "minilm": "lid_loss"}
+"""Per encoder, the record field that measures forgetting (copied to ``forgetting``, the field
+the verdicts read): cross-lingual retrieval for the multilingual USE, the LID probe for the
+English MiniLM."""
+
+MEASURES: dict[str, tuple[str, str]] = {
+    "retrieval_error": ("cross-lingual retrieval error", "retrieval error"),
+    "lid_loss": ("LID-probe loss", "LID loss"),
+}
+"""Each forgetting measure's name in prose and as a column title."""
+
+
 @dataclass(frozen=True)
 class Config:
     """One benchmark run. Learning rates are the grid *every* method is run on; the control
@@ -88,6 +100,16 @@ class Config:
     @property
     def num_tasks(self) -> int:
         return len(self.train_languages)
+
+    @property
+    def forgetting(self) -> str:
+        """The field that measures forgetting on this run's encoder (:data:`FORGETTING`)."""
+        return FORGETTING[self.encoder]
+
+    @property
+    def other_forgetting(self) -> str:
+        """The other measure of :data:`MEASURES`, shown beside it."""
+        return next(m for m in MEASURES if m != self.forgetting)
 
     def steps_for(self, all_tasks: bool) -> int:
         """Optimizer steps of a method: ``steps``, or ``steps / T`` (at least 1) when each

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .analysis import SR, Analysis, forgetting_label
+from .config import MEASURES
 from .evaluate import final_metrics
 from .methods import METHODS, describe
 
@@ -75,10 +76,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- sections
-_SECOND = {"use": ("lid_loss", "LID loss"), "minilm": ("retrieval_error", "retrieval error")}
-"""The forgetting measure the main table shows beside the encoder's own: (field, title)."""
-
-
 def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
     header = [
         "method",
@@ -86,7 +83,7 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
         "test acc %",
         "zero-shot acc %",
         f"{short_forgetting(a.cfg)} ↓",
-        f"{_SECOND[a.cfg.encoder][1]} ↓",
+        f"{MEASURES[a.cfg.other_forgetting][1]} ↓",
         "drift ↓",
         "grad cosine",
         "backward passes / update",
@@ -108,7 +105,7 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
                 ms(c["test_mean"], 1, 100),
                 ms(c["zero_shot_mean"], 1, 100),
                 ms(c["forgetting"], 3),
-                ms(c[_SECOND[a.cfg.encoder][0]], 3),
+                ms(c[a.cfg.other_forgetting], 3),
                 ms(c["drift"], 3),
                 ms(c["cosine_mean"], 2),
                 count(c["backward_per_update"]),
@@ -123,7 +120,7 @@ def _main_table(a: Analysis, ref: dict[str, Any]) -> list[str]:
             "",
             "",
             _num(ref["forgetting_pretrained"], 3),
-            _num(ref.get(f"{_SECOND[a.cfg.encoder][0]}_pretrained", math.nan), 3),
+            _num(ref.get(f"{a.cfg.other_forgetting}_pretrained", math.nan), 3),
             "0",
             "",
             "",
@@ -578,8 +575,8 @@ def markdown(a: Analysis, meta: dict[str, Any], figures: dict[str, str]) -> str:
 
 
 def short_forgetting(cfg: Any) -> str:
-    """A column title for the ``forgetting`` field (:func:`analysis.forgetting_label`)."""
-    return "retrieval error" if cfg.encoder == "use" else "LID loss"
+    """A column title for the ``forgetting`` field (:data:`config.MEASURES`)."""
+    return MEASURES[cfg.forgetting][1]
 
 
 def reference_numbers(bench: Any) -> dict[str, float]:
@@ -606,7 +603,7 @@ def reference_numbers(bench: Any) -> dict[str, float]:
     retrieval_pre = sum(retrieval) / len(retrieval) if retrieval else float("nan")
     lid_pre = bench.probe.fit_report["test_loss"]
     return {
-        "forgetting_pretrained": lid_pre if bench.backbone.forgetting == "lid_loss" else 1.0 - retrieval_pre,
+        "forgetting_pretrained": lid_pre if bench.cfg.forgetting == "lid_loss" else 1.0 - retrieval_pre,
         "retrieval_pretrained": retrieval_pre,
         "retrieval_error_pretrained": 1.0 - retrieval_pre,
         "lid_loss_pretrained": lid_pre,

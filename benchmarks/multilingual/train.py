@@ -178,7 +178,7 @@ class Trainer:
         counter.remove()
         with evaluation_weights(opt):
             probe = bench.probe if method.init == "pretrained" else None
-            metrics = final_metrics(model, data, probe, bench.backbone.forgetting)
+            metrics = final_metrics(model, data, probe, self.cfg.forgetting)
         outer = _outer_steps(opt)
         return {
             "effective_lr": effective_lr,
