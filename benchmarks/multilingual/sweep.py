@@ -15,6 +15,7 @@ lr cannot serve every η). Writes ``k_eta.json``, ``k_eta.md`` and ``k_eta.png``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -28,12 +29,12 @@ if not __package__:  # run as a script (PEP 366), measuring this checkout's meta
 
 import torch
 
-from .analysis import derived, summary
+from .analysis import SR, Analysis
 from .backbone import check_installed
 from .cache import DiskCache, default_cache_dir
 from .config import DEFAULT, SMOKE, Config
 from .prepare import Bench, log_stderr
-from .report import write_json
+from .report import reference_numbers, write_json
 from .run import positive_number
 from .system import default_threads, versions
 from .workers import default_workers, run_tasks
@@ -57,7 +58,7 @@ def cells(cfg: Config, multiples: Sequence[int], etas: Sequence[float]) -> list[
 
 def tasks(cfg: Config, grid: Sequence[tuple[int, float]], lrs: Sequence[float]) -> dict[Any, tuple]:
     return {
-        (k, eta, lr, seed): ("seq-reptile", lr, seed, {"inner_steps": k, "outer_lr": eta})
+        (k, eta, lr, seed): (SR, lr, seed, {"inner_steps": k, "outer_lr": eta})
         for k, eta in grid
         for lr in lrs
         for seed in cfg.seeds
@@ -65,21 +66,16 @@ def tasks(cfg: Config, grid: Sequence[tuple[int, float]], lrs: Sequence[float]) 
 
 
 def analyse(cfg: Config, records: dict[Any, dict[str, Any]], lrs: Sequence[float]) -> list[dict[str, Any]]:
-    """Per (K, η) cell: the dev-selected lr (best mean dev accuracy; ties the smaller lr), and
-    mean ± std over seeds of every metric at it; ``edge`` when the selected lr is an end of a
-    grid of 2 or more."""
+    """Per (K, η) cell, as the benchmark's :class:`~analysis.Analysis` selects and summarises a
+    method: the dev-selected lr, mean ± std over seeds of every metric at it, and ``edge`` when
+    that lr is an end of the grid (:meth:`~analysis.Analysis.edge_warnings`)."""
     out = []
-
-    def at(k: int, eta: float, lr: float, metric: str) -> list[Any]:
-        runs = [records[(k, eta, lr, s)] for s in cfg.seeds]
-        return [{**r, **derived(r)}.get(metric) for r in runs]
-
-    def dev(k: int, eta: float, lr: float) -> float:
-        mean = summary(at(k, eta, lr, "dev_mean"))["mean"]
-        return -float("inf") if mean is None else mean
-
     for k, eta in dict.fromkeys((k, eta) for k, eta, _, _ in records):
-        best = max(lrs, key=lambda lr: (dev(k, eta, lr), -lr))
+        cell = Analysis(
+            dataclasses.replace(cfg, inner_steps=k, outer_lr=eta, lrs=tuple(lrs)),
+            [records[(k, eta, lr, s)] for lr in lrs for s in cfg.seeds],
+        )
+        best = cell.selected[SR]
         out.append(
             {
                 "K": k,
@@ -88,8 +84,8 @@ def analyse(cfg: Config, records: dict[Any, dict[str, Any]], lrs: Sequence[float
                 "outer_steps": cfg.steps // k,
                 "eta": eta,
                 "lr": best,
-                "edge": len(lrs) > 1 and best in (min(lrs), max(lrs)),
-                **{m: summary(at(k, eta, best, m)) for m in METRICS},
+                "edge": bool(cell.edge_warnings()),
+                **{m: cell.grid[SR][best][m] for m in METRICS},
             }
         )
     return out
@@ -182,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(eta > 1 for eta in etas):
         p.error(f"--etas must be in (0, 1], got {list(etas)}")
     seeds = tuple(range(args.seeds)) if args.seeds else base.seeds
-    cfg = Config(**{**base.to_dict(), "methods": ("seq-reptile",), "seeds": seeds, "lrs": tuple(lrs)})
+    cfg = dataclasses.replace(base, methods=(SR,), seeds=seeds, lrs=tuple(lrs))
     try:
         grid = cells(cfg, multiples, etas)
         check_installed(cfg.encoder)
@@ -201,8 +197,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = dict(run_tasks(bench, todo, workers, cache_dir, threads))
     records = {key: {**records[key], "K": key[0], "eta": key[1]} for key in todo}  # plan order
     rows = analyse(cfg, records, lrs)
-    from .report import reference_numbers
-
     out = args.out or (RESULTS / "smoke" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
